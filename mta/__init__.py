@@ -1,0 +1,1 @@
+"""smtpgw core: the ESMTP server and client, spool, queue, routing. No site policy lives here."""

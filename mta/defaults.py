@@ -1,0 +1,34 @@
+"""The core's own behaviour, registered as the ``core`` plugin with ``trylast``.
+
+Because the defaults are hook implementations like any other, a site plugin sits beside them and
+answers first when it has an opinion; when nobody has, these decide.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from mta.hookspecs import hookimpl
+from mta.reply import Reply
+
+RELAY_DENIED = Reply(550, "5.7.1", "Relaying denied")
+
+
+def domain_of(address: str) -> str:
+    return address.rpartition("@")[2].lower().rstrip(".")
+
+
+class CorePolicy:
+    def __init__(self, gateway: Any) -> None:
+        self.gateway = gateway
+
+    @hookimpl(trylast=True)
+    def smtpgw_rcpt_to(self, session, envelope, recipient, params) -> Reply:
+        """Local domains are ours; everything else is refused unless a plugin (relay_acl) accepted it."""
+        if self.gateway.config.is_local_domain(domain_of(recipient)):
+            return Reply(250, "2.1.5", "Recipient OK")
+        return RELAY_DENIED
+
+    @hookimpl(trylast=True)
+    def smtpgw_next_hops(self, envelope, domain, connector):
+        """Route by DNS MX (implicit MX from A/AAAA when there is none)."""
+        return self.gateway.resolver.mx_hops(domain)

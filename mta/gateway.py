@@ -1,0 +1,49 @@
+"""The running gateway's parts, built once from the configuration and handed to hooks.
+
+``Gateway`` is the one public object that ties the core together: the plugin hooks, the spool, the
+queue manager, the DNS resolver and the outbound SMTP client pool. Listeners (``mta.server``) and the
+twistd service (``mta.tap``) hold one; plugins receive it through ``smtpgw_configure``.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet import defer
+
+from mta.config import Config
+from mta.hooks import Hooks
+
+
+class Gateway:
+    def __init__(self, config: Config, reactor: Any = None, load_plugins: bool = True) -> None:
+        if reactor is None:
+            from twisted.internet import reactor as _reactor
+            reactor = _reactor
+        self.config = config
+        self.reactor = reactor
+        self.hooks = Hooks()
+        from mta import defaults
+        self.hooks.register(defaults.CorePolicy(self), name="core")
+        if load_plugins:
+            self.hooks.load(config.plugins.enabled, config.plugins.local)
+
+        from mta.client import SMTPClientPool
+        from mta.queue import QueueManager
+        from mta.resolver import Resolver
+        from mta.spool import Spool
+
+        self.spool = Spool(config.gateway.spool, reactor=reactor)
+        self.resolver = Resolver(config.gateway.dns.nameservers, timeout=config.gateway.dns.timeout,
+                                 reactor=reactor)
+        self.client = SMTPClientPool(reactor, helo_name=config.gateway.hostname)
+        self.queue = QueueManager(self)
+        self.hooks.pm.hook.smtpgw_configure(config=config, services=self)
+
+    def start(self) -> defer.Deferred:
+        """Open the spool and rebuild the schedule from disk (in a thread), then start delivering."""
+        return self.queue.start()
+
+    def stop(self) -> defer.Deferred:
+        d = self.queue.stop()
+        d.addBoth(lambda r: self.client.close())
+        return d

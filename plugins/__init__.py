@@ -1,0 +1,1 @@
+"""Built-in smtpgw plugins, loaded by name through the ``smtpgw.plugins`` entry-point group."""

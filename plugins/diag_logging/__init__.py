@@ -1,0 +1,1 @@
+"""diag_logging plugin."""

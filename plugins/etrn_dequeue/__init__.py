@@ -1,0 +1,1 @@
+"""etrn_dequeue plugin."""

@@ -1,0 +1,9 @@
+"""Makes ``twistd smtpgw`` exist; imports nothing of ours until it is used."""
+from twisted.application.service import ServiceMaker
+
+smtpgw = ServiceMaker(
+    "smtpgw",
+    "mta.tap",
+    "smtpgw: a plugin-based, event-driven SMTP gateway",
+    "smtpgw",
+)
