@@ -28,6 +28,7 @@ class Gateway:
             self.hooks.load(config.plugins.enabled, config.plugins.local)
 
         from mta.client import SMTPClientPool
+        from mta.delivery import Deliverer
         from mta.queue import QueueManager
         from mta.resolver import Resolver
         from mta.spool import Spool
@@ -36,6 +37,7 @@ class Gateway:
         self.resolver = Resolver(config.gateway.dns.nameservers, timeout=config.gateway.dns.timeout,
                                  reactor=reactor)
         self.client = SMTPClientPool(reactor, helo_name=config.gateway.hostname)
+        self.deliverer = Deliverer(self)
         self.queue = QueueManager(self)
         self.hooks.pm.hook.smtpgw_configure(config=config, services=self)
 
