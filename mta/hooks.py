@@ -67,7 +67,10 @@ class Hooks:
             if name not in found:
                 raise PluginError(
                     f"plugins.enabled: unknown plugin {name!r} (installed: {', '.join(sorted(found)) or 'none'})")
-            self.pm.register(found[name].load(), name=name)
+            plugin = found[name].load()
+            if isinstance(plugin, type):
+                plugin = plugin()     # a plugin class gets one instance per gateway
+            self.pm.register(plugin, name=name)
         for path in local:
             self.pm.register(load_local_module(path), name=f"local:{path}")
 

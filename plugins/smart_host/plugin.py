@@ -1,0 +1,93 @@
+"""Turns smart-host strings into next hops through the gateway's resolver."""
+from __future__ import annotations
+
+import ipaddress
+from typing import Any
+
+from twisted.internet import defer
+
+from mta.hookspecs import hookimpl
+from mta.nexthop import Hop
+
+
+def parse_smart_host(text: str, default_port: int = 25) -> tuple[str, int, bool]:
+    """``host``, ``host:port``, ``[IP-or-host]``, ``[IP-or-host]:port`` -> (host, port, bracketed)."""
+    text = text.strip()
+    port = default_port
+    if text.startswith("["):
+        end = text.find("]")
+        if end < 0:
+            raise ValueError(f"unbalanced brackets in smart host {text!r}")
+        host, rest = text[1:end], text[end + 1:]
+        if rest:
+            if not rest.startswith(":"):
+                raise ValueError(f"bad smart host {text!r}")
+            port = int(rest[1:])
+        return host, port, True
+    if text.count(":") == 1:
+        host, _, p = text.partition(":")
+        return host, int(p), False
+    return text, port, False
+
+
+def is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+        return True
+    except ValueError:
+        return False
+
+
+class SmartHost:
+    def __init__(self) -> None:
+        self.config: Any = None
+        self.services: Any = None
+
+    @hookimpl
+    def smtpgw_configure(self, config: Any, services: Any) -> None:
+        self.config = config
+        self.services = services
+
+    def smart_hosts_for(self, envelope: Any, connector: Any) -> tuple[str, ...]:
+        if connector is not None and connector.smart_hosts:
+            return tuple(connector.smart_hosts)
+        vs_name = getattr(envelope, "virtual_server", "")
+        for vs in self.config.virtual_servers:
+            if vs.name == vs_name and vs.smart_host:
+                return (vs.smart_host,)
+        return ()
+
+    @hookimpl(tryfirst=True)
+    def smtpgw_next_hops(self, envelope, domain, connector):
+        if self.config is None:
+            return None
+        hosts = self.smart_hosts_for(envelope, connector)
+        if not hosts:
+            return None
+        return self._resolve_all(hosts)
+
+    @defer.inlineCallbacks
+    def _resolve_all(self, hosts: tuple[str, ...]):
+        """Hops for every smart host, in the configured order; a host that does not resolve is
+        skipped so the next one is tried, and only when none resolves is the lookup error raised."""
+        resolver = self.services.resolver
+        hops: list[Hop] = []
+        last_error: Exception | None = None
+        for pref, text in enumerate(hosts):
+            host, port, bracketed = parse_smart_host(text)
+            if is_ip(host):
+                hops.append(Hop(host=host, port=port, name=host, preference=pref))
+                continue
+            try:
+                if bracketed:
+                    found = yield resolver.address_hops(host, port, preference=pref)
+                else:
+                    found = yield resolver.mx_hops(host, port)
+                    found = [Hop(h.host, h.port, h.name, pref) for h in found]
+            except Exception as e:      # noqa: BLE001 - lookup failures are reported per host
+                last_error = e
+                continue
+            hops.extend(found)
+        if not hops and last_error is not None:
+            raise last_error
+        return hops
