@@ -1,0 +1,53 @@
+"""Shared fixtures: the gateway as a real twistd process, real SMTP peers, a real DNS server."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from gwprocess import GatewayProcess, base_config  # noqa: E402
+
+
+@pytest.fixture
+def gateway(tmp_path):
+    """Factory: ``gateway(config_dict)`` starts ``twistd -n smtpgw`` on it; all are stopped after the test."""
+    started: list[GatewayProcess] = []
+
+    def start(config: dict | None = None, wait: bool = True) -> GatewayProcess:
+        gw = GatewayProcess(tmp_path, config or base_config(tmp_path))
+        started.append(gw)
+        return gw.start(wait=wait)
+
+    yield start
+    for gw in started:
+        gw.stop()
+
+
+@pytest.fixture
+def peers():
+    """Factory: ``peers(host, port=25, **kw)`` starts a recording SMTP peer; all stopped after the test."""
+    from peers import SMTPPeer
+
+    started = []
+
+    def start(host: str, port: int = 25, **kw):
+        p = SMTPPeer(host=host, port=port, **kw).start()
+        started.append(p)
+        return p
+
+    yield start
+    for p in started:
+        p.stop()
+
+
+@pytest.fixture
+def dns_server():
+    """A dnsmasq on loopback serving the records a test adds (call ``.restart()`` after adding)."""
+    from dnsfixture import DNSServer
+
+    server = DNSServer(listen="127.0.0.54")
+    yield server
+    server.stop()
