@@ -35,7 +35,7 @@ class Gateway:
 
         self.spool = Spool(config.gateway.spool, reactor=reactor)
         self.resolver = Resolver(config.gateway.dns.nameservers, timeout=config.gateway.dns.timeout,
-                                 reactor=reactor)
+                                 reactor=reactor, local_names=[config.gateway.hostname])
         self.client = SMTPClientPool(reactor, helo_name=config.gateway.hostname)
         self.deliverer = Deliverer(self)
         self.queue = QueueManager(self)

@@ -98,9 +98,8 @@ class Hooks:
             index += 1
             try:
                 result = self._call_one(impl, kwargs)
-            except Exception:
-                log.failure("plugin {plugin} failed in {hook}", plugin=impl.plugin_name, hook=hook_name)
-                return PLUGIN_ERROR
+            except Exception as e:
+                return self._error_reply(e, impl.plugin_name, hook_name)
             if inspect.iscoroutine(result):
                 result = defer.Deferred.fromCoroutine(result)
             if isinstance(result, defer.Deferred):
@@ -110,13 +109,22 @@ class Hooks:
                     return self._first_from(impls, i, hook_name, kwargs)
 
                 def failed(f: Any, name: str = impl.plugin_name) -> Reply:
-                    log.failure("plugin {plugin} failed in {hook}", f, plugin=name, hook=hook_name)
-                    return PLUGIN_ERROR
+                    return self._error_reply(f.value, name, hook_name, f)
 
                 return result.addCallbacks(resume, failed)
             if result is not None:
                 return result
         return None
+
+    @staticmethod
+    def _error_reply(error: BaseException, plugin: str, hook_name: str, failure: Any = None) -> Reply:
+        """An exception that carries a ``reply`` (a DNS error, a refused host) is an answer, not a
+        crash; anything else is logged as a plugin failure and answered 451 4.3.0."""
+        reply = getattr(error, "reply", None)
+        if isinstance(reply, Reply):
+            return reply
+        log.failure("plugin {plugin} failed in {hook}", failure, plugin=plugin, hook=hook_name)
+        return PLUGIN_ERROR
 
     def first_deferred(self, hook_name: str, **kwargs: Any) -> defer.Deferred:
         """:meth:`first`, always as a Deferred."""

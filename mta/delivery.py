@@ -1,0 +1,234 @@
+"""One delivery attempt for a queued message: route each domain, try its hops, report per recipient.
+
+The queue manager hands over the pending recipients; this module answers with one
+:class:`~mta.nexthop.RecipientResult` each and never fails as a whole, so the queue only has to
+record outcomes.  Local domains go to Maildir; other domains go through the connectors the router and
+the ``smtpgw_route`` hook choose, in order:
+
+* a connector whose delivery window is closed holds the recipients (not an attempt);
+* its next hops come from ``smtpgw_next_hops`` (smart hosts, or the core's MX lookup);
+* hops are tried in order until one takes the message; a hop that cannot (connect refused, 4xx
+  greeting or MAIL...) passes to the next, a permanent refusal of the whole transaction fails it;
+* when every hop of a connector is unusable, the next connector (higher cost) is tried; when none is
+  left the recipients are deferred with the last temporary reason.
+
+Domains are delivered concurrently; recipients of one domain share one transaction per hop.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any, Sequence
+
+from twisted.internet import defer
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+
+from mta.config import Connector
+from mta.defaults import domain_of
+from mta.nexthop import Hop, HostUnusable, RecipientResult
+from mta.queue_entry import QueueEntry, RecipientState
+from mta.reply import Reply
+from mta.resolver import PermanentDNSError, TemporaryDNSError
+from mta.router import connectors_for, source_address, usable_source
+
+log = Logger(namespace="smtpgw.delivery")
+
+MAX_RCPTS_PER_TRANSACTION = 100     # RFC 5321 4.5.3.1.8: servers must take at least 100
+HELD = Reply(451, "4.4.5", "held: outside the connector's schedule")
+LOCAL_ERROR = Reply(451, "4.3.0", "local error in delivery, try again later")
+DELIVERED_LOCALLY = Reply(250, "2.0.0", "delivered to maildir")
+
+Data = bytes | list[bytes]
+
+
+def _all(recipients: Sequence[str], reply: Reply, hop: str = "",
+         held_until: float | None = None) -> list[RecipientResult]:
+    return [RecipientResult(r, reply, hop, held_until) for r in recipients]
+
+
+def _is_time(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+class Deliverer:
+    """Delivery for the queue manager; holds no per-message state between calls."""
+
+    def __init__(self, gateway: Any) -> None:
+        self.gateway = gateway
+
+    # -- entry point --------------------------------------------------------------------------
+
+    def deliver(self, entry: QueueEntry, data: Data,
+                recipients: list[RecipientState]) -> defer.Deferred:
+        """Try ``recipients`` of ``entry`` now; fires with one result per recipient, in their order."""
+        results: list[RecipientResult | None] = [None] * len(recipients)
+        by_domain: dict[str, list[int]] = defaultdict(list)
+        for i, rcpt in enumerate(recipients):
+            by_domain[domain_of(rcpt.address)].append(i)
+
+        jobs = []
+        for domain, indexes in by_domain.items():
+            if self.gateway.config.is_local_domain(domain):
+                batches = [indexes]
+            else:
+                batches = [indexes[i:i + MAX_RCPTS_PER_TRANSACTION]
+                           for i in range(0, len(indexes), MAX_RCPTS_PER_TRANSACTION)]
+            for batch in batches:
+                addresses = [recipients[i].address for i in batch]
+                d = defer.Deferred.fromCoroutine(self._deliver_domain(entry, domain, addresses, data))
+                d.addErrback(self._crashed, entry, domain, addresses)
+                d.addCallback(self._place, results, batch)
+                jobs.append(d)
+        done = defer.gatherResults(jobs, consumeErrors=True) if jobs else defer.succeed(None)
+        return done.addCallback(lambda _: results)
+
+    @staticmethod
+    def _place(batch_results: list[RecipientResult], results: list, indexes: list[int]) -> None:
+        for i, result in zip(indexes, batch_results):
+            results[i] = result
+
+    def _crashed(self, failure: Any, entry: QueueEntry, domain: str,
+                 recipients: list[str]) -> list[RecipientResult]:
+        log.failure("delivery of {id} to {domain} failed", failure, id=entry.id, domain=domain)
+        return _all(recipients, LOCAL_ERROR)
+
+    def _event(self, entry: QueueEntry, message: str, level: str = "medium", **fields: Any) -> None:
+        self.gateway.hooks.event("routing_engine", level, message, id=entry.id, **fields)
+
+    async def _deliver_domain(self, entry: QueueEntry, domain: str, recipients: list[str],
+                              data: Data) -> list[RecipientResult]:
+        if not domain:
+            return _all(recipients, Reply(550, "5.1.3", "recipient address has no domain"))
+        if self.gateway.config.is_local_domain(domain):
+            return await self._deliver_local(entry, domain, recipients, data)
+        return await self._deliver_remote(entry, domain, recipients, data)
+
+    # -- local --------------------------------------------------------------------------------
+
+    async def _deliver_local(self, entry: QueueEntry, domain: str, recipients: list[str],
+                             data: Data) -> list[RecipientResult]:
+        from mta.maildir import deliver_to_maildir
+
+        config = self.gateway.config
+        root = config.gateway.local_domains[domain].maildir
+        reactor = self.gateway.reactor
+        writes = [deferToThreadPool(reactor, reactor.getThreadPool(), deliver_to_maildir, root,
+                                    rcpt.rpartition("@")[0].lower(), data, config.gateway.hostname)
+                  for rcpt in recipients]
+        outcomes = await defer.DeferredList(writes, consumeErrors=True)
+        results = []
+        for rcpt, (ok, value) in zip(recipients, outcomes):
+            if ok:
+                reply = DELIVERED_LOCALLY
+            elif value.check(ValueError):
+                reply = Reply(550, "5.1.1", f"mailbox unavailable: {value.value}")
+            elif value.check(OSError):
+                reply = Reply(451, "4.3.0", f"local delivery failed: {value.value}")
+            else:
+                log.failure("maildir delivery of {id} to {rcpt}", value, id=entry.id, rcpt=rcpt)
+                reply = LOCAL_ERROR
+            self._event(entry, f"{rcpt}: local delivery {reply.code}", recipient=rcpt, reply=str(reply))
+            results.append(RecipientResult(rcpt, reply, "maildir"))
+        return results
+
+    # -- remote -------------------------------------------------------------------------------
+
+    async def _deliver_remote(self, entry: QueueEntry, domain: str, recipients: list[str],
+                              data: Data) -> list[RecipientResult]:
+        hooks = self.gateway.hooks
+        candidates = connectors_for(self.gateway.config, domain)
+        routed = await hooks.first_deferred("smtpgw_route", envelope=entry, recipient=recipients[0],
+                                            connectors=candidates)
+        if isinstance(routed, Reply):
+            self._event(entry, f"{domain}: routing hook failed: {routed}", "minimum", domain=domain)
+            return _all(recipients, routed)
+        connectors: list[Connector] = list(routed) if routed is not None else candidates
+        if not connectors:
+            self._event(entry, f"{domain}: no connector matches", "minimum", domain=domain)
+            return _all(recipients, Reply(550, "5.4.4", f"no route to domain {domain}"))
+        self._event(entry, f"{domain}: connectors {', '.join(c.name for c in connectors)}", domain=domain)
+
+        last = Reply(451, "4.4.1", f"no connector could deliver to {domain}")
+        last_hop = ""
+        for connector in connectors:
+            outcome = await self._try_connector(entry, domain, recipients, data, connector)
+            if isinstance(outcome, list):
+                return outcome
+            last, last_hop = outcome
+            self._event(entry, f"{domain}: connector {connector.name} unusable ({last}), failing over",
+                        domain=domain, connector=connector.name)
+        self._event(entry, f"{domain}: deferred: {last}", "minimum", domain=domain)
+        return _all(recipients, last, last_hop)
+
+    async def _try_connector(self, entry: QueueEntry, domain: str, recipients: list[str], data: Data,
+                             connector: Connector) -> list[RecipientResult] | tuple[Reply, str]:
+        """Results when this connector settles the attempt, else (temporary reason, hop) to fail over."""
+        hooks = self.gateway.hooks
+        name = connector.name
+        window = await hooks.first_deferred("smtpgw_delivery_window", connector=connector, envelope=entry)
+        if isinstance(window, Reply):
+            return window, ""
+        # a time already past means the window has just opened: go
+        if _is_time(window) and window > self.gateway.reactor.seconds():
+            self._event(entry, f"{domain}: held by connector {name} until {window:.0f}",
+                        domain=domain, connector=name)
+            return _all(recipients, HELD, held_until=float(window))
+
+        try:
+            hops = await hooks.first_deferred("smtpgw_next_hops", envelope=entry, domain=domain,
+                                              connector=connector)
+        except PermanentDNSError as e:
+            hops = e.reply
+        except TemporaryDNSError as e:
+            hops = e.reply
+        if isinstance(hops, Reply):
+            if hops.is_permanent:
+                self._event(entry, f"{domain}: {hops}", "minimum", domain=domain, connector=name)
+                return _all(recipients, hops)
+            return hops, ""
+        hops = list(hops or [])
+        if not hops:
+            return Reply(451, "4.4.4", f"no next hop for {domain} via {name}"), ""
+        self._event(entry, f"{domain}: via {name}: hops {', '.join(map(str, hops))}",
+                    domain=domain, connector=name)
+
+        source = source_address(self.gateway.config, connector)
+        last = Reply(451, "4.4.1", f"no hop of {name} answered")
+        last_hop = ""
+        for hop in hops:
+            try:
+                results = await self.gateway.client.send(hop, entry.sender, recipients, data,
+                                                         source_address=usable_source(source, hop.host))
+            except HostUnusable as e:
+                self._event(entry, f"{domain}: {hop} unusable: {e.reply}", domain=domain,
+                            connector=name, hop=str(hop))
+                if e.reply.is_permanent:
+                    return _all(recipients, e.reply, str(hop))
+                last, last_hop = e.reply, str(hop)
+                continue
+            except Exception as e:
+                log.failure("client error sending {id} to {hop}", id=entry.id, hop=str(hop))
+                last, last_hop = Reply(451, "4.4.0", f"error talking to {hop}: {e!r}"), str(hop)
+                continue
+            self._event(entry, f"{domain}: {hop} answered", domain=domain, connector=name, hop=str(hop))
+            return self._match(recipients, results, hop)
+        return last, last_hop
+
+    @staticmethod
+    def _match(recipients: list[str], results: Sequence[RecipientResult], hop: Hop) -> list[RecipientResult]:
+        """The client's results in our recipients' order; one it left out is a temporary failure."""
+        pending: dict[str, list[RecipientResult]] = defaultdict(list)
+        for result in results:
+            pending[result.recipient.lower()].append(result)
+        out = []
+        for rcpt in recipients:
+            found = pending.get(rcpt.lower())
+            if found:
+                result = found.pop(0)
+                if not result.hop:
+                    result = RecipientResult(result.recipient, result.reply, str(hop), result.held_until)
+                out.append(result)
+            else:
+                out.append(RecipientResult(rcpt, Reply(451, "4.4.0", f"no answer for recipient from {hop}"),
+                                           str(hop)))
+        return out
