@@ -24,7 +24,8 @@ class Options(usage.Options):
         try:
             self.parsed: Config = load_config(self["config"])
         except ConfigError as e:
-            raise usage.UsageError(f"{self['config']}: {e}") from None
+            from mta.cli import format_config_error
+            raise usage.UsageError(format_config_error(self["config"], e)) from None
 
 
 class GatewayService(service.Service):
