@@ -176,10 +176,12 @@ def parse_hostport(value: Any, key: str, default_port: int | None = None, *,
 
 
 class SmartHost(NamedTuple):
-    """A smart host as configured: ``literal`` means an IP to use as is (no DNS lookup)."""
+    """A smart host as configured: ``literal`` means an IP to use as is (no DNS lookup);
+    ``bracketed`` means no MX lookup (``[name]`` is looked up by A/AAAA only, as Postfix's relayhost)."""
     host: str
     port: int
     literal: bool
+    bracketed: bool = False
 
 
 def parse_domain(value: Any, key: str, *, wildcard: bool = False) -> str:
@@ -210,9 +212,17 @@ def parse_smart_host(value: Any, key: str, default_port: int = 25) -> SmartHost:
             raise ConfigError(key, f"expected {shape}, got {value!r}")
         if inner.lower().startswith("ipv6:"):         # RFC 5321 address-literal spelling
             inner = inner[5:]
-        ip = _ip(inner, key, value)
         port = _port(rest[1:], key, False) if rest else default_port
-        return SmartHost(ip, port, True)
+        try:
+            ipaddress.ip_address(inner)
+        except ValueError:
+            if ":" in inner or inner.replace(".", "").isdigit():    # meant as an IP: say it is a bad one
+                return SmartHost(_ip(inner, key, value), port, True, True)
+            try:
+                return SmartHost(parse_domain(inner, key), port, False, True)
+            except ConfigError:
+                raise ConfigError(key, f"expected {shape}, got {value!r}") from None
+        return SmartHost(_ip(inner, key, value), port, True, True)
     if text.count(":") > 1:
         raise ConfigError(key, f"put an IPv6 address in brackets, e.g. \"[2001:db8::1]:25\", got {value!r}")
     host, sep, port_text = text.partition(":")

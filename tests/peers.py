@@ -250,10 +250,11 @@ class _Handler(socketserver.BaseRequestHandler):
         if limit and len(data) > limit:
             self.send("552 5.3.4 Message too big")
             return
-        sent = self.reply("dot", data.decode("latin-1"), "250 2.0.0 Message accepted")
-        if _code(sent) // 100 == 2:
+        text = self.peer._reply_for("dot", data.decode("latin-1")) or "250 2.0.0 Message accepted"
+        if _code(text) // 100 == 2:      # recorded before the reply, so a client that saw 250 finds it
             self.peer._accepted(ReceivedMessage(txn.sender, list(txn.recipients), data, self.helo,
                                                 peer_ip, txn.params, self.tls, self.number))
+        self.send(text)
 
     def smtp_RSET(self, arg: str, peer_ip: str) -> None:
         if _code(self.reply("rset", arg, "250 2.0.0 Reset")) // 100 == 2:
@@ -337,13 +338,7 @@ class SMTPPeer:
             return
         self._server.shutdown()
         self._server.server_close()
-        with self._cond:
-            open_socks = list(self._open)
-        for s in open_socks:
-            try:
-                s.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
+        self.drop_connections()
         if self._thread is not None:
             self._thread.join(5)
         self._server = None
@@ -371,6 +366,16 @@ class SMTPPeer:
                 self._replies.pop(stage, None)
             else:
                 self._replies[stage] = reply
+
+    def drop_connections(self) -> None:
+        """Cut every open connection at once, without a reply (the listener stays up)."""
+        with self._cond:
+            open_socks = list(self._open)
+        for s in open_socks:
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
 
     def refuse_connections(self, refuse: bool = True) -> None:
         """Accept and immediately close new connections (no greeting at all)."""

@@ -7,10 +7,7 @@ import ssl
 
 import pytest
 
-try:
-    from tests.peers import SMTPPeer, free_port
-except ImportError:      # plain `pytest` puts tests/ itself on sys.path
-    from peers import SMTPPeer, free_port
+from peers import SMTPPeer, free_port      # tests/ is on sys.path (conftest.py)
 
 HOST = "127.0.0.30"
 
@@ -81,7 +78,7 @@ def test_dot_reply_rejects_message(peer):
 
 def test_greeting_421_closes(peer):
     peer.set_reply("connect", "421 4.3.2 go away")
-    lines = raw_dialog(b"EHLO c\r\n", 1)
+    lines = raw_dialog(b"", 1)
     assert lines[0].startswith(b"421 4.3.2")
     assert lines[1] == b""
 

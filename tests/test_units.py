@@ -151,17 +151,18 @@ def test_hostport_garbage_gives_config_error_only(value):
 @pytest.mark.parametrize("text, expected", [
     ("smtp.isp.example", SmartHost("smtp.isp.example", 25, False)),
     ("SMTP.ISP.example:587", SmartHost("smtp.isp.example", 587, False)),
-    ("[192.0.2.7]", SmartHost("192.0.2.7", 25, True)),
-    ("[192.0.2.7]:2526", SmartHost("192.0.2.7", 2526, True)),
-    ("[2001:db8::7]:25", SmartHost("2001:db8::7", 25, True)),
-    ("[IPv6:2001:db8::7]", SmartHost("2001:db8::7", 25, True)),
+    ("[192.0.2.7]", SmartHost("192.0.2.7", 25, True, True)),
+    ("[192.0.2.7]:2526", SmartHost("192.0.2.7", 2526, True, True)),
+    ("[2001:db8::7]:25", SmartHost("2001:db8::7", 25, True, True)),
+    ("[IPv6:2001:db8::7]", SmartHost("2001:db8::7", 25, True, True)),
+    ("[relay.isp.example]:587", SmartHost("relay.isp.example", 587, False, True)),
     ("192.0.2.7", SmartHost("192.0.2.7", 25, True)),
 ])
 def test_parse_smart_host(text, expected):
     assert parse_smart_host(text, "k") == expected
 
 
-@pytest.mark.parametrize("bad", ["", "smart host", "host:0", "host:abc", "[bogus]", "2001:db8::1", "[1.2.3.4",
+@pytest.mark.parametrize("bad", ["", "smart host", "host:0", "host:abc", "[bo gus]", "2001:db8::1", "[1.2.3.4",
                                  "-bad-.example", "a..b", None, 7])
 def test_parse_smart_host_rejects(bad):
     with pytest.raises(ConfigError) as e:

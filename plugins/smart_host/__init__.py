@@ -6,6 +6,6 @@ A connector's ``smart_hosts`` override the smart host of the virtual server that
 Postfix's relayhost; a bare name is looked up by MX, then A/AAAA. Disable the plugin and every connector
 routes by MX.
 """
-from smtpgw_plugins.smart_host.plugin import SmartHost, parse_smart_host
+from smtpgw_plugins.smart_host.plugin import SmartHost
 
-__all__ = ["SmartHost", "parse_smart_host"]
+__all__ = ["SmartHost"]

@@ -1,41 +1,13 @@
 """Turns smart-host strings into next hops through the gateway's resolver."""
 from __future__ import annotations
 
-import ipaddress
 from typing import Any
 
 from twisted.internet import defer
 
 from mta.hookspecs import hookimpl
 from mta.nexthop import Hop
-
-
-def parse_smart_host(text: str, default_port: int = 25) -> tuple[str, int, bool]:
-    """``host``, ``host:port``, ``[IP-or-host]``, ``[IP-or-host]:port`` -> (host, port, bracketed)."""
-    text = text.strip()
-    port = default_port
-    if text.startswith("["):
-        end = text.find("]")
-        if end < 0:
-            raise ValueError(f"unbalanced brackets in smart host {text!r}")
-        host, rest = text[1:end], text[end + 1:]
-        if rest:
-            if not rest.startswith(":"):
-                raise ValueError(f"bad smart host {text!r}")
-            port = int(rest[1:])
-        return host, port, True
-    if text.count(":") == 1:
-        host, _, p = text.partition(":")
-        return host, int(p), False
-    return text, port, False
-
-
-def is_ip(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host)
-        return True
-    except ValueError:
-        return False
+from mta.units import parse_smart_host
 
 
 class SmartHost:
@@ -74,8 +46,8 @@ class SmartHost:
         hops: list[Hop] = []
         last_error: Exception | None = None
         for pref, text in enumerate(hosts):
-            host, port, bracketed = parse_smart_host(text)
-            if is_ip(host):
+            host, port, literal, bracketed = parse_smart_host(text, "smart_hosts")
+            if literal:
                 hops.append(Hop(host=host, port=port, name=host, preference=pref))
                 continue
             try:

@@ -1,0 +1,511 @@
+"""The durable spool: queued messages and their per-recipient state, on disk or in memory.
+
+The queue manager sees only the narrow interface below (put, read, update, remove, scan), in the
+manner of OpenSMTPD's ``queue_backend``: :class:`Spool` keeps files, :class:`MemorySpool` keeps
+dicts for unit tests. Neither knows anything about scheduling.
+
+On-disk layout under the spool directory::
+
+    tmp/          files being written; anything here at startup is an unfinished write and is removed
+    queue/<id>    one file per message: a header line (magic + JSON: body length and the envelope
+                  with its recipient states as queued) followed by the message bytes
+    queue/<id>.st the current recipient states (same JSON envelope); supersedes the header's copy
+    corrupt/      files that could not be read at scan time, kept for the postmaster
+
+Why this shape: the 250 after DATA waits for ``put()``, so put() is the hot path. One file per
+message costs one ``fdatasync``; the file only appears under ``queue/`` by ``rename`` after that sync,
+so a crash can never leave a half-written message that a restart would deliver. The rename itself
+is made durable by an fsync of ``queue/``, and those are group-committed: one directory fsync covers
+every rename that finished before it started, so many concurrent puts share it. Writes and syncs run
+in a private thread pool so that many fsyncs overlap (the journal batches them) and the reactor
+thread never blocks on the disk.
+
+State updates are rare (only when an attempt leaves something pending) and use the same
+tmp -> fdatasync -> rename -> directory fsync sequence, so a retry never resends to a recipient that
+succeeded. ``remove()`` deliberately skips the directory fsync: a crash right after it can at worst
+bring a finished message back, which then delivers again (a duplicate, never a loss).
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import threading
+import time
+from typing import Any, Callable, Iterable
+
+from twisted.internet import defer
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from twisted.python.threadpool import ThreadPool
+
+from mta.queue_entry import QueueEntry
+
+log = Logger(namespace="smtpgw.spool")
+
+MESSAGE_MAGIC = b"smtpgw-spool 1 "
+STATE_MAGIC = b"smtpgw-state 1 "
+STATE_SUFFIX = ".st"
+MAX_HEADER = 64 * 1024 * 1024          # a header line longer than this is not ours
+IOV_MAX = 1024
+_ID_RE = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}$")
+
+
+class SpoolError(Exception):
+    """The spool cannot do what was asked (bad id, duplicate id, closed)."""
+
+
+class CorruptFile(Exception):
+    """A spool file that does not parse; scan() moves it to ``corrupt/``."""
+
+
+def check_id(entry_id: str) -> str:
+    """Ids become file names, so only a safe alphabet is allowed."""
+    if not _ID_RE.match(entry_id) or entry_id.endswith(STATE_SUFFIX):
+        raise SpoolError(f"invalid queue id {entry_id!r}")
+    return entry_id
+
+
+def encode_message_header(entry: QueueEntry, length: int) -> bytes:
+    doc = {"len": length, "entry": entry.to_dict()}
+    return MESSAGE_MAGIC + json.dumps(doc, separators=(",", ":")).encode("ascii") + b"\n"
+
+
+def encode_state(entry: QueueEntry) -> bytes:
+    return STATE_MAGIC + json.dumps(entry.to_dict(), separators=(",", ":")).encode("ascii") + b"\n"
+
+
+def decode_entry(doc: Any) -> QueueEntry:
+    if not isinstance(doc, dict):
+        raise CorruptFile("envelope is not an object")
+    try:
+        return QueueEntry.from_dict(doc)
+    except (TypeError, ValueError, KeyError) as e:
+        raise CorruptFile(f"bad envelope: {e}") from e
+
+
+def _write_all(fd: int, chunks: list[bytes]) -> None:
+    """writev in IOV_MAX batches, coping with short writes."""
+    for start in range(0, len(chunks), IOV_MAX):
+        batch = [memoryview(c) for c in chunks[start:start + IOV_MAX] if c]
+        while batch:
+            n = os.writev(fd, batch)
+            while batch and n >= len(batch[0]):
+                n -= len(batch[0])
+                batch.pop(0)
+            if batch and n:
+                batch[0] = batch[0][n:]
+
+
+def _sync(fd: int) -> None:
+    (getattr(os, "fdatasync", None) or os.fsync)(fd)
+
+
+class _DirSyncer:
+    """Group commit of directory fsyncs, on one dedicated thread.
+
+    A worker hands over a put's Deferred only after its rename has finished; the syncer takes
+    everything handed over so far, runs one fsync of the directory (which therefore started after
+    each of those renames and covers them all), then fires the whole batch in the reactor with a
+    single ``callFromThread``. Workers never wait for the directory, so they keep many file fsyncs
+    in flight, and the reactor pays one wake-up per batch rather than per message.
+    """
+
+    def __init__(self, reactor: Any, fd: int) -> None:
+        self._reactor = reactor
+        self._fd = fd
+        self._cond = threading.Condition()
+        self._pending: list[tuple[defer.Deferred, Callable[[], None] | None]] = []
+        self._stopping = False
+        self.syncs = 0
+        self._thread = threading.Thread(target=self._run, name="smtpgw-spool-dirsync", daemon=True)
+        self._thread.start()
+
+    def submit(self, d: defer.Deferred, undo: Callable[[], None] | None = None) -> None:
+        """Called from a worker thread after its rename; ``undo`` runs (in this thread) if the
+        sync fails, so that a message the client will be told 4xx for is not delivered as well."""
+        with self._cond:
+            self._pending.append((d, undo))
+            self._cond.notify()
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+        self._thread.join(10)
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._pending and not self._stopping:
+                    self._cond.wait()
+                if not self._pending:
+                    return
+                batch, self._pending = self._pending, []
+            error: BaseException | None = None
+            try:
+                os.fsync(self._fd)
+            except BaseException as e:
+                error = e
+                for _, undo in batch:
+                    if undo is not None:
+                        undo()
+            self.syncs += 1
+            self._reactor.callFromThread(self._fire, [d for d, _ in batch], error)
+
+    @staticmethod
+    def _fire(batch: list[defer.Deferred], error: BaseException | None) -> None:
+        for d in batch:
+            if error is None:
+                d.callback(None)
+            else:
+                d.errback(SpoolError(f"directory fsync failed: {error}"))
+
+
+class Spool:
+    """The filesystem spool. Needs a real reactor (its work runs in threads)."""
+
+    def __init__(self, directory: str, reactor: Any = None, threadpool: ThreadPool | None = None,
+                 threads: int = 16) -> None:
+        if reactor is None:
+            from twisted.internet import reactor as _reactor
+            reactor = _reactor
+        self.directory = os.path.abspath(directory)
+        self.tmp_dir = os.path.join(self.directory, "tmp")
+        self.queue_dir = os.path.join(self.directory, "queue")
+        self.corrupt_dir = os.path.join(self.directory, "corrupt")
+        self.reactor = reactor
+        self._pool = threadpool
+        self._own_pool = threadpool is None
+        self._threads = threads
+        self._dir_fd: int | None = None
+        self._shutdown_trigger: Any = None
+        self._seq = 0
+        self._dirsync: _DirSyncer | None = None
+
+    # -- lifecycle -------------------------------------------------------------------------------
+
+    def open(self) -> None:
+        """Create the folders and drop unfinished writes; synchronous, for startup only."""
+        for d in (self.directory, self.tmp_dir, self.queue_dir, self.corrupt_dir):
+            os.makedirs(d, mode=0o700, exist_ok=True)
+        for name in os.listdir(self.tmp_dir):
+            try:
+                os.unlink(os.path.join(self.tmp_dir, name))
+            except FileNotFoundError:
+                pass
+        if self._dir_fd is None:
+            self._dir_fd = os.open(self.queue_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            self._dirsync = _DirSyncer(self.reactor, self._dir_fd)
+        if self._own_pool and self._pool is None:
+            self._pool = ThreadPool(minthreads=0, maxthreads=self._threads, name="smtpgw-spool")
+            self._pool.start()
+            self._shutdown_trigger = self.reactor.addSystemEventTrigger("during", "shutdown", self._stop_pool)
+
+    def close(self) -> None:
+        """Stop the private thread pool; call once nothing is in flight."""
+        if self._shutdown_trigger is not None:
+            self.reactor.removeSystemEventTrigger(self._shutdown_trigger)
+            self._shutdown_trigger = None
+        self._stop_pool()
+        if self._dirsync is not None:
+            self._dirsync.stop()
+            self._dirsync = None
+        if self._dir_fd is not None:
+            os.close(self._dir_fd)
+            self._dir_fd = None
+
+    def _stop_pool(self) -> None:
+        if self._own_pool and self._pool is not None:
+            pool, self._pool = self._pool, None
+            pool.stop()
+
+    def _in_thread(self, f: Callable[..., Any], *args: Any) -> defer.Deferred:
+        if self._pool is None:
+            return defer.fail(SpoolError("spool is not open"))
+        return deferToThreadPool(self.reactor, self._pool, f, *args)
+
+    @property
+    def dir_syncs(self) -> int:
+        """How many directory fsyncs have run (to see the group commit at work)."""
+        return self._dirsync.syncs if self._dirsync else 0
+
+    def _path(self, entry_id: str) -> str:
+        return os.path.join(self.queue_dir, check_id(entry_id))
+
+    def _tmp_path(self, name: str) -> str:
+        self._seq += 1
+        return os.path.join(self.tmp_dir, f"{name}.{self._seq}")
+
+    # -- the backend interface -------------------------------------------------------------------
+
+    def put(self, entry: QueueEntry, chunks: list[bytes]) -> defer.Deferred:
+        """Store a new message; fires (None) only once file and directory entry are on disk."""
+        try:
+            final = self._path(entry.id)
+            header = encode_message_header(entry, sum(len(c) for c in chunks))
+        except Exception:
+            return defer.fail()
+        return self._write_then_sync(self._write_new, self._tmp_path(entry.id), final, [header, *chunks])
+
+    def update(self, entry: QueueEntry) -> defer.Deferred:
+        """Durably replace the recipient states (and extra) of a queued message."""
+        try:
+            final = self._path(entry.id) + STATE_SUFFIX
+            data = encode_state(entry)
+        except Exception:
+            return defer.fail()
+        return self._write_then_sync(self._write_replace, self._tmp_path(entry.id + STATE_SUFFIX), final,
+                                     [data])
+
+    def read(self, entry_id: str) -> defer.Deferred:
+        """The message bytes as queued."""
+        try:
+            path = self._path(entry_id)
+        except Exception:
+            return defer.fail()
+        return self._in_thread(self._read_body, path)
+
+    def remove(self, entry_id: str) -> defer.Deferred:
+        """Forget a finished message. No directory fsync (see the module docstring)."""
+        try:
+            path = self._path(entry_id)
+        except Exception:
+            return defer.fail()
+        return self._in_thread(self._unlink_message, path)
+
+    def scan(self) -> defer.Deferred:
+        """Every queued entry (no message data), read in a thread; bad files are moved aside."""
+        d = self._in_thread(self._scan_collect)
+
+        def report(found: tuple[list[QueueEntry], list[str]]) -> list[QueueEntry]:
+            entries, problems = found
+            for p in problems:
+                log.warn("spool: {problem}", problem=p)
+            return entries
+
+        return d.addCallback(report)
+
+    def scan_sync(self) -> list[QueueEntry]:
+        """:meth:`scan` for offline tools (no reactor); problems are logged."""
+        entries, problems = self._scan_collect()
+        for p in problems:
+            log.warn("spool: {problem}", problem=p)
+        return entries
+
+    # -- the work done in threads ----------------------------------------------------------------
+
+    def _write_then_sync(self, write: Callable[..., Any], tmp: str, final: str,
+                         chunks: list[bytes]) -> defer.Deferred:
+        """Run ``write`` in a worker, then hand the result to the directory syncer."""
+        pool, syncer = self._pool, self._dirsync
+        if pool is None or syncer is None:
+            return defer.fail(SpoolError("spool is not open"))
+        d: defer.Deferred = defer.Deferred()
+
+        def work() -> None:
+            try:
+                undo = write(tmp, final, chunks)
+            except BaseException as e:
+                self.reactor.callFromThread(d.errback, e)
+            else:
+                syncer.submit(d, undo)
+
+        pool.callInThread(work)
+        return d
+
+    @staticmethod
+    def _write_new(tmp: str, final: str, chunks: list[bytes]) -> Callable[[], None]:
+        if os.path.lexists(final):
+            raise SpoolError(f"queue id already in use: {os.path.basename(final)}")
+        _write_synced(tmp, final, chunks)
+        return lambda: _unlink_quietly(final)
+
+    @staticmethod
+    def _write_replace(tmp: str, final: str, chunks: list[bytes]) -> None:
+        _write_synced(tmp, final, chunks)
+        return None
+
+    @staticmethod
+    def _read_body(path: str) -> bytes:
+        with open(path, "rb") as f:
+            raw = f.read()
+        nl = raw.find(b"\n")
+        if not raw.startswith(MESSAGE_MAGIC) or nl < 0:
+            raise CorruptFile(f"{path}: not a spool file")
+        try:
+            length = json.loads(raw[len(MESSAGE_MAGIC):nl])["len"]
+        except (ValueError, KeyError, TypeError) as e:
+            raise CorruptFile(f"{path}: bad header: {e}") from e
+        body = raw[nl + 1:]
+        if len(body) != length:
+            raise CorruptFile(f"{path}: message is {len(body)} bytes, header says {length}")
+        return body
+
+    @staticmethod
+    def _unlink_message(path: str) -> None:
+        # The message first: a crash in between leaves an orphan state file, which scan() drops.
+        # The other order could leave a message whose header still lists delivered recipients.
+        for p in (path, path + STATE_SUFFIX):
+            try:
+                os.unlink(p)
+            except FileNotFoundError:
+                pass
+
+    def _scan_collect(self) -> tuple[list[QueueEntry], list[str]]:
+        problems: list[str] = []
+        entries: list[QueueEntry] = []
+        names = set(os.listdir(self.queue_dir))
+        for name in sorted(names):
+            path = os.path.join(self.queue_dir, name)
+            if name.endswith(STATE_SUFFIX):
+                if name[:-len(STATE_SUFFIX)] not in names:
+                    problems.append(f"removing orphan state file {name}")
+                    _unlink_quietly(path)
+                continue
+            try:
+                check_id(name)
+                entry = self._load_header(path)
+                if entry.id != name:
+                    raise CorruptFile(f"file name does not match queue id {entry.id!r}")
+            except (CorruptFile, SpoolError, OSError, UnicodeError) as e:
+                problems.append(f"moving corrupt file {name} to corrupt/: {e}")
+                self._move_aside(path, name)
+                continue
+            state = name + STATE_SUFFIX
+            if state in names:
+                try:
+                    entry = self._load_state(os.path.join(self.queue_dir, state), name)
+                except (CorruptFile, OSError, UnicodeError) as e:
+                    problems.append(f"moving corrupt state file {state} to corrupt/ (using the states "
+                                    f"as queued; some recipients may get a duplicate): {e}")
+                    self._move_aside(os.path.join(self.queue_dir, state), state)
+            entries.append(entry)
+        entries.sort(key=lambda e: (e.received_at, e.id))
+        return entries, problems
+
+    @staticmethod
+    def _load_header(path: str) -> QueueEntry:
+        with open(path, "rb") as f:
+            line = f.readline(MAX_HEADER)
+            size = os.fstat(f.fileno()).st_size
+        if not line.startswith(MESSAGE_MAGIC) or not line.endswith(b"\n"):
+            raise CorruptFile("no spool header")
+        try:
+            doc = json.loads(line[len(MESSAGE_MAGIC):])
+            length = doc["len"]
+            entry = decode_entry(doc["entry"])
+        except (ValueError, KeyError, TypeError) as e:
+            raise CorruptFile(f"bad header: {e}") from e
+        if size != len(line) + length:
+            raise CorruptFile(f"file is {size} bytes, expected {len(line) + length}")
+        return entry
+
+    @staticmethod
+    def _load_state(path: str, entry_id: str) -> QueueEntry:
+        with open(path, "rb") as f:
+            raw = f.read()
+        if not raw.startswith(STATE_MAGIC) or not raw.endswith(b"\n"):
+            raise CorruptFile("no state header")
+        try:
+            entry = decode_entry(json.loads(raw[len(STATE_MAGIC):]))
+        except ValueError as e:
+            raise CorruptFile(f"bad state: {e}") from e
+        if entry.id != entry_id:
+            raise CorruptFile(f"state is for {entry.id!r}")
+        return entry
+
+    def _move_aside(self, path: str, name: str) -> None:
+        target = os.path.join(self.corrupt_dir, name)
+        if os.path.lexists(target):
+            target += f".{int(time.time())}.{os.getpid()}"
+        try:
+            os.rename(path, target)
+        except OSError:
+            log.failure("spool: cannot move {path} aside", path=path)
+
+
+def _write_synced(tmp: str, final: str, chunks: list[bytes]) -> None:
+    """Write ``tmp``, sync its data, then rename it to ``final`` (the directory is not synced)."""
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    try:
+        try:
+            _write_all(fd, chunks)
+            _sync(fd)
+        finally:
+            os.close(fd)
+        os.rename(tmp, final)
+    except BaseException:
+        _unlink_quietly(tmp)
+        raise
+
+
+def _unlink_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
+class MemorySpool:
+    """The same interface kept in memory; every Deferred fires at once. For unit tests.
+
+    Entries are stored as JSON round-trips, so what comes back is a copy (as from disk) and a
+    non-JSON ``extra`` fails here just as it would on disk.
+    """
+
+    def __init__(self) -> None:
+        self.messages: dict[str, bytes] = {}
+        self.states: dict[str, str] = {}
+        self.puts = self.updates = self.removes = 0
+        self.opened = False
+
+    def open(self) -> None:
+        self.opened = True
+
+    def close(self) -> None:
+        self.opened = False
+
+    def put(self, entry: QueueEntry, chunks: Iterable[bytes]) -> defer.Deferred:
+        try:
+            check_id(entry.id)
+            if entry.id in self.messages:
+                raise SpoolError(f"queue id already in use: {entry.id}")
+            self.states[entry.id] = json.dumps(entry.to_dict())
+        except Exception:
+            return defer.fail()
+        self.messages[entry.id] = b"".join(chunks)
+        self.puts += 1
+        return defer.succeed(None)
+
+    def read(self, entry_id: str) -> defer.Deferred:
+        if entry_id not in self.messages:
+            return defer.fail(FileNotFoundError(entry_id))
+        return defer.succeed(self.messages[entry_id])
+
+    def update(self, entry: QueueEntry) -> defer.Deferred:
+        try:
+            if entry.id not in self.messages:
+                raise SpoolError(f"no such queue entry: {entry.id}")
+            self.states[entry.id] = json.dumps(entry.to_dict())
+        except Exception:
+            return defer.fail()
+        self.updates += 1
+        return defer.succeed(None)
+
+    def remove(self, entry_id: str) -> defer.Deferred:
+        self.messages.pop(entry_id, None)
+        self.states.pop(entry_id, None)
+        self.removes += 1
+        return defer.succeed(None)
+
+    def scan(self) -> defer.Deferred:
+        return defer.succeed(self.scan_sync())
+
+    def scan_sync(self) -> list[QueueEntry]:
+        entries = [QueueEntry.from_dict(json.loads(s)) for s in self.states.values()]
+        return sorted(entries, key=lambda e: (e.received_at, e.id))
+
+    def get(self, entry_id: str) -> QueueEntry:
+        """The stored copy of one entry (tests)."""
+        return QueueEntry.from_dict(json.loads(self.states[entry_id]))

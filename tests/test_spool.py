@@ -1,0 +1,279 @@
+"""The spool: round trips on both backends, files on disk, corrupt files, and kill -9 at random moments."""
+from __future__ import annotations
+
+import os
+import random
+import selectors
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+from twisted.internet import defer, reactor
+from twisted.trial import unittest
+
+from mta.queue_entry import QueueEntry, RecipientState
+from mta.spool import MemorySpool, Spool, SpoolError
+
+BODY = [b"Received: from a by b\r\n", b"Subject: spool\r\n\r\n", b"line\r\n" * 500]
+
+
+def entry(entry_id: str, *addresses: str) -> QueueEntry:
+    return QueueEntry(id=entry_id, sender="alice@client.test",
+                      rcpts=[RecipientState(a) for a in (addresses or ("bob@far.test",))],
+                      received_at=1_700_000_000.0, size=sum(len(c) for c in BODY),
+                      extra={"mail_params": {"BODY": "8BITMIME"}})
+
+
+class RoundTrip:
+    """The behaviour both backends share."""
+
+    def make(self):
+        raise NotImplementedError
+
+    def setUp(self):
+        self.spool = self.make()
+        self.spool.open()
+        self.addCleanup(self.spool.close)
+
+    @defer.inlineCallbacks
+    def test_put_scan_read_update_remove(self):
+        e = entry("0001aa", "bob@far.test", "carol@far.test")
+        yield self.spool.put(e, BODY)
+        [found] = yield self.spool.scan()
+        self.assertEqual(found, e)
+        self.assertEqual((yield self.spool.read(e.id)), b"".join(BODY))
+
+        e.rcpts[0].status = "delivered"
+        e.rcpts[1].attempts, e.rcpts[1].next_attempt, e.rcpts[1].last_error = 1, 1_700_000_600.0, "451 4.4.1 x"
+        e.delay_notified = True
+        yield self.spool.update(e)
+        [found] = yield self.spool.scan()
+        self.assertEqual(found, e)
+        self.assertEqual((yield self.spool.read(e.id)), b"".join(BODY), "data untouched by updates")
+
+        yield self.spool.remove(e.id)
+        self.assertEqual((yield self.spool.scan()), [])
+
+    @defer.inlineCallbacks
+    def test_scan_returns_copies_in_arrival_order(self):
+        late, early = entry("0002bb"), entry("0003cc")
+        late.received_at += 10
+        yield self.spool.put(late, BODY)
+        yield self.spool.put(early, BODY)
+        late.rcpts[0].status = "failed"     # not written: the spool must not see it
+        found = yield self.spool.scan()
+        self.assertEqual([e.id for e in found], ["0003cc", "0002bb"])
+        self.assertEqual(found[1].rcpts[0].status, "pending")
+
+    @defer.inlineCallbacks
+    def test_duplicate_id_is_refused(self):
+        yield self.spool.put(entry("0004dd"), BODY)
+        with self.assertRaises(SpoolError):
+            yield self.spool.put(entry("0004dd"), [b"other"])
+        self.assertEqual((yield self.spool.read("0004dd")), b"".join(BODY))
+
+    @defer.inlineCallbacks
+    def test_unsafe_ids_are_refused(self):
+        for bad in ("../evil", ".hidden", "a/b", "x.st", ""):
+            with self.assertRaises(SpoolError):
+                yield self.spool.put(entry(bad), BODY)
+
+    @defer.inlineCallbacks
+    def test_non_json_extra_fails_the_put(self):
+        e = entry("0005ee")
+        e.extra["obj"] = object()
+        with self.assertRaises(TypeError):
+            yield self.spool.put(e, BODY)
+        self.assertEqual((yield self.spool.scan()), [])
+
+
+class MemorySpoolTests(RoundTrip, unittest.TestCase):
+    def make(self):
+        return MemorySpool()
+
+
+class FileSpoolTests(RoundTrip, unittest.TestCase):
+    timeout = 30
+
+    def make(self):
+        self.directory = self.mktemp()
+        return Spool(self.directory, reactor=reactor)
+
+    def queue_files(self) -> list[str]:
+        return sorted(os.listdir(os.path.join(self.directory, "queue")))
+
+    @defer.inlineCallbacks
+    def test_one_file_per_message_and_a_sidecar_for_state(self):
+        e = entry("0101aa")
+        yield self.spool.put(e, BODY)
+        self.assertEqual(self.queue_files(), ["0101aa"])
+        self.assertEqual(os.listdir(os.path.join(self.directory, "tmp")), [])
+        with open(os.path.join(self.directory, "queue", "0101aa"), "rb") as f:
+            header = f.readline()
+            self.assertEqual(f.read(), b"".join(BODY))
+        self.assertTrue(header.startswith(b"smtpgw-spool 1 {"))
+        yield self.spool.update(e)
+        self.assertEqual(self.queue_files(), ["0101aa", "0101aa.st"])
+        yield self.spool.remove(e.id)
+        self.assertEqual(self.queue_files(), [])
+
+    @defer.inlineCallbacks
+    def test_concurrent_puts_share_directory_fsyncs(self):
+        entries = [entry(f"02{i:04d}") for i in range(200)]
+        yield defer.gatherResults([self.spool.put(e, BODY) for e in entries])
+        self.assertEqual(len(self.queue_files()), 200)
+        self.assertLess(self.spool.dir_syncs, 200)
+
+    def test_open_discards_unfinished_writes(self):
+        tmp = os.path.join(self.directory, "tmp", "0301aa.7")
+        with open(tmp, "wb") as f:
+            f.write(b"smtpgw-spool 1 {half")
+        self.spool.open()
+        self.assertEqual(os.listdir(os.path.join(self.directory, "tmp")), [])
+        self.assertEqual(self.spool.scan_sync(), [])
+
+    @defer.inlineCallbacks
+    def test_corrupt_files_are_moved_aside(self):
+        good = entry("0401aa")
+        yield self.spool.put(good, BODY)
+        yield self.spool.put(entry("0402bb"), BODY)
+        yield self.spool.put(entry("0403cc"), BODY)
+        q = os.path.join(self.directory, "queue")
+        with open(os.path.join(q, "0402bb"), "r+b") as f:          # truncated body
+            f.truncate(os.path.getsize(os.path.join(q, "0402bb")) - 10)
+        with open(os.path.join(q, "0403cc"), "wb") as f:           # garbage
+            f.write(b"\x00\x01 not a spool file\n")
+        with open(os.path.join(q, "notanid!"), "wb") as f:         # a stranger
+            f.write(b"hello")
+        with open(os.path.join(q, "0499zz.st"), "wb") as f:        # state without a message
+            f.write(b"smtpgw-state 1 {}\n")
+        found = yield self.spool.scan()
+        self.assertEqual([e.id for e in found], ["0401aa"])
+        self.assertEqual(sorted(os.listdir(os.path.join(self.directory, "corrupt"))),
+                         ["0402bb", "0403cc", "notanid!"])
+        self.assertEqual(self.queue_files(), ["0401aa"])
+
+    @defer.inlineCallbacks
+    def test_corrupt_state_falls_back_to_the_queued_states(self):
+        e = entry("0501aa")
+        yield self.spool.put(e, BODY)
+        with open(os.path.join(self.directory, "queue", "0501aa.st"), "wb") as f:
+            f.write(b"smtpgw-state 1 {broken")
+        [found] = yield self.spool.scan()
+        self.assertEqual(found, e)
+        self.assertEqual(os.listdir(os.path.join(self.directory, "corrupt")), ["0501aa.st"])
+
+    @defer.inlineCallbacks
+    def test_read_detects_truncation(self):
+        yield self.spool.put(entry("0601aa"), BODY)
+        path = os.path.join(self.directory, "queue", "0601aa")
+        with open(path, "r+b") as f:
+            f.truncate(os.path.getsize(path) - 1)
+        with self.assertRaises(Exception):
+            yield self.spool.read("0601aa")
+
+    def test_closed_spool_refuses_work(self):
+        self.spool.close()
+        failures = []
+        self.spool.put(entry("0701aa"), BODY).addErrback(failures.append)
+        self.assertEqual(len(failures), 1)
+        failures[0].trap(SpoolError)
+
+
+# -- kill -9 ------------------------------------------------------------------------------------------
+
+CHILD = textwrap.dedent("""
+    import sys, time
+    from twisted.internet import reactor, defer
+    from mta.spool import Spool
+    from mta.queue_entry import QueueEntry, RecipientState
+
+    spool = Spool(sys.argv[1], reactor=reactor)
+    spool.open()
+    counter = iter(range(10**9))
+
+    def body(i):
+        return [b"Subject: %d\\r\\n\\r\\n" % i, (b"%08d" % i) * 512, b"\\r\\n"]
+
+    def one():
+        i = next(counter)
+        e = QueueEntry(id="m%08d" % i, sender="a@b.test", rcpts=[RecipientState("c@d.test")],
+                       received_at=time.time())
+        d = spool.put(e, body(i))
+        def done(_):
+            sys.stdout.write(e.id + "\\n")
+            sys.stdout.flush()
+            one()
+        d.addCallback(done)
+        d.addErrback(lambda f: (f.printTraceback(), reactor.stop()))
+
+    def go():
+        sys.stdout.write("ready\\n"); sys.stdout.flush()
+        for _ in range(20):
+            one()
+    reactor.callWhenRunning(go)
+    reactor.run()
+""")
+
+
+def expected_body(entry_id: str) -> bytes:
+    i = int(entry_id[1:])
+    return b"Subject: %d\r\n\r\n" % i + (b"%08d" % i) * 512 + b"\r\n"
+
+
+def run_and_kill(directory: str, script: str, rng: random.Random) -> list[str]:
+    """Start the writer, kill -9 it at a random moment, return every id it reported durable."""
+    proc = subprocess.Popen([sys.executable, script, directory], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    sel = selectors.DefaultSelector()
+    sel.register(proc.stdout, selectors.EVENT_READ)
+    out = b""
+    deadline = time.monotonic() + 20
+    kill_at = None
+    while time.monotonic() < deadline:
+        if kill_at is not None and time.monotonic() >= kill_at:
+            break
+        if sel.select(timeout=0.05):
+            chunk = os.read(proc.stdout.fileno(), 65536)
+            if not chunk:
+                break
+            out += chunk
+            if kill_at is None and b"ready\n" in out:
+                kill_at = time.monotonic() + rng.uniform(0.05, 0.6)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(10)
+    out += proc.stdout.read()          # what it wrote before dying is still in the pipe
+    err = proc.stderr.read()
+    assert proc.returncode == -signal.SIGKILL, err.decode(errors="replace")
+    assert kill_at is not None, "writer never became ready: " + err.decode(errors="replace")
+    lines = out.split(b"\n")[:-1]       # a last line without its newline was never fully reported
+    return [line.decode() for line in lines if line != b"ready"]
+
+
+def test_kill_9_never_loses_an_acknowledged_put(tmp_path):
+    script = tmp_path / "writer.py"
+    script.write_text(CHILD)
+    rng = random.Random(os.getpid())
+    directory = str(tmp_path / "spool")
+    total = 0
+    for _ in range(4):
+        reported = set(run_and_kill(directory, str(script), rng))
+        total += len(reported)
+        spool = Spool(directory)
+        spool.open()                    # as at restart: unfinished writes are dropped
+        found = {e.id: e for e in spool.scan_sync()}
+        spool.close()
+        missing = reported - set(found)
+        assert not missing, f"lost {len(missing)} acknowledged messages, e.g. {sorted(missing)[:3]}"
+        for entry_id in found:          # acknowledged or not, whatever scan returns is whole
+            with open(os.path.join(directory, "queue", entry_id), "rb") as f:
+                f.readline()
+                assert f.read() == expected_body(entry_id), entry_id
+        assert os.listdir(os.path.join(directory, "corrupt")) == []
+        # remove what we checked so the next round starts a fresh numbering without clashes
+        for entry_id in found:
+            os.unlink(os.path.join(directory, "queue", entry_id))
+    assert total > 20, "the writer should have stored something before each kill"
