@@ -220,6 +220,7 @@ class SMTPClientPool:
         label = str(hop)
         factory = Factory.forProtocol(lambda: SMTPClientProtocol(
             self.helo_name, self.command_timeout, self.clock, tls_options, label))
+        factory.noisy = False           # one "Starting factory" log line per connection is noise
         try:
             conn = await self._endpoint(hop, key[2]).connect(factory)
         except Exception as e:

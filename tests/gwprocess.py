@@ -6,6 +6,7 @@ listener answers, talks SMTP to it over loopback, and can stop it politely or wi
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -35,6 +36,12 @@ def port_open(host: str, port: int) -> bool:
             return True
     except OSError:
         return False
+
+
+def twistd_path() -> str:
+    """The ``twistd`` installed beside this Python (the one users run)."""
+    beside = Path(sys.executable).with_name("twistd")
+    return str(beside) if beside.exists() else (shutil.which("twistd") or "twistd")
 
 
 def base_config(tmp: Path, listen: str = "127.0.0.1:2525", **over: Any) -> dict:
@@ -86,7 +93,7 @@ class GatewayProcess:
         self.config_path.write_text(yaml.safe_dump(self.config, sort_keys=False))
 
     def command(self) -> list[str]:
-        return [sys.executable, "-m", "twisted", "-n", "--pidfile=", f"--logfile={self.log_path}",
+        return [twistd_path(), "-n", "--pidfile=", f"--logfile={self.log_path}",
                 "smtpgw", "-c", str(self.config_path)]
 
     def env(self) -> dict:

@@ -24,5 +24,5 @@ class DiagLogging:
     def smtpgw_event(self, category: str, level: str, message: str, fields: dict) -> None:
         if LEVELS.get(level, 3) <= self.levels.get(category, 1):
             detail = " ".join(f"{k}={v}" for k, v in fields.items())
-            log.info("[{category}/{level}] {message} {detail}", category=category, level=level,
+            log.info("[{category}/{lvl}] {message} {detail}", category=category, lvl=level,
                      message=message, detail=detail)
