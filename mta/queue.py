@@ -35,6 +35,8 @@ from mta.scheduler import Scheduler
 
 log = Logger(namespace="smtpgw.queue")
 
+Data = bytes | list[bytes]       # what the deliverer takes: the spooled bytes, or the received chunks
+
 LOCAL_ERROR = Reply(451, "4.3.0", "Local error in delivery, will retry")
 NO_RESULT = Reply(451, "4.3.0", "Delivery agent gave no result for this recipient")
 EXPIRED_STATUS = "4.4.7"
@@ -70,7 +72,7 @@ class QueueManager:
         self.stop_timeout = stop_timeout
         self.first_attempt_memory = first_attempt_memory
         self._entries: dict[str, QueueEntry] = {}
-        self._first_data: dict[str, bytes] = {}
+        self._first_data: dict[str, list[bytes]] = {}
         self._first_bytes = 0
         self._ready: collections.deque[tuple[str, bool]] = collections.deque()
         self._ready_ids: set[str] = set()
@@ -153,8 +155,9 @@ class QueueManager:
         extra = {k: v for k, v in envelope.extra.items() if _jsonable(v)}
         if envelope.mail_params and _jsonable(envelope.mail_params):
             extra[MAIL_PARAMS] = dict(envelope.mail_params)
-        if envelope.rcpt_params and _jsonable(envelope.rcpt_params):
-            extra[RCPT_PARAMS] = {k: dict(v) for k, v in envelope.rcpt_params.items()}
+        rcpt_params = {k: dict(v) for k, v in envelope.rcpt_params.items() if v}
+        if rcpt_params and _jsonable(rcpt_params):
+            extra[RCPT_PARAMS] = rcpt_params
         entry = QueueEntry(
             id=envelope.id, sender=envelope.sender,
             rcpts=[RecipientState(a) for a in envelope.recipients],
@@ -177,8 +180,8 @@ class QueueManager:
         def durable(_: Any) -> str:
             self._entries[entry.id] = entry
             if self._first_bytes + entry.size <= self.first_attempt_memory:
-                self._first_data[entry.id] = b"".join(chunks)
-                self._first_bytes += len(self._first_data[entry.id])
+                self._first_data[entry.id] = chunks
+                self._first_bytes += entry.size
             self._event("message queued", id=entry.id, sender=entry.sender,
                         recipients=len(entry.rcpts), size=entry.size)
             if self._running:
@@ -266,7 +269,7 @@ class QueueManager:
         q = self._qcfg
         failures: list[tuple[RecipientState, Reply]] = []
         outcomes: list[tuple[str, str, Reply]] = []
-        data: bytes | None = None
+        data: Data | None = None
 
         if now >= entry.received_at + q.expire:
             for r in entry.pending():
@@ -290,14 +293,15 @@ class QueueManager:
         if failures or delayed:
             if data is None:
                 data = await self._load(entry)
+            original = data if isinstance(data, bytes) else b"".join(data)
             if failures:
-                await self._report(entry, failures, dsn.FAILED, data)
+                await self._report(entry, failures, dsn.FAILED, original)
             if delayed:
-                await self._report(entry, delayed, dsn.DELAYED, data)
+                await self._report(entry, delayed, dsn.DELAYED, original)
                 entry.delay_notified = True
 
         if entry.is_done():
-            self._drop_first_data(entry.id)
+            self._drop_first_data(entry)
             try:
                 await self._spool.remove(entry.id)
             except Exception:
@@ -314,20 +318,19 @@ class QueueManager:
                         delivered=sum(r.status == DELIVERED for r in entry.rcpts),
                         failed=sum(r.status == FAILED for r in entry.rcpts))
 
-    async def _load(self, entry: QueueEntry) -> bytes:
-        """The message: from memory on the first attempt (no re-read), else from the spool."""
+    async def _load(self, entry: QueueEntry) -> Data:
+        """The message: the received chunks on the first attempt (no re-read), else from the spool."""
         data = self._first_data.pop(entry.id, None)
         if data is not None:
-            self._first_bytes -= len(data)
+            self._first_bytes -= entry.size
             return data
         return await self._spool.read(entry.id)
 
-    def _drop_first_data(self, entry_id: str) -> None:
-        data = self._first_data.pop(entry_id, None)
-        if data is not None:
-            self._first_bytes -= len(data)
+    def _drop_first_data(self, entry: QueueEntry) -> None:
+        if self._first_data.pop(entry.id, None) is not None:
+            self._first_bytes -= entry.size
 
-    async def _deliver(self, entry: QueueEntry, data: bytes,
+    async def _deliver(self, entry: QueueEntry, data: Data,
                        due: list[RecipientState]) -> list[RecipientResult]:
         try:
             results = await defer.maybeDeferred(self.gateway.deliverer.deliver, entry, data, due)

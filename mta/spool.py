@@ -166,7 +166,7 @@ class Spool:
     """The filesystem spool. Needs a real reactor (its work runs in threads)."""
 
     def __init__(self, directory: str, reactor: Any = None, threadpool: ThreadPool | None = None,
-                 threads: int = 16) -> None:
+                 threads: int = 8) -> None:
         if reactor is None:
             from twisted.internet import reactor as _reactor
             reactor = _reactor
@@ -286,9 +286,10 @@ class Spool:
 
         return d.addCallback(report)
 
-    def scan_sync(self) -> list[QueueEntry]:
-        """:meth:`scan` for offline tools (no reactor); problems are logged."""
-        entries, problems = self._scan_collect()
+    def scan_sync(self, repair: bool = False) -> list[QueueEntry]:
+        """:meth:`scan` for tools (no reactor, no thread). Read-only unless ``repair``: a tool
+        looking at a live spool must not move the daemon's files around; problems are logged."""
+        entries, problems = self._scan_collect(repair)
         for p in problems:
             log.warn("spool: {problem}", problem=p)
         return entries
@@ -352,7 +353,7 @@ class Spool:
             except FileNotFoundError:
                 pass
 
-    def _scan_collect(self) -> tuple[list[QueueEntry], list[str]]:
+    def _scan_collect(self, repair: bool = True) -> tuple[list[QueueEntry], list[str]]:
         problems: list[str] = []
         entries: list[QueueEntry] = []
         names = set(os.listdir(self.queue_dir))
@@ -360,8 +361,9 @@ class Spool:
             path = os.path.join(self.queue_dir, name)
             if name.endswith(STATE_SUFFIX):
                 if name[:-len(STATE_SUFFIX)] not in names:
-                    problems.append(f"removing orphan state file {name}")
-                    _unlink_quietly(path)
+                    problems.append(f"orphan state file {name}")
+                    if repair:
+                        _unlink_quietly(path)
                 continue
             try:
                 check_id(name)
@@ -369,17 +371,19 @@ class Spool:
                 if entry.id != name:
                     raise CorruptFile(f"file name does not match queue id {entry.id!r}")
             except (CorruptFile, SpoolError, OSError, UnicodeError) as e:
-                problems.append(f"moving corrupt file {name} to corrupt/: {e}")
-                self._move_aside(path, name)
+                problems.append(f"corrupt file {name} (moved to corrupt/ by the daemon): {e}")
+                if repair:
+                    self._move_aside(path, name)
                 continue
             state = name + STATE_SUFFIX
             if state in names:
                 try:
                     entry = self._load_state(os.path.join(self.queue_dir, state), name)
                 except (CorruptFile, OSError, UnicodeError) as e:
-                    problems.append(f"moving corrupt state file {state} to corrupt/ (using the states "
-                                    f"as queued; some recipients may get a duplicate): {e}")
-                    self._move_aside(os.path.join(self.queue_dir, state), state)
+                    problems.append(f"corrupt state file {state} (moved to corrupt/ by the daemon, which "
+                                    f"uses the states as queued; some recipients may get a duplicate): {e}")
+                    if repair:
+                        self._move_aside(os.path.join(self.queue_dir, state), state)
             entries.append(entry)
         entries.sort(key=lambda e: (e.received_at, e.id))
         return entries, problems
@@ -502,7 +506,7 @@ class MemorySpool:
     def scan(self) -> defer.Deferred:
         return defer.succeed(self.scan_sync())
 
-    def scan_sync(self) -> list[QueueEntry]:
+    def scan_sync(self, repair: bool = False) -> list[QueueEntry]:
         entries = [QueueEntry.from_dict(json.loads(s)) for s in self.states.values()]
         return sorted(entries, key=lambda e: (e.received_at, e.id))
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 import email
 import email.policy
 import os
+import shutil
+import tempfile
 
 from twisted.internet import defer, reactor, task
 from twisted.trial import unittest
@@ -64,6 +66,7 @@ class FakeDeliverer:
         return RecipientResult(address, a, hop="mx.far.test[127.0.31.9]:25")
 
     def deliver(self, entry: QueueEntry, data: bytes, rcpts: list[RecipientState]):
+        data = data if isinstance(data, bytes) else b"".join(data)
         self.calls.append((self.clock.seconds(), entry.id, data, [r.address for r in rcpts]))
         self.entries[entry.id] = QueueEntry.from_dict(entry.to_dict())
         results = [self._result(r.address) for r in rcpts]
@@ -180,6 +183,7 @@ class QueueTests(unittest.TestCase):
 
     def test_first_attempt_uses_memory_and_removes_when_delivered(self):
         """The first attempt needs no re-read; a delivered message leaves the spool; hooks see it."""
+        self.gw.spool.read = lambda entry_id: self.fail("first attempt re-read the spool")
         env = envelope(recipients=["bob@far.test", "carol@far.test"])
         entry_id = submit(self.qm, env)
         self.assertIn(entry_id, self.gw.spool.messages)
@@ -455,7 +459,8 @@ class RestartTests(unittest.TestCase):
 
     @defer.inlineCallbacks
     def test_start_rebuilds_schedule_from_disk(self):
-        directory = self.mktemp()
+        directory = tempfile.mkdtemp(prefix="smtpgw-queue-")
+        self.addCleanup(shutil.rmtree, directory, True)
         writer = Spool(directory, reactor=reactor)
         writer.open()
         self.addCleanup(writer.close)
@@ -489,3 +494,38 @@ class RestartTests(unittest.TestCase):
         gw.reactor.advance(1)
         self.assertEqual((yield called), "later001")
         self.assertFalse(os.path.exists(os.path.join(directory, "queue", "done0001")))
+
+
+class SchedulerTests(unittest.TestCase):
+    """The heap behind the queue: one timer, rescheduling either way, discards."""
+
+    def setUp(self):
+        from mta.scheduler import Scheduler
+        self.clock = task.Clock()
+        self.fired: list[tuple[float, list[str]]] = []
+        self.s = Scheduler(self.clock, lambda ids: self.fired.append((self.clock.seconds(), ids)))
+
+    def test_reschedule_earlier_and_later(self):
+        self.s.schedule("a", 100)
+        self.s.schedule("b", 50)
+        self.s.schedule("a", 10)       # earlier than planned
+        self.s.schedule("b", 200)      # later than planned
+        step_through(self.clock, 300)
+        self.assertEqual(self.fired, [(10, ["a"]), (200, ["b"])])
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_discard_and_same_time_batch(self):
+        for name in ("x", "y", "z"):
+            self.s.schedule(name, 5)
+        self.s.discard("y")
+        self.assertEqual(len(self.clock.getDelayedCalls()), 1)
+        step_through(self.clock, 10)
+        self.assertEqual(self.fired, [(5, ["x", "z"])])
+        self.assertEqual(len(self.s), 0)
+
+    def test_stale_entries_are_compacted(self):
+        for i in range(5000):
+            self.s.schedule("same", 1000 + i)
+        self.assertLess(len(self.s._heap), 3000)
+        step_through(self.clock, 10000)
+        self.assertEqual(self.fired, [(5999, ["same"])])

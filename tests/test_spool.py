@@ -4,13 +4,14 @@ from __future__ import annotations
 import os
 import random
 import selectors
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 
-import pytest
 from twisted.internet import defer, reactor
 from twisted.trial import unittest
 
@@ -18,6 +19,13 @@ from mta.queue_entry import QueueEntry, RecipientState
 from mta.spool import MemorySpool, Spool, SpoolError
 
 BODY = [b"Received: from a by b\r\n", b"Subject: spool\r\n\r\n", b"line\r\n" * 500]
+
+
+def make_tempdir(test: unittest.TestCase) -> str:
+    """A private folder outside the checkout (trial's mktemp would write under the cwd)."""
+    path = tempfile.mkdtemp(prefix="smtpgw-spool-")
+    test.addCleanup(shutil.rmtree, path, True)
+    return path
 
 
 def entry(entry_id: str, *addresses: str) -> QueueEntry:
@@ -99,7 +107,7 @@ class FileSpoolTests(RoundTrip, unittest.TestCase):
     timeout = 30
 
     def make(self):
-        self.directory = self.mktemp()
+        self.directory = os.path.join(make_tempdir(self), "spool")
         return Spool(self.directory, reactor=reactor)
 
     def queue_files(self) -> list[str]:
@@ -134,6 +142,15 @@ class FileSpoolTests(RoundTrip, unittest.TestCase):
         self.spool.open()
         self.assertEqual(os.listdir(os.path.join(self.directory, "tmp")), [])
         self.assertEqual(self.spool.scan_sync(), [])
+
+    @defer.inlineCallbacks
+    def test_tools_scan_without_touching_files(self):
+        yield self.spool.put(entry("0302aa"), BODY)
+        with open(os.path.join(self.directory, "queue", "0303bb"), "wb") as f:
+            f.write(b"garbage")
+        self.assertEqual([e.id for e in self.spool.scan_sync()], ["0302aa"])
+        self.assertEqual(self.queue_files(), ["0302aa", "0303bb"])
+        self.assertEqual(os.listdir(os.path.join(self.directory, "corrupt")), [])
 
     @defer.inlineCallbacks
     def test_corrupt_files_are_moved_aside(self):
@@ -264,7 +281,7 @@ def test_kill_9_never_loses_an_acknowledged_put(tmp_path):
         total += len(reported)
         spool = Spool(directory)
         spool.open()                    # as at restart: unfinished writes are dropped
-        found = {e.id: e for e in spool.scan_sync()}
+        found = {e.id: e for e in spool.scan_sync(repair=True)}
         spool.close()
         missing = reported - set(found)
         assert not missing, f"lost {len(missing)} acknowledged messages, e.g. {sorted(missing)[:3]}"
