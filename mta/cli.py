@@ -34,7 +34,9 @@ DEFAULT_CONFIG = "etc/gateway.yaml"
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 
 # Modules that register further subcommands when imported; add one line per module.
-COMMAND_MODULES: tuple[str, ...] = ()
+COMMAND_MODULES: tuple[str, ...] = (
+    "mta.cli_passwd",           # smtpgw passwd
+)
 
 
 @dataclass(frozen=True)
@@ -128,6 +130,8 @@ def summarize(config: Config) -> list[str]:
         addresses = ", ".join(_listen_text(a) for a in vs.listen)
         relay = [str(n) for n in vs.relay.allow] + (["authenticated clients"] if vs.relay.allow_authenticated else [])
         tls = ("STARTTLS required" if vs.tls.required else "STARTTLS") if vs.tls.certificate else "no TLS"
+        if vs.auth.users:
+            tls += f"; AUTH {'required' if vs.auth.required else 'offered'} (users {vs.auth.users})"
         lines.append(f"  {vs.name}: {addresses}; relay: {', '.join(relay) or 'nobody'}; {tls}; "
                      f"max {format_size(vs.limits.max_message_size)}, {vs.limits.max_recipients} recipients, "
                      f"timeout {format_duration(vs.limits.timeout)}")

@@ -31,6 +31,7 @@ from mta.envelope import Envelope, Session, new_id
 from mta.lines import CommandSplitter, DataReader, Problem
 from mta.message import MessageData
 from mta.reply import Reply
+from mta.server_auth import AUTH_REQUIRED, NOT_ENABLED, ServerAuth, mask_auth_command
 
 log = Logger(namespace="smtpgw.server")
 
@@ -82,6 +83,8 @@ COMMANDS: dict[str, Command] = {
     "VRFY": Command("smtp_VRFY", {}),
     "HELP": Command("smtp_HELP", {}),
     "STARTTLS": Command("smtp_STARTTLS", {State.MAIL: _IN_TRANSACTION, State.RCPT: _IN_TRANSACTION}),
+    "AUTH": Command("smtp_AUTH", {State.CONNECTED: R.NEED_HELO, State.MAIL: _IN_TRANSACTION,
+                                  State.RCPT: _IN_TRANSACTION}),
 }
 
 
@@ -107,7 +110,11 @@ class SMTPServerProtocol(Protocol):
         self._processing = False
         self._after_send: list[Any] = []
         self._timer: Any = None
+        self._delegate: Any = None      # the protocol the connection was handed to (ATRN/TURN)
         self._last_input = 0.0
+        # AUTH (mta/server_auth.py): the exchange waiting for the client's next line, and failures so far
+        self.sasl_continuation: Any = None
+        self.auth_failures = 0
         # Diagnostics listeners are looked up once per connection: events stay free when nobody listens.
         self._diagnostics = bool(self.hooks.pm.hook.smtpgw_event.get_hookimpls())
 
@@ -127,6 +134,8 @@ class SMTPServerProtocol(Protocol):
         self._respond(self._ask("smtpgw_connect", self._greeting, session=self.session))
 
     def connectionLost(self, reason: Any = None) -> None:
+        if self._delegate is not None:
+            self._delegate.connectionLost(reason)
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
@@ -158,6 +167,9 @@ class SMTPServerProtocol(Protocol):
     # -- input -----------------------------------------------------------------------------------
 
     def dataReceived(self, data: bytes) -> None:
+        if self._delegate is not None:
+            self._delegate.dataReceived(data)
+            return
         self._last_input = self.reactor.seconds()
         if self.state is State.CLOSED:
             return
@@ -207,6 +219,9 @@ class SMTPServerProtocol(Protocol):
         return True
 
     def _line(self, item: bytes | Problem) -> Reply | defer.Deferred:
+        if self.sasl_continuation is not None:     # a SASL response, not a command: never logged
+            continuation, self.sasl_continuation = self.sasl_continuation, None
+            return continuation(item)
         if isinstance(item, Problem):
             self._event("smtp_protocol", "maximum", "bad command line", problem=item.value)
             return R.COMMAND_PROBLEMS[item]
@@ -214,9 +229,11 @@ class SMTPServerProtocol(Protocol):
             text = item.decode("utf-8")
         except UnicodeDecodeError:
             return R.BAD_CHARACTERS
-        self._event("smtp_protocol", "maximum", "command", line=text)
         verb, _, argument = text.partition(" ")
         verb = verb.upper()
+        if self._diagnostics:
+            self._event("smtp_protocol", "maximum", "command",
+                        line=mask_auth_command(text) if verb == "AUTH" else text)
         command = COMMANDS.get(verb)
         if command is None:
             return self._ask("smtpgw_command", self._unknown_answered,
@@ -320,10 +337,21 @@ class SMTPServerProtocol(Protocol):
                     "ENHANCEDSTATUSCODES", "SMTPUTF8"]
         if self.factory.tls_context is not None and not self.session.tls:
             keywords.append("STARTTLS")
+        if self.factory.auth is not None:
+            auth = self.factory.auth.keyword(self.session)
+            if auth:
+                keywords.append(auth)
+        try:
+            for more in self.hooks.pm.hook.smtpgw_ehlo_keywords(session=self.session):
+                keywords.extend(k for k in (more or ()) if k not in keywords)
+        except Exception:
+            log.failure("smtpgw_ehlo_keywords failed")
         return keywords
 
     def mail_parameters(self) -> frozenset[str]:
-        """MAIL FROM parameters we take (AUTH= would be added with AUTH)."""
+        """MAIL FROM parameters we take; AUTH= (RFC 4954 5) is taken, and ignored, where AUTH is offered."""
+        if self.factory.auth is not None:
+            return frozenset({"SIZE", "BODY", "SMTPUTF8", "AUTH"})
         return frozenset({"SIZE", "BODY", "SMTPUTF8"})
 
     def smtp_EHLO(self, argument: str) -> Reply | defer.Deferred:
@@ -355,6 +383,8 @@ class SMTPServerProtocol(Protocol):
             return R.syntax("MAIL FROM:<address>")
         if self.vs.tls.required and not self.session.tls:
             return R.TLS_REQUIRED
+        if self.vs.auth.required and not self.session.authenticated_user:
+            return AUTH_REQUIRED
         try:
             path, rest = address.split_argument(argument, "FROM")
             params = address.parse_params(rest, utf8=True) if rest else {}
@@ -476,11 +506,36 @@ class SMTPServerProtocol(Protocol):
         self._splitter.reset()
         self._reset_transaction()
         self.session.helo, self.session.esmtp, self.session.tls = None, False, True
+        self.session.authenticated_user, self.sasl_continuation = None, None
         self._enter(State.CONNECTED, "STARTTLS")
         self.transport.startTLS(self.factory.tls_context)
 
+    def smtp_AUTH(self, argument: str) -> Reply | defer.Deferred:
+        if self.factory.auth is None:
+            return NOT_ENABLED
+        return self.factory.auth.command(self, argument)
+
     def _unknown_answered(self, verdict: Reply | None) -> Reply:
+        take_over = getattr(verdict, "take_over", None)
+        if take_over is not None and verdict.is_positive:
+            self._after_send.append(partial(self._hand_over, take_over))
         return verdict or R.UNKNOWN_COMMAND
+
+    def _hand_over(self, take_over: Any) -> None:
+        """The roles reverse (ATRN/TURN): this session ends but the connection stays open; input
+        already read and all that follows goes to the protocol ``take_over`` connects."""
+        if self.state is State.CLOSED:
+            return
+        pending = self._buf[self._pos:]
+        self._buf, self._pos, self._reader = b"", 0, None
+        self._enter(State.CLOSED, "connection handed over")
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+        if self._paused:
+            self._paused = False
+            self.transport.resumeProducing()
+        self._delegate = take_over(self.transport, pending)
 
     # -- end of DATA -----------------------------------------------------------------------------
 
@@ -523,7 +578,9 @@ class SMTPServerProtocol(Protocol):
         suffix = ("S" if s.tls else "") + ("A" if s.authenticated_user else "")
         protocol = base + suffix if (s.esmtp or suffix) else "SMTP"
         rcpt = f"\r\n\tfor <{envelope.recipients[0]}>" if len(envelope.recipients) == 1 else ""
-        return (f"from {s.helo} ([{ip}])\r\n\tby {self.hostname} (smtpgw) with {protocol} id {envelope.id}"
+        # user names are restricted to comment-safe characters (mta/auth.py USER_NAME)
+        who = f"\r\n\t(Authenticated sender: {s.authenticated_user})" if s.authenticated_user else ""
+        return (f"from {s.helo} ([{ip}]){who}\r\n\tby {self.hostname} (smtpgw) with {protocol} id {envelope.id}"
                 f"{rcpt};\r\n\t{self._date()}")
 
 
@@ -547,10 +604,11 @@ class SMTPServerFactory(ServerFactory):
         self.gateway = gateway
         self.vs = vs
         self.active = 0
-        self.tls_context = None
+        self.tls_context = None         # mta.server_tls.ServerTLS: re-read on SIGHUP
         if vs.tls.certificate and vs.tls.key:
-            from mta.server_tls import server_context
-            self.tls_context = server_context(vs.tls.certificate, vs.tls.key)
+            from mta.server_tls import ServerTLS
+            self.tls_context = ServerTLS(vs.tls.certificate, vs.tls.key, name=vs.name)
+        self.auth = ServerAuth.for_virtual_server(vs, gateway.reactor)
 
     def buildProtocol(self, addr: Any) -> Protocol:
         if self.active >= self.vs.limits.max_connections:

@@ -45,10 +45,16 @@ class GatewayService(service.Service):
         return self.gateway.stop()
 
 
-def endpoint_for(reactor: Any, listen: ListenAddress) -> Any:
-    from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint
+def endpoint_for(reactor: Any, listen: ListenAddress, tls_context: Any = None) -> Any:
+    """A TCP endpoint; for a ``tls: true`` entry (implicit TLS, port 465) a TLS one whose sessions start
+    encrypted, with the virtual server's context (``mta.server_tls.ServerTLS``, so SIGHUP reaches it)."""
+    from twisted.internet.endpoints import SSL4ServerEndpoint, TCP4ServerEndpoint, TCP6ServerEndpoint
 
     host = listen.host or "0.0.0.0"
+    if listen.tls:
+        if tls_context is None:
+            raise ValueError(f"{host}:{listen.port}: implicit TLS without a certificate")
+        return SSL4ServerEndpoint(reactor, listen.port, tls_context, backlog=1024, interface=host)
     if ipaddress.ip_address(host).version == 6:
         return TCP6ServerEndpoint(reactor, listen.port, backlog=1024, interface=host)
     return TCP4ServerEndpoint(reactor, listen.port, backlog=1024, interface=host)
@@ -58,17 +64,23 @@ def makeService(options: Options) -> service.MultiService:
     from twisted.internet import reactor
 
     from mta.gateway import Gateway
+    from mta.reload import ReloadService
     from mta.server import SMTPServerFactory
 
     config = options.parsed
     gateway = Gateway(config, reactor)
     top = service.MultiService()
     GatewayService(gateway).setServiceParent(top)
+    tls_contexts = []
     for vs in config.virtual_servers:
         factory = SMTPServerFactory(gateway, vs)
+        if factory.tls_context is not None:
+            tls_contexts.append(factory.tls_context)
         for listen in vs.listen:
-            svc = internet.StreamServerEndpointService(endpoint_for(reactor, listen), factory)
+            svc = internet.StreamServerEndpointService(endpoint_for(reactor, listen, factory.tls_context),
+                                                       factory)
             svc._raiseSynchronously = True       # a port in use stops startup with a clear error
             svc.setName(f"{vs.name} {listen.host}:{listen.port}")
             svc.setServiceParent(top)
+    ReloadService(reactor, tls_contexts).setServiceParent(top)      # SIGHUP re-reads certificates
     return top
