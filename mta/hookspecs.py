@@ -33,6 +33,15 @@ def smtpgw_configure(config, services):
     """
 
 
+@hookspec
+def smtpgw_reload(config):
+    """The process got SIGHUP and the configuration file was read again and found valid.
+
+    :param config: the new :class:`mta.config.Config`. Only what a plugin can apply live should be taken
+        from it (diag_logging takes its levels); listeners, spool and connectors keep the loaded ones.
+    """
+
+
 # -- the SMTP session ----------------------------------------------------------------------------
 
 @hookspec(firstresult=True)
@@ -89,6 +98,20 @@ def smtpgw_command(session, verb, argument):
     """A verb the core does not know (ETRN, ATRN, TURN, a site DEQUEUE...).
 
     Return a Reply to answer it; if nobody does the client gets ``500 5.5.1``.
+
+    A positive Reply with a ``take_over`` attribute (a callable ``take_over(transport, pending)``
+    that connects a protocol to the transport and returns it) ends the SMTP session after the reply
+    is sent without closing the connection: the callable gets the transport and any input already
+    read, and from then on the session passes every byte and the connection's end to that protocol
+    (ATRN/TURN role reversal, RFC 2645; see smtpgw_plugins.etrn_dequeue.HandOff).
+    """
+
+
+@hookspec
+def smtpgw_ehlo_keywords(session):
+    """Extra EHLO keywords for this session: return a list of strings (``["ETRN"]``) or None.
+
+    Every implementation is asked (not firstresult); the keywords follow the core's own.
     """
 
 
@@ -111,9 +134,11 @@ def smtpgw_next_hops(envelope, domain, connector):
 
 
 @hookspec(firstresult=True)
-def smtpgw_delivery_window(connector, envelope):
+def smtpgw_delivery_window(connector, envelope, domain):
     """May mail for ``connector`` go now? Return ``None`` (no opinion: go) or a float, the Unix time
     at which to try again (the message is held, not counted as a failed attempt).
+
+    ``domain`` is the recipients' domain being delivered (remote-triggered release is per domain).
     """
 
 
@@ -139,4 +164,7 @@ def smtpgw_event(category, level, message, fields):
     """A diagnostic event. ``category`` is one of smtp_protocol, connection_manager, queuing_engine,
     routing_engine, categorizer, ndr, authentication, transport_security; ``level`` is minimum, medium
     or maximum (how verbose a setting must be to show it); ``fields`` is a dict (session or message id...).
+
+    A listener may also define ``wants_event(category, level) -> bool`` on its plugin object: the server
+    asks it once per connection and skips the per-command events (smtp_protocol/maximum) nobody writes.
     """

@@ -1,16 +1,28 @@
-"""The relay decision, made once per RCPT from the session's client address and identity."""
+"""The relay decision, made once per RCPT, and the connector restrictions checked at RCPT, at the
+end of DATA and at delivery. Every decision is a ``relay decision`` diag event saying why."""
 from __future__ import annotations
 
 import ipaddress
 from typing import Any
 
-from mta.config import Config, RelayConfig
+from mta.config import Config, Connector, RelayConfig
 from mta.defaults import domain_of
 from mta.hookspecs import hookimpl
 from mta.reply import Reply
+from mta.router import connectors_for
+from smtpgw_plugins.relay_acl import restrictions
+from smtpgw_plugins.relay_acl.local_parts import local_part_refusal
+from smtpgw_plugins.relay_acl.restrictions import Facts, Refusal
+
+RELAY_DENIED = Reply(550, "5.7.1", "Relaying denied")
+RECIPIENT_OK = Reply(250, "2.1.5", "Recipient OK")
+PRIORITY_KEY = "relay_acl.priority"     # envelope.extra -> queue entry extra: the priority seen at DATA
+ALL_PRIORITIES = frozenset({restrictions.HIGH, restrictions.NORMAL, restrictions.LOW})
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
-def client_ip(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+def client_ip(host: str) -> IPAddress | None:
     """The peer as an address; IPv4-mapped IPv6 peers count as their IPv4 address."""
     try:
         ip = ipaddress.ip_address(host.split("%", 1)[0])
@@ -21,13 +33,21 @@ def client_ip(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None
     return ip
 
 
+def _forms(ip: IPAddress) -> tuple[IPAddress, ...]:
+    """An IPv4 client also matches a list entry written in IPv4-mapped form (``::ffff:192.0.2.0/120``)."""
+    if isinstance(ip, ipaddress.IPv4Address):
+        return ip, ipaddress.IPv6Address("::ffff:" + str(ip))
+    return (ip,)
+
+
 def relay_reason(relay: RelayConfig, peer_host: str, authenticated_user: str | None) -> str | None:
     """Why this client may relay, or None when it may not."""
     ip = client_ip(peer_host)
     if ip is not None:
         for net in relay.allow:
-            if ip.version == net.version and ip in net:
-                return f"client {ip} in relay.allow {net}"
+            for form in _forms(ip):
+                if form.version == net.version and form in net:
+                    return f"client {ip} in relay.allow {net}"
     if authenticated_user and relay.allow_authenticated:
         return f"authenticated as {authenticated_user}"
     return None
@@ -37,23 +57,110 @@ class RelayACL:
     def __init__(self) -> None:
         self.config: Config | None = None
         self.services: Any = None
+        self._entries: dict[str, frozenset[str]] = {}
+        self._priorities_matter = False
 
     @hookimpl
     def smtpgw_configure(self, config: Config, services: Any) -> None:
         self.config = config
         self.services = services
+        self._entries = restrictions.entries_by_connector(config.connectors)
+        self._priorities_matter = any(
+            not ALL_PRIORITIES <= set(c.content_restrictions.allowed_priorities) for c in config.connectors)
 
-    @hookimpl
-    def smtpgw_rcpt_to(self, session, envelope, recipient, params) -> Reply | None:
-        if self.config is None or self.config.is_local_domain(domain_of(recipient)):
-            return None
-        relay = self.config.virtual_server(session.virtual_server).relay
-        reason = relay_reason(relay, session.peer_host, session.authenticated_user)
+    # -- diagnostics ----------------------------------------------------------------------------
+
+    def _decision(self, session: Any, recipient: str, decision: str, reason: str, **more: Any) -> None:
         hooks = getattr(self.services, "hooks", None)
         if hooks is not None:
             hooks.event("smtp_protocol", "minimum", "relay decision", session=session.id,
-                        recipient=recipient, decision="accept" if reason else "deny",
-                        reason=reason or "client not in relay.allow and not authenticated")
-        if reason:
-            return Reply(250, "2.1.5", "Recipient OK")
-        return None
+                        recipient=recipient, decision=decision, reason=reason, **more)
+
+    def _choose(self, domain: str, facts: Facts) -> tuple[Connector | None, Refusal | None]:
+        return restrictions.choose(connectors_for(self.config, domain), facts, self._entries)
+
+    # -- RCPT -----------------------------------------------------------------------------------
+
+    @hookimpl
+    def smtpgw_rcpt_to(self, session, envelope, recipient, params) -> Reply | None:
+        if self.config is None:
+            return None
+        domain = domain_of(recipient)
+        if self.config.is_local_domain(domain):
+            refused = local_part_refusal(recipient)
+            if refused is not None:
+                self._decision(session, recipient, "deny", refused[1])
+                return refused[0]
+            self._decision(session, recipient, "accept", f"local domain {domain}")
+            return None                 # the core accepts local domains (and a site hook may refine)
+        relay = self.config.virtual_server(session.virtual_server).relay
+        reason = relay_reason(relay, session.peer_host, session.authenticated_user)
+        if reason is None:
+            self._decision(session, recipient, "deny",
+                           f"{domain} is not a local domain; client {session.peer_host} not in relay.allow "
+                           f"and not authenticated" + ("" if relay.allow_authenticated
+                                                       else " (relay.allow_authenticated is off)"))
+            return RELAY_DENIED
+        facts = Facts(envelope.sender, envelope.declared_size)
+        connector, refusal = self._choose(domain, facts)
+        if refusal is not None:
+            self._decision(session, recipient, "deny", f"{reason}; but {refusal.reason}")
+            return refusal.reply
+        via = f"; via connector {connector.name}" if connector is not None else "; no connector matches"
+        self._decision(session, recipient, "accept", reason + via)
+        return RECIPIENT_OK
+
+    # -- end of DATA ----------------------------------------------------------------------------
+
+    @hookimpl
+    def smtpgw_data(self, session, envelope, message) -> Reply | None:
+        if self.config is None:
+            return None
+        priority = None
+        if self._priorities_matter:
+            priority = restrictions.priority_of(message.headers)
+            envelope.extra[PRIORITY_KEY] = priority
+        facts = Facts(envelope.sender, envelope.size, priority)
+        refused: list[tuple[str, Refusal]] = []
+        carried = 0
+        for recipient in envelope.recipients:
+            domain = domain_of(recipient)
+            if self.config.is_local_domain(domain):
+                carried += 1
+                continue
+            connector, refusal = self._choose(domain, facts)
+            if refusal is None:
+                carried += 1
+            else:
+                refused.append((recipient, refusal))
+        if not refused:
+            return None
+        if carried:
+            for recipient, refusal in refused:
+                self._decision(session, recipient, "dsn", f"{refusal.reason}; other recipients accepted, "
+                                                          f"this one will get a DSN", envelope=envelope.id)
+            return None
+        for recipient, refusal in refused:
+            self._decision(session, recipient, "deny", refusal.reason, envelope=envelope.id)
+        if all(r.is_size for _, r in refused):
+            return refused[0][1].reply
+        return next(r.reply for _, r in refused if not r.is_size)
+
+    # -- delivery -------------------------------------------------------------------------------
+
+    @hookimpl(tryfirst=True)
+    def smtpgw_delivery_window(self, connector, envelope) -> Reply | None:
+        """A connector whose restrictions refuse the message is unusable for it: the deliverer fails
+        over to the next connector, and when none is left the 5xx fails the recipients (a DSN)."""
+        if self.config is None or connector is None:
+            return None
+        extra = getattr(envelope, "extra", None) or {}
+        facts = Facts(envelope.sender, envelope.size or None, extra.get(PRIORITY_KEY, restrictions.NORMAL))
+        refusal = restrictions.check(connector, facts, self._entries.get(connector.name))
+        if refusal is None:
+            return None
+        hooks = getattr(self.services, "hooks", None)
+        if hooks is not None:
+            hooks.event("routing_engine", "minimum", "relay decision", id=envelope.id,
+                        connector=connector.name, decision="skip connector", reason=refusal.reason)
+        return refusal.reply
