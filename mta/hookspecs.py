@@ -135,8 +135,10 @@ def smtpgw_next_hops(envelope, domain, connector):
 
 @hookspec(firstresult=True)
 def smtpgw_delivery_window(connector, envelope, domain):
-    """May mail for ``connector`` go now? Return ``None`` (no opinion: go) or a float, the Unix time
-    at which to try again (the message is held, not counted as a failed attempt).
+    """May mail for ``connector`` go now? Return ``None`` (no opinion: go), a float -- the Unix time
+    at which to try again (the message is held, not counted as a failed attempt) -- or a Reply, meaning
+    "this connector may not carry this message": the deliverer fails over to the next connector, and
+    when none is left the Reply is the recipients' outcome (a 5xx fails them with a DSN).
 
     ``domain`` is the recipients' domain being delivered (remote-triggered release is per domain).
     """
