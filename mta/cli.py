@@ -36,6 +36,9 @@ EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 # Modules that register further subcommands when imported; add one line per module.
 COMMAND_MODULES: tuple[str, ...] = (
     "mta.cli_passwd",           # smtpgw passwd
+    "mta.cli_queue",            # smtpgw queue
+    "mta.cli_dns",              # smtpgw dns-check
+    "mta.cli_etrn",             # smtpgw etrn
 )
 
 
@@ -151,11 +154,45 @@ def summarize(config: Config) -> list[str]:
     return lines
 
 
+def hook_lines(config: Config) -> list[str]:
+    """The plugin manager as the gateway builds it (core policy, enabled plugins, local hook files,
+    the metrics recorder), not started: each plugin's hooks, and each hook's call order."""
+    from mta import defaults, hookspecs
+    from mta.hooks import Hooks
+
+    hooks = Hooks()
+    hooks.register(defaults.CorePolicy(None), name="core")
+    hooks.load(config.plugins.enabled, config.plugins.local)
+    if config.gateway.metrics.enabled:
+        from mta.metrics import _MetricsHooks
+        hooks.register(_MetricsHooks(None), name="metrics")
+    names = [n for n in vars(hookspecs) if n.startswith("smtpgw_")]
+    order = {n: [impl.plugin_name for impl in hooks.implementations(n)] for n in names}
+    lines = ["plugins and the hooks they implement:"]
+    for plugin in [name for name, _ in hooks.pm.list_name_plugin()]:
+        implemented = [n for n in names if plugin in order[n]]
+        lines.append(f"  {plugin}: {', '.join(implemented) or 'no hooks'}")
+    lines.append("hooks in call order (verdict hooks: the first answer wins):")
+    for n in names:
+        if order[n]:
+            lines.append(f"  {n}: {' -> '.join(order[n])}")
+    ops = config.gateway
+    lines.append(f"control socket: {ops.control_socket_path} (smtpgw queue)")
+    host, port = ops.metrics.listen
+    lines.append(f"metrics: {'http://' + (f'[{host}]' if ':' in host else host) + f':{port}/metrics' if ops.metrics.enabled else 'off'}")
+    return lines
+
+
 @command("check-config", "validate the configuration file and summarize it", add_config_option)
 def check_config(args: argparse.Namespace) -> int:
     config = load_config(args)
+    try:
+        extra = hook_lines(config)
+    except Exception as e:                       # a plugin or local hook file that does not import
+        print(f"{args.config}: plugins: cannot load: {e}", file=sys.stderr)
+        return EXIT_FAILURE
     print(f"{args.config}: OK")
-    for line in summarize(config):
+    for line in summarize(config) + extra:
         print(line)
     return EXIT_OK
 

@@ -1,10 +1,15 @@
 """Outbound SMTP: a pool of client connections per next hop.
 
 ``SMTPClientPool.send`` is all the deliverer needs: it takes a connection for (host, port, source
-address) -- an idle one if there is one, a new one while fewer than ``max_per_host`` are open, else
-it waits for one to come free -- runs one transaction and hands the connection back. Connections stay
-open ``idle_timeout`` seconds for the next message to the same hop (connection reuse is one of the big
-levers for throughput), then say QUIT.
+address, outbound policy) -- an idle one if there is one, a new one while fewer than the per-host
+limit are open, else it waits for one to come free -- runs one transaction and hands the connection
+back. Connections stay open ``idle_timeout`` seconds for the next message to the same hop (connection
+reuse is one of the big levers for throughput), then say QUIT.
+
+The :class:`~mta.outbound.OutboundPolicy` passed with each send carries a connector's settings (TLS
+mode, HELO, AUTH, connect timeout) and its limits: ``max_connections_per_host`` per hop and
+``max_connections`` for all of the connector's hops together. When a connector is at its total, an
+idle connection of its to another host is closed to make room; otherwise the send waits.
 
 The wire protocol lives in :mod:`mta.client_protocol` and :mod:`mta.client_wire`.
 """
@@ -20,8 +25,10 @@ from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 
+from mta import outbound
 from mta.client_protocol import ConnectionBroken, SMTPClientProtocol
 from mta.nexthop import Hop, HostUnusable, RecipientResult
+from mta.outbound import OutboundPolicy
 from mta.reply import Reply
 
 __all__ = ["SMTPClientPool", "SMTPClientProtocol", "ConnectionBroken"]
@@ -30,13 +37,27 @@ log = Logger(namespace="smtpgw.client")
 
 TLS_FALLBACK_SECONDS = 3600.0     # after a failed STARTTLS handshake, talk plaintext to that hop this long
 
-Key = tuple[str, int, "str | None"]
+Key = tuple[str, int, "str | None", "OutboundPolicy | None"]
 
 
-@dataclass
+@dataclass(eq=False)
+class _Group:
+    """Every connection made under one policy (one connector): its ``max_connections``."""
+
+    limit: int | None
+    open: int = 0
+    slots: list["_HostSlot"] = field(default_factory=list)
+
+    def full(self) -> bool:
+        return self.limit is not None and self.open >= self.limit
+
+
+@dataclass(eq=False)
 class _HostSlot:
-    """The connections to one (host, port, source address)."""
+    """The connections to one (host, port, source address) under one policy."""
 
+    limit: int = 20                                     # max_connections_per_host
+    group: _Group | None = None
     open: int = 0                                       # connected or connecting, busy or idle
     idle: list[SMTPClientProtocol] = field(default_factory=list)
     waiters: deque[defer.Deferred] = field(default_factory=deque)
@@ -65,6 +86,9 @@ class SMTPClientPool:
         self.starttls = starttls
         self._tls_options = tls_options
         self._slots: dict[Key, _HostSlot] = {}
+        self._groups: dict[OutboundPolicy, _Group] = {}
+        self._verifying: dict[tuple[str | None, str], Any] = {}    # (ca_file, host name) -> options
+        self._trust_roots: dict[str | None, Any] = {}
         self._idle_timers: dict[SMTPClientProtocol, Any] = {}
         self._counted: set[SMTPClientProtocol] = set()
         self._closing = False
@@ -72,11 +96,14 @@ class SMTPClientPool:
     # -- the public face ---------------------------------------------------------------------------
 
     def send(self, hop: Hop, sender: str, recipients: list[str], data: bytes | list[bytes],
-             source_address: str | None = None) -> defer.Deferred:
+             source_address: str | None = None, policy: OutboundPolicy | None = None) -> defer.Deferred:
         """Deliver one message to ``hop``: a Deferred firing with one RecipientResult per recipient,
-        in order, or failing with :class:`HostUnusable` when the hop took nothing."""
+        in order, or failing with :class:`HostUnusable` when the hop took nothing.
+
+        ``policy``: the connector's outbound settings and limits (None: the pool's defaults)."""
         chunks = [bytes(data)] if isinstance(data, (bytes, bytearray, memoryview)) else list(data)
-        return defer.Deferred.fromCoroutine(self._send(hop, sender, list(recipients), chunks, source_address))
+        return defer.Deferred.fromCoroutine(self._send(hop, sender, list(recipients), chunks, source_address,
+                                                       policy))
 
     def close(self) -> defer.Deferred:
         """QUIT every idle connection and stop the timers; busy ones close when their transaction ends."""
@@ -91,16 +118,44 @@ class SMTPClientPool:
                 slot.waiters.popleft().callback(None)
         return defer.DeferredList(closing, consumeErrors=True)
 
-    def idle_count(self, host: str, port: int = 25, source_address: str | None = None) -> int:
-        slot = self._slots.get((host, port, source_address))
+    def idle_count(self, host: str, port: int = 25, source_address: str | None = None,
+                   policy: OutboundPolicy | None = None) -> int:
+        slot = self._slots.get((host, port, source_address, policy))
         return len(slot.idle) if slot else 0
+
+    def open_count(self, policy: OutboundPolicy | None = None, host: str | None = None, port: int = 25,
+                   source_address: str | None = None) -> int:
+        """Connections open (busy, idle or connecting) for ``policy``: to one host, or to all."""
+        if host is not None:
+            slot = self._slots.get((host, port, source_address, policy))
+            return slot.open if slot else 0
+        group = self._groups.get(policy) if policy is not None else None
+        if group is not None:
+            return group.open
+        return sum(s.open for k, s in self._slots.items() if k[3] == policy)
+
+    def _slot(self, key: Key) -> _HostSlot:
+        slot = self._slots.get(key)
+        if slot is None:
+            policy = key[3]
+            group = None
+            if policy is not None and policy.max_connections is not None:
+                group = self._groups.get(policy)
+                if group is None:
+                    group = self._groups[policy] = _Group(policy.max_connections)
+            limit = (policy.max_connections_per_host if policy is not None
+                     and policy.max_connections_per_host is not None else self.max_per_host)
+            slot = self._slots[key] = _HostSlot(limit=limit, group=group)
+            if group is not None:
+                group.slots.append(slot)
+        return slot
 
     # -- one send ------------------------------------------------------------------------------------
 
     async def _send(self, hop: Hop, sender: str, recipients: list[str], chunks: list[bytes],
-                    source_address: str | None) -> list[RecipientResult]:
-        key: Key = (hop.host, hop.port, source_address)
-        slot = self._slots.setdefault(key, _HostSlot())
+                    source_address: str | None, policy: OutboundPolicy | None) -> list[RecipientResult]:
+        key: Key = (hop.host, hop.port, source_address, policy)
+        slot = self._slot(key)
         retried = False
         while True:
             conn, reused = await self._acquire(slot, key, hop)
@@ -134,12 +189,18 @@ class SMTPClientPool:
                 if conn.usable:
                     return conn, False if conn.transactions == 0 else True
                 self._forget(slot, conn)
-            if slot.open < self.max_per_host:
+            group = slot.group
+            if slot.open < slot.limit and (group is None or not group.full() or self._evict_idle(group)):
                 slot.open += 1
+                if group is not None:
+                    group.open += 1
                 try:
                     conn = await self._open(slot, key, hop)
                 except BaseException:
                     slot.open -= 1
+                    if group is not None:
+                        group.open -= 1
+                        self._wake_group(group)
                     self._wake(slot)
                     raise
                 self._counted.add(conn)
@@ -148,8 +209,26 @@ class SMTPClientPool:
             slot.waiters.append(waiter)
             await waiter
 
+    def _evict_idle(self, group: _Group) -> bool:
+        """Make room under a connector's total by closing one of its idle connections, if any."""
+        for other in group.slots:
+            if other.idle:
+                conn = other.idle.pop(0)            # the longest idle
+                self._forget(other, conn)
+                conn.quit()
+                return True
+        return False
+
+    def _wake_group(self, group: _Group) -> None:
+        """A place came free under the connector's total: let a waiter of each of its hosts look."""
+        for other in group.slots:
+            self._wake(other)
+
     def _release(self, slot: _HostSlot, conn: SMTPClientProtocol) -> None:
-        if conn.usable and not self._closing:
+        group = slot.group
+        others_wait = group is not None and group.full() and not slot.waiters and any(
+            s.waiters for s in group.slots if s is not slot)
+        if conn.usable and not self._closing and not others_wait:
             slot.idle.append(conn)
             self._idle_timers[conn] = self.clock.callLater(self.idle_timeout, self._idle_expired, slot, conn)
         else:
@@ -170,6 +249,9 @@ class SMTPClientPool:
         if conn in self._counted:
             self._counted.discard(conn)
             slot.open -= 1
+            if slot.group is not None:
+                slot.group.open -= 1
+                self._wake_group(slot.group)
         if conn in slot.idle:
             slot.idle.remove(conn)
         self._cancel_idle_timer(conn)
@@ -189,25 +271,55 @@ class SMTPClientPool:
 
     # -- opening a connection ------------------------------------------------------------------------
 
-    def _endpoint(self, hop: Hop, source_address: str | None) -> Any:
+    def _endpoint(self, hop: Hop, source_address: str | None, policy: OutboundPolicy | None = None) -> Any:
         bind = (source_address, 0) if source_address else None
         cls = TCP6ClientEndpoint if ":" in hop.host else TCP4ClientEndpoint
-        return cls(self.reactor, hop.host, hop.port, timeout=self.connect_timeout, bindAddress=bind)
+        timeout = policy.connect_timeout if policy is not None and policy.connect_timeout else self.connect_timeout
+        return cls(self.reactor, hop.host, hop.port, timeout=timeout, bindAddress=bind)
 
-    def _tls_options_for(self, slot: _HostSlot) -> Any:
-        if not self.starttls or time.time() < slot.plaintext_until:
-            return None
+    def _encrypting_options(self) -> Any:
         if self._tls_options is None:
             self._tls_options = default_tls_options()
         return self._tls_options
 
+    def _verifying_options(self, policy: OutboundPolicy, hop: Hop) -> Any:
+        """Options checking the chain against ``ca_file`` and the name against the hop's name: the
+        smart host or MX name it came from, or its IP address for an ``[IP]`` smart host."""
+        name = (hop.name or hop.host).strip("[]").rstrip(".").lower()
+        key = (policy.ca_file, name)
+        options = self._verifying.get(key)
+        if options is None:
+            if policy.ca_file not in self._trust_roots:
+                try:
+                    self._trust_roots[policy.ca_file] = outbound.load_trust_root(policy.ca_file)
+                except (OSError, ValueError) as e:
+                    raise HostUnusable(Reply(451, "4.7.5", f"{policy.label()}: cannot use ca_file "
+                                                           f"{policy.ca_file!r}: {_why(e)}")) from e
+            options = self._verifying[key] = outbound.verifying_options(name, self._trust_roots[policy.ca_file])
+        return options
+
+    def _tls_options_for(self, slot: _HostSlot, hop: Hop | None = None,
+                         policy: OutboundPolicy | None = None) -> Any:
+        mode = policy.tls if policy is not None else ("opportunistic" if self.starttls else "none")
+        if mode == "none":
+            return None
+        if mode == "verify" and hop is not None:
+            return self._verifying_options(policy, hop)
+        if mode == "opportunistic" and time.time() < slot.plaintext_until:
+            return None
+        return self._encrypting_options()
+
     async def _open(self, slot: _HostSlot, key: Key, hop: Hop) -> SMTPClientProtocol:
-        tls_options = self._tls_options_for(slot)
+        policy = key[3]
+        tls_options = self._tls_options_for(slot, hop, policy)
         try:
             return await self._connect_and_setup(slot, key, hop, tls_options)
         except ConnectionBroken as e:
             if e.kind != "tls":
                 raise HostUnusable(e.reply) from e
+            if policy is not None and policy.tls_mandatory:
+                why = e.reply.text.rpartition(" lost: ")[2] or e.reply.text
+                raise HostUnusable(outbound.tls_failed(policy, str(hop), why)) from e
             log.info("STARTTLS with {hop} failed ({reply}); falling back to plaintext", hop=str(hop),
                      reply=str(e.reply))
             slot.plaintext_until = time.time() + TLS_FALLBACK_SECONDS
@@ -219,10 +331,10 @@ class SMTPClientPool:
     async def _connect_and_setup(self, slot: _HostSlot, key: Key, hop: Hop, tls_options: Any) -> SMTPClientProtocol:
         label = str(hop)
         factory = Factory.forProtocol(lambda: SMTPClientProtocol(
-            self.helo_name, self.command_timeout, self.clock, tls_options, label))
+            self.helo_name, self.command_timeout, self.clock, tls_options, label, policy=key[3]))
         factory.noisy = False           # one "Starting factory" log line per connection is noise
         try:
-            conn = await self._endpoint(hop, key[2]).connect(factory)
+            conn = await self._endpoint(hop, key[2], key[3]).connect(factory)
         except Exception as e:
             raise HostUnusable(Reply(451, "4.4.1", f"connection to {label} failed: {_why(e)}")) from e
         conn.on_close = lambda c: self._lost(slot, c)

@@ -11,6 +11,7 @@ so a later feature adds a step rather than a branch.
 """
 from __future__ import annotations
 
+import base64
 from collections import deque
 from typing import Any, Callable
 
@@ -22,7 +23,9 @@ from zope.interface import implementer
 
 from mta.client_wire import (MAX_REPLY_LINE, DotStuffer, ProtocolError, ReplyParser, encode_all,
                              has_8bit, pieces)
+from mta import outbound
 from mta.nexthop import HostUnusable, RecipientResult
+from mta.outbound import OutboundPolicy
 from mta.reply import Reply
 
 log = Logger(namespace="smtpgw.client")
@@ -43,6 +46,10 @@ class ConnectionBroken(HostUnusable):
 
 def _address_ok(address: str) -> bool:
     return not any(c in address for c in "\r\n\0<> ") and len(address) <= 512
+
+
+def _b64(raw: bytes) -> str:
+    return base64.b64encode(raw).decode("ascii") or "="
 
 
 def _path_bytes(address: str) -> bytes:
@@ -88,8 +95,12 @@ class SMTPClientProtocol(Protocol):
     setup_steps = ("step_greeting", "step_ehlo", "step_starttls", "step_auth")
 
     def __init__(self, helo_name: str, command_timeout: float, clock: Any,
-                 tls_options: Any = None, hop_label: str = "") -> None:
+                 tls_options: Any = None, hop_label: str = "", policy: OutboundPolicy | None = None) -> None:
+        """``policy`` (a connector's outbound settings) chooses HELO/EHLO, whether TLS is mandatory
+        and the AUTH credentials; None behaves as opportunistic TLS with EHLO and no AUTH."""
         self.helo_name = helo_name
+        self.policy = policy
+        self.authenticated = False
         self.command_timeout = command_timeout
         self.clock = clock
         self.tls_options = tls_options          # None: never STARTTLS on this connection
@@ -260,6 +271,9 @@ class SMTPClientProtocol(Protocol):
             raise self._refused(greeting)
 
     async def step_ehlo(self) -> None:
+        if self.policy is not None and self.policy.helo == "helo":
+            await self._helo_only()
+            return
         reply = await self.command(f"EHLO {self.helo_name}")
         if reply.is_positive:
             self.esmtp = True
@@ -271,6 +285,10 @@ class SMTPClientProtocol(Protocol):
             return
         if reply.code < 500:
             raise self._refused(reply)
+        await self._helo_only()
+
+    async def _helo_only(self) -> None:
+        """Plain SMTP (``outbound.helo: helo``, or EHLO refused): no extensions, so no STARTTLS."""
         helo = await self.command(f"HELO {self.helo_name}")
         if not helo.is_positive:
             raise self._refused(helo)
@@ -278,11 +296,19 @@ class SMTPClientProtocol(Protocol):
         self.extensions = {}
 
     async def step_starttls(self) -> None:
-        """Opportunistic STARTTLS: used when offered; a refusal leaves the session in plaintext."""
-        if self.tls or self.tls_options is None or "STARTTLS" not in self.extensions:
+        """STARTTLS when offered. Opportunistic (the default): a refusal leaves the session in
+        plaintext. Mandatory (``tls: required`` or ``verify``): no STARTTLS makes the hop unusable."""
+        if self.tls:
+            return
+        mandatory = self.policy is not None and self.policy.tls_mandatory
+        if self.tls_options is None or "STARTTLS" not in self.extensions:
+            if mandatory:
+                raise self._refused(outbound.no_starttls(self.policy, self.hop_label))
             return
         reply = await self.command("STARTTLS")
         if reply.code != 220:
+            if mandatory:
+                raise self._refused(outbound.starttls_refused(self.policy, self.hop_label, reply))
             return
         # dataReceived has already checked that nothing followed the 220 in the same read.
         self.transport.startTLS(self.tls_options)
@@ -293,7 +319,35 @@ class SMTPClientProtocol(Protocol):
             raise ConnectionBroken(e.reply, "tls") from e
 
     async def step_auth(self) -> None:
-        """Hook for outbound AUTH (smart hosts that want credentials); nothing to do yet."""
+        """AUTH PLAIN or LOGIN (RFC 4954) with the connector's credentials, for ISP smart hosts.
+
+        Credentials go only over TLS unless ``allow_plaintext_auth``; a host that does not offer the
+        mechanism, or refuses the login, is unusable and the mail waits (never bounces).
+        """
+        policy = self.policy
+        if policy is None or policy.auth is None:
+            return
+        if not self.tls and not policy.allow_plaintext_auth:
+            raise self._refused(outbound.auth_needs_tls(policy, self.hop_label))
+        mechanism = policy.auth.mechanism.upper()
+        offered = self.extensions.get("AUTH", "")
+        if mechanism not in offered.upper().split():
+            raise self._refused(outbound.auth_not_offered(policy, self.hop_label, mechanism, offered))
+        user = policy.auth.username.encode("utf-8")
+        password = policy.auth.password.encode("utf-8")
+        if mechanism == "PLAIN":
+            reply = await self.command("AUTH PLAIN " + _b64(b"\0" + user + b"\0" + password), "AUTH")
+        else:
+            reply = await self.command("AUTH LOGIN", "AUTH")
+            if reply.code == 334:
+                reply = await self.command(_b64(user), "AUTH username")
+            if reply.code == 334:
+                reply = await self.command(_b64(password), "AUTH password")
+        if reply.code == 334:                  # a challenge we have no answer for: cancel it
+            await self.command("*", "AUTH cancel")
+        if reply.code != 235:
+            raise self._refused(outbound.auth_failed(policy, self.hop_label, reply))
+        self.authenticated = True
 
     # -- transactions ------------------------------------------------------------------------------
 

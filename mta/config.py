@@ -50,6 +50,13 @@ class QueueConfig:
 
 
 @dataclass(frozen=True)
+class MetricsConfig:
+    """``gateway.metrics``: the Prometheus endpoint (mta/metrics.py); off by default, loopback by default."""
+    enabled: bool = False
+    listen: tuple[str, int] = ("127.0.0.1", 9125)
+
+
+@dataclass(frozen=True)
 class GatewayConfig:
     hostname: str
     spool: str
@@ -57,6 +64,13 @@ class GatewayConfig:
     local_domains: dict[str, LocalDomain] = field(default_factory=dict)
     dns: DnsConfig = field(default_factory=DnsConfig)
     queue: QueueConfig = field(default_factory=QueueConfig)
+    control_socket: str | None = None       # `smtpgw queue` talks to the daemon here; None: <spool>/control.sock
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+
+    @property
+    def control_socket_path(self) -> str:
+        import os
+        return self.control_socket or os.path.join(self.spool, "control.sock")
 
 
 @dataclass(frozen=True)
@@ -89,14 +103,25 @@ class TlsConfig:
 
 @dataclass(frozen=True)
 class AuthConfig:
-    users: str | None = None
+    users: str | None = None        # the users file (mta/auth.py); AUTH is offered only when set
+    allow_plaintext: bool = False   # also offer AUTH without TLS, to loopback clients only (testing)
+    max_failures: int = 3           # failed AUTH attempts in one connection before 421 and close
+    required: bool = False          # refuse MAIL before AUTH (530 5.7.0): no anonymous mail
+
+
+# The IIS/Exchange SMTP W3C Extended fields, in the order Exchange writes them (mta/protocol_log.py).
+PROTOCOL_LOG_FIELDS = ("date", "time", "c-ip", "cs-username", "s-sitename", "s-computername", "s-ip", "s-port",
+                       "cs-method", "cs-uri-stem", "cs-uri-query", "sc-status", "sc-win32-status", "sc-bytes",
+                       "cs-bytes", "time-taken", "cs-version", "cs-host")
 
 
 @dataclass(frozen=True)
 class ProtocolLogConfig:
     enabled: bool = False
     directory: str = "var/log/smtp"
-    period: str = "daily"
+    period: str | int = "daily"     # hourly, daily, weekly, monthly, unlimited, or a size in bytes (int)
+    local_time: bool = False        # name and roll files over by local time (entries stay in UTC)
+    fields: tuple[str, ...] = PROTOCOL_LOG_FIELDS
 
 
 @dataclass(frozen=True)
@@ -109,6 +134,7 @@ class VirtualServer:
     auth: AuthConfig = field(default_factory=AuthConfig)
     protocol_log: ProtocolLogConfig = field(default_factory=ProtocolLogConfig)
     smart_host: str | None = None   # the virtual server's own smart host; a connector's overrides it
+    odmr: bool = False              # an On-Demand Mail Relay listener (RFC 2645, port 366): ATRN only
 
 
 @dataclass(frozen=True)
@@ -149,16 +175,59 @@ class OversizeConfig:
 
 
 @dataclass(frozen=True)
+class TriggerAuthorization:
+    """Who may release a remote-triggered connector's mail (ETRN, ATRN): a client network or an
+    authenticated account (etrn_dequeue plugin)."""
+    network: IPNetwork | None = None
+    account: str | None = None
+
+
+@dataclass(frozen=True)
 class DeliveryConfig:
     schedule: Schedule = field(default_factory=Schedule.always)
     remote_triggered: bool = False
     oversize: OversizeConfig = field(default_factory=OversizeConfig)
+    timezone: str = "UTC"           # IANA zone the weekly grids are read in
+    authorized: tuple[TriggerAuthorization, ...] = ()   # who may ETRN/ATRN (remote_triggered only)
+
+
+# -- outbound connections of a connector (issue 4) --------------------------------------------------
+
+@dataclass(frozen=True)
+class OutboundAuth:
+    username: str
+    password: str = field(repr=False)
+    mechanism: str = "PLAIN"        # PLAIN | LOGIN
+
+
+@dataclass(frozen=True)
+class OutboundConfig:
+    tls: str = "opportunistic"      # none | opportunistic | required | verify
+    ca_file: str | None = None      # PEM bundle for tls: verify; None: the system's trust store
+    auth: OutboundAuth | None = None
+    allow_plaintext_auth: bool = False
+    helo: str = "ehlo"              # ehlo | helo
+    port: int = 25                  # for MX hosts and smart hosts written without a port
+    connect_timeout: float = 30.0
 
 
 @dataclass(frozen=True)
 class DeliveryRestrictions:
     default: str = "accept"                 # accept | reject
     exceptions: tuple[str, ...] = ()        # YAML key "except": addresses and "@domain" entries
+
+
+@dataclass(frozen=True)
+class EtrnRequest:
+    """A connector's ``etrn`` section: ask the ISP's server to send the mail it holds for us."""
+    server: str                             # "host", "host:port", "[IP]:port" (port: 25, ATRN 366)
+    domains: tuple[str, ...]
+    command: str = "ETRN"                   # ETRN | ATRN | a site command, e.g. "DEQUEUE {domain}"
+    schedule: Schedule | None = None        # None: only at start-up (and `smtpgw etrn`)
+    auth: OutboundAuth | None = None        # ATRN: the account at the ISP
+    tls: str = "opportunistic"              # none | opportunistic | required (ATRN: required)
+    allow_plaintext_auth: bool = False      # ATRN credentials without TLS (loopback tests only)
+    helo: str | None = None                 # default: gateway.hostname
 
 
 @dataclass(frozen=True)
@@ -170,6 +239,10 @@ class Connector:
     content_restrictions: ContentRestrictions = field(default_factory=ContentRestrictions)
     delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
     delivery_restrictions: DeliveryRestrictions = field(default_factory=DeliveryRestrictions)
+    outbound: OutboundConfig = field(default_factory=OutboundConfig)
+    max_connections: int = 1000             # Exchange's outbound connection limit
+    max_connections_per_host: int = 100     # Exchange's "per domain" limit, applied per next-hop host
+    etrn: "EtrnRequest | None" = None        # ask the ISP to dequeue our mail (etrn_dequeue plugin)
     extra: dict[str, Any] = field(default_factory=dict, hash=False, compare=False)  # keys for later plugins
 
 

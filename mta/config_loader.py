@@ -29,9 +29,11 @@ import yaml
 
 from mta.config import (
     AddressSpace, AuthConfig, Config, ConfigError, Connector, ContentRestrictions, DeliveryConfig,
-    DeliveryRestrictions, DnsConfig, GatewayConfig, Limits, ListenAddress, LocalDomain, OversizeConfig,
-    PluginsConfig, ProtocolLogConfig, QueueConfig, RelayConfig, TlsConfig, VirtualServer,
+    DeliveryRestrictions, DnsConfig, EtrnRequest, TriggerAuthorization, GatewayConfig, Limits, ListenAddress, LocalDomain, OutboundAuth,
+    OutboundConfig, OversizeConfig, PluginsConfig, ProtocolLogConfig, QueueConfig, RelayConfig, TlsConfig, VirtualServer,
 )
+from mta.config import PROTOCOL_LOG_FIELDS
+from mta.config import MetricsConfig
 from mta.schedule import parse_schedule
 from mta.units import (
     describe, format_size, parse_domain, parse_duration, parse_hostport, parse_size, parse_smart_host,
@@ -92,7 +94,10 @@ def load(path: str) -> Config:
         raise ConfigFileError(path, f"{where}invalid YAML: {what}") from None
     except yaml.YAMLError as e:
         raise ConfigFileError(path, f"invalid YAML: {e}") from None
-    return build(data, path)
+    config = build(data, path)
+    for check in FILE_CHECKS:
+        check(config)
+    return config
 
 
 # -- converters ----------------------------------------------------------------------------------
@@ -254,6 +259,25 @@ def nameserver(value: Any, path: str) -> tuple[str, int]:
     return parse_hostport(value, path, default_port=53)
 
 
+def time_zone(value: Any, path: str) -> str:
+    """An IANA time zone name (``Europe/Paris``, ``UTC``), checked against the system's zone data."""
+    from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+    name = string(value, path)
+    try:
+        ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError, OSError):
+        raise ConfigError(path, f"unknown time zone {name!r} (use an IANA name like Europe/Paris or UTC)") from None
+    return name
+
+
+def existing_file(value: Any, path: str) -> str:
+    name = file_path(value, path)
+    if not os.path.isfile(name):
+        raise ConfigError(path, f"no such file {name!r} (relative paths are resolved against "
+                                f"the working directory, {os.getcwd()})")
+    return name
+
+
 # -- the tables ----------------------------------------------------------------------------------
 
 class _Required:
@@ -384,6 +408,11 @@ QUEUE = Section(QueueConfig, {
     "max_hops": Key(integer(1, 1000)),
 })
 
+METRICS = Section(MetricsConfig, {          # the Prometheus endpoint (mta/metrics.py)
+    "enabled": Key(boolean),
+    "listen": Key(lambda v, p: parse_hostport(v, p, default_port=9125, allow_zero_port=True)),
+})
+
 GATEWAY = Section(GatewayConfig, {
     "hostname": Key(lambda v, p: parse_domain(v, p), REQUIRED),
     "spool": Key(file_path, "var/spool"),
@@ -391,6 +420,8 @@ GATEWAY = Section(GatewayConfig, {
     "local_domains": Key(local_domains),
     "dns": Key(DNS),
     "queue": Key(QUEUE),
+    "control_socket": Key(file_path),         # default: <spool>/control.sock (smtpgw queue)
+    "metrics": Key(METRICS),
 }, finish=_finish_gateway)
 
 LIMITS = Section(Limits, {
@@ -413,12 +444,31 @@ TLS = Section(TlsConfig, {
 
 AUTH = Section(AuthConfig, {
     "users": Key(file_path),
+    "allow_plaintext": Key(boolean),
+    "max_failures": Key(integer(1, 100)),
+    "required": Key(boolean),
 })
+
+LOG_PERIODS = ("hourly", "daily", "weekly", "monthly", "unlimited")
+
+
+def log_period(value: Any, path: str) -> str | int:
+    """A protocol log's "new log time period": a period name, or a size (a new file once one is full)."""
+    if isinstance(value, str) and value.strip().lower() in LOG_PERIODS:
+        return value.strip().lower()
+    try:
+        return size(value, path)
+    except ConfigError:
+        raise ConfigError(path, f"expected one of {', '.join(LOG_PERIODS)}, or a size such as 10MB, "
+                                f"got {describe(value)}") from None
+
 
 PROTOCOL_LOG = Section(ProtocolLogConfig, {
     "enabled": Key(boolean),
     "directory": Key(file_path),
-    "period": Key(choice("hourly", "daily", "weekly", "monthly")),
+    "period": Key(log_period),
+    "local_time": Key(boolean),
+    "fields": Key(list_of(choice(*PROTOCOL_LOG_FIELDS), min_len=1, unique=True)),
 })
 
 VIRTUAL_SERVER = Section(VirtualServer, {
@@ -430,6 +480,7 @@ VIRTUAL_SERVER = Section(VirtualServer, {
     "auth": Key(AUTH),
     "protocol_log": Key(PROTOCOL_LOG),
     "smart_host": Key(smart_host),
+    "odmr": Key(boolean),
 })
 
 CONTENT_RESTRICTIONS = Section(ContentRestrictions, {
@@ -443,16 +494,129 @@ OVERSIZE = Section(OversizeConfig, {
     "schedule": Key(parse_schedule),
 }, finish=_both_or_neither("threshold", "schedule"))
 
+def _finish_trigger_authorization(kwargs: dict[str, Any], path: str) -> dict[str, Any]:
+    if (kwargs.get("network") is None) == (kwargs.get("account") is None):
+        raise ConfigError(path, "expected exactly one of network (a CIDR) or account (a user name)")
+    return kwargs
+
+
+TRIGGER_AUTHORIZATION = Section(TriggerAuthorization, {
+    "network": Key(network),
+    "account": Key(string),
+}, finish=_finish_trigger_authorization)
+
+
+def _finish_delivery(kwargs: dict[str, Any], path: str) -> dict[str, Any]:
+    if kwargs.get("authorized") and not kwargs.get("remote_triggered"):
+        raise ConfigError(join(path, "authorized"), "is only used with remote_triggered: true")
+    return kwargs
+
+
 DELIVERY = Section(DeliveryConfig, {
     "schedule": Key(parse_schedule),
     "remote_triggered": Key(boolean),
     "oversize": Key(OVERSIZE),
-})
+    "timezone": Key(time_zone),
+    "authorized": Key(list_of(TRIGGER_AUTHORIZATION, unique=True)),
+}, finish=_finish_delivery)
 
 DELIVERY_RESTRICTIONS = Section(DeliveryRestrictions, {
     "default": Key(choice("accept", "reject")),
     "except": Key(list_of(restriction_entry, unique=True), field="exceptions"),
 })
+
+# -- outbound connections of a connector ---------------------------------------------------------
+
+def secret(value: Any, path: str) -> str:
+    """A password as written: YAML may read an all-digit one as a number; spaces are kept."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    if not isinstance(value, str) or not value:
+        raise ConfigError(path, f"expected a non-empty string, got {describe(value)}")
+    return value
+
+
+OUTBOUND_AUTH = Section(OutboundAuth, {
+    "username": Key(string, REQUIRED),
+    "password": Key(secret, REQUIRED),
+    "mechanism": Key(lambda v, p: choice("plain", "login")(v, p).upper()),
+})
+
+
+def _finish_outbound(kwargs: dict[str, Any], path: str) -> dict[str, Any]:
+    """The combinations that cannot work are refused here, not discovered at the first delivery."""
+    tls, helo = kwargs.get("tls", "opportunistic"), kwargs.get("helo", "ehlo")
+    if kwargs.get("ca_file") is not None and tls != "verify":
+        raise ConfigError(join(path, "ca_file"), f"is only used with tls: verify (tls is {tls})")
+    if helo == "helo" and tls in ("required", "verify"):
+        raise ConfigError(join(path, "helo"), f"HELO cannot be used with tls: {tls} "
+                                              "(STARTTLS needs EHLO)")
+    if helo == "helo" and kwargs.get("auth") is not None:
+        raise ConfigError(join(path, "helo"), "HELO cannot be used with auth (AUTH needs EHLO)")
+    if kwargs.get("auth") is not None and tls == "none" and not kwargs.get("allow_plaintext_auth"):
+        raise ConfigError(join(path, "auth"), "credentials are only sent over TLS: set tls to "
+                                              "opportunistic, required or verify, or allow_plaintext_auth: true")
+    return kwargs
+
+
+OUTBOUND = Section(OutboundConfig, {
+    "tls": Key(choice("none", "opportunistic", "required", "verify")),
+    "ca_file": Key(existing_file),
+    "auth": Key(OUTBOUND_AUTH),
+    "allow_plaintext_auth": Key(boolean),
+    "helo": Key(choice("ehlo", "helo")),
+    "port": Key(integer(1, 65535)),
+    "connect_timeout": Key(duration),
+}, finish=_finish_outbound)
+
+
+def _finish_connector(kwargs: dict[str, Any], path: str) -> dict[str, Any]:
+    """A per-host limit left out follows a smaller total; one written larger than the total is an error."""
+    total = kwargs.get("max_connections", Connector.max_connections)
+    if "max_connections_per_host" not in kwargs:
+        kwargs["max_connections_per_host"] = min(Connector.max_connections_per_host, total)
+    elif kwargs["max_connections_per_host"] > total:
+        raise ConfigError(join(path, "max_connections_per_host"),
+                          f"{kwargs['max_connections_per_host']} is larger than max_connections ({total})")
+    return kwargs
+
+
+# -- asking the ISP to dequeue (etrn_dequeue plugin) ---------------------------------------------
+
+def etrn_command(value: Any, path: str) -> str:
+    """ETRN, ATRN, or a site's own command line with ``{domain}`` (``DEQUEUE {domain}``)."""
+    text = string(value, path)
+    if text.upper() in ("ETRN", "ATRN"):
+        return text.upper()
+    if not text.isascii() or any(c in text for c in "\r\n\0") or not text.split()[0].isalpha():
+        raise ConfigError(path, f"expected ETRN, ATRN or a command like \"DEQUEUE {{domain}}\", got {value!r}")
+    return text
+
+
+def _finish_etrn(kwargs: dict[str, Any], path: str) -> dict[str, Any]:
+    command = kwargs.get("command", "ETRN")
+    if command == "ATRN":
+        if kwargs.get("auth") is None:
+            raise ConfigError(join(path, "auth"), "required with command: ATRN (RFC 2645 needs AUTH)")
+        if kwargs.get("tls", "required") != "required" and not kwargs.get("allow_plaintext_auth"):
+            raise ConfigError(join(path, "tls"), "ATRN needs tls: required (or allow_plaintext_auth: true)")
+        kwargs.setdefault("tls", "required")
+    if kwargs.get("schedule") is not None and kwargs["schedule"].kind == "always":
+        raise ConfigError(join(path, "schedule"), "use \"every <duration>\" or a weekly grid (always has no moment to fire)")
+    return kwargs
+
+
+ETRN = Section(EtrnRequest, {
+    "server": Key(smart_host, REQUIRED),
+    "domains": Key(list_of(lambda v, p: parse_domain(v, p), min_len=1, unique=True), REQUIRED),
+    "command": Key(etrn_command),
+    "schedule": Key(parse_schedule),
+    "auth": Key(OUTBOUND_AUTH),
+    "tls": Key(choice("none", "opportunistic", "required")),
+    "allow_plaintext_auth": Key(boolean),
+    "helo": Key(lambda v, p: parse_domain(v, p)),
+}, finish=_finish_etrn)
+
 
 CONNECTOR = Section(Connector, {
     "name": Key(string, REQUIRED),
@@ -462,32 +626,58 @@ CONNECTOR = Section(Connector, {
     "content_restrictions": Key(CONTENT_RESTRICTIONS),
     "delivery": Key(DELIVERY),
     "delivery_restrictions": Key(DELIVERY_RESTRICTIONS),
-}, extra_field="extra")
+    "outbound": Key(OUTBOUND),
+    "max_connections": Key(integer(1)),
+    "max_connections_per_host": Key(integer(1)),
+    "etrn": Key(ETRN),
+}, extra_field="extra", finish=_finish_connector)
 
 
 # -- plugins -------------------------------------------------------------------------------------
 
 DIAG_LEVELS = ("none", "minimum", "medium", "maximum")
 DIAG_CATEGORIES = ("smtp_protocol", "queuing_engine", "routing_engine", "connection_manager",
-                   "authentication", "ndr")
+                   "authentication", "ndr", "categorizer", "transport_security")
+DIAG_TARGETS = ("log", "file", "syslog", "stdout")     # log: the daemon's own (twistd) log
+DIAG_FORMATS = ("text", "json")
+DIAG_DEFAULT_PATH = "var/log/smtpgw-diag.log"
 
 
 def _diag_logging_settings(data: dict[str, Any], path: str) -> dict[str, Any]:
-    """``levels: {category: none|minimum|medium|maximum}``; the six categories default to minimum."""
+    """``levels: {category: none|minimum|medium|maximum}`` (every category defaults to minimum),
+    ``target: log|file|syslog|stdout``, ``path`` (for file), ``format: text|json``."""
+    check_known(data, ("levels", "target", "path", "format"), path)
     out = dict(data)
     raw = data.get("levels")
     levels = {c: "minimum" for c in DIAG_CATEGORIES}
     if raw is not None:
         for category, level in expect_mapping(raw, join(path, "levels")).items():
-            levels[str(category)] = choice(*DIAG_LEVELS)(level, join(join(path, "levels"), str(category)))
+            key = join(join(path, "levels"), str(category))
+            if category not in DIAG_CATEGORIES:
+                raise ConfigError(key, f"unknown category (known: {', '.join(DIAG_CATEGORIES)})")
+            levels[str(category)] = choice(*DIAG_LEVELS)(level, key)
     out["levels"] = levels
+    out["target"] = "log" if data.get("target") is None else choice(*DIAG_TARGETS)(data["target"], join(path, "target"))
+    out["path"] = DIAG_DEFAULT_PATH if data.get("path") is None else file_path(data["path"], join(path, "path"))
+    out["format"] = "text" if data.get("format") is None else choice(*DIAG_FORMATS)(data["format"], join(path, "format"))
     return out
+
+
+def _etrn_dequeue_settings(data: dict[str, Any], path: str) -> dict[str, Any]:
+    """``rate_limit: {requests: 10, per: 1m}`` (ETRN per client address), ``turn: false`` (RFC 821
+    TURN, refused with 502 unless true; then only for authenticated accounts and their own domains)."""
+    check_known(data, ("rate_limit", "turn"), path)
+    rate = read_keys(data.get("rate_limit") or {}, join(path, "rate_limit"), {
+        "requests": Key(integer(1), 10), "per": Key(duration, 60.0)})
+    return {"rate_limit": rate, "turn": boolean(data["turn"], join(path, "turn"))
+            if data.get("turn") is not None else False}
 
 
 # plugin name -> validator of its section (raw dict in, settings dict out). A plugin with no entry
 # gets its section as written. Sections listed here are filled in even when the file leaves them out.
 PLUGIN_SETTINGS: dict[str, Callable[[dict[str, Any], str], dict[str, Any]]] = {
     "diag_logging": _diag_logging_settings,
+    "etrn_dequeue": _etrn_dequeue_settings,
 }
 
 
@@ -585,7 +775,51 @@ def check_oversize(config: Config) -> None:
                               f"content_restrictions.max_message_size ({format_size(limit)})")
 
 
-CHECKS: list[Callable[[Config], None]] = [check_names, check_listeners, check_bridgeheads, check_oversize]
+def check_tls_and_auth(config: Config) -> None:
+    """An implicit-TLS listener needs a certificate; a users file needs a session AUTH can be offered on."""
+    for i, vs in enumerate(config.virtual_servers):
+        has_tls = vs.tls.certificate is not None
+        for j, addr in enumerate(vs.listen):
+            if addr.tls and not has_tls:
+                raise ConfigError(f"virtual_servers[{i}].listen[{j}].tls",
+                                  "implicit TLS needs tls.certificate and tls.key")
+        if vs.auth.required and not vs.auth.users:
+            raise ConfigError(f"virtual_servers[{i}].auth.required", "AUTH cannot be required without auth.users")
+        if vs.auth.users and not has_tls and not vs.auth.allow_plaintext:
+            raise ConfigError(f"virtual_servers[{i}].auth.users",
+                              "AUTH is only offered over TLS: set tls.certificate and tls.key "
+                              "(or auth.allow_plaintext: true, for loopback clients while testing)")
+
+
+def check_control_socket(config: Config) -> None:
+    """A UNIX socket path has a hard length limit (108 bytes on Linux); a spool deep in the tree would
+    otherwise leave `smtpgw queue` unable to reach the running gateway."""
+    path = os.path.abspath(config.gateway.control_socket_path)
+    if len(os.fsencode(path)) > 107:
+        key = "gateway.control_socket" if config.gateway.control_socket else "gateway.spool"
+        raise ConfigError(key, f"the control socket {path} is longer than a UNIX socket path may be "
+                               "(107 bytes); set gateway.control_socket to a shorter path")
+
+
+CHECKS: list[Callable[[Config], None]] = [check_names, check_listeners, check_bridgeheads, check_oversize,
+                                          check_tls_and_auth]
+CHECKS.append(check_control_socket)         # smtpgw queue (mta/control.py)
+
+
+def check_tls_files(config: Config) -> None:
+    from mta.server_tls import check_tls_files as check
+    check(config)
+
+
+def check_users_files(config: Config) -> None:
+    from mta.auth import check_users_files as check
+    check(config)
+
+
+# Checks that open the files a configuration names (certificates, keys, users files). They run when a
+# file is loaded (``load``: twistd start, ``smtpgw check-config``), not on a bare dict (``build``), so
+# a configuration can be validated as data anywhere; their errors name the key like the others.
+FILE_CHECKS: list[Callable[[Config], None]] = [check_tls_files, check_users_files]
 
 
 def _default_bridgeheads(config: Config) -> Config:

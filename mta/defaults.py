@@ -30,5 +30,14 @@ class CorePolicy:
 
     @hookimpl(trylast=True)
     def smtpgw_next_hops(self, envelope, domain, connector):
-        """Route by DNS MX (implicit MX from A/AAAA when there is none)."""
-        return self.gateway.resolver.mx_hops(domain)
+        """Route by DNS MX (implicit MX from A/AAAA when there is none), on the connector's port."""
+        port = connector.outbound.port if connector is not None else 25
+        return self.gateway.resolver.mx_hops(domain, port)
+
+    @hookimpl(trylast=True)
+    def smtpgw_delivery_window(self, connector, envelope):
+        """The connector's schedule, or its oversize schedule for large mail (mta.windows)."""
+        from mta.windows import delivery_window
+        if connector is None:
+            return None
+        return delivery_window(connector, envelope, self.gateway.reactor.seconds())

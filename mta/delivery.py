@@ -5,12 +5,15 @@ The queue manager hands over the pending recipients; this module answers with on
 record outcomes.  Local domains go to Maildir; other domains go through the connectors the router and
 the ``smtpgw_route`` hook choose, in order:
 
-* a connector whose delivery window is closed holds the recipients (not an attempt);
+* a connector whose delivery window is closed holds the recipients (not an attempt), with the
+  reason the window gives (``held: connector 'X' schedule, opens at ...``, see :mod:`mta.windows`);
 * its next hops come from ``smtpgw_next_hops`` (smart hosts, or the core's MX lookup);
-* hops are tried in order until one takes the message; a hop that cannot (connect refused, 4xx
-  greeting or MAIL...) passes to the next, a permanent refusal of the whole transaction fails it;
-* when every hop of a connector is unusable, the next connector (higher cost) is tried; when none is
-  left the recipients are deferred with the last temporary reason.
+* hops are tried in order, with the connector's :class:`~mta.outbound.OutboundPolicy` (TLS, AUTH,
+  limits); a hop that cannot take the message (connect refused, 4xx greeting or MAIL, TLS or AUTH
+  impossible) passes it to the next, and recipients a hop answers with 4xx are tried on the next hop
+  too (as Postfix does with its backup MX hosts); a permanent refusal of the whole transaction fails it;
+* recipients no hop of a connector could take go to the next connector (higher cost); when none is
+  left they are deferred with their last temporary reason.
 
 Domains are delivered concurrently; recipients of one domain share one transaction per hop.
 """
@@ -26,6 +29,7 @@ from twisted.logger import Logger
 from mta.config import Connector
 from mta.defaults import domain_of
 from mta.nexthop import Hop, HostUnusable, RecipientResult
+from mta.outbound import OutboundPolicy
 from mta.queue_entry import QueueEntry, RecipientState
 from mta.reply import Reply
 from mta.resolver import PermanentDNSError, TemporaryDNSError
@@ -55,6 +59,8 @@ class Deliverer:
 
     def __init__(self, gateway: Any) -> None:
         self.gateway = gateway
+        self._policies: dict[str, OutboundPolicy] = {}        # connector name -> its client options
+        self._policy_source: dict[str, Connector] = {}
 
     # -- entry point --------------------------------------------------------------------------
 
@@ -99,7 +105,10 @@ class Deliverer:
                               data: Data) -> list[RecipientResult]:
         if not domain:
             return _all(recipients, Reply(550, "5.1.3", "recipient address has no domain"))
-        if self.gateway.config.is_local_domain(domain):
+        local = self.gateway.config.is_local_domain(domain)
+        self.gateway.hooks.event("categorizer", "medium", f"{domain}: {'local' if local else 'remote'} domain",
+                                 id=entry.id, domain=domain, recipients=len(recipients))
+        if local:
             return await self._deliver_local(entry, domain, recipients, data)
         return await self._deliver_remote(entry, domain, recipients, data)
 
@@ -148,31 +157,54 @@ class Deliverer:
             return _all(recipients, Reply(550, "5.4.4", f"no route to domain {domain}"))
         self._event(entry, f"{domain}: connectors {', '.join(c.name for c in connectors)}", domain=domain)
 
+        # results[i] settles recipients[i]; tentative[i] is its last 4xx answer, used only if no
+        # later hop or connector settles it
+        results: list[RecipientResult | None] = [None] * len(recipients)
+        tentative: list[RecipientResult | None] = [None] * len(recipients)
         last = Reply(451, "4.4.1", f"no connector could deliver to {domain}")
         last_hop = ""
         for connector in connectors:
-            outcome = await self._try_connector(entry, domain, recipients, data, connector)
-            if isinstance(outcome, list):
-                return outcome
-            last, last_hop = outcome
+            last, last_hop = await self._try_connector(entry, domain, recipients, data, connector,
+                                                       results, tentative)
+            if all(r is not None for r in results):
+                return results  # type: ignore[return-value]
             self._event(entry, f"{domain}: connector {connector.name} unusable ({last}), failing over",
                         domain=domain, connector=connector.name)
         self._event(entry, f"{domain}: deferred: {last}", "minimum", domain=domain)
-        return _all(recipients, last, last_hop)
+        return [r if r is not None else (t or RecipientResult(rcpt, last, last_hop))
+                for rcpt, r, t in zip(recipients, results, tentative)]
+
+    def _policy(self, connector: Connector) -> OutboundPolicy:
+        policy = self._policies.get(connector.name)
+        if policy is None or self._policy_source.get(connector.name) is not connector:
+            policy = self._policies[connector.name] = OutboundPolicy.for_connector(connector)
+            self._policy_source[connector.name] = connector
+        return policy
 
     async def _try_connector(self, entry: QueueEntry, domain: str, recipients: list[str], data: Data,
-                             connector: Connector) -> list[RecipientResult] | tuple[Reply, str]:
-        """Results when this connector settles the attempt, else (temporary reason, hop) to fail over."""
+                             connector: Connector, results: list, tentative: list) -> tuple[Reply, str]:
+        """Try the recipients not yet settled in ``results`` through ``connector``'s hops, in order.
+
+        A hop that cannot take the message (connection refused, 4xx greeting/MAIL, TLS or AUTH not
+        possible) passes every recipient to the next hop; one that answers 4xx for some recipients
+        passes those. Settles ``results`` in place; returns the last temporary reason for the rest,
+        which fail over to the next connector.
+        """
         hooks = self.gateway.hooks
         name = connector.name
-        window = await hooks.first_deferred("smtpgw_delivery_window", connector=connector, envelope=entry)
+        todo = [i for i, r in enumerate(results) if r is None]
+        window = await hooks.first_deferred("smtpgw_delivery_window", connector=connector, envelope=entry,
+                                            domain=domain)
         if isinstance(window, Reply):
             return window, ""
         # a time already past means the window has just opened: go
         if _is_time(window) and window > self.gateway.reactor.seconds():
-            self._event(entry, f"{domain}: held by connector {name} until {window:.0f}",
-                        domain=domain, connector=name)
-            return _all(recipients, HELD, held_until=float(window))
+            reason = getattr(window, "reason", "") or f"held: connector '{name}' schedule until {window:.0f}"
+            self._event(entry, f"{domain}: {reason}", domain=domain, connector=name)
+            held = Reply(HELD.code, HELD.status, reason)
+            for i in todo:
+                results[i] = RecipientResult(recipients[i], held, "", float(window))
+            return held, ""
 
         try:
             hops = await hooks.first_deferred("smtpgw_next_hops", envelope=entry, domain=domain,
@@ -184,7 +216,8 @@ class Deliverer:
         if isinstance(hops, Reply):
             if hops.is_permanent:
                 self._event(entry, f"{domain}: {hops}", "minimum", domain=domain, connector=name)
-                return _all(recipients, hops)
+                for i in todo:
+                    results[i] = RecipientResult(recipients[i], hops)
             return hops, ""
         hops = list(hops or [])
         if not hops:
@@ -193,17 +226,24 @@ class Deliverer:
                     domain=domain, connector=name)
 
         source = source_address(self.gateway.config, connector)
+        policy = self._policy(connector)
         last = Reply(451, "4.4.1", f"no hop of {name} answered")
         last_hop = ""
         for hop in hops:
+            if not todo:
+                break
+            batch = [recipients[i] for i in todo]
             try:
-                results = await self.gateway.client.send(hop, entry.sender, recipients, data,
-                                                         source_address=usable_source(source, hop.host))
+                answers = await self.gateway.client.send(hop, entry.sender, batch, data,
+                                                         source_address=usable_source(source, hop.host),
+                                                         policy=policy)
             except HostUnusable as e:
                 self._event(entry, f"{domain}: {hop} unusable: {e.reply}", domain=domain,
                             connector=name, hop=str(hop))
                 if e.reply.is_permanent:
-                    return _all(recipients, e.reply, str(hop))
+                    for i in todo:
+                        results[i] = RecipientResult(recipients[i], e.reply, str(hop))
+                    return e.reply, str(hop)
                 last, last_hop = e.reply, str(hop)
                 continue
             except Exception as e:
@@ -211,7 +251,15 @@ class Deliverer:
                 last, last_hop = Reply(451, "4.4.0", f"error talking to {hop}: {e!r}"), str(hop)
                 continue
             self._event(entry, f"{domain}: {hop} answered", domain=domain, connector=name, hop=str(hop))
-            return self._match(recipients, results, hop)
+            still = []
+            for i, result in zip(todo, self._match(batch, answers, hop)):
+                if result.outcome == "deferred":
+                    tentative[i] = result
+                    last, last_hop = result.reply, result.hop
+                    still.append(i)
+                else:
+                    results[i] = result
+            todo = still
         return last, last_hop
 
     @staticmethod

@@ -46,6 +46,8 @@ MIN_INTERVAL = 1.0               # seconds; no configuration or hold answer may 
 DSN_KIND = "dsn"                 # on a report we generated: "failed" or "delayed"
 DOUBLE_BOUNCE = "double_bounce"  # on a postmaster copy: its own failure is only logged
 MAIL_PARAMS, RCPT_PARAMS = "mail_params", "rcpt_params"
+HELD = "held"                    # set by `smtpgw queue hold`: no attempt, expiry or notice until released
+DELETED = Reply(550, "5.3.0", "message deleted from the queue by the administrator")
 
 
 def _jsonable(value: Any) -> bool:
@@ -54,6 +56,32 @@ def _jsonable(value: Any) -> bool:
         return True
     except (TypeError, ValueError):
         return False
+
+
+def is_held(entry: QueueEntry) -> bool:
+    """Held by the administrator (``smtpgw queue hold``)."""
+    return bool(entry.extra.get(HELD))
+
+
+def wants_deletion_report(config: Any, entry: QueueEntry) -> bool:
+    """Whether ``queue delete --dsn`` sends a report: pending recipients, someone to tell, no
+    NOTIFY=NEVER, and not about a postmaster copy (that would be a triple bounce)."""
+    pending = entry.pending()
+    return bool(pending and (entry.sender or config.gateway.postmaster) and not entry.extra.get(DOUBLE_BOUNCE)
+                and QueueManager._notify_allows(entry, "FAILURE", [r.address for r in pending]))
+
+
+def deletion_report(config: Any, entry: QueueEntry, original: bytes | None,
+                    now: float) -> tuple[str, bytes, dict[str, Any]]:
+    """``(to, DSN bytes, extra)`` telling the sender that the administrator deleted ``entry``; shared
+    by the running queue and ``smtpgw queue`` working on a stopped gateway's spool."""
+    to = entry.sender or config.gateway.postmaster
+    extra: dict[str, Any] = {DSN_KIND: dsn.FAILED, "about": entry.id}
+    if not entry.sender:
+        extra[DOUBLE_BOUNCE] = True
+    report = dsn.build_dsn(config, entry, [(r, DELETED) for r in entry.pending()], dsn.FAILED, original,
+                           to=to, now=now)
+    return to, report, extra
 
 
 class _Active:
@@ -114,7 +142,8 @@ class QueueManager:
                     self._spool.remove(entry.id).addErrback(self._log_failure, "remove", entry.id)
                     continue
                 self._entries[entry.id] = entry
-                self._scheduler.schedule(entry.id, self._next_time(entry))
+                if not is_held(entry):
+                    self._scheduler.schedule(entry.id, self._next_time(entry))
             self._event("queue loaded", entries=len(self._entries))
             return len(self._entries)
 
@@ -201,7 +230,7 @@ class QueueManager:
         """Attempt matching entries now, every pending recipient (ETRN, ``queue retry``)."""
         n = 0
         for entry in list(self._entries.values()):
-            if entry.is_done() or (predicate is not None and not predicate(entry)):
+            if entry.is_done() or is_held(entry) or (predicate is not None and not predicate(entry)):
                 continue
             n += 1
             if entry.id in self._active:
@@ -213,6 +242,115 @@ class QueueManager:
             self._event("queue woken", entries=n)
             self._reactor.callLater(0, self._pump)
         return n
+
+    # -- administration (`smtpgw queue` through mta.control) ----------------------------------------
+
+    def get(self, entry_id: str) -> QueueEntry | None:
+        """The live entry (not a copy): callers in the reactor thread only, and read-only."""
+        return self._entries.get(entry_id)
+
+    def next_attempt(self, entry_id: str) -> float | None:
+        """When the scheduler will next look at ``entry_id`` (None: held, active or unknown)."""
+        return self._scheduler.when(entry_id)
+
+    def is_active(self, entry_id: str) -> bool:
+        return entry_id in self._active
+
+    def stats(self) -> dict[str, float]:
+        """Numbers for the metrics endpoint: one pass over the queue, in the reactor thread."""
+        messages = held = recipients = 0
+        oldest: float | None = None
+        for entry in self._entries.values():
+            messages += 1
+            held += is_held(entry)
+            recipients += len(entry.pending())
+            if oldest is None or entry.received_at < oldest:
+                oldest = entry.received_at
+        return {"messages": messages, "held": held, "recipients": recipients, "active": len(self._active),
+                "oldest_age": (self._now() - oldest) if oldest is not None else 0.0}
+
+    async def hold(self, entry_id: str) -> bool:
+        """Stop attempting ``entry_id`` until :meth:`release` (durable; an attempt in flight ends first).
+        Returns False when it was already held. Raises KeyError for an unknown id."""
+        entry = self._entries[entry_id]
+        if is_held(entry):
+            return False
+        entry.extra[HELD] = True
+        self._scheduler.discard(entry_id)
+        self._unready(entry_id)
+        try:
+            await self._spool.update(entry)
+        except Exception:
+            entry.extra.pop(HELD, None)
+            self._reschedule(entry)
+            raise
+        self._admin_event("message held by the administrator", id=entry_id)
+        return True
+
+    async def release(self, entry_id: str) -> bool:
+        """Undo :meth:`hold` and attempt the entry now. Returns False when it was not held."""
+        entry = self._entries[entry_id]
+        if not is_held(entry):
+            return False
+        del entry.extra[HELD]
+        try:
+            await self._spool.update(entry)
+        except Exception:
+            entry.extra[HELD] = True
+            raise
+        self._admin_event("message released by the administrator", id=entry_id)
+        if self._running and entry_id not in self._active:
+            self._make_ready(entry_id, force=True)
+            self._reactor.callLater(0, self._pump)
+        return True
+
+    async def delete(self, entry_id: str, notify_sender: bool = False) -> str | None:
+        """Remove ``entry_id`` from the queue; with ``notify_sender``, first queue a failure DSN for
+        its pending recipients (5.3.0, deleted by the administrator; RFC 3461 NOTIFY=NEVER is honoured).
+
+        An attempt in flight is allowed to finish first, so nothing is half-delivered. The DSN is
+        durable before the message is removed. Returns the DSN's queue id, or None when none was sent.
+        Raises KeyError for an unknown id (or one that finished meanwhile).
+        """
+        if entry_id not in self._entries:
+            raise KeyError(entry_id)
+        while entry_id in self._active:
+            waiter: defer.Deferred = defer.Deferred()
+            self._active[entry_id].done.addBoth(lambda r, w=waiter: (w.callback(None), r)[1])
+            await waiter
+        entry = self._entries.pop(entry_id, None)       # from here on nothing schedules it
+        if entry is None:
+            raise KeyError(entry_id)
+        self._scheduler.discard(entry_id)
+        self._unready(entry_id)
+        dsn_id = None
+        try:
+            if notify_sender and wants_deletion_report(self.gateway.config, entry):
+                data = await self._load(entry)
+                original = data if isinstance(data, bytes) else b"".join(data)
+                to, report, extra = deletion_report(self.gateway.config, entry, original, self._now())
+                dsn_id = await self.inject("", [to], report, extra)
+            await self._spool.remove(entry_id)
+        except Exception:
+            self._entries[entry_id] = entry             # nothing lost: put it back as it was
+            self._reschedule(entry)
+            raise
+        self._drop_first_data(entry)
+        self._admin_event("message deleted by the administrator", id=entry_id, sender=entry.sender,
+                          report=dsn_id or "")
+        return dsn_id
+
+    def _admin_event(self, message: str, **fields: Any) -> None:
+        self.gateway.hooks.event("queuing_engine", "minimum", message, **fields)
+
+    def _unready(self, entry_id: str) -> None:
+        if entry_id in self._ready_ids:
+            self._ready_ids.discard(entry_id)
+            self._ready = collections.deque((i, f) for i, f in self._ready if i != entry_id)
+
+    def _reschedule(self, entry: QueueEntry) -> None:
+        if self._running and not is_held(entry) and entry.id not in self._active:
+            self._scheduler.schedule(entry.id, self._next_time(entry))
 
     # -- scheduling ---------------------------------------------------------------------------------
 
@@ -243,7 +381,7 @@ class QueueManager:
             entry_id, force = self._ready.popleft()
             self._ready_ids.discard(entry_id)
             entry = self._entries.get(entry_id)
-            if entry is None or entry_id in self._active:
+            if entry is None or entry_id in self._active or is_held(entry):
                 continue
             active = self._active[entry_id] = _Active()
             d = defer.Deferred.fromCoroutine(self._attempt(entry, force))
@@ -254,7 +392,7 @@ class QueueManager:
         del self._active[entry.id]
         if entry.is_done():
             self._entries.pop(entry.id, None)
-        elif self._running:
+        elif self._running and not is_held(entry):
             if active.again:
                 self._make_ready(entry.id, force=True)
             else:
@@ -312,11 +450,25 @@ class QueueManager:
             except Exception:
                 log.failure("queue {id}: could not record recipient states", id=entry.id)
         for hook, address, reply in outcomes:
+            self._outcome_event(entry, hook, address, reply)
             self.gateway.hooks.notify(hook, envelope=entry, recipient=address, reply=reply)
         if entry.is_done():
             self._event("message done", id=entry.id,
                         delivered=sum(r.status == DELIVERED for r in entry.rcpts),
                         failed=sum(r.status == FAILED for r in entry.rcpts))
+
+    def _outcome_event(self, entry: QueueEntry, hook: str, address: str, reply: Reply) -> None:
+        """queuing_engine: delivered (medium); deferred, bounced, expired (minimum), per recipient."""
+        if hook == "smtpgw_delivered":
+            what, level = "delivered", "medium"
+        elif hook == "smtpgw_deferred":
+            what, level = "deferred", "minimum"
+        else:
+            what, level = ("expired" if reply.status == EXPIRED_STATUS else "bounced"), "minimum"
+        state = next((r for r in entry.rcpts if r.address == address), None)
+        self.gateway.hooks.event("queuing_engine", level, f"message {what}", id=entry.id, recipient=address,
+                                 reply=str(reply), hop=getattr(state, "last_hop", None) or "-",
+                                 attempts=getattr(state, "attempts", 0))
 
     async def _load(self, entry: QueueEntry) -> Data:
         """The message: the received chunks on the first attempt (no re-read), else from the spool."""
@@ -427,7 +579,7 @@ class QueueManager:
         except Exception:
             log.failure("queue {id}: could not queue the {action} report to {to}", id=entry.id, action=action, to=to)
             return
-        self.gateway.hooks.event("ndr", "medium", f"{action} report queued", id=entry.id, report=dsn_id,
+        self.gateway.hooks.event("ndr", "minimum", f"{action} report queued", id=entry.id, report=dsn_id,
                                  to=to, recipients=addresses)
 
     # -- misc ---------------------------------------------------------------------------------------
@@ -437,4 +589,4 @@ class QueueManager:
         log.failure("queue {id}: {what} failed", failure, id=entry_id, what=what)
 
 
-__all__ = ["QueueManager", "PENDING", "DELIVERED", "FAILED"]
+__all__ = ["QueueManager", "PENDING", "DELIVERED", "FAILED", "HELD", "is_held"]

@@ -88,6 +88,15 @@ COMMANDS: dict[str, Command] = {
 }
 
 
+class _LoggedCommand:
+    """A command on its way to the protocol log: counts the bytes of every step until its final reply."""
+
+    __slots__ = ("verb", "line", "bytes_in", "bytes_out", "started")
+
+    def __init__(self, verb: str, line: str, bytes_in: int, started: float) -> None:
+        self.verb, self.line, self.bytes_in, self.bytes_out, self.started = verb, line, bytes_in, 0, started
+
+
 class SMTPServerProtocol(Protocol):
     """One client connection."""
 
@@ -117,6 +126,10 @@ class SMTPServerProtocol(Protocol):
         self.auth_failures = 0
         # Diagnostics listeners are looked up once per connection: events stay free when nobody listens.
         self._diagnostics = bool(self.hooks.pm.hook.smtpgw_event.get_hookimpls())
+        self._detail: bool | None = None    # does anyone write smtp_protocol/maximum? (asked once)
+        # W3C protocol log (mta/protocol_log.py): the command waiting for the reply that settles it
+        self._plog = factory.protocol_log
+        self._plog_cmd: _LoggedCommand | None = None
 
     # -- connection ------------------------------------------------------------------------------
 
@@ -207,6 +220,8 @@ class SMTPServerProtocol(Protocol):
         if self.state is State.DATA:
             reader = self._reader
             pos = reader.feed(self._buf, self._pos)
+            if self._plog_cmd is not None:
+                self._plog_cmd.bytes_in += pos - self._pos
             moved, self._pos = pos != self._pos, pos
             if reader.done:
                 self._respond(self._end_of_data(reader))
@@ -221,9 +236,13 @@ class SMTPServerProtocol(Protocol):
     def _line(self, item: bytes | Problem) -> Reply | defer.Deferred:
         if self.sasl_continuation is not None:     # a SASL response, not a command: never logged
             continuation, self.sasl_continuation = self.sasl_continuation, None
+            if self._plog_cmd is not None and not isinstance(item, Problem):
+                self._plog_cmd.bytes_in += len(item) + 2
             return continuation(item)
         if isinstance(item, Problem):
             self._event("smtp_protocol", "maximum", "bad command line", problem=item.value)
+            if self._plog is not None:
+                self._plog_cmd = _LoggedCommand("-", f"- {item.value}", 0, self.reactor.seconds())
             return R.COMMAND_PROBLEMS[item]
         try:
             text = item.decode("utf-8")
@@ -231,9 +250,12 @@ class SMTPServerProtocol(Protocol):
             return R.BAD_CHARACTERS
         verb, _, argument = text.partition(" ")
         verb = verb.upper()
-        if self._diagnostics:
+        if self._diagnostics and self._protocol_detail():
             self._event("smtp_protocol", "maximum", "command",
                         line=mask_auth_command(text) if verb == "AUTH" else text)
+        if self._plog is not None:
+            self._plog_cmd = _LoggedCommand(verb, mask_auth_command(text) if verb == "AUTH" else text,
+                                            len(item) + 2, self.reactor.seconds())
         command = COMMANDS.get(verb)
         if command is None:
             return self._ask("smtpgw_command", self._unknown_answered,
@@ -278,8 +300,12 @@ class SMTPServerProtocol(Protocol):
 
     def _send(self, reply: Reply) -> None:
         if self.state is not State.CLOSED:
-            self.transport.write(_WIRE.get(id(reply)) or reply.to_bytes())
-            self._event("smtp_protocol", "maximum", "reply", reply=reply)
+            wire = _WIRE.get(id(reply)) or reply.to_bytes()
+            self.transport.write(wire)
+            if self._diagnostics and self._protocol_detail():
+                self._event("smtp_protocol", "maximum", "reply", reply=reply)
+            if self._plog_cmd is not None:
+                self._plog_reply(reply, len(wire))
             if reply.disconnect or reply.code == 421:
                 self._enter(State.CLOSED, f"closing after {reply.code}")
                 self.transport.loseConnection()
@@ -287,6 +313,16 @@ class SMTPServerProtocol(Protocol):
             actions, self._after_send = self._after_send, []
             for action in actions:
                 action()
+
+    def _plog_reply(self, reply: Reply, size: int) -> None:
+        """One protocol log line per command, once a reply settles it (334/354 only lead on)."""
+        cmd = self._plog_cmd
+        cmd.bytes_out += size
+        if reply.code in (334, 354):
+            return
+        self._plog_cmd = None
+        self._plog.command(self.session, cmd.verb, cmd.line, reply, cmd.bytes_in, cmd.bytes_out,
+                           self.reactor.seconds() - cmd.started)
 
     def _internal_error(self) -> None:
         log.failure("session {session}: internal error", session=self.session.id)
@@ -300,7 +336,7 @@ class SMTPServerProtocol(Protocol):
 
     def _enter(self, state: State, why: str) -> None:
         old, self.state = self.state, state
-        if self._diagnostics and self.session is not None:
+        if self._diagnostics and self.session is not None and self._protocol_detail():
             self._event("smtp_protocol", "maximum", "state", old=old.value, new=state.value, why=why)
 
     def _reset_transaction(self) -> None:
@@ -324,6 +360,20 @@ class SMTPServerProtocol(Protocol):
 
     def _date(self) -> str:
         return rfc5322_date(self.reactor.seconds())
+
+    def _protocol_detail(self) -> bool:
+        """Whether any listener writes per-command events: a listener may say what it writes with a
+        ``wants_event(category, level)`` method on its plugin object (diag_logging does); one without
+        it gets everything. Asked once per connection, so SIGHUP'd levels apply to new connections."""
+        if self._detail is not None:
+            return self._detail
+        self._detail = False
+        for impl in self.hooks.pm.hook.smtpgw_event.get_hookimpls():
+            wants = getattr(impl.plugin, "wants_event", None)
+            if wants is None or wants("smtp_protocol", "maximum"):
+                self._detail = True
+                break
+        return self._detail
 
     def _event(self, category: str, level: str, message: str, **fields: Any) -> None:
         if self._diagnostics:
@@ -448,6 +498,7 @@ class SMTPServerProtocol(Protocol):
             return R.UNSUPPORTED_PARAM      # no DSN yet: NOTIFY/ORCPT are not advertised
         if recipient == "postmaster":
             recipient = self.gateway.config.gateway.postmaster
+            self._event("categorizer", "medium", "postmaster resolved", recipient=recipient)
         return self._ask("smtpgw_rcpt_to", partial(self._rcpt_answered, envelope, recipient, params),
                          session=self.session, envelope=envelope, recipient=recipient, params=params)
 
@@ -508,6 +559,7 @@ class SMTPServerProtocol(Protocol):
         self.session.helo, self.session.esmtp, self.session.tls = None, False, True
         self.session.authenticated_user, self.sasl_continuation = None, None
         self._enter(State.CONNECTED, "STARTTLS")
+        self._event("transport_security", "medium", "STARTTLS: TLS handshake started", peer=self.session.peer_host)
         self.transport.startTLS(self.factory.tls_context)
 
     def smtp_AUTH(self, argument: str) -> Reply | defer.Deferred:
@@ -562,6 +614,10 @@ class SMTPServerProtocol(Protocol):
         return d.addCallbacks(partial(self._queued, envelope), partial(self._queue_failed, envelope))
 
     def _queued(self, envelope: Envelope, queue_id: str) -> Reply:
+        if self._plog_cmd is not None:      # the W3C DATA line names the message, as IIS's does
+            self._plog_cmd.line = f"DATA <{queue_id}>"
+        self._event("smtp_protocol", "medium", "message accepted", id=queue_id, sender=envelope.sender or "<>",
+                    recipients=len(envelope.recipients), size=envelope.size)
         self._after_send.append(partial(self.hooks.notify, "smtpgw_queued", envelope=envelope))
         return Reply(250, "2.0.0", f"Ok: queued as {queue_id}")
 
@@ -609,6 +665,10 @@ class SMTPServerFactory(ServerFactory):
             from mta.server_tls import ServerTLS
             self.tls_context = ServerTLS(vs.tls.certificate, vs.tls.key, name=vs.name)
         self.auth = ServerAuth.for_virtual_server(vs, gateway.reactor)
+        self.protocol_log = None        # mta.protocol_log.ProtocolLog: flushed by tap's ProtocolLogService
+        if vs.protocol_log.enabled:
+            from mta.protocol_log import ProtocolLog
+            self.protocol_log = ProtocolLog.for_virtual_server(gateway, vs)
 
     def buildProtocol(self, addr: Any) -> Protocol:
         if self.active >= self.vs.limits.max_connections:

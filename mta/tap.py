@@ -64,6 +64,8 @@ def makeService(options: Options) -> service.MultiService:
     from twisted.internet import reactor
 
     from mta.gateway import Gateway
+    from mta.config_reload import ConfigReload
+    from mta.protocol_log import ProtocolLogService
     from mta.reload import ReloadService
     from mta.server import SMTPServerFactory
 
@@ -76,11 +78,16 @@ def makeService(options: Options) -> service.MultiService:
         factory = SMTPServerFactory(gateway, vs)
         if factory.tls_context is not None:
             tls_contexts.append(factory.tls_context)
+        if factory.protocol_log is not None:     # its last lines are written when twistd stops
+            ProtocolLogService(factory.protocol_log).setServiceParent(top)
         for listen in vs.listen:
             svc = internet.StreamServerEndpointService(endpoint_for(reactor, listen, factory.tls_context),
                                                        factory)
             svc._raiseSynchronously = True       # a port in use stops startup with a clear error
             svc.setName(f"{vs.name} {listen.host}:{listen.port}")
             svc.setServiceParent(top)
-    ReloadService(reactor, tls_contexts).setServiceParent(top)      # SIGHUP re-reads certificates
+    # SIGHUP re-reads certificates, and the file for what plugins apply live (smtpgw_reload)
+    ReloadService(reactor, [*tls_contexts, ConfigReload(gateway)]).setServiceParent(top)
+    from mta.control import add_operator_services
+    add_operator_services(top, gateway, reactor)        # control socket (smtpgw queue), metrics endpoint
     return top

@@ -18,6 +18,8 @@ can also make the peer misbehave, e.g. ``"250 OK\\n250 injected"`` sends two lin
 """
 from __future__ import annotations
 
+import base64
+import binascii
 import socket
 import socketserver
 import ssl
@@ -27,7 +29,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 STAGES = frozenset({"connect", "ehlo", "helo", "mail", "rcpt", "data", "dot",
-                    "rset", "noop", "quit", "starttls"})
+                    "rset", "noop", "quit", "starttls", "auth"})
 DEFAULT_EXTENSIONS = ("PIPELINING", "SIZE 10485760", "8BITMIME", "ENHANCEDSTATUSCODES")
 MAX_LINE = 1024 * 1024          # a peer that reads forever would only hide client bugs
 
@@ -56,6 +58,7 @@ class ReceivedMessage:
     mail_params: str = ""       # everything after MAIL FROM:<...>, e.g. "SIZE=123 BODY=8BITMIME"
     tls: bool = False
     connection: int = 0         # 1-based number of the connection it came on
+    auth_user: str | None = None    # the user that authenticated on that connection (peers with ``auth``)
 
 
 @dataclass
@@ -87,6 +90,7 @@ class _Handler(socketserver.BaseRequestHandler):
         self.tls = False
         self.txn: _Transaction | None = None
         self.closing = False
+        self.auth_user: str | None = None
         self.number = self.peer._connection_opened(self.sock)
 
     def finish(self) -> None:
@@ -165,6 +169,8 @@ class _Handler(socketserver.BaseRequestHandler):
 
     def smtp_EHLO(self, arg: str, peer_ip: str) -> None:
         lines = [self.peer.hostname] + [e for e in self.peer.extensions if self.tls is False or e != "STARTTLS"]
+        if self.peer.auth is not None and (self.tls or not self.peer.auth_requires_tls):
+            lines.append("AUTH " + " ".join(self.peer.auth_mechanisms))
         default = "\n".join(f"250{'-' if i < len(lines) - 1 else ' '}{t}" for i, t in enumerate(lines))
         if _code(self.reply("ehlo", arg, default)) // 100 == 2:
             self.helo = arg
@@ -194,6 +200,56 @@ class _Handler(socketserver.BaseRequestHandler):
         self.tls = True
         self.helo = None
         self.txn = None
+        self.auth_user = None
+
+    def smtp_AUTH(self, arg: str, peer_ip: str) -> None:
+        """AUTH PLAIN (with or without an initial response) and AUTH LOGIN, against ``peer.auth``."""
+        peer = self.peer
+        if peer.auth is None or (peer.auth_requires_tls and not self.tls):
+            self.send("502 5.5.1 AUTH not available")
+            return
+        if self.helo is None or self.auth_user is not None or self.txn is not None:
+            self.send("503 5.5.1 Bad sequence of commands")
+            return
+        mechanism, _, initial = arg.partition(" ")
+        mechanism = mechanism.upper()
+        if mechanism not in peer.auth_mechanisms:
+            self.send("504 5.5.4 Unrecognized authentication type")
+            return
+        try:
+            if mechanism == "PLAIN":
+                token = initial.strip() or self._challenge("")
+                if token is None:
+                    return
+                _authzid, user, password = _b64decode(token).split("\0", 2)
+            else:
+                user_b64 = initial.strip() or self._challenge("VXNlcm5hbWU6")
+                if user_b64 is None:
+                    return
+                password_b64 = self._challenge("UGFzc3dvcmQ6")
+                if password_b64 is None:
+                    return
+                user, password = _b64decode(user_b64), _b64decode(password_b64)
+        except ValueError:
+            self.send("501 5.5.2 Cannot decode the response")
+            return
+        default = ("235 2.7.0 Authentication successful" if peer.auth.get(user) == password
+                   else "535 5.7.8 Authentication credentials invalid")
+        if _code(self.reply("auth", f"{mechanism} {user}", default)) == 235:
+            self.auth_user = user
+
+    def _challenge(self, text: str) -> str | None:
+        """Send a 334 and read the client's answer (None: connection gone or "*" cancelled)."""
+        self.send(f"334 {text}".rstrip() if text else "334 ")
+        line = self.read_line()
+        if line is None:
+            self.closing = True
+            return None
+        answer = line.decode("ascii", "replace").strip()
+        if answer == "*":
+            self.send("501 5.7.0 Authentication cancelled")
+            return None
+        return answer
 
     def smtp_MAIL(self, arg: str, peer_ip: str) -> None:
         if self.helo is None:
@@ -201,6 +257,9 @@ class _Handler(socketserver.BaseRequestHandler):
             return
         if self.txn is not None:
             self.send("503 5.5.1 Nested MAIL command")
+            return
+        if self.peer.auth is not None and self.auth_user is None:
+            self.send("530 5.7.0 Authentication required")
             return
         if not arg.upper().startswith("FROM:"):
             self.send("501 5.5.4 Syntax: MAIL FROM:<address>")
@@ -253,7 +312,7 @@ class _Handler(socketserver.BaseRequestHandler):
         text = self.peer._reply_for("dot", data.decode("latin-1")) or "250 2.0.0 Message accepted"
         if _code(text) // 100 == 2:      # recorded before the reply, so a client that saw 250 finds it
             self.peer._accepted(ReceivedMessage(txn.sender, list(txn.recipients), data, self.helo,
-                                                peer_ip, txn.params, self.tls, self.number))
+                                                peer_ip, txn.params, self.tls, self.number, self.auth_user))
         self.send(text)
 
     def smtp_RSET(self, arg: str, peer_ip: str) -> None:
@@ -275,6 +334,13 @@ def _code(reply: str) -> int:
         return int(last[:3])
     except ValueError:
         return 500
+
+
+def _b64decode(text: str) -> str:
+    try:
+        return base64.b64decode(text.encode("ascii"), validate=True).decode("utf-8")
+    except (binascii.Error, UnicodeError) as e:
+        raise ValueError(str(e)) from None
 
 
 def _path(text: str) -> tuple[str, str]:
@@ -300,16 +366,23 @@ class SMTPPeer:
     - ``extensions`` and ``hostname`` may be changed between connections.
     - ``tls_context``: an ``ssl.SSLContext`` (server side); with it and ``"STARTTLS"`` in
       ``extensions`` the peer offers STARTTLS.
+    - ``auth``: ``{user: password}``; with it the peer offers ``AUTH PLAIN LOGIN`` (only after
+      STARTTLS while ``auth_requires_tls``, the default) and refuses MAIL until a client logged in
+      (530). The ``auth`` stage of :meth:`set_reply` gets ``"MECHANISM user"``.
     """
 
     def __init__(self, host: str = "127.0.0.2", port: int = 25, hostname: str = "peer.test",
                  extensions: tuple[str, ...] = DEFAULT_EXTENSIONS,
-                 tls_context: ssl.SSLContext | None = None) -> None:
+                 tls_context: ssl.SSLContext | None = None, auth: dict[str, str] | None = None,
+                 auth_requires_tls: bool = True, auth_mechanisms: tuple[str, ...] = ("PLAIN", "LOGIN")) -> None:
         self.host = host
         self.port = port
         self.hostname = hostname
         self.extensions = tuple(extensions)
         self.tls_context = tls_context
+        self.auth = dict(auth) if auth is not None else None
+        self.auth_requires_tls = auth_requires_tls
+        self.auth_mechanisms = tuple(m.upper() for m in auth_mechanisms)
         self.socket_timeout = 30.0
         self.messages: list[ReceivedMessage] = []
         self.transcript: list[bytes] = []

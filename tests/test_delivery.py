@@ -61,7 +61,8 @@ class ScriptedClient:
         self.default = default or Reply(421, "4.4.2", "connection refused")
         self.calls: list[tuple[Hop, str, list[str], object, str | None]] = []
 
-    def send(self, hop: Hop, sender: str, rcpts: list[str], data, source_address=None) -> defer.Deferred:
+    def send(self, hop: Hop, sender: str, rcpts: list[str], data, source_address=None,
+             policy=None) -> defer.Deferred:
         self.calls.append((hop, sender, list(rcpts), data, source_address))
         action = self.script.get(hop.host, self.default)
         if callable(action):

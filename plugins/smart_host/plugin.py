@@ -1,4 +1,12 @@
-"""Turns smart-host strings into next hops through the gateway's resolver."""
+"""Turns smart-host strings into next hops through the gateway's resolver.
+
+Every configured smart host gives hops, in the configured order, and the deliverer tries them in that
+order: a host that is down, answers 4xx or cannot satisfy the connector's TLS/AUTH settings passes the
+mail to the next one; only when every smart host is unusable does the connector fail over (by cost).
+
+A smart host that does not resolve is the site's configuration problem, not the recipient's: its
+lookup errors are always temporary (mail waits), even NXDOMAIN.
+"""
 from __future__ import annotations
 
 from typing import Any
@@ -7,6 +15,8 @@ from twisted.internet import defer
 
 from mta.hookspecs import hookimpl
 from mta.nexthop import Hop
+from mta.reply import Reply
+from mta.resolver import DNSError, TemporaryDNSError
 from mta.units import parse_smart_host
 
 
@@ -36,17 +46,18 @@ class SmartHost:
         hosts = self.smart_hosts_for(envelope, connector)
         if not hosts:
             return None
-        return self._resolve_all(hosts)
+        port = connector.outbound.port if connector is not None else 25
+        return self._resolve_all(hosts, port)
 
     @defer.inlineCallbacks
-    def _resolve_all(self, hosts: tuple[str, ...]):
+    def _resolve_all(self, hosts: tuple[str, ...], default_port: int = 25):
         """Hops for every smart host, in the configured order; a host that does not resolve is
         skipped so the next one is tried, and only when none resolves is the lookup error raised."""
         resolver = self.services.resolver
         hops: list[Hop] = []
         last_error: Exception | None = None
         for pref, text in enumerate(hosts):
-            host, port, literal, bracketed = parse_smart_host(text, "smart_hosts")
+            host, port, literal, bracketed = parse_smart_host(text, "smart_hosts", default_port)
             if literal:
                 hops.append(Hop(host=host, port=port, name=host, preference=pref))
                 continue
@@ -56,6 +67,10 @@ class SmartHost:
                 else:
                     found = yield resolver.mx_hops(host, port)
                     found = [Hop(h.host, h.port, h.name, pref) for h in found]
+            except DNSError as e:
+                last_error = e if isinstance(e, TemporaryDNSError) else TemporaryDNSError(
+                    Reply(451, "4.4.3", f"smart host {text}: {e.reply.text}"))
+                continue
             except Exception as e:      # noqa: BLE001 - lookup failures are reported per host
                 last_error = e
                 continue

@@ -1,0 +1,281 @@
+"""The etrn_dequeue plugin: hold mail for remote-triggered delivery, release it on ETRN/ATRN/TURN (and
+site commands), and ask our own ISP to dequeue (the seed's "Queue mail for remote triggered delivery"
+and "de-queue the stored mail to your mail server").
+
+Holding. ``smtpgw_delivery_window`` answers for connectors with ``delivery.remote_triggered: true``:
+every recipient routed through one is held (the queue counts no attempt) until a client allowed by
+``delivery.authorized`` asks for its domain; ``queue.expire`` still applies, so mail nobody collects
+gets its DSN.
+
+Releasing. A release is per (message, recipient domain) and lasts until each of those recipients has
+an outcome (or :data:`RELEASE_SECONDS`): the queue is woken for the messages concerned and the
+delivery window lets exactly those recipients go, through the normal outbound path (smart host or
+MX) -- or, for ATRN/TURN, over the client's own connection (plugins/etrn_dequeue/atrn.py). A
+recipient that is deferred is held again afterwards until the next request.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from twisted.logger import Logger
+
+from mta.defaults import domain_of
+from mta.hookspecs import hookimpl
+from mta.reply import Reply
+from mta.router import connectors_for
+from mta.windows import Hold
+from smtpgw_plugins.etrn_dequeue import nodes
+from smtpgw_plugins.etrn_dequeue.atrn import AtrnRoutes, AtrnSession, RoutingPool
+from smtpgw_plugins.etrn_dequeue.nodes import Node
+
+log = Logger(namespace="smtpgw.etrn_dequeue")
+
+HOLD_SECONDS = 7 * 86400.0        # a held recipient looks again this late (expiry comes first anyway)
+RELEASE_SECONDS = 600.0           # a release nobody used (a refused connector...) is forgotten after this
+
+NEED_HELO = Reply(503, "5.5.1", "Error: send HELO/EHLO first")
+ETRN_SYNTAX = Reply(501, "5.5.4", "Syntax: ETRN domain | ETRN @domain | ETRN #queue")
+ATRN_SYNTAX = Reply(501, "5.5.4", "Syntax: ATRN [domain[,domain...]]")
+TURN_REFUSED = Reply(502, "5.5.1", "TURN is not supported: use ETRN or ATRN (RFC 2645)")
+AUTH_REQUIRED = Reply(530, "5.7.0", "Authentication required")
+NOT_ODMR = Reply(502, "5.5.1", "ATRN is only offered on the On-Demand Mail Relay listener")
+ODMR_ONLY = Reply(502, "5.5.1", "This is an On-Demand Mail Relay listener: EHLO, STARTTLS, AUTH, ATRN, QUIT")
+IN_TRANSACTION = Reply(503, "5.5.1", "Error: MAIL transaction in progress")
+
+
+@dataclass(frozen=True)
+class HandOff(Reply):
+    """A positive reply after which the connection is handed to ``take_over`` (mta/server.py)."""
+
+    take_over: Any = field(default=None, compare=False)
+
+
+@dataclass
+class Release:
+    until: float
+    via: AtrnSession | None = None
+
+
+class EtrnDequeue:
+    def __init__(self) -> None:
+        self.config: Any = None
+        self.services: Any = None
+        self.limiter = nodes.RateLimiter(10, 60.0)
+        self.turn_enabled = False
+        self.releases: dict[tuple[str, str], Release] = {}      # (entry id, domain) -> release
+        self.atrn_sessions: dict[str, AtrnSession] = {}
+        self.requesters: list[Any] = []
+
+    # -- set-up ---------------------------------------------------------------------------------
+
+    @hookimpl
+    def smtpgw_configure(self, config: Any, services: Any) -> None:
+        self.config = config
+        self.services = services
+        settings = config.plugins.settings.get("etrn_dequeue") or {}
+        rate = settings.get("rate_limit") or {}
+        self.limiter = nodes.RateLimiter(int(rate.get("requests", 10)), float(rate.get("per", 60.0)))
+        self.turn_enabled = bool(settings.get("turn", False))
+        if nodes.remote_triggered(config):
+            services.hooks.register(AtrnRoutes(self), name="etrn_dequeue.atrn")
+            services.client = RoutingPool(services.client, self)
+        from smtpgw_plugins.etrn_dequeue.requester import start_requesters
+        self.requesters = start_requesters(self, config, services)
+
+    def event(self, level: str, message: str, **fields: Any) -> None:
+        if self.services is not None:
+            self.services.hooks.event("queuing_engine", level, message, **fields)
+
+    def _now(self) -> float:
+        return self.services.reactor.seconds()
+
+    # -- holding ----------------------------------------------------------------------------------
+
+    @hookimpl
+    def smtpgw_delivery_window(self, connector, envelope, domain):
+        if connector is None or not connector.delivery.remote_triggered or self.services is None:
+            return None
+        now = self._now()
+        release = self.releases.get((getattr(envelope, "id", ""), domain))
+        if release is not None and release.until >= now:
+            return float(now)           # released: go now, whatever the connector's schedule says
+        return Hold(now + HOLD_SECONDS, f"held: connector '{connector.name}' is remote-triggered; "
+                                        f"waiting for ETRN/ATRN for {domain}")
+
+    def release_via(self, entry_id: str, domain: str) -> AtrnSession | None:
+        release = self.releases.get((entry_id, domain))
+        return release.via if release is not None and release.until >= self._now() else None
+
+    def _outcome(self, envelope: Any, recipient: str) -> None:
+        key = (getattr(envelope, "id", ""), domain_of(recipient))
+        for atrn in list(self.atrn_sessions.values()):
+            atrn.outcome(key[0], recipient)
+        if key not in self.releases:
+            return
+        pending = [r for r in getattr(envelope, "pending", lambda: [])() if domain_of(r.address) == key[1]]
+        if not pending:
+            del self.releases[key]
+
+    @hookimpl
+    def smtpgw_delivered(self, envelope, recipient, reply):
+        self._outcome(envelope, recipient)
+
+    @hookimpl
+    def smtpgw_deferred(self, envelope, recipient, reply):
+        self._outcome(envelope, recipient)
+        key = (getattr(envelope, "id", ""), domain_of(recipient))
+        self.releases.pop(key, None)            # a deferred recipient waits for the next request
+
+    @hookimpl
+    def smtpgw_bounced(self, envelope, recipient, reply):
+        self._outcome(envelope, recipient)
+
+    def release(self, wanted: Any, connectors: list[Any], via: AtrnSession | None = None) -> int:
+        """Release the held recipients whose domain ``wanted(domain)`` accepts and that route through
+        one of ``connectors``; wake their messages. Returns how many messages move."""
+        names = {c.name for c in connectors}
+        now = self._now()
+        self._forget_stale(now)
+        config = self.config
+
+        def pick(entry: Any) -> bool:
+            found = False
+            for r in entry.pending():
+                domain = domain_of(r.address)
+                if not domain or config.is_local_domain(domain) or not wanted(domain):
+                    continue
+                route = connectors_for(config, domain)
+                if not route or route[0].name not in names:
+                    continue
+                self.releases[(entry.id, domain)] = Release(now + RELEASE_SECONDS, via)
+                if via is not None:
+                    via.expected.add((entry.id, r.address.lower()))
+                found = True
+            return found
+
+        return self.services.queue.wake(pick)
+
+    def _forget_stale(self, now: float) -> None:
+        for key in [k for k, r in self.releases.items() if r.until < now]:
+            del self.releases[key]
+
+    # -- the verbs ----------------------------------------------------------------------------------
+
+    @hookimpl
+    def smtpgw_ehlo_keywords(self, session):
+        if self.config is None:
+            return None
+        vs = self._virtual_server(session)
+        if vs is not None and vs.odmr:
+            return ["ATRN"]
+        return ["ETRN"] if nodes.remote_triggered(self.config) else None
+
+    @hookimpl
+    def smtpgw_command(self, session, verb, argument):
+        if self.config is None:
+            return None
+        if verb == "ETRN":
+            return self.dequeue(session, argument)
+        if verb == "ATRN":
+            return self.atrn(session, argument)
+        if verb == "TURN":
+            return self.turn(session, argument)
+        return None
+
+    @hookimpl
+    def smtpgw_mail_from(self, session, envelope, sender, params):
+        vs = self._virtual_server(session)
+        return ODMR_ONLY if vs is not None and vs.odmr else None
+
+    def _virtual_server(self, session: Any) -> Any:
+        try:
+            return self.config.virtual_server(session.virtual_server)
+        except KeyError:
+            return None
+
+    def dequeue(self, session: Any, argument: str, verb: str = "ETRN") -> Reply:
+        """ETRN (RFC 1985), and the same for a site's own command (etc/local_hooks/dequeue.py):
+        check, authorize, rate-limit, release, and answer 250/251 or 458/459."""
+        if session.helo is None:
+            return NEED_HELO
+        node = nodes.parse_node(argument)
+        if node is None:
+            return ETRN_SYNTAX if verb == "ETRN" else Reply(501, "5.5.4", f"Syntax: {verb} domain")
+        if not self.limiter.allow(session.peer_host, self._now()):
+            self.event("minimum", f"{verb} {node.text} from {session.peer_host}: rate limited")
+            return Reply(458, "4.7.0", f"Unable to queue messages for node {node.text}: "
+                                       "too many requests, try again later")
+        held_by = [c for c in nodes.remote_triggered(self.config) if node.matches_connector(c)]
+        if not held_by:
+            return Reply(459, "5.7.1", f"Node {node.text} not allowed: no mail is held here for it")
+        allowed = [c for c in held_by if nodes.is_authorized(c, session)]
+        if not allowed:
+            self.event("minimum", f"{verb} {node.text} refused: {session.peer_host} "
+                                  f"({session.authenticated_user or 'not authenticated'}) is not authorized")
+            return Reply(459, "5.7.1", f"Node {node.text} not allowed: client not authorized")
+        moved = self.release(self._wanted(node), allowed)
+        self.event("minimum", f"{verb} {node.text} from {session.peer_host}: {moved} message(s) released")
+        if not moved:
+            return Reply(251, "2.0.0", f"OK, no messages waiting for node {node.text}")
+        return Reply(250, "2.0.0", f"Queuing for node {node.text} started")
+
+    @staticmethod
+    def _wanted(node: Node) -> Any:
+        if node.kind == "queue":
+            return lambda domain: True          # the connector choice in release() does the selecting
+        return node.matches_domain
+
+    # -- ATRN / TURN ------------------------------------------------------------------------------
+
+    def atrn(self, session: Any, argument: str) -> Reply:
+        vs = self._virtual_server(session)
+        if vs is None or not vs.odmr:
+            return NOT_ODMR
+        return self._reverse(session, argument, "ATRN")
+
+    def turn(self, session: Any, argument: str) -> Reply:
+        if not self.turn_enabled:
+            return TURN_REFUSED
+        if argument.strip():
+            return Reply(501, "5.5.4", "Syntax: TURN")
+        return self._reverse(session, "", "TURN")
+
+    def _reverse(self, session: Any, argument: str, verb: str) -> Reply:
+        if session.helo is None:
+            return NEED_HELO
+        if not session.authenticated_user:
+            return AUTH_REQUIRED
+        domains = nodes.parse_domain_list(argument)
+        if domains is None:
+            return ATRN_SYNTAX
+        mine = nodes.account_connectors(self.config, session.authenticated_user)
+        if not mine:
+            return Reply(450, "4.7.1", f"{verb} request refused: no mail is held for this account")
+        if not domains:
+            wanted = None
+            domains = nodes.collectable_domains(mine)
+        else:
+            refused = [d for d in domains if not any(Node("domain", d, d).matches_connector(c) for c in mine)]
+            if refused:
+                self.event("minimum", f"{verb} by {session.authenticated_user} refused for {', '.join(refused)}")
+                return Reply(450, "4.7.1", f"{verb} request refused for {', '.join(refused)}")
+            wanted = set(domains)
+        atrn = AtrnSession(self, session, domains)
+        moved = self.release((lambda d: True) if wanted is None else (lambda d: d in wanted), mine, via=atrn)
+        if not moved:
+            for key in [k for k, r in self.releases.items() if r.via is atrn]:
+                del self.releases[key]
+            return Reply(453, "4.3.0", "You have no mail")
+        self.atrn_sessions[session.id] = atrn
+        self.event("minimum", f"{verb} by {session.authenticated_user} for {', '.join(domains)}: "
+                              f"{moved} message(s), reversing the connection")
+        return HandOff(250, "2.0.0", "OK now reversing the connection", take_over=atrn.take_over)
+
+    def atrn_closed(self, atrn: AtrnSession) -> None:
+        self.atrn_sessions.pop(atrn.session_id, None)
+        for key in [k for k, r in self.releases.items() if r.via is atrn]:
+            del self.releases[key]
+
+
+__all__ = ["EtrnDequeue", "HandOff"]

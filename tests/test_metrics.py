@@ -1,0 +1,142 @@
+"""The Prometheus endpoint: off by default, and on a running gateway its counters move with the mail."""
+from __future__ import annotations
+
+import smtplib
+import urllib.request
+import uuid
+from types import SimpleNamespace
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from gwprocess import base_config, port_open, wait_until
+
+from mta.config import parse_config
+from mta.metrics import GatewayMetrics
+from mta.queue_entry import QueueEntry, RecipientState
+from mta.reply import Reply
+
+GW_HOST, GW_PORT = "127.0.0.113", 2525
+METRICS = ("127.0.0.113", 9125)
+PEER = "127.0.0.114"
+
+
+def samples(text: str) -> dict[tuple[str, tuple], float]:
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+def scrape() -> dict[tuple[str, tuple], float]:
+    with urllib.request.urlopen(f"http://{METRICS[0]}:{METRICS[1]}/metrics", timeout=10) as r:
+        assert r.headers["Content-Type"].startswith("text/plain")
+        return samples(r.read().decode())
+
+
+def value(scraped: dict, name: str, **labels: str) -> float:
+    return scraped.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+def send(rcpt: str, subject: str = "metrics") -> None:
+    msg = f"From: a@example.test\r\nSubject: {subject}\r\nMessage-ID: <{uuid.uuid4().hex}@x.test>\r\n\r\nhi\r\n"
+    with smtplib.SMTP(GW_HOST, GW_PORT, timeout=30) as s:
+        s.sendmail("a@example.test", [rcpt], msg)
+
+
+def test_metrics_are_off_by_default_and_on_loopback(tmp_path):
+    config = parse_config(base_config(tmp_path))
+    assert config.gateway.metrics.enabled is False
+    assert config.gateway.metrics.listen == ("127.0.0.1", 9125)
+
+
+def test_counters_move_on_a_running_gateway(gateway, peers, tmp_path):
+    peer = peers(PEER)
+    peer.set_reply("rcpt", "451 4.3.0 later")
+    cfg = base_config(tmp_path, listen=f"{GW_HOST}:{GW_PORT}")
+    cfg["virtual_servers"][0]["relay"]["allow"] = ["127.0.0.0/8"]
+    cfg["gateway"]["queue"]["retry"] = ["1h"]
+    cfg["gateway"]["metrics"] = {"enabled": True, "listen": f"{METRICS[0]}:{METRICS[1]}"}
+    cfg["connectors"][0]["smart_hosts"] = [f"[{PEER}]"]
+    gateway(cfg)
+    assert wait_until(lambda: port_open(*METRICS))
+    before = scrape()
+    assert value(before, "smtpgw_messages_received_total") == 0
+    assert value(before, "smtpgw_queue_messages") == 0
+
+    send("bob@example.test")                          # local: delivered at once
+    send("carol@remote.test")                         # the smart host defers it
+    assert wait_until(lambda: value(scrape(), "smtpgw_recipients_deferred_total") == 1, 20)
+    assert wait_until(lambda: value(scrape(), "smtpgw_recipients_delivered_total") == 1, 20)
+    after = scrape()
+    vs = "Default SMTP Virtual Server"
+    assert value(after, "smtpgw_connections_total", virtual_server=vs) >= 2
+    assert value(after, "smtpgw_messages_received_total") == 2
+    assert value(after, "smtpgw_recipients_bounced_total") == 0
+    assert value(after, "smtpgw_delivery_latency_seconds_count") == 1
+    assert value(after, "smtpgw_queue_messages") == 1
+    assert value(after, "smtpgw_queue_recipients") == 1
+    assert value(after, "smtpgw_queue_oldest_age_seconds") > 0
+    assert value(after, "smtpgw_connections_active", virtual_server=vs) == 0
+
+
+def test_recorder_counts_hooks_and_reads_the_queue():
+    """The hook side on its own: what each hook adds, and the queue gauges read at render time."""
+    entry = QueueEntry("q1", "a@example.test", [RecipientState("b@remote.test")], received_at=100.0, size=10)
+    queue = SimpleNamespace(stats=lambda: {"messages": 3, "held": 1, "recipients": 4, "active": 2,
+                                           "oldest_age": 42.0})
+    factory = SimpleNamespace(vs=SimpleNamespace(name="VS"), active=5)
+    gw = SimpleNamespace(queue=queue, reactor=SimpleNamespace(seconds=lambda: 130.0))
+    m = GatewayMetrics(gw, [factory])
+    m.hooks.smtpgw_connect(session=SimpleNamespace(virtual_server="VS"))
+    m.hooks.smtpgw_queued(envelope=entry)
+    m.hooks.smtpgw_delivered(envelope=entry, recipient="b@remote.test", reply=Reply(250, "2.0.0", "ok"))
+    m.hooks.smtpgw_deferred(envelope=entry, recipient="b@remote.test", reply=Reply(451, "4.0.0", "x"))
+    m.hooks.smtpgw_bounced(envelope=entry, recipient="b@remote.test", reply=Reply(550, "5.0.0", "x"))
+    got = samples(m.render().decode())
+    assert value(got, "smtpgw_connections_total", virtual_server="VS") == 1
+    assert value(got, "smtpgw_connections_active", virtual_server="VS") == 5
+    for name in ("smtpgw_messages_received_total", "smtpgw_recipients_delivered_total",
+                 "smtpgw_recipients_deferred_total", "smtpgw_recipients_bounced_total"):
+        assert value(got, name) == 1, name
+    assert value(got, "smtpgw_delivery_latency_seconds_sum") == 30.0
+    assert value(got, "smtpgw_delivery_latency_seconds_bucket", le="30.0") == 1
+    assert value(got, "smtpgw_delivery_latency_seconds_bucket", le="10.0") == 0
+    assert (value(got, "smtpgw_queue_messages"), value(got, "smtpgw_queue_held_messages"),
+            value(got, "smtpgw_queue_recipients"), value(got, "smtpgw_queue_active_deliveries"),
+            value(got, "smtpgw_queue_oldest_age_seconds")) == (3, 1, 4, 2, 42.0)
+
+
+def test_listen_key_errors_name_the_key(tmp_path):
+    import pytest
+
+    from mta.config import ConfigError
+
+    cfg = base_config(tmp_path)
+    cfg["gateway"]["metrics"] = {"enabled": True, "listen": "localhost:9125"}
+    with pytest.raises(ConfigError, match=r"^gateway.metrics.listen: "):
+        parse_config(cfg)
+    cfg["gateway"]["metrics"] = {"enabled": "yes"}
+    with pytest.raises(ConfigError, match=r"^gateway.metrics.enabled: "):
+        parse_config(cfg)
+
+
+def test_check_config_lists_hooks_in_call_order(tmp_path, capsys):
+    """check-config builds the plugin manager as the gateway does, starting nothing."""
+    import yaml
+
+    from mta.cli import main
+
+    cfg = base_config(tmp_path, listen=f"{GW_HOST}:{GW_PORT}")
+    cfg["gateway"]["metrics"] = {"enabled": True, "listen": f"{METRICS[0]}:{METRICS[1]}"}
+    path = tmp_path / "gateway.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    assert main(["check-config", "-c", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "  smtpgw_rcpt_to: relay_acl -> core" in out
+    assert "  smtpgw_next_hops: smart_host -> core" in out
+    assert "  smtpgw_connect: metrics" in out
+    assert "  smart_host: smtpgw_configure, smtpgw_next_hops" in out
+    assert f"metrics: http://{METRICS[0]}:{METRICS[1]}/metrics" in out
+    assert f"control socket: {tmp_path / 'spool' / 'control.sock'}" in out
+    assert not (tmp_path / "spool").exists() and not port_open(*METRICS)
