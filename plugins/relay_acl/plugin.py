@@ -10,6 +10,7 @@ from mta.defaults import domain_of
 from mta.hookspecs import hookimpl
 from mta.reply import Reply
 from mta.router import connectors_for
+from mta.netaddr import client_ip
 from smtpgw_plugins.relay_acl import restrictions
 from smtpgw_plugins.relay_acl.local_parts import local_part_refusal
 from smtpgw_plugins.relay_acl.restrictions import Facts, Refusal
@@ -20,17 +21,6 @@ PRIORITY_KEY = "relay_acl.priority"     # envelope.extra -> queue entry extra: t
 ALL_PRIORITIES = frozenset({restrictions.HIGH, restrictions.NORMAL, restrictions.LOW})
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
-
-
-def client_ip(host: str) -> IPAddress | None:
-    """The peer as an address; IPv4-mapped IPv6 peers count as their IPv4 address."""
-    try:
-        ip = ipaddress.ip_address(host.split("%", 1)[0])
-    except ValueError:
-        return None
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        return ip.ipv4_mapped
-    return ip
 
 
 def _forms(ip: IPAddress) -> tuple[IPAddress, ...]:
