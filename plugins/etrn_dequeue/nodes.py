@@ -5,7 +5,6 @@ Kept free of I/O and of the queue so the rules an administrator relies on are pl
 from __future__ import annotations
 
 import collections
-import ipaddress
 import re
 from dataclasses import dataclass
 from typing import Any, Iterable
