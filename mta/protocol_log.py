@@ -23,7 +23,7 @@ import calendar
 import os
 import re
 import time
-from typing import Any, Callable
+from typing import Any
 
 from twisted.application import service
 from twisted.internet import defer
@@ -41,10 +41,10 @@ def w3c_value(value: Any) -> str:
     control characters as ``%XX``."""
     if value is None:
         return "-"
-    text = str(value)
+    text = value if type(value) is str else str(value)
     if not text:
         return "-"
-    if _UNSAFE.search(text) is None:
+    if " " not in text and text.isprintable():
         return text
     return _UNSAFE.sub(lambda m: "+" if m.group() in " \t" else f"%{ord(m.group()):02X}", text)
 
@@ -121,18 +121,19 @@ class W3CFiles:
         if isinstance(self.period, int):
             self._write_by_size(batch)
             return
-        groups: dict[str, list[str]] = {}
+        groups: dict[str, tuple[float, list[str]]] = {}
         for when, line in batch:
             name = "extend1.log" if self.period == "unlimited" else \
                 period_file_name(self.period, when, self.local_time)
-            lines = groups.get(name)
-            if lines is None:
-                lines = groups[name] = [] if name in self._started else [self.header(when)]
-                self._started.add(name)
-            lines.append(line)
-        for name, lines in groups.items():
-            with open(os.path.join(self.folder, name), "a", encoding="utf-8", newline="") as f:
-                f.write("".join(lines))
+            groups.setdefault(name, (when, []))[1].append(line)
+        for name, (first, lines) in groups.items():
+            path = os.path.join(self.folder, name)
+            # directives open every file, and again when this process first appends to one (or when
+            # someone moved the file away meanwhile)
+            head = name not in self._started or not os.path.exists(path)
+            with open(path, "a", encoding="utf-8", newline="") as f:
+                f.write(self.header(first) + "".join(lines) if head else "".join(lines))
+            self._started.add(name)
 
     def _write_by_size(self, batch: list[tuple[float, str]]) -> None:
         limit = int(self.period)
@@ -179,32 +180,15 @@ class W3CFiles:
             return 0
 
 
-class _Field:
-    """How each W3C field is read from a command's facts."""
-
-    ALL: dict[str, Callable[..., Any]] = {
-        "date": lambda c: c["date"],
-        "time": lambda c: c["time"],
-        "c-ip": lambda c: c["session"].peer_host,
-        "cs-username": lambda c: c["session"].authenticated_user or c["session"].helo,
-        "s-sitename": lambda c: c["site"],
-        "s-computername": lambda c: c["computer"],
-        "s-ip": lambda c: c["session"].local_host,
-        "s-port": lambda c: c["session"].local_port,
-        "cs-method": lambda c: c["verb"],
-        "cs-uri-stem": lambda c: None,
-        "cs-uri-query": lambda c: c["query"],
-        "sc-status": lambda c: c["status"],
-        "sc-win32-status": lambda c: 0,
-        "sc-bytes": lambda c: c["bytes_out"],
-        "cs-bytes": lambda c: c["bytes_in"],
-        "time-taken": lambda c: c["ms"],
-        "cs-version": lambda c: "SMTP",
-        "cs-host": lambda c: c["session"].helo,
-    }
-
-
-assert set(_Field.ALL) == set(PROTOCOL_LOG_FIELDS)
+def field_row(date: str, clock: str, session: Any, site: str, computer: str, verb: str, query: str,
+              status: Any, bytes_out: int, bytes_in: int, ms: int) -> tuple:
+    """Every field's value, in :data:`PROTOCOL_LOG_FIELDS` order; a log picks the ones it writes."""
+    return (date, clock, session.peer_host,
+            session.authenticated_user or session.helo,          # cs-username: IIS writes the HELO name
+            site, computer, session.local_host, session.local_port,
+            verb, None, query,                                    # cs-method, cs-uri-stem, cs-uri-query
+            status, 0, bytes_out, bytes_in, ms,                   # sc-status .. time-taken
+            "SMTP", session.helo)                                 # cs-version, cs-host
 
 
 class ProtocolLog:
@@ -218,7 +202,7 @@ class ProtocolLog:
         self.reactor = reactor
         self.folder = os.path.join(config.directory, site)
         self.files = W3CFiles(self.folder, config.period, config.local_time, tuple(config.fields), software)
-        self._getters = [_Field.ALL[name] for name in config.fields]
+        self._picks = [PROTOCOL_LOG_FIELDS.index(name) for name in config.fields]
         self._stamp = _Stamp()
         self.buffer: LineBuffer[tuple[float, str]] = LineBuffer(reactor, self.files.write,
                                                                 f"protocol log {self.folder}", delay=delay)
@@ -234,11 +218,10 @@ class ProtocolLog:
         after the verb becomes ``cs-uri-query`` with its leading space, as IIS writes it (``+FROM:<>``)."""
         now = self.reactor.seconds()
         date, clock = self._stamp.at(now)
-        facts = {"date": date, "time": clock, "session": session, "site": self.site, "computer": self.computer,
-                 "verb": verb, "query": line[len(verb):], "status": getattr(reply, "code", reply),
-                 "bytes_out": bytes_out, "bytes_in": bytes_in, "ms": int(time_taken * 1000)}
-        text = " ".join([w3c_value(get(facts)) for get in self._getters])
-        if text.startswith("#"):            # never mistaken for a directive
+        row = field_row(date, clock, session, self.site, self.computer, verb, line[len(verb):],
+                        getattr(reply, "code", reply), bytes_out, bytes_in, int(time_taken * 1000))
+        text = " ".join([w3c_value(row[i]) for i in self._picks])
+        if text[0] == "#":                  # never mistaken for a directive
             text = "%23" + text[1:]
         self.buffer.add((now, text + "\n"))
 

@@ -6,8 +6,10 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import signal
 import smtplib
+import tempfile
 from dataclasses import replace
 from pathlib import Path
 
@@ -242,8 +244,8 @@ class ConfigReloadTest(trial.TestCase):
     """The SIGHUP target reads the file in a thread; a broken file changes nothing."""
 
     def setUp(self) -> None:
-        self.tmp = Path(self.mktemp()).resolve()
-        self.tmp.mkdir(parents=True)
+        self.tmp = Path(tempfile.mkdtemp(prefix="smtpgw-diag-"))
+        self.addCleanup(shutil.rmtree, self.tmp, True)
         self.path = self.tmp / "gateway.yaml"
         self.write("none")
         settings = diag_settings("none", self.tmp / "diag.log")

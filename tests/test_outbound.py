@@ -5,6 +5,7 @@ Peers listen on 127.0.0.91-98 (this issue's own addresses), port 25.
 """
 from __future__ import annotations
 
+import shutil
 import tempfile
 import threading
 import time
@@ -48,6 +49,7 @@ class OutboundCase(unittest.TestCase):
     def setUp(self):
         self.pools: list[SMTPClientPool] = []
         self.tmp = Path(tempfile.mkdtemp(prefix="smtpgw-outbound-"))
+        self.addCleanup(shutil.rmtree, self.tmp, True)
         self.ca = trustme.CA()
 
     def tearDown(self):

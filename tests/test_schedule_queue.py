@@ -8,6 +8,7 @@ mail is not held by an oversize window. The smart host is a real SMTPPeer on 127
 """
 from __future__ import annotations
 
+import shutil
 import tempfile
 import time
 from datetime import datetime
@@ -55,6 +56,7 @@ class ScheduledQueue(unittest.TestCase):
 
     def setUp(self):
         self.tmp = Path(tempfile.mkdtemp(prefix="smtpgw-schedq-"))
+        self.addCleanup(shutil.rmtree, self.tmp, True)
         self.peer = SMTPPeer(PEER).start()
         self.addCleanup(self.peer.stop)
         self.gw: Gateway | None = None

@@ -12,6 +12,7 @@ Addresses: peers on 127.0.0.91-98 port 25 (587 for the ISP), dnsmasq on 127.0.0.
 """
 from __future__ import annotations
 
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -75,6 +76,7 @@ class SmartHostRoutes(unittest.TestCase):
 
     def setUp(self):
         self.tmp = Path(tempfile.mkdtemp(prefix="smtpgw-smarthost-"))
+        self.addCleanup(shutil.rmtree, self.tmp, True)
         self.dns = zone(DNSServer(DNS_IP)).start()
         self.addCleanup(self.dns.stop)
         self.gateways: list[Gateway] = []

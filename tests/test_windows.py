@@ -6,13 +6,13 @@ Times are fixed Unix timestamps (a fake clock): Monday 2026-11-30 is the referen
 """
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import datetime
 from types import SimpleNamespace
 from zoneinfo import ZoneInfo
 
 import pytest
 
-from mta.config import (ConfigError, Connector, ContentRestrictions, DeliveryConfig, OversizeConfig,
+from mta.config import (ConfigError, Connector, DeliveryConfig, OversizeConfig,
                         parse_config)
 from mta.schedule import parse_schedule
 from mta.windows import NEVER_RECHECK, Hold, delivery_window
