@@ -69,7 +69,9 @@ def base_config(tmp: Path, listen: str = "127.0.0.1:2525", **over: Any) -> dict:
             "smart_hosts": [],
             "bridgeheads": ["Default SMTP Virtual Server"],
         }],
-        "plugins": {"enabled": ["relay_acl", "smart_host", "diag_logging"], "local": []},
+        "plugins": {"enabled": ["relay_acl", "smart_host", "diag_logging"], "local": [],
+                    # enough in twistd.log to follow a message when an end-to-end test fails
+                    "diag_logging": {"levels": {"queuing_engine": "medium", "routing_engine": "medium"}}},
     }
     cfg.update(over)
     return cfg
