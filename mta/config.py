@@ -66,6 +66,7 @@ class GatewayConfig:
     queue: QueueConfig = field(default_factory=QueueConfig)
     control_socket: str | None = None       # `smtpgw queue` talks to the daemon here; None: <spool>/control.sock
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    workers: int | str = 1                  # processes sharing the listeners (mta/workers.py); "auto": one per CPU
 
     @property
     def control_socket_path(self) -> str:

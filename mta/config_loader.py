@@ -422,6 +422,7 @@ GATEWAY = Section(GatewayConfig, {
     "queue": Key(QUEUE),
     "control_socket": Key(file_path),         # default: <spool>/control.sock (smtpgw queue)
     "metrics": Key(METRICS),
+    "workers": Key(lambda v, p: worker_count(v, p), 1),     # mta/workers.py
 }, finish=_finish_gateway)
 
 LIMITS = Section(Limits, {
@@ -804,6 +805,23 @@ def check_control_socket(config: Config) -> None:
 CHECKS: list[Callable[[Config], None]] = [check_names, check_listeners, check_bridgeheads, check_oversize,
                                           check_tls_and_auth]
 CHECKS.append(check_control_socket)         # smtpgw queue (mta/control.py)
+
+
+def worker_count(value: Any, path: str) -> int | str:
+    """``gateway.workers``: a number of processes (1-64) or ``auto`` (one per CPU)."""
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return "auto"
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 64:
+        raise ConfigError(path, f"expected a number of worker processes from 1 to 64, or auto, got {describe(value)}")
+    return value
+
+
+def check_workers(config: Config) -> None:
+    from mta.workers import check_workers as check
+    check(config)
+
+
+CHECKS.append(check_workers)                # several worker processes (mta/workers.py)
 
 
 def check_tls_files(config: Config) -> None:

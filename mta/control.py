@@ -287,6 +287,7 @@ class ControlService(service.Service):
     """
 
     name = "smtpgw-control"
+    control_class: Callable[[Any], QueueControl] = QueueControl    # mta.workers_control: worker 0's
 
     def __init__(self, gateway: Any, path: str) -> None:
         self.gateway = gateway
@@ -303,7 +304,7 @@ class ControlService(service.Service):
             log.error("control socket {path}: cannot create its folder: {e}", path=self.path, e=e)
             return
         endpoint = UNIXServerEndpoint(self.gateway.reactor, self.path, mode=0o600, wantPID=True)
-        d = endpoint.listen(ControlFactory(QueueControl(self.gateway)))
+        d = endpoint.listen(ControlFactory(self.control_class(self.gateway)))
 
         def listening(port: Any) -> None:
             self._port = port
@@ -332,8 +333,15 @@ def add_operator_services(top: service.MultiService, gateway: Any, reactor: Any)
     Prometheus endpoint (``gateway.metrics.enabled``), fed by the SMTP listeners already in ``top``."""
     from twisted.application.internet import StreamServerEndpointService
 
-    ControlService(gateway, gateway.config.gateway.control_socket_path).setServiceParent(top)
-    if gateway.config.gateway.metrics.enabled:
+    from mta import workers
+    from mta.workers_control import FanOutControl, worker_socket
+
+    worker = workers.of(gateway)        # several workers: worker i > 0 on <socket>.<i>, 0 answers for all
+    control = ControlService(gateway, worker_socket(gateway.config.gateway.control_socket_path, worker.index))
+    if worker.supervisor:
+        control.control_class = FanOutControl
+    control.setServiceParent(top)
+    if gateway.config.gateway.metrics.enabled and worker.index == 0:
         from mta.metrics import metrics_service
 
         factories = {id(s.factory): s.factory for s in top

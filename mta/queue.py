@@ -25,8 +25,8 @@ from typing import Any, Callable
 from twisted.internet import defer
 from twisted.logger import Logger
 
-from mta import dsn
-from mta.envelope import Envelope, Session, new_id
+from mta import dsn, workers
+from mta.envelope import Envelope, Session
 from mta.message import MessageData
 from mta.nexthop import RecipientResult
 from mta.queue_entry import DELIVERED, FAILED, PENDING, QueueEntry, RecipientState
@@ -198,7 +198,8 @@ class QueueManager:
     def inject(self, sender: str, recipients: list[str], data: bytes,
                extra: dict | None = None) -> defer.Deferred:
         """Queue a locally generated message (a DSN), with the same durability as received mail."""
-        entry = QueueEntry(id=new_id(), sender=sender, rcpts=[RecipientState(a) for a in recipients],
+        entry = QueueEntry(id=workers.queue_id(self.gateway), sender=sender,
+                           rcpts=[RecipientState(a) for a in recipients],
                            received_at=self._now(), size=len(data), virtual_server="",
                            peer_host="localhost", extra=dict(extra or {}))
         return self._enqueue(entry, [data])

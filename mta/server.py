@@ -23,7 +23,7 @@ from twisted.internet.interfaces import ISSLTransport
 from twisted.internet.protocol import Protocol, ServerFactory
 from twisted.logger import Logger
 
-from mta import address
+from mta import address, workers
 from mta import server_replies as R
 from mta.address import AddressError
 from mta.config import VirtualServer
@@ -444,7 +444,7 @@ class SMTPServerProtocol(Protocol):
         refusal = self._check_mail_params(params, rest)
         if refusal is not None:
             return refusal
-        envelope = Envelope(id=new_id())
+        envelope = Envelope(id=workers.queue_id(self.gateway))     # owned by this worker (mta/workers.py)
         return self._ask("smtpgw_mail_from", partial(self._mail_answered, envelope, sender, params),
                          session=self.session, envelope=envelope, sender=sender, params=params)
 

@@ -182,6 +182,9 @@ class Spool:
         self._shutdown_trigger: Any = None
         self._seq = 0
         self._dirsync: _DirSyncer | None = None
+        # Several workers on one spool (mta/workers.py): the queue ids this process owns. Only those
+        # are scanned and only their unfinished writes are cleaned up; None means every file.
+        self.owns: Callable[[str], bool] | None = None
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -190,6 +193,8 @@ class Spool:
         for d in (self.directory, self.tmp_dir, self.queue_dir, self.corrupt_dir):
             os.makedirs(d, mode=0o700, exist_ok=True)
         for name in os.listdir(self.tmp_dir):
+            if self.owns is not None and not self.owns(name.split(".", 1)[0]):
+                continue            # another worker's write in progress
             try:
                 os.unlink(os.path.join(self.tmp_dir, name))
             except FileNotFoundError:
@@ -357,7 +362,10 @@ class Spool:
         problems: list[str] = []
         entries: list[QueueEntry] = []
         names = set(os.listdir(self.queue_dir))
+        owns = self.owns
         for name in sorted(names):
+            if owns is not None and not owns(name[:-len(STATE_SUFFIX)] if name.endswith(STATE_SUFFIX) else name):
+                continue            # another worker's entry
             path = os.path.join(self.queue_dir, name)
             if name.endswith(STATE_SUFFIX):
                 if name[:-len(STATE_SUFFIX)] not in names:

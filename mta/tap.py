@@ -38,18 +38,40 @@ class GatewayService(service.Service):
 
     def startService(self) -> None:
         super().startService()
-        self.gateway.start()
+        from mta import workers
+
+        worker = workers.of(self.gateway)
+        if not worker.many:
+            self.gateway.start()
+            return
+        # several workers: this one's share of the spool is ours alone once its lock is held
+        self._lock = workers.OwnerLock(self.gateway.config.gateway.spool, worker.index, self.gateway.reactor)
+        self._lock.acquire().addCallbacks(lambda _: self.gateway.start(), self._lock_failed)
+
+    def _lock_failed(self, failure: Any) -> None:
+        from twisted.logger import Logger
+        Logger(namespace="smtpgw.workers").failure("cannot lock this worker's share of the spool", failure)
+        from twisted.internet import reactor
+        reactor.stop()
 
     def stopService(self):
         super().stopService()
-        return self.gateway.stop()
+        d = self.gateway.stop()
+        lock = getattr(self, "_lock", None)
+        if lock is not None:
+            d.addBoth(lambda r: (lock.release(), r)[1])
+        return d
 
 
-def endpoint_for(reactor: Any, listen: ListenAddress, tls_context: Any = None) -> Any:
+def endpoint_for(reactor: Any, listen: ListenAddress, tls_context: Any = None, worker: Any = None) -> Any:
     """A TCP endpoint; for a ``tls: true`` entry (implicit TLS, port 465) a TLS one whose sessions start
-    encrypted, with the virtual server's context (``mta.server_tls.ServerTLS``, so SIGHUP reaches it)."""
+    encrypted, with the virtual server's context (``mta.server_tls.ServerTLS``, so SIGHUP reaches it).
+    With several workers, a socket they share (``mta.workers.SharedEndpoint``)."""
     from twisted.internet.endpoints import SSL4ServerEndpoint, TCP4ServerEndpoint, TCP6ServerEndpoint
 
+    if worker is not None and worker.many:
+        from mta.workers import SharedEndpoint
+        return SharedEndpoint(reactor, listen, tls_context, worker)
     host = listen.host or "0.0.0.0"
     if listen.tls:
         if tls_context is None:
@@ -69,11 +91,17 @@ def makeService(options: Options) -> service.MultiService:
     from mta.reload import ReloadService
     from mta.server import SMTPServerFactory
 
+    from mta import workers
+
     config = options.parsed
     gateway = Gateway(config, reactor)
+    worker = gateway.worker = workers.current(config)     # gateway.workers: which process this is
+    if worker.many:
+        gateway.spool.owns = worker.owns
     top = service.MultiService()
     GatewayService(gateway).setServiceParent(top)
     tls_contexts = []
+    endpoints = []
     for vs in config.virtual_servers:
         factory = SMTPServerFactory(gateway, vs)
         if factory.tls_context is not None:
@@ -81,13 +109,22 @@ def makeService(options: Options) -> service.MultiService:
         if factory.protocol_log is not None:     # its last lines are written when twistd stops
             ProtocolLogService(factory.protocol_log).setServiceParent(top)
         for listen in vs.listen:
-            svc = internet.StreamServerEndpointService(endpoint_for(reactor, listen, factory.tls_context),
-                                                       factory)
+            endpoint = endpoint_for(reactor, listen, factory.tls_context, worker)
+            endpoints.append(endpoint)
+            svc = internet.StreamServerEndpointService(endpoint, factory)
             svc._raiseSynchronously = True       # a port in use stops startup with a clear error
             svc.setName(f"{vs.name} {listen.host}:{listen.port}")
             svc.setServiceParent(top)
+    reload_targets = [*tls_contexts, ConfigReload(gateway)]
+    if worker.supervisor:           # started last: after every listener is bound
+        supervisor = workers.WorkerSupervisor(reactor, worker, options["config"], endpoints)
+        reload_targets.append(supervisor)
+    elif worker.many:
+        workers.ParentWatch(reactor, worker.index).setServiceParent(top)
     # SIGHUP re-reads certificates, and the file for what plugins apply live (smtpgw_reload)
-    ReloadService(reactor, [*tls_contexts, ConfigReload(gateway)]).setServiceParent(top)
+    ReloadService(reactor, reload_targets).setServiceParent(top)
     from mta.control import add_operator_services
     add_operator_services(top, gateway, reactor)        # control socket (smtpgw queue), metrics endpoint
+    if worker.supervisor:
+        supervisor.setServiceParent(top)
     return top

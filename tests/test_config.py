@@ -239,7 +239,7 @@ ERRORS = [
     ("virtual_servers[0].limits.max_connections", True,
      "virtual_servers[0].limits.max_connections: expected an integer, got true"),
     ("gateway.colour", "blue",
-     "gateway.colour: unknown key (known: dns, hostname, local_domains, postmaster, queue, spool)"),
+     "gateway.colour: unknown key (known: control_socket, dns, hostname, local_domains, "),
     ("extras", 1, "extras: unknown key (known: connectors, gateway, plugins, virtual_servers)"),
     ("connectors[0].delivery_restrictions.exceptions", [],
      "connectors[0].delivery_restrictions.exceptions: unknown key (known: default, except)"),
@@ -299,7 +299,8 @@ ERRORS = [
     ("virtual_servers[0].tls", {"required": True},
      "virtual_servers[0].tls.required: TLS cannot be required without a certificate and key"),
     ("virtual_servers[0].protocol_log.period", "fortnightly",
-     "virtual_servers[0].protocol_log.period: expected one of hourly, daily, weekly, monthly, got 'fortnightly'"),
+     "virtual_servers[0].protocol_log.period: expected one of hourly, daily, weekly, monthly, unlimited, "
+     "or a size such as 10MB, got 'fortnightly'"),
     ("virtual_servers[0].smart_host", "smart host.example",
      "virtual_servers[0].smart_host: expected \"host\", \"host:port\", \"[IP]\" or \"[IP]:port\", got 'smart host.example'"),
     ("connectors[0].smart_hosts", ["relay.isp.example", "[192.0.2.300]"],
