@@ -70,6 +70,9 @@ class _Transaction:
 
 class _Server(socketserver.ThreadingTCPServer):
     allow_reuse_address = True
+    # A burst of connections (a queue restarting with many messages) overflows socketserver's default
+    # backlog of 5; Linux then leaves the extra clients "established" on their side with no greeting.
+    request_queue_size = 1024
     daemon_threads = True
     block_on_close = False
 
