@@ -24,6 +24,7 @@ from mta.defaults import domain_of
 from mta.hookspecs import hookimpl
 from mta.reply import Reply
 from mta.router import connectors_for
+from mta.server_auth import AUTH_REQUIRED
 from mta.windows import Hold
 from smtpgw_plugins.etrn_dequeue import nodes
 from smtpgw_plugins.etrn_dequeue.atrn import AtrnRoutes, AtrnSession, RoutingPool
@@ -38,7 +39,6 @@ NEED_HELO = Reply(503, "5.5.1", "Error: send HELO/EHLO first")
 ETRN_SYNTAX = Reply(501, "5.5.4", "Syntax: ETRN domain | ETRN @domain | ETRN #queue")
 ATRN_SYNTAX = Reply(501, "5.5.4", "Syntax: ATRN [domain[,domain...]]")
 TURN_REFUSED = Reply(502, "5.5.1", "TURN is not supported: use ETRN or ATRN (RFC 2645)")
-AUTH_REQUIRED = Reply(530, "5.7.0", "Authentication required")
 NOT_ODMR = Reply(502, "5.5.1", "ATRN is only offered on the On-Demand Mail Relay listener")
 ODMR_ONLY = Reply(502, "5.5.1", "This is an On-Demand Mail Relay listener: EHLO, STARTTLS, AUTH, ATRN, QUIT")
 IN_TRANSACTION = Reply(503, "5.5.1", "Error: MAIL transaction in progress")
