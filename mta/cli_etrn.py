@@ -9,8 +9,12 @@ that runs when the dial-up link comes up::
 
     smtpgw etrn -c etc/gateway.yaml --connector "Internet SMTP connector"
 
-Exit status 0 when every request was accepted (2xx), 1 otherwise. ATRN needs the running gateway to
-receive the mail (the connector's ``etrn`` section with ``command: ATRN``); here it is refused.
+A connector whose ``etrn`` section names a trigger program (``run``, for an ISP that dequeues on a
+FINGER request or the like) runs that program here as well.
+
+Exit status 0 when every request was accepted (2xx; a program: exit status 0), 1 otherwise. ATRN
+needs the running gateway to receive the mail (the connector's ``etrn`` section with ``command:
+ATRN``); here it is refused.
 """
 from __future__ import annotations
 
@@ -96,7 +100,6 @@ def etrn(args: argparse.Namespace) -> int:
         return EXIT_FAILURE
     ok = True
     for domain, reply in outcome.get("results", []):
-        verb = req.command if req.command in ("ETRN", "ATRN") else req.command.split()[0]
-        print(f"{verb} {domain}: {reply}")
+        print(f"{req.label} {domain}: {reply}")
         ok = ok and reply.is_positive
     return EXIT_OK if ok else EXIT_FAILURE

@@ -229,6 +229,7 @@ class EtrnRequest:
     tls: str = "opportunistic"              # none | opportunistic | required (ATRN: required)
     allow_plaintext_auth: bool = False      # ATRN credentials without TLS (loopback tests only)
     helo: str | None = None                 # default: gateway.hostname
+    run: tuple[str, ...] = ()               # a trigger program instead of SMTP (FINGER...): argv, {domain} {server}
 
 
 @dataclass(frozen=True)

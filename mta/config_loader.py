@@ -596,6 +596,8 @@ def etrn_command(value: Any, path: str) -> str:
 
 def _finish_etrn(kwargs: dict[str, Any], path: str) -> dict[str, Any]:
     command = kwargs.get("command", "ETRN")
+    if kwargs.get("run") and command == "ATRN":
+        raise ConfigError(join(path, "run"), "a trigger program cannot receive mail: use ETRN or a site command")
     if command == "ATRN":
         if kwargs.get("auth") is None:
             raise ConfigError(join(path, "auth"), "required with command: ATRN (RFC 2645 needs AUTH)")
@@ -616,6 +618,7 @@ ETRN = Section(EtrnRequest, {
     "tls": Key(choice("none", "opportunistic", "required")),
     "allow_plaintext_auth": Key(boolean),
     "helo": Key(lambda v, p: parse_domain(v, p)),
+    "run": Key(list_of(string, min_len=1)),
 }, finish=_finish_etrn)
 
 

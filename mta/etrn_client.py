@@ -7,18 +7,23 @@ reverses the roles on the same connection: the transport goes to ``receiver(tran
 gateway's own SMTP server protocol -- and the provider delivers to us; the request ends when the
 provider hangs up.
 
+A site whose ISP dequeues on something else -- a FINGER request, a web call -- names a program
+instead (``run``): it is run once per domain with ``{domain}`` and ``{server}`` filled in, and exit
+status 0 counts as accepted (:func:`run_trigger`).
+
 Used by the etrn_dequeue plugin (scheduled requests) and by ``smtpgw etrn`` (mta/cli_etrn.py).
 """
 from __future__ import annotations
 
 import base64
+import os
 from collections import deque
 from dataclasses import dataclass
 from typing import Any, Callable
 
 from twisted.internet import defer
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.protocol import Factory, ProcessProtocol, Protocol
 
 from mta.client_wire import MAX_REPLY_LINE, ProtocolError, ReplyParser
 from mta.reply import Reply
@@ -47,6 +52,14 @@ class DequeueRequest:
     allow_plaintext_auth: bool = False
     source_address: str | None = None
     timeout: float = 60.0
+    run: tuple[str, ...] = ()                 # a trigger program instead of SMTP: argv, {domain} {server}
+
+    @property
+    def label(self) -> str:
+        """What the request is called in logs and output: the verb, or the program's name."""
+        if self.run:
+            return os.path.basename(self.run[0])
+        return self.command.split()[0] if self.command else "ETRN"
 
     def lines(self) -> list[tuple[str, str]]:
         """(label, command line) per request: one per domain, one for ATRN."""
@@ -203,8 +216,11 @@ async def request_dequeue(reactor: Any, req: DequeueRequest, receiver: Callable[
     when the session could not get as far as the request.
 
     For ATRN, ``receiver(transport)`` must connect and return the protocol that takes the mail; the
-    Deferred then fires when the provider closes the connection.
+    Deferred then fires when the provider closes the connection. With ``run`` the program is run
+    instead (:func:`run_trigger`).
     """
+    if req.run:
+        return await run_trigger(reactor, req)
     cls = TCP6ClientEndpoint if ":" in req.host else TCP4ClientEndpoint
     bind = (req.source_address, 0) if req.source_address else None
     endpoint = cls(reactor, req.host, req.port, timeout=req.timeout, bindAddress=bind)
@@ -239,3 +255,68 @@ async def request_dequeue(reactor: Any, req: DequeueRequest, receiver: Callable[
         if conn.delegate is None and conn.connected:
             conn.transport.abortConnection()
         raise
+
+
+# -- a site's trigger program ---------------------------------------------------------------------
+
+OUTPUT_LIMIT = 64 * 1024        # what we keep of a trigger program's output (the last line is reported)
+
+
+class _Collect(ProcessProtocol):
+    """Output and exit status of one program; killed when it outlives ``timeout``."""
+
+    def __init__(self, clock: Any, timeout: float) -> None:
+        self.output = bytearray()
+        self.ended: defer.Deferred = defer.Deferred()
+        self.killed = False
+        self._clock, self._timeout = clock, timeout
+        self._timer: Any = None
+
+    def connectionMade(self) -> None:
+        self.transport.closeStdin()
+        self._timer = self._clock.callLater(self._timeout, self._kill)
+
+    def childDataReceived(self, fd: int, data: bytes) -> None:
+        self.output += data
+        del self.output[:-OUTPUT_LIMIT]
+
+    def _kill(self) -> None:
+        self.killed = True
+        try:
+            self.transport.signalProcess("KILL")
+        except Exception:
+            pass
+
+    def processEnded(self, reason: Any) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self.ended.callback(getattr(reason.value, "exitCode", None))
+
+
+def trigger_argv(req: DequeueRequest, domain: str) -> list[str]:
+    """``run`` with ``{domain}`` and ``{server}`` filled in (plain replacement: other braces stay)."""
+    return [arg.replace("{domain}", domain).replace("{server}", req.host) for arg in req.run]
+
+
+async def run_trigger(reactor: Any, req: DequeueRequest) -> list[tuple[str, Reply]]:
+    """Run the trigger program once per domain; exit 0 is a 250, anything else a 451 (asked again
+    on the schedule), each with the program's last line of output."""
+    results: list[tuple[str, Reply]] = []
+    for domain in req.domains:
+        argv = trigger_argv(req, domain)
+        collect = _Collect(reactor, req.timeout)
+        try:
+            reactor.spawnProcess(collect, argv[0], argv, env=dict(os.environ))
+        except OSError as e:
+            results.append((domain, Reply(451, "4.3.0", f"{req.label}: cannot run {argv[0]}: {e}")))
+            continue
+        status = await collect.ended
+        lines = bytes(collect.output).decode("utf-8", "replace").strip().splitlines()
+        said = f": {lines[-1].strip()}" if lines else ""
+        if status == 0:
+            results.append((domain, Reply(250, "2.0.0", f"{req.label} exited 0{said}")))
+        elif collect.killed:
+            results.append((domain, Reply(451, "4.4.2", f"{req.label} killed after {req.timeout:g}s{said}")))
+        else:
+            results.append((domain, Reply(451, "4.3.0", f"{req.label} exited {status}{said}")))
+    return results

@@ -120,12 +120,27 @@ class EtrnDequeue:
     @hookimpl
     def smtpgw_delivered(self, envelope, recipient, reply):
         self._outcome(envelope, recipient)
+        self._link_outcome(recipient, True, reply)
 
     @hookimpl
     def smtpgw_deferred(self, envelope, recipient, reply):
         self._outcome(envelope, recipient)
         key = (getattr(envelope, "id", ""), domain_of(recipient))
         self.releases.pop(key, None)            # a deferred recipient waits for the next request
+        self._link_outcome(recipient, False, reply)
+
+    def _link_outcome(self, recipient: str, delivered: bool, reply: Reply) -> None:
+        """Tell the requester of the connector that routes ``recipient`` (its first choice) how the
+        delivery went, so it can ask the ISP again when the link comes back."""
+        if not self.requesters:
+            return
+        domain = domain_of(recipient)
+        if not domain or self.config.is_local_domain(domain):
+            return
+        route = connectors_for(self.config, domain)
+        for requester in self.requesters:
+            if route and requester.connector.name == route[0].name:
+                requester.outcome(delivered, reply)
 
     @hookimpl
     def smtpgw_bounced(self, envelope, recipient, reply):

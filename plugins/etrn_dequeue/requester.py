@@ -6,8 +6,15 @@ or at each opening of a weekly grid). ``command: ATRN`` receives the mail on the
 the gateway's normal inbound path (the SMTP server of the connector's first bridgehead); ETRN and site
 commands make the ISP connect to us as usual.
 
-A site whose link comes and goes can also run ``smtpgw etrn -c FILE --connector NAME`` from its
-link-up script (mta/cli_etrn.py).
+The link coming back is a moment to ask as well. A delivery through the connector that fails to
+connect (``4.4.1``/``4.4.2``: no answer, connection lost), or a request of our own that does, marks the
+link down; the next delivery through the connector that succeeds marks it up again and makes the
+request at once (:meth:`Requester.outcome`, fed by the plugin's outcome hooks). A site whose link
+script knows better can run ``smtpgw etrn -c FILE --connector NAME`` (mta/cli_etrn.py).
+
+An ISP that dequeues on something other than an SMTP command (a FINGER request, a web call) is asked
+by a program: ``run: [finger, "{domain}@{server}"]`` in the ``etrn`` section runs it per domain
+instead of the SMTP session (mta/etrn_client.py ``run_trigger``), at the same moments.
 """
 from __future__ import annotations
 
@@ -25,6 +32,8 @@ from mta.units import parse_smart_host
 
 log = Logger(namespace="smtpgw.etrn_dequeue")
 
+LINK_DOWN = ("4.4.1", "4.4.2")      # could not connect / connection lost: the way to the ISP is down
+
 
 def build_request(config: Config, connector: Connector) -> DequeueRequest:
     """The connector's ``etrn`` section as a :class:`DequeueRequest` (also used by ``smtpgw etrn``)."""
@@ -36,7 +45,7 @@ def build_request(config: Config, connector: Connector) -> DequeueRequest:
         host=host, port=port, domains=tuple(etrn.domains), command=etrn.command,
         helo=etrn.helo or config.gateway.hostname, tls=etrn.tls,
         username=auth.username if auth else None, password=auth.password if auth else None,
-        allow_plaintext_auth=etrn.allow_plaintext_auth,
+        allow_plaintext_auth=etrn.allow_plaintext_auth, run=tuple(etrn.run),
         source_address=usable_source(source_address(config, connector), host))
 
 
@@ -65,6 +74,7 @@ class Requester:
         self.request = build_request(config, connector)
         self.last: list[tuple[str, Reply]] | Reply | None = None
         self.runs = 0
+        self.link_down = False          # a delivery or request through the connector could not connect
         self._timer: Any = None
         self._running: defer.Deferred | None = None
 
@@ -77,9 +87,13 @@ class Requester:
         self._timer = None
 
     def fire(self) -> defer.Deferred:
-        """Make the request now (unless one is still running) and plan the next one."""
+        """The timer's call: make the request now and plan the next one."""
         self._timer = None
         self._plan()
+        return self.run_now()
+
+    def run_now(self) -> defer.Deferred:
+        """Make the request now unless one is still running; the schedule stays as planned."""
         if self._running is not None:
             return self._running
         d = defer.Deferred.fromCoroutine(self._run())
@@ -96,14 +110,31 @@ class Requester:
         if when is not None:
             self._timer = self.reactor.callLater(max(1.0, when - self.reactor.seconds()), self.fire)
 
+    def outcome(self, delivered: bool, reply: Reply) -> None:
+        """A delivery through our connector ended: a connection failure marks the link down; the
+        first success after that means it is back, so ask now."""
+        if not delivered:
+            if reply.status in LINK_DOWN:
+                self.link_down = True
+            return
+        if self.link_down:
+            self.link_down = False
+            self.plugin.services.hooks.event(
+                "connection_manager", "minimum",
+                f"connector {self.connector.name}: the link is back (a delivery succeeded); "
+                f"asking {self.request.host} now", connector=self.connector.name)
+            self.run_now()
+
     async def _run(self) -> None:
         req = self.request
-        label = f"{req.command} to {req.host}:{req.port} for {', '.join(req.domains)}"
+        where = f"{req.label} for" if req.run else f"{req.label} to {req.host}:{req.port} for"
+        label = f"{where} {', '.join(req.domains)}"
         receiver = self._receiver() if req.command == "ATRN" else None
         try:
             results = await request_dequeue(self.reactor, req, receiver=receiver)
         except DequeueError as e:
             self.last = e.reply
+            self.link_down = e.reply.status in LINK_DOWN      # else we reached the server
             self.plugin.services.hooks.event("connection_manager", "minimum", f"{label}: {e.reply}",
                                              connector=self.connector.name)
             return
@@ -113,9 +144,11 @@ class Requester:
         finally:
             self.runs += 1
         self.last = results
+        if not req.run:
+            self.link_down = False          # we reached the server: the link is up
         for domain, reply in results:
-            self.plugin.services.hooks.event("connection_manager", "minimum",
-                                             f"{req.command} {domain} at {req.host}:{req.port}: {reply}",
+            what = f"{req.label} {domain}" + ("" if req.run else f" at {req.host}:{req.port}")
+            self.plugin.services.hooks.event("connection_manager", "minimum", f"{what}: {reply}",
                                              connector=self.connector.name)
 
     def _receiver(self) -> Any:
