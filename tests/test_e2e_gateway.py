@@ -279,3 +279,35 @@ def test_every_accepted_message_survives_kill_9(gateway, tmp_path, peers):
     gateway(cfg)                                   # restart on the same spool
     assert wait_until(lambda: set(got) <= set(subjects(peer)), 60), \
         f"lost: {sorted(set(got) - set(subjects(peer)))[:10]}"
+
+
+# -- site hooks ----------------------------------------------------------------------------------
+
+LOCAL_POLICY = '''
+from mta.hookspecs import hookimpl
+from mta.reply import Reply
+
+@hookimpl
+def smtpgw_mail_from(session, sender, params):
+    if sender.endswith("@spammer.example"):
+        return Reply(550, "5.7.1", "Sender refused by local policy")
+    if sender.startswith("crash@"):
+        raise RuntimeError("a bug in local policy")
+    return None
+'''
+
+
+def test_local_hook_from_the_readme_decides_and_a_crashing_hook_gets_451(gateway, tmp_path):
+    policy = tmp_path / "local_policy.py"
+    policy.write_text(LOCAL_POLICY)
+    cfg = base_config(tmp_path, listen=GW)
+    cfg["plugins"]["local"] = [str(policy)]
+    gw = gateway(cfg)
+    with smtplib.SMTP(GW_HOST, GW_PORT, timeout=10) as s:
+        s.ehlo("client.test")
+        assert s.mail("bulk@spammer.example") == (550, b"5.7.1 Sender refused by local policy")
+        code, text = s.mail("crash@sender.test")
+        assert code == 451 and text.startswith(b"4.3.0")
+        assert s.mail("friend@sender.test")[0] == 250          # the session goes on
+        assert s.rcpt("bob@example.test")[0] == 250
+    assert "a bug in local policy" in gw.log()
