@@ -372,6 +372,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--smtpgw-command", default=targets_mod.DEFAULT_SMTPGW_COMMAND,
                    help="how to start smtpgw; {config} is the generated YAML path; run from the "
                         "repository root with PYTHONPATH=<repo>")
+    p.add_argument("--smtpgw-workers", default=targets_mod.DEFAULT_SMTPGW_WORKERS,
+                   help="gateway.workers in the generated smtpgw config (a number or auto; default "
+                        "%(default)s)")
     p.add_argument("--repeat", type=int, default=1,
                    help="run every throughput measurement this many times (interleaved); the table "
                         "shows medians")
@@ -422,7 +425,7 @@ def main(argv: list[str] | None = None) -> int:
     if not a.keep:
         on_exit(lambda: shutil.rmtree(workdir, ignore_errors=True))
     started = datetime.datetime.now(datetime.timezone.utc)
-    targets = {t: targets_mod.make(t, a.smtpgw_command) for t in dict.fromkeys(a.targets + a.conns_targets)}
+    targets = {t: targets_mod.make(t, a.smtpgw_command, a.smtpgw_workers) for t in dict.fromkeys(a.targets + a.conns_targets)}
     results: dict = {
         "meta": {"started": started.isoformat(timespec="seconds"), "machine": machine_info(),
                  "args": {k: v for k, v in vars(a).items()}, "loads": a.loads,

@@ -50,6 +50,15 @@ def _all(recipients: Sequence[str], reply: Reply, hop: str = "",
     return [RecipientResult(r, reply, hop, held_until) for r in recipients]
 
 
+async def _answer(hooks: Any, hook_name: str, **kwargs: Any) -> Any:
+    """``hooks.first``, waiting only when an implementation answers later (most answer at once, and
+    a Deferred per hook per message is measurable)."""
+    result = hooks.first(hook_name, **kwargs)
+    if isinstance(result, defer.Deferred):
+        result = await result
+    return result
+
+
 def _is_time(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
@@ -146,7 +155,7 @@ class Deliverer:
                               data: Data) -> list[RecipientResult]:
         hooks = self.gateway.hooks
         candidates = connectors_for(self.gateway.config, domain)
-        routed = await hooks.first_deferred("smtpgw_route", envelope=entry, recipient=recipients[0],
+        routed = await _answer(hooks, "smtpgw_route", envelope=entry, recipient=recipients[0],
                                             connectors=candidates)
         if isinstance(routed, Reply):
             self._event(entry, f"{domain}: routing hook failed: {routed}", "minimum", domain=domain)
@@ -193,7 +202,7 @@ class Deliverer:
         hooks = self.gateway.hooks
         name = connector.name
         todo = [i for i, r in enumerate(results) if r is None]
-        window = await hooks.first_deferred("smtpgw_delivery_window", connector=connector, envelope=entry,
+        window = await _answer(hooks, "smtpgw_delivery_window", connector=connector, envelope=entry,
                                             domain=domain)
         if isinstance(window, Reply):
             return window, ""
@@ -207,7 +216,7 @@ class Deliverer:
             return held, ""
 
         try:
-            hops = await hooks.first_deferred("smtpgw_next_hops", envelope=entry, domain=domain,
+            hops = await _answer(hooks, "smtpgw_next_hops", envelope=entry, domain=domain,
                                               connector=connector)
         except PermanentDNSError as e:
             hops = e.reply

@@ -27,7 +27,7 @@ from mta import address, workers
 from mta import server_replies as R
 from mta.address import AddressError
 from mta.config import VirtualServer
-from mta.envelope import Envelope, Session, new_id
+from mta.envelope import Envelope, Session
 from mta.lines import CommandSplitter, DataReader, Problem
 from mta.message import MessageData
 from mta.reply import Reply
@@ -136,7 +136,7 @@ class SMTPServerProtocol(Protocol):
     def connectionMade(self) -> None:
         peer, local = self.transport.getPeer(), self.transport.getHost()
         self.session = Session(
-            id=new_id(), virtual_server=self.vs.name,
+            id=workers.fresh_id(), virtual_server=self.vs.name,
             peer_host=getattr(peer, "host", ""), peer_port=getattr(peer, "port", 0),
             local_host=getattr(local, "host", ""), local_port=getattr(local, "port", 0),
             tls=ISSLTransport.providedBy(self.transport))

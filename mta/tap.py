@@ -82,6 +82,17 @@ def endpoint_for(reactor: Any, listen: ListenAddress, tls_context: Any = None, w
     return TCP4ServerEndpoint(reactor, listen.port, backlog=1024, interface=host)
 
 
+def tune_gc(reactor: Any) -> None:
+    """Every message allocates thousands of short-lived objects, so the default cyclic collector
+    (a young collection every 700 allocations, with the whole start-up heap in the old generation)
+    cost about 2% of the CPU under load; far fewer collections, and the start-up objects frozen out
+    of them, cost about nothing. Reference counting still frees almost everything at once."""
+    import gc
+
+    gc.set_threshold(10000, 20, 10)
+    reactor.callWhenRunning(gc.freeze)
+
+
 def makeService(options: Options) -> service.MultiService:
     from twisted.internet import reactor
 
@@ -95,6 +106,7 @@ def makeService(options: Options) -> service.MultiService:
 
     config = options.parsed
     gateway = Gateway(config, reactor)
+    tune_gc(reactor)
     worker = gateway.worker = workers.current(config)     # gateway.workers: which process this is
     if worker.many:
         gateway.spool.owns = worker.owns

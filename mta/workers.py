@@ -35,15 +35,18 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import random
 import re
+import signal
 import socket
+import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
 from twisted.application import service
-from twisted.internet import defer, protocol
+from twisted.internet import defer
 from twisted.logger import Logger
 
 log = Logger(namespace="smtpgw.workers")
@@ -51,7 +54,6 @@ log = Logger(namespace="smtpgw.workers")
 ENV_INDEX = "SMTPGW_WORKER"          # in a worker started by the supervisor: its index, 1..N-1
 ENV_COUNT = "SMTPGW_WORKERS"         # ... and N
 ENV_FDS = "SMTPGW_LISTEN_FDS"        # ... and its inherited listening sockets: "host:port:tls=fd;..."
-FIRST_FD = 3
 MAX_WORKERS = 64
 _TAG = re.compile(r"-(\d{1,2})$")
 
@@ -96,10 +98,18 @@ def of(gateway: Any) -> WorkerInfo:
     return getattr(gateway, "worker", None) or SINGLE
 
 
+_random = random.Random()      # seeded from os.urandom
+
+
+def fresh_id() -> str:
+    """``mta.envelope.new_id``'s form (time-sortable, 48 random bits) without its ``uuid4`` system
+    call: one is made for every connection and every message."""
+    return f"{int(time.time() * 1000):012x}{_random.getrandbits(48):012x}"
+
+
 def queue_id(gateway: Any) -> str:
     """A new queue id owned by this worker."""
-    from mta.envelope import new_id
-    return of(gateway).tag(new_id())
+    return of(gateway).tag(fresh_id())
 
 
 def cpu_count() -> int:
@@ -226,26 +236,79 @@ class SharedEndpoint:
 _TIMESTAMP = re.compile(r"^\d{4}-\d\d-\d\dT\S+ ")
 
 
-class _WorkerProcess(protocol.ProcessProtocol):
-    """One worker as the supervisor sees it: its log lines, and its end."""
+class _WorkerProcess:
+    """One worker as the supervisor sees it: its output (relayed to the log) and its end.
 
-    def __init__(self, supervisor: "WorkerSupervisor", index: int) -> None:
+    Started with ``subprocess`` rather than ``reactor.spawnProcess``: the latter left the
+    supervisor's ends of other pipes open in the child, so a worker never saw its stdin close when
+    the supervisor died (nor one worker when another held its pipe). ``close_fds`` passes only
+    stdin, stdout/stderr and the listening sockets. The output pipe is read by the reactor; its end
+    of file means the process is gone, and it is reaped then.
+    """
+
+    def __init__(self, supervisor: "WorkerSupervisor", index: int, popen: subprocess.Popen) -> None:
         self.supervisor = supervisor
         self.index = index
+        self.popen = popen
+        self.pid = popen.pid
         self.started = time.monotonic()
         self.ended: defer.Deferred = defer.Deferred()
-        self._partial = {1: b"", 2: b""}
+        self._partial = b""
+        self._done = False
+        self._fd = popen.stdout.fileno()
+        os.set_blocking(self._fd, False)
 
-    def childDataReceived(self, fd: int, data: bytes) -> None:
-        lines = (self._partial.get(fd, b"") + data).split(b"\n")
-        self._partial[fd] = lines.pop()
+    # IReadDescriptor
+    def fileno(self) -> int:
+        return self._fd
+
+    def logPrefix(self) -> str:
+        return f"smtpgw-worker-{self.index}"
+
+    def connectionLost(self, reason: Any) -> None:
+        self._closed()              # the reactor reports a hang-up without a read
+
+    def _closed(self) -> None:
+        if not self._done:
+            self._done = True
+            self.supervisor.reactor.removeReader(self)
+            self._reap()
+
+    def doRead(self) -> Any:
+        try:
+            data = os.read(self._fd, 65536)
+        except BlockingIOError:
+            return None
+        except OSError:
+            data = b""
+        if not data:
+            self._closed()
+            return None
+        lines = (self._partial + data).split(b"\n")
+        self._partial = lines.pop()
         for line in lines:
             text = _TIMESTAMP.sub("", line.decode("utf-8", "replace").rstrip("\r"))
             if text:
                 log.info("worker {index}: {line}", index=self.index, line=text)
+        return None
 
-    def processEnded(self, reason: Any) -> None:
-        self.supervisor._ended(self, reason)
+    def signal(self, signum: int) -> None:
+        if self.popen.returncode is None:
+            try:
+                self.popen.send_signal(signum)
+            except OSError:
+                pass
+
+    def _reap(self) -> None:
+        if self.popen.poll() is None:           # output closed just before the exit: look again soon
+            self.supervisor.reactor.callLater(0.05, self._reap)
+            return
+        for f in (self.popen.stdin, self.popen.stdout):
+            try:
+                f.close()
+            except OSError:
+                pass
+        self.supervisor._ended(self, self.popen.returncode)
         self.ended.callback(None)
 
 
@@ -261,8 +324,7 @@ class WorkerSupervisor(service.Service):
         self.config_path = os.path.abspath(config_path)
         self.endpoints = endpoints
         self.stop_timeout = stop_timeout
-        self.processes: dict[int, Any] = {}          # index -> IProcessTransport
-        self._protocols: dict[int, _WorkerProcess] = {}
+        self.processes: dict[int, _WorkerProcess] = {}
         self._delays: dict[int, float] = {}
         self._timers: dict[int, Any] = {}
 
@@ -281,37 +343,33 @@ class WorkerSupervisor(service.Service):
         self._timers.pop(index, None)
         if not self.running:
             return
-        fds = {0: "w", 1: "r", 2: "r"}
-        keys = []
-        for n, endpoint in enumerate(self.endpoints):
-            if endpoint.socket is None:
-                continue
-            fds[FIRST_FD + n] = endpoint.socket.fileno()
-            keys.append(f"{endpoint.key}={FIRST_FD + n}")
+        fds = {e.key: e.socket.fileno() for e in self.endpoints if e.socket is not None}
         env = dict(os.environ)
-        env.update({ENV_INDEX: str(index), ENV_COUNT: str(self.worker.count), ENV_FDS: ";".join(keys)})
-        proto = _WorkerProcess(self, index)
+        env.update({ENV_INDEX: str(index), ENV_COUNT: str(self.worker.count),
+                    ENV_FDS: ";".join(f"{key}={fd}" for key, fd in fds.items())})
         try:
-            self.processes[index] = self.reactor.spawnProcess(proto, sys.executable, self.argv(), env=env,
-                                                              path=os.getcwd(), childFDs=fds)
+            popen = subprocess.Popen(self.argv(), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT, env=env, cwd=os.getcwd(), close_fds=True,
+                                     pass_fds=tuple(fds.values()))
         except Exception:
             log.failure("worker {index}: cannot start", index=index)
             self._restart_later(index, young=True)
             return
-        self._protocols[index] = proto
-        log.info("worker {index} started (pid {pid})", index=index, pid=self.processes[index].pid)
+        process = self.processes[index] = _WorkerProcess(self, index, popen)
+        self.reactor.addReader(process)
+        log.info("worker {index} started (pid {pid})", index=index, pid=process.pid)
 
-    def _ended(self, proto: _WorkerProcess, reason: Any) -> None:
-        index = proto.index
-        if self._protocols.get(index) is not proto:
+    def _ended(self, process: _WorkerProcess, returncode: int) -> None:
+        index = process.index
+        if self.processes.get(index) is not process:
             return
-        del self._protocols[index]
-        self.processes.pop(index, None)
+        del self.processes[index]
         if not self.running:
             return
-        young = time.monotonic() - proto.started < 10
-        log.error("worker {index} exited ({why}); restarting it", index=index,
-                  why=reason.getErrorMessage())
+        young = time.monotonic() - process.started < 10
+        why = f"signal {-returncode}" if returncode < 0 else f"exit code {returncode}"
+        log.error("worker {index} (pid {pid}) ended ({why}); restarting it", index=index, pid=process.pid,
+                  why=why)
         self._restart_later(index, young)
 
     def _restart_later(self, index: int, young: bool) -> None:
@@ -322,10 +380,7 @@ class WorkerSupervisor(service.Service):
     def reload(self, reactor: Any = None) -> None:
         """SIGHUP: pass it on (``ReloadService`` target)."""
         for process in list(self.processes.values()):
-            try:
-                process.signalProcess("HUP")
-            except Exception:
-                pass
+            process.signal(signal.SIGHUP)
 
     def stopService(self) -> defer.Deferred:
         super().stopService()
@@ -333,12 +388,9 @@ class WorkerSupervisor(service.Service):
             if timer.active():
                 timer.cancel()
         self._timers.clear()
-        ending = [p.ended for p in self._protocols.values()]
+        ending = [p.ended for p in self.processes.values()]
         for process in list(self.processes.values()):
-            try:
-                process.signalProcess("TERM")
-            except Exception:
-                pass
+            process.signal(signal.SIGTERM)
         if not ending:
             return defer.succeed(None)
         done = defer.DeferredList(ending, consumeErrors=True)
@@ -348,10 +400,7 @@ class WorkerSupervisor(service.Service):
     def _kill_all(self) -> None:
         for index, process in list(self.processes.items()):
             log.warn("worker {index} did not stop in time; killing it", index=index)
-            try:
-                process.signalProcess("KILL")
-            except Exception:
-                pass
+            process.signal(signal.SIGKILL)
 
 
 # -- in a worker: the supervisor's end ---------------------------------------------------------------
@@ -380,7 +429,7 @@ class _ParentPipe:
         return None
 
     def connectionLost(self, reason: Any) -> None:
-        pass
+        self.on_eof()               # the reactor reports a hang-up without a read
 
 
 class ParentWatch(service.Service):
@@ -410,6 +459,7 @@ class ParentWatch(service.Service):
         if self._gone:
             return
         self._gone = True
+        log.warn("worker {index}: the supervisor is gone; stopping", index=self.index)
         self.reactor.removeReader(self._reader)
         # nobody reads our log any more: writing to the dead pipe must not break the shutdown
         try:

@@ -2,6 +2,7 @@
 end of DATA and at delivery. Every decision is a ``relay decision`` diag event saying why."""
 from __future__ import annotations
 
+import functools
 import ipaddress
 from typing import Any
 
@@ -23,6 +24,7 @@ ALL_PRIORITIES = frozenset({restrictions.HIGH, restrictions.NORMAL, restrictions
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
+@functools.lru_cache(maxsize=4096)
 def _forms(ip: IPAddress) -> tuple[IPAddress, ...]:
     """An IPv4 client also matches a list entry written in IPv4-mapped form (``::ffff:192.0.2.0/120``)."""
     if isinstance(ip, ipaddress.IPv4Address):

@@ -9,6 +9,7 @@ lookup errors are always temporary (mail waits), even NXDOMAIN.
 """
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 from twisted.internet import defer
@@ -47,7 +48,21 @@ class SmartHost:
         if not hosts:
             return None
         port = connector.outbound.port if connector is not None else 25
+        literal = self._literal_hops(hosts, port)
+        if literal is not None:         # only [IP] smart hosts: nothing to look up, no Deferred
+            return list(literal)
         return self._resolve_all(hosts, port)
+
+    @staticmethod
+    @functools.lru_cache(maxsize=256)
+    def _literal_hops(hosts: tuple[str, ...], default_port: int) -> tuple[Hop, ...] | None:
+        hops = []
+        for pref, text in enumerate(hosts):
+            host, port, literal, _ = parse_smart_host(text, "smart_hosts", default_port)
+            if not literal:
+                return None
+            hops.append(Hop(host=host, port=port, name=host, preference=pref))
+        return tuple(hops)
 
     @defer.inlineCallbacks
     def _resolve_all(self, hosts: tuple[str, ...], default_port: int = 25):
