@@ -31,7 +31,7 @@ import procstat  # noqa: E402
 import targets as targets_mod  # noqa: E402
 from conns import MemorySampler  # noqa: E402
 from sink import Sink  # noqa: E402
-from util import on_exit, port_free, raise_nofile  # noqa: E402
+from util import on_exit, port_free, raise_nofile, settle_disk  # noqa: E402
 
 BENCH = os.path.dirname(os.path.abspath(__file__))
 SENDER = "source@bench-client.test"
@@ -92,6 +92,7 @@ def throughput(target: targets_mod.Target, load: str, sessions: int, size: int, 
     """One smtp-source run through one target; time until the sink has all n messages."""
     os.makedirs(rundir, exist_ok=True)
     res: dict = {"load": load, "target": target.name, "sessions": sessions, "size": size, "messages": n}
+    res["settle_s"] = round(settle_disk(), 1)      # start on quiet disks, whatever ran before
     sink = Sink(*targets_mod.SINK, rundir)
     sink.start()
     forget = on_exit(sink.stop)

@@ -111,3 +111,34 @@ def percentile(sorted_values: list[float], q: float) -> float | None:
         return None
     k = max(0, min(len(sorted_values) - 1, math.ceil(q / 100 * len(sorted_values)) - 1))
     return sorted_values[k]
+
+
+def _disk_activity() -> tuple[int, int]:
+    """(I/Os in flight, sectors written + discarded so far) over the machine's block devices."""
+    in_flight = done = 0
+    with open("/proc/diskstats") as f:
+        for line in f:
+            v = line.split()
+            if v[2].startswith(("loop", "ram", "zram")):
+                continue
+            in_flight += int(v[11])
+            done += int(v[9]) + (int(v[16]) if len(v) > 16 else 0)
+    return in_flight, done
+
+
+def settle_disk(quiet_for: float = 2.0, max_wait: float = 60.0) -> float:
+    """``sync``, then wait until the disks have been idle for ``quiet_for`` seconds (at most
+    ``max_wait``): the writeback and discards a previous run left behind (Postfix's 20,000 deleted
+    queue files, say) would otherwise slow whatever target runs next. Returns the seconds waited."""
+    import os
+    t0 = time.monotonic()
+    os.sync()
+    last, since = None, time.monotonic()
+    while time.monotonic() - t0 < max_wait:
+        now = _disk_activity()
+        if now != last or now[0]:
+            last, since = now, time.monotonic()
+        elif time.monotonic() - since >= quiet_for:
+            break
+        time.sleep(0.1)
+    return time.monotonic() - t0
