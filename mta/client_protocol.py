@@ -21,7 +21,7 @@ from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from mta.client_wire import (MAX_REPLY_LINE, DotStuffer, ProtocolError, ReplyParser, encode_all,
+from mta.client_wire import (DotStuffer, ProtocolError, ReplyParser, encode_all,
                              has_8bit, pieces)
 from mta import outbound
 from mta.nexthop import HostUnusable, RecipientResult
@@ -130,19 +130,10 @@ class SMTPClientProtocol(Protocol):
         expected = len(self._waiters)
         replies: list[Reply] = []
         try:
-            while True:
-                end = self._buf.find(b"\r\n")
-                if end < 0:
-                    break
-                line = bytes(self._buf[:end])
-                del self._buf[:end + 2]
-                reply = self._parser.feed(line)
-                if reply is not None:
-                    replies.append(reply)
-                    if len(replies) > expected:
-                        raise ProtocolError(f"unexpected reply {str(reply)[:80]!r}")
-            if len(self._buf) > MAX_REPLY_LINE:
-                raise ProtocolError(f"reply line longer than {MAX_REPLY_LINE} bytes")
+            while (reply := self._parser.take(self._buf)) is not None:
+                replies.append(reply)
+                if len(replies) > expected:
+                    raise ProtocolError(f"unexpected reply {str(reply)[:80]!r}")
             if len(replies) == expected and (self._buf or self._parser.partial):
                 raise ProtocolError("data received when no reply was expected")
         except ProtocolError as e:

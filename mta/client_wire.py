@@ -35,6 +35,22 @@ class ReplyParser:
         """True while a multi-line reply has started but not ended."""
         return self._code is not None
 
+    def take(self, buf: bytearray) -> Reply | None:
+        """Consume complete lines from ``buf`` up to the end of the next reply and return it, or None
+        when ``buf`` holds no complete reply yet (what is left stays in ``buf``). One reader for every
+        client that talks SMTP to a server (delivery, ETRN), so none of them parses replies its own way."""
+        while True:
+            end = buf.find(b"\r\n")
+            if end < 0:
+                if len(buf) > MAX_REPLY_LINE:
+                    raise ProtocolError(f"reply line longer than {MAX_REPLY_LINE} bytes")
+                return None
+            line = bytes(buf[:end])
+            del buf[:end + 2]
+            reply = self.feed(line)
+            if reply is not None:
+                return reply
+
     def feed(self, line: bytes) -> Reply | None:
         """Take one line (without CRLF); return the reply when this line ended one."""
         if len(line) > MAX_REPLY_LINE:

@@ -92,20 +92,16 @@ class DequeueClient(Protocol):
         self._buf += data
         try:
             while self._waiting:
-                end = self._buf.find(b"\r\n")
-                if end < 0:
+                reply = self._parser.take(self._buf)
+                if reply is None:
                     break
-                line = bytes(self._buf[:end])
-                del self._buf[:end + 2]
-                reply = self._parser.feed(line)
-                if reply is not None:
-                    self._stop_timer()
-                    self._waiting.popleft().callback(reply)
-                    if self.delegate is not None:       # the roles reversed inside that callback
-                        rest, self._buf = bytes(self._buf), bytearray()
-                        if rest:
-                            self.delegate.dataReceived(rest)
-                        return
+                self._stop_timer()
+                self._waiting.popleft().callback(reply)
+                if self.delegate is not None:       # the roles reversed inside that callback
+                    rest, self._buf = bytes(self._buf), bytearray()
+                    if rest:
+                        self.delegate.dataReceived(rest)
+                    return
             if not self._waiting and (self._buf or self._parser.partial):
                 raise ProtocolError("data received when no reply was expected")
             if len(self._buf) > MAX_REPLY_LINE:
