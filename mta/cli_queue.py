@@ -92,10 +92,11 @@ class SpoolQueue:
             return None
 
     def _write_state(self, entry: Any) -> None:
-        from mta.spool import _write_synced, encode_state
+        from mta.spool import encode_state
+        from mta.spool_files import STATE_SUFFIX, write_synced
 
-        final = self.spool._path(entry.id) + ".st"
-        _write_synced(self._tmp(entry.id + ".st"), final, [encode_state(entry)])
+        final = self.spool._path(entry.id) + STATE_SUFFIX
+        write_synced(self._tmp(entry.id + STATE_SUFFIX), final, [encode_state(entry)])
         self._sync_dir()
 
     def _tmp(self, name: str) -> str:
@@ -103,11 +104,9 @@ class SpoolQueue:
         return os.path.join(self.spool.tmp_dir, f"{name}.cli{os.getpid()}")
 
     def _sync_dir(self) -> None:
-        fd = os.open(self.spool.queue_dir, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        from mta.spool_files import sync_directory
+
+        sync_directory(self.spool.queue_dir)
 
     def handle(self, request: dict[str, Any]) -> dict[str, Any]:
         try:
@@ -169,6 +168,8 @@ class SpoolQueue:
     def op_delete(self, request: dict) -> dict[str, Any]:
         from mta.queue import deletion_report, wants_deletion_report
 
+        from mta.spool_files import unlink_message
+
         entries = {e.id: e for e in self._entries()}
         results = []
         for entry_id in request["ids"]:
@@ -180,7 +181,7 @@ class SpoolQueue:
             if request.get("dsn") and wants_deletion_report(self.config, entry):
                 to, report, extra = deletion_report(self.config, entry, self._body(entry_id), time.time())
                 dsn_id = self._inject(to, report, extra)
-            self.spool._unlink_message(self.spool._path(entry_id))
+            unlink_message(self.spool._path(entry_id))
             results.append({"id": entry_id, "result": DONE, "dsn": dsn_id})
         return {"ok": True, "results": results}
 
@@ -188,12 +189,13 @@ class SpoolQueue:
         """Queue a message the way QueueManager.inject does, durable before the original goes."""
         from mta.envelope import new_id
         from mta.queue_entry import QueueEntry, RecipientState
-        from mta.spool import _write_synced, encode_message_header
+        from mta.spool import encode_message_header
+        from mta.spool_files import write_synced
 
         entry = QueueEntry(id=new_id(), sender="", rcpts=[RecipientState(to)], received_at=time.time(),
                            size=len(data), virtual_server="", peer_host="localhost", extra=extra)
         final = self.spool._path(entry.id)
-        _write_synced(self._tmp(entry.id), final, [encode_message_header(entry, len(data)), data])
+        write_synced(self._tmp(entry.id), final, [encode_message_header(entry, len(data)), data])
         self._sync_dir()
         return entry.id
 

@@ -24,6 +24,7 @@ from zope.interface import implementer
 from mta.client_wire import (DotStuffer, ProtocolError, ReplyParser, encode_all,
                              has_8bit, pieces)
 from mta import outbound
+from mta.fastpath import send_now
 from mta.nexthop import HostUnusable, RecipientResult
 from mta.outbound import OutboundPolicy
 from mta.reply import Reply
@@ -158,7 +159,7 @@ class SMTPClientProtocol(Protocol):
 
     async def command(self, line: str, label: str | None = None) -> Reply:
         d = self.expect(label or line.split(" ", 1)[0])
-        self.transport.write(line.encode("utf-8") + b"\r\n")
+        send_now(self.transport, line.encode("utf-8") + b"\r\n")
         return await d
 
     def _touch(self) -> None:
@@ -394,7 +395,7 @@ class SMTPClientProtocol(Protocol):
         if pipelining:
             lines = ([b"RSET"] if self.needs_rset else []) + [mail] + rcpt_lines + [b"DATA"]
             ds = [self.expect(line.split(b" ", 1)[0].decode()) for line in lines]
-            self.transport.write(b"".join(line + b"\r\n" for line in lines))
+            send_now(self.transport, b"".join(line + b"\r\n" for line in lines))
             replies = await self._gather(ds)
             if self.needs_rset:
                 rset_reply, replies = replies[0], replies[1:]
@@ -464,7 +465,7 @@ class SMTPClientProtocol(Protocol):
         """Send the dot-stuffed message and its terminator; the reply to the final dot."""
         if size <= STREAM_THRESHOLD:
             d = self.expect("end of data")
-            self.transport.writeSequence(encode_all(chunks))
+            send_now(self.transport, b"".join(encode_all(chunks)))
             return await d
         producer = _DataProducer(self, chunks)
         self._streaming = True

@@ -165,13 +165,13 @@ class QueueManager:
         else:
             done.callback(True)
 
-        def finish(clean: bool) -> None:
+        def finish(clean: bool) -> Any:
             if timer is not None and timer.active():
                 timer.cancel()
             if clean:
                 close = getattr(self._spool, "close", None)
                 if close is not None:
-                    close()
+                    return close()          # a filesystem spool's writer finishes and exits
             else:
                 log.warn("queue stop: {n} deliveries still running", n=len(self._active))
 

@@ -28,6 +28,7 @@ from mta import server_replies as R
 from mta.address import AddressError
 from mta.config import VirtualServer
 from mta.envelope import Envelope, Session
+from mta.fastpath import send_now
 from mta.lines import CommandSplitter, DataReader, Problem
 from mta.message import MessageData
 from mta.reply import Reply
@@ -301,7 +302,7 @@ class SMTPServerProtocol(Protocol):
     def _send(self, reply: Reply) -> None:
         if self.state is not State.CLOSED:
             wire = _WIRE.get(id(reply)) or reply.to_bytes()
-            self.transport.write(wire)
+            send_now(self.transport, wire)
             if self._diagnostics and self._protocol_detail():
                 self._event("smtp_protocol", "maximum", "reply", reply=reply)
             if self._plog_cmd is not None:

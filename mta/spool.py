@@ -16,9 +16,10 @@ Why this shape: the 250 after DATA waits for ``put()``, so put() is the hot path
 message costs one ``fdatasync``; the file only appears under ``queue/`` by ``rename`` after that sync,
 so a crash can never leave a half-written message that a restart would deliver. The rename itself
 is made durable by an fsync of ``queue/``, and those are group-committed: one directory fsync covers
-every rename that finished before it started, so many concurrent puts share it. Writes and syncs run
-in a private thread pool so that many fsyncs overlap (the journal batches them) and the reactor
-thread never blocks on the disk.
+every rename that finished before it started, so many concurrent puts share it. Writes, syncs and
+unlinks run in the spool writer, a child process with threads of its own (:mod:`mta.spool_writer`,
+which says why not threads here), so that many fsyncs overlap (the journal batches them) and the
+reactor thread never blocks on the disk. Reads and scans are rare and use the reactor's threads.
 
 State updates are rare (only when an attempt leaves something pending) and use the same
 tmp -> fdatasync -> rename -> directory fsync sequence, so a retry never resends to a recipient that
@@ -30,27 +31,23 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import queue
 import re
-import threading
 import time
 from typing import Any, Callable, Iterable
 
 from twisted.internet import defer
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
-from twisted.python.failure import Failure
-from twisted.python.threadpool import ThreadPool
 
 from mta.queue_entry import QueueEntry, RecipientState
+from mta.spool_files import STATE_SUFFIX, unlink_quietly
+from mta.spool_writer import OP_NEW, OP_REPLACE, OP_UNLINK
 
 log = Logger(namespace="smtpgw.spool")
 
 MESSAGE_MAGIC = b"smtpgw-spool 1 "
 STATE_MAGIC = b"smtpgw-state 1 "
-STATE_SUFFIX = ".st"
 MAX_HEADER = 64 * 1024 * 1024          # a header line longer than this is not ours
-IOV_MAX = 1024
 _ID_RE = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}$")
 
 
@@ -104,160 +101,10 @@ def decode_entry(doc: Any) -> QueueEntry:
         raise CorruptFile(f"bad envelope: {e}") from e
 
 
-def _write_all(fd: int, chunks: list[bytes]) -> None:
-    """writev in IOV_MAX batches, coping with short writes."""
-    for start in range(0, len(chunks), IOV_MAX):
-        batch = [memoryview(c) for c in chunks[start:start + IOV_MAX] if c]
-        while batch:
-            n = os.writev(fd, batch)
-            while batch and n >= len(batch[0]):
-                n -= len(batch[0])
-                batch.pop(0)
-            if batch and n:
-                batch[0] = batch[0][n:]
-
-
-def _sync(fd: int) -> None:
-    (getattr(os, "fdatasync", None) or os.fsync)(fd)
-
-
-class _DirSyncer:
-    """Group commit of directory fsyncs, led by the writer threads themselves.
-
-    A writer hands over a put's Deferred only after its rename has finished. If no directory fsync
-    is running, that writer becomes the leader: it takes everything handed over so far, runs one
-    fsync of the directory (which therefore started after each of those renames and covers them all),
-    fires the whole batch in the reactor with a single ``callFromThread``, and goes on while more
-    arrived meanwhile. Otherwise it just leaves its Deferred for the running leader and goes back to
-    the next write. So the other writers never wait for the directory and keep many file fsyncs in
-    flight, the reactor pays one wake-up per batch, and no thread hand-off is spent on the way (a
-    dedicated syncer thread cost a wake-up per message).
-    """
-
-    def __init__(self, reactor: Any, fd: int) -> None:
-        self._reactor = reactor
-        self._fd = fd
-        self._lock = threading.Lock()
-        self._pending: list[tuple[defer.Deferred, Callable[[], None] | None]] = []
-        self._leading = False
-        self.syncs = 0
-
-    def submit(self, d: defer.Deferred, undo: Callable[[], None] | None = None) -> None:
-        """Called from a writer thread after its rename; ``undo`` runs (in the leader's thread) if
-        the sync fails, so that a message the client will be told 4xx for is not delivered as well."""
-        with self._lock:
-            self._pending.append((d, undo))
-            if self._leading:
-                return
-            self._leading = True
-        self._lead()
-
-    def stop(self) -> None:
-        """Nothing to stop: a leader never leaves work behind."""
-
-    def _lead(self) -> None:
-        try:
-            while True:
-                with self._lock:
-                    if not self._pending:
-                        self._leading = False
-                        return
-                    batch, self._pending = self._pending, []
-                error: BaseException | None = None
-                try:
-                    os.fsync(self._fd)
-                except BaseException as e:
-                    error = e
-                    for _, undo in batch:
-                        if undo is not None:
-                            try:
-                                undo()
-                            except Exception:
-                                pass
-                self.syncs += 1
-                self._reactor.callFromThread(self._fire, [d for d, _ in batch], error)
-        except BaseException:
-            with self._lock:        # never leave the leadership taken: the next writer leads
-                self._leading = False
-            raise
-
-    @staticmethod
-    def _fire(batch: list[defer.Deferred], error: BaseException | None) -> None:
-        for d in batch:
-            if error is None:
-                d.callback(None)
-            else:
-                d.errback(SpoolError(f"directory fsync failed: {error}"))
-
-
-class _IOThreads:
-    """The spool's own worker threads: a plain queue in, results out to the reactor in batches.
-
-    Lighter than a Twisted ``ThreadPool`` on the path every message takes (no context tracking, no
-    coordinator), and the reactor is woken once for every result that finished meanwhile rather
-    than once per result. ``callInThread`` and ``stop`` have the ``ThreadPool`` meaning.
-    """
-
-    def __init__(self, reactor: Any, threads: int, name: str) -> None:
-        self._reactor = reactor
-        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
-        self._lock = threading.Lock()
-        self._done: list[tuple[defer.Deferred, bool, Any]] = []
-        self._threads = [threading.Thread(target=self._run, name=f"{name}-{i}", daemon=True)
-                         for i in range(threads)]
-        for t in self._threads:
-            t.start()
-
-    def callInThread(self, f: Callable[..., Any], *args: Any) -> None:
-        self._jobs.put((f, args, None))
-
-    def deferred(self, f: Callable[..., Any], *args: Any) -> defer.Deferred:
-        d: defer.Deferred = defer.Deferred()
-        self._jobs.put((f, args, d))
-        return d
-
-    def stop(self) -> None:
-        """Let queued work finish, then end the threads."""
-        for _ in self._threads:
-            self._jobs.put(None)
-        for t in self._threads:
-            t.join(30)
-
-    def _run(self) -> None:
-        while True:
-            job = self._jobs.get()
-            if job is None:
-                return
-            f, args, d = job
-            try:
-                result, ok = f(*args), True
-            except BaseException:
-                result, ok = Failure(), False
-            if d is None:
-                if not ok:
-                    self._reactor.callFromThread(log.failure, "spool: work in a thread failed", result)
-                continue
-            with self._lock:
-                self._done.append((d, ok, result))
-                first = len(self._done) == 1
-            if first:
-                self._reactor.callFromThread(self._drain)
-
-    def _drain(self) -> None:
-        with self._lock:
-            done, self._done = self._done, []
-        for d, ok, result in done:
-            if ok:
-                d.callback(result)
-            else:
-                d.errback(result)
-
-
 class Spool:
-    """The filesystem spool. Needs a real reactor (its work runs in threads)."""
+    """The filesystem spool. Needs a real reactor (its writes run in a child process)."""
 
-    def __init__(self, directory: str, reactor: Any = None, threadpool: ThreadPool | None = None,
-                 threads: int = 8) -> None:
+    def __init__(self, directory: str, reactor: Any = None) -> None:
         if reactor is None:
             from twisted.internet import reactor as _reactor
             reactor = _reactor
@@ -266,13 +113,9 @@ class Spool:
         self.queue_dir = os.path.join(self.directory, "queue")
         self.corrupt_dir = os.path.join(self.directory, "corrupt")
         self.reactor = reactor
-        self._pool = threadpool
-        self._own_pool = threadpool is None
-        self._threads = threads
-        self._dir_fd: int | None = None
+        self._link: Any = None
         self._shutdown_trigger: Any = None
         self._seq = 0
-        self._dirsync: _DirSyncer | None = None
         # Several workers on one spool (mta/workers.py): the queue ids this process owns. Only those
         # are scanned and only their unfinished writes are cleaned up; None means every file.
         self.owns: Callable[[str], bool] | None = None
@@ -280,59 +123,53 @@ class Spool:
     # -- lifecycle -------------------------------------------------------------------------------
 
     def open(self) -> None:
-        """Create the folders and drop unfinished writes; synchronous, for startup only."""
+        """Create the folders and drop unfinished writes; synchronous, for startup only. The writer
+        process starts with the first write, so tools that only read never start one."""
         for d in (self.directory, self.tmp_dir, self.queue_dir, self.corrupt_dir):
             os.makedirs(d, mode=0o700, exist_ok=True)
         for name in os.listdir(self.tmp_dir):
             if self.owns is not None and not self.owns(name.split(".", 1)[0]):
                 continue            # another worker's write in progress
-            try:
-                os.unlink(os.path.join(self.tmp_dir, name))
-            except FileNotFoundError:
-                pass
-        if self._dir_fd is None:
-            self._dir_fd = os.open(self.queue_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-            self._dirsync = _DirSyncer(self.reactor, self._dir_fd)
-        if self._own_pool and self._pool is None:
-            self._pool = _IOThreads(self.reactor, self._threads, "smtpgw-spool")
-            self._shutdown_trigger = self.reactor.addSystemEventTrigger("during", "shutdown", self._stop_pool)
+            unlink_quietly(os.path.join(self.tmp_dir, name))
+        if self._link is None:
+            from mta.spool_link import WriterLink
+            self._link = WriterLink(self.reactor, self.queue_dir, SpoolError)
+            self._shutdown_trigger = self.reactor.addSystemEventTrigger("during", "shutdown", self._stop_link)
 
-    def close(self) -> None:
-        """Stop the private thread pool; call once nothing is in flight."""
+    def close(self) -> defer.Deferred:
+        """Let the writer finish what it was sent, then stop it; call once nothing new is coming."""
         if self._shutdown_trigger is not None:
             self.reactor.removeSystemEventTrigger(self._shutdown_trigger)
             self._shutdown_trigger = None
-        self._stop_pool()
-        if self._dirsync is not None:
-            self._dirsync.stop()
-            self._dirsync = None
-        if self._dir_fd is not None:
-            os.close(self._dir_fd)
-            self._dir_fd = None
+        return self._stop_link()
 
-    def _stop_pool(self) -> None:
-        if self._own_pool and self._pool is not None:
-            pool, self._pool = self._pool, None
-            pool.stop()
+    def _stop_link(self) -> defer.Deferred:
+        link, self._link = self._link, None
+        return link.stop() if link is not None else defer.succeed(None)
 
     def _in_thread(self, f: Callable[..., Any], *args: Any) -> defer.Deferred:
-        if self._pool is None:
+        if self._link is None:
             return defer.fail(SpoolError("spool is not open"))
-        if isinstance(self._pool, _IOThreads):
-            return self._pool.deferred(f, *args)
-        return deferToThreadPool(self.reactor, self._pool, f, *args)
+        return deferToThreadPool(self.reactor, self.reactor.getThreadPool(), f, *args)
+
+    def _write(self, op: bytes, entry_id: str, final: str, chunks: list[bytes]) -> defer.Deferred:
+        link = self._link
+        if link is None:
+            return defer.fail(SpoolError("spool is not open"))
+        self._seq += 1
+        return link.request(op, os.path.join(self.tmp_dir, f"{entry_id}.{self._seq}"), final, chunks)
 
     @property
     def dir_syncs(self) -> int:
         """How many directory fsyncs have run (to see the group commit at work)."""
-        return self._dirsync.syncs if self._dirsync else 0
+        return self._link.batches if self._link else 0
+
+    @property
+    def writer_pid(self) -> int | None:
+        return self._link.pid if self._link else None
 
     def _path(self, entry_id: str) -> str:
         return os.path.join(self.queue_dir, check_id(entry_id))
-
-    def _tmp_path(self, name: str) -> str:
-        self._seq += 1
-        return os.path.join(self.tmp_dir, f"{name}.{self._seq}")
 
     # -- the backend interface -------------------------------------------------------------------
 
@@ -343,7 +180,7 @@ class Spool:
             header = encode_message_header(entry, sum(len(c) for c in chunks))
         except Exception:
             return defer.fail()
-        return self._write_then_sync(self._write_new, self._tmp_path(entry.id), final, [header, *chunks])
+        return self._write(OP_NEW, entry.id, final, [header, *chunks])
 
     def update(self, entry: QueueEntry) -> defer.Deferred:
         """Durably replace the recipient states (and extra) of a queued message."""
@@ -352,8 +189,7 @@ class Spool:
             data = encode_state(entry)
         except Exception:
             return defer.fail()
-        return self._write_then_sync(self._write_replace, self._tmp_path(entry.id + STATE_SUFFIX), final,
-                                     [data])
+        return self._write(OP_REPLACE, entry.id + STATE_SUFFIX, final, [data])
 
     def read(self, entry_id: str) -> defer.Deferred:
         """The message bytes as queued."""
@@ -369,7 +205,7 @@ class Spool:
             path = self._path(entry_id)
         except Exception:
             return defer.fail()
-        return self._in_thread(self._unlink_message, path)
+        return self._write(OP_UNLINK, entry_id, path, [])
 
     def scan(self) -> defer.Deferred:
         """Every queued entry (no message data), read in a thread; bad files are moved aside."""
@@ -393,37 +229,6 @@ class Spool:
 
     # -- the work done in threads ----------------------------------------------------------------
 
-    def _write_then_sync(self, write: Callable[..., Any], tmp: str, final: str,
-                         chunks: list[bytes]) -> defer.Deferred:
-        """Run ``write`` in a worker, then hand the result to the directory syncer."""
-        pool, syncer = self._pool, self._dirsync
-        if pool is None or syncer is None:
-            return defer.fail(SpoolError("spool is not open"))
-        d: defer.Deferred = defer.Deferred()
-
-        def work() -> None:
-            try:
-                undo = write(tmp, final, chunks)
-            except BaseException as e:
-                self.reactor.callFromThread(d.errback, e)
-            else:
-                syncer.submit(d, undo)
-
-        pool.callInThread(work)
-        return d
-
-    @staticmethod
-    def _write_new(tmp: str, final: str, chunks: list[bytes]) -> Callable[[], None]:
-        if os.path.lexists(final):
-            raise SpoolError(f"queue id already in use: {os.path.basename(final)}")
-        _write_synced(tmp, final, chunks)
-        return lambda: _unlink_quietly(final)
-
-    @staticmethod
-    def _write_replace(tmp: str, final: str, chunks: list[bytes]) -> None:
-        _write_synced(tmp, final, chunks)
-        return None
-
     @staticmethod
     def _read_body(path: str) -> bytes:
         with open(path, "rb") as f:
@@ -440,16 +245,6 @@ class Spool:
             raise CorruptFile(f"{path}: message is {len(body)} bytes, header says {length}")
         return body
 
-    @staticmethod
-    def _unlink_message(path: str) -> None:
-        # The message first: a crash in between leaves an orphan state file, which scan() drops.
-        # The other order could leave a message whose header still lists delivered recipients.
-        for p in (path, path + STATE_SUFFIX):
-            try:
-                os.unlink(p)
-            except FileNotFoundError:
-                pass
-
     def _scan_collect(self, repair: bool = True) -> tuple[list[QueueEntry], list[str]]:
         problems: list[str] = []
         entries: list[QueueEntry] = []
@@ -463,7 +258,7 @@ class Spool:
                 if name[:-len(STATE_SUFFIX)] not in names:
                     problems.append(f"orphan state file {name}")
                     if repair:
-                        _unlink_quietly(path)
+                        unlink_quietly(path)
                 continue
             try:
                 check_id(name)
@@ -527,28 +322,6 @@ class Spool:
             os.rename(path, target)
         except OSError:
             log.failure("spool: cannot move {path} aside", path=path)
-
-
-def _write_synced(tmp: str, final: str, chunks: list[bytes]) -> None:
-    """Write ``tmp``, sync its data, then rename it to ``final`` (the directory is not synced)."""
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-    try:
-        try:
-            _write_all(fd, chunks)
-            _sync(fd)
-        finally:
-            os.close(fd)
-        os.rename(tmp, final)
-    except BaseException:
-        _unlink_quietly(tmp)
-        raise
-
-
-def _unlink_quietly(path: str) -> None:
-    try:
-        os.unlink(path)
-    except OSError:
-        pass
 
 
 class MemorySpool:

@@ -98,6 +98,7 @@ def makeService(options: Options) -> service.MultiService:
 
     from mta.gateway import Gateway
     from mta.config_reload import ConfigReload
+    from mta.fastpath import lean_poll
     from mta.protocol_log import ProtocolLogService
     from mta.reload import ReloadService
     from mta.server import SMTPServerFactory
@@ -107,6 +108,7 @@ def makeService(options: Options) -> service.MultiService:
     config = options.parsed
     gateway = Gateway(config, reactor)
     tune_gc(reactor)
+    lean_poll(reactor)
     worker = gateway.worker = workers.current(config)     # gateway.workers: which process this is
     if worker.many:
         gateway.spool.owns = worker.owns

@@ -493,7 +493,12 @@ class RestartTests(unittest.TestCase):
         called = gw.deliverer.called = defer.Deferred()
         gw.reactor.advance(1)
         self.assertEqual((yield called), "later001")
-        self.assertFalse(os.path.exists(os.path.join(directory, "queue", "done0001")))
+        finished_file = os.path.join(directory, "queue", "done0001")
+        for _ in range(250):            # start() removes it without waiting: await the unlink
+            if not os.path.exists(finished_file):
+                break
+            yield task.deferLater(reactor, 0.02, lambda: None)
+        self.assertFalse(os.path.exists(finished_file))
 
 
 class SchedulerTests(unittest.TestCase):
