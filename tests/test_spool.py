@@ -192,6 +192,28 @@ class FileSpoolTests(RoundTrip, unittest.TestCase):
         with self.assertRaises(Exception):
             yield self.spool.read("0601aa")
 
+    @defer.inlineCallbacks
+    def test_a_killed_writer_fails_what_it_held_and_the_next_put_restarts_it(self):
+        yield self.spool.put(entry("0801aa"), BODY)
+        pid = self.spool.writer_pid
+        os.kill(pid, signal.SIGSTOP)            # the request below stays unread in its pipe
+        held = self.spool.put(entry("0802bb"), BODY)
+        os.kill(pid, signal.SIGKILL)
+        with self.assertRaises(SpoolError):
+            yield held
+        yield self.spool.put(entry("0803cc"), BODY)
+        self.assertNotEqual(self.spool.writer_pid, pid)
+        self.assertEqual(self.queue_files(), ["0801aa", "0803cc"])
+
+    @defer.inlineCallbacks
+    def test_the_writer_refuses_a_queue_id_in_use(self):
+        yield self.spool.put(entry("0901aa"), BODY)
+        with self.assertRaises(SpoolError):
+            yield self.spool.put(entry("0901aa"), [b"other\r\n"])
+        with open(os.path.join(self.directory, "queue", "0901aa"), "rb") as f:
+            f.readline()
+            self.assertEqual(f.read(), b"".join(BODY))
+
     def test_closed_spool_refuses_work(self):
         self.spool.close()
         failures = []
