@@ -31,7 +31,7 @@ REQUEST = struct.Struct("!cIHHQ")
 REPLY = struct.Struct("!BIH")
 OP_NEW, OP_REPLACE, OP_UNLINK = b"N", b"R", b"U"
 OK, ERROR, BATCH = 0, 1, 3
-THREADS = 8
+THREADS = 3
 
 
 def encode_request(op: bytes, tag: int, tmp: str, final: str, chunks: list[bytes]) -> list[bytes]:
@@ -119,7 +119,7 @@ class _Writer:
         buf = bytearray()
         size = REQUEST.size
         while True:
-            chunk = os.read(in_fd, 1 << 20)
+            chunk = os.read(in_fd, 65536)
             if not chunk:
                 break
             buf += chunk
