@@ -9,6 +9,7 @@ from typing import Any
 
 from mta.hookspecs import hookimpl
 from mta.reply import Reply
+from mta.windows import delivery_window
 
 RELAY_DENIED = Reply(550, "5.7.1", "Relaying denied")
 
@@ -37,7 +38,6 @@ class CorePolicy:
     @hookimpl(trylast=True)
     def smtpgw_delivery_window(self, connector, envelope):
         """The connector's schedule, or its oversize schedule for large mail (mta.windows)."""
-        from mta.windows import delivery_window
         if connector is None:
             return None
         return delivery_window(connector, envelope, self.gateway.reactor.seconds())

@@ -56,9 +56,11 @@ class Hooks:
     def __init__(self) -> None:
         self.pm = pluggy.PluginManager("smtpgw")
         self.pm.add_hookspecs(hookspecs)
+        self._order: dict[str, list[Any]] = {}      # hook name -> implementations, in call order
 
     def register(self, plugin: object, name: str | None = None) -> None:
         self.pm.register(plugin, name=name)
+        self._order.clear()
 
     def load(self, enabled: Iterable[str], local: Iterable[str] = ()) -> None:
         """Register the named built-in/third-party plugins, then the site's local hook files."""
@@ -73,10 +75,15 @@ class Hooks:
             self.pm.register(plugin, name=name)
         for path in local:
             self.pm.register(load_local_module(path), name=f"local:{path}")
+        self._order.clear()
 
     def implementations(self, hook_name: str) -> list[Any]:
-        """Implementations in call order (pluggy keeps them in reverse)."""
-        return list(reversed(getattr(self.pm.hook, hook_name).get_hookimpls()))
+        """Implementations in call order (pluggy keeps them in reverse); asked several times for
+        every message, so kept until the next registration (register ``Hooks``, not ``pm``)."""
+        order = self._order.get(hook_name)
+        if order is None:
+            order = self._order[hook_name] = list(reversed(getattr(self.pm.hook, hook_name).get_hookimpls()))
+        return order
 
     @staticmethod
     def _call_one(impl: Any, kwargs: dict[str, Any]) -> Any:
