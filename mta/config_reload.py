@@ -1,9 +1,11 @@
 """SIGHUP, the configuration part: read the file again and hand it to plugins (``smtpgw_reload``).
 
 Registered as one more target of :class:`mta.reload.ReloadService`, so one SIGHUP re-reads both the
-TLS certificates and the file. Only what plugins can apply live changes (today: diag_logging levels);
-listeners, spool and connectors keep what was loaded at start. A file that no longer validates is
-logged with the key at fault and changes nothing.
+TLS certificates and the file. Only what plugins can apply live changes (relay_acl: each virtual
+server's ``relay`` and each connector's content/delivery restrictions, for new connections;
+diag_logging: its levels); listeners, spool, local domains and routing keep what was loaded at start.
+A file that no longer parses or validates is logged with the key at fault and changes nothing: the
+plugins are told only about a whole, valid file.
 """
 from __future__ import annotations
 
@@ -33,7 +35,7 @@ class ConfigReload:
 
     def apply(self, config: Config) -> Config:
         """Tell the plugins (errors in one are logged and do not stop the others)."""
-        log.info("SIGHUP: {path} read again; live settings applied", path=config.path)
+        log.info("SIGHUP: {path} read again and valid; applying live settings", path=config.path)
         self.gateway.hooks.notify("smtpgw_reload", config=config)
         return config
 

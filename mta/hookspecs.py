@@ -38,7 +38,9 @@ def smtpgw_reload(config):
     """The process got SIGHUP and the configuration file was read again and found valid.
 
     :param config: the new :class:`mta.config.Config`. Only what a plugin can apply live should be taken
-        from it (diag_logging takes its levels); listeners, spool and connectors keep the loaded ones.
+        from it (diag_logging takes its levels; relay_acl the relay settings and the connectors'
+        restrictions, for new connections); the core keeps the listeners, spool, local domains and
+        routing it loaded.
     """
 
 

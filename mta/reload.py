@@ -1,5 +1,7 @@
-"""SIGHUP: re-read what can change without a restart (today: every virtual server's TLS certificate
-and key), the way administrators reload Postfix or nginx after renewing a certificate.
+"""SIGHUP: re-read what can change without a restart, the way administrators run ``postfix reload``:
+every virtual server's TLS certificate and key, and the configuration file for what plugins apply live
+(relay settings and connector restrictions, diag_logging levels; :mod:`mta.config_reload`). With
+``gateway.workers`` > 1 the supervisor is one more target and passes the signal on to every worker.
 
 twistd leaves SIGHUP alone (its default would end the process), so this service installs a handler
 while it runs and puts the previous one back when it stops; a previous Python-level handler is still
@@ -49,6 +51,7 @@ class ReloadService(service.Service):
 
     def reload(self) -> defer.Deferred:
         """Reload every target; fires when all are done (each logs its own problems)."""
-        log.info("SIGHUP: reloading {count} TLS certificate(s)", count=len(self.targets))
+        log.info("SIGHUP: reloading ({count} target(s): TLS certificates, the configuration file, workers)",
+                 count=len(self.targets))
         return defer.DeferredList([defer.maybeDeferred(t.reload, self.reactor) for t in self.targets],
                                   consumeErrors=True)

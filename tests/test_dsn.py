@@ -53,7 +53,7 @@ def assert_wire_safe(data: bytes) -> None:
 
 
 def test_failure_report_structure():
-    e = entry()
+    e = entry(mail_params={"RET": "HDRS"})
     results = [(e.rcpts[0], Reply(550, "5.1.1", "User unknown"))]
     data = build_dsn(config(), e, results, "failed", ORIGINAL, now=1_700_000_600.0)
     assert_wire_safe(data)
@@ -127,7 +127,7 @@ def test_envid_and_orcpt_are_echoed():
 def test_eight_bit_headers_and_addresses_stay_seven_bit():
     original = "Subject: Grüße\r\nFrom: jörg@client.test\r\n\r\nbody\r\n".encode()
     e = QueueEntry(id="0002", sender="jörg@client.test", rcpts=[RecipientState("møller@far.test")],
-                   received_at=0.0)
+                   received_at=0.0, extra={"mail_params": {"RET": "HDRS"}})
     data = build_dsn(config(), e, [(e.rcpts[0], Reply(550, "5.1.1", "ukendt modtager æ"))], "failed", original)
     assert_wire_safe(data)
     msg = parse(data)

@@ -6,6 +6,8 @@ import functools
 import ipaddress
 from typing import Any
 
+from twisted.logger import Logger
+
 from mta.config import Config, Connector, RelayConfig
 from mta.defaults import domain_of
 from mta.hookspecs import hookimpl
@@ -14,12 +16,15 @@ from mta.router import connectors_for
 from mta.netaddr import client_ip
 from smtpgw_plugins.relay_acl import restrictions
 from smtpgw_plugins.relay_acl.local_parts import local_part_refusal
+from smtpgw_plugins.relay_acl.policy import Policy, session_policy
 from smtpgw_plugins.relay_acl.restrictions import Facts, Refusal
+
+log = Logger(namespace="smtpgw.relay_acl")
 
 RELAY_DENIED = Reply(550, "5.7.1", "Relaying denied")
 RECIPIENT_OK = Reply(250, "2.1.5", "Recipient OK")
 PRIORITY_KEY = "relay_acl.priority"     # envelope.extra -> queue entry extra: the priority seen at DATA
-ALL_PRIORITIES = frozenset({restrictions.HIGH, restrictions.NORMAL, restrictions.LOW})
+POLICY_KEY = "relay_acl.policy"         # session.extra: the relay settings the session started with
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -47,18 +52,42 @@ def relay_reason(relay: RelayConfig, peer_host: str, authenticated_user: str | N
 
 class RelayACL:
     def __init__(self) -> None:
-        self.config: Config | None = None
+        self.config: Config | None = None       # as loaded at start: local domains and routing
         self.services: Any = None
-        self._entries: dict[str, frozenset[str]] = {}
-        self._priorities_matter = False
+        self.policy: Policy | None = None       # relay and restriction settings; SIGHUP replaces it
 
     @hookimpl
     def smtpgw_configure(self, config: Config, services: Any) -> None:
         self.config = config
         self.services = services
-        self._entries = restrictions.entries_by_connector(config.connectors)
-        self._priorities_matter = any(
-            not ALL_PRIORITIES <= set(c.content_restrictions.allowed_priorities) for c in config.connectors)
+        self.policy = Policy.of(config)
+
+    # -- SIGHUP ---------------------------------------------------------------------------------
+
+    @hookimpl
+    def smtpgw_reload(self, config: Config) -> None:
+        """New connections get the file's relay settings; sessions in progress keep theirs."""
+        if self.config is None or self.policy is None:
+            return
+        policy, notes = self.policy.reloaded(self.config, config)
+        changes = policy.describe_changes(self.policy)
+        self.policy = policy
+        for note in notes:
+            log.warn("relay_acl: SIGHUP: {note}", note=note)
+        for change in changes:
+            log.info("relay_acl: SIGHUP: {change}", change=change)
+        log.info("relay_acl: SIGHUP: relay settings reloaded ({count} change(s)); new connections use them",
+                 count=len(changes))
+
+    @hookimpl(tryfirst=True)
+    def smtpgw_connect(self, session) -> None:
+        """Pin the current settings to the session (``postfix reload``: a session ends as it began)."""
+        if self.policy is not None:
+            session.extra[POLICY_KEY] = self.policy
+        return None
+
+    def _policy(self, session: Any) -> Policy:
+        return session_policy(session, POLICY_KEY, self.policy)
 
     # -- diagnostics ----------------------------------------------------------------------------
 
@@ -68,8 +97,10 @@ class RelayACL:
             hooks.event("smtp_protocol", "minimum", "relay decision", session=session.id,
                         recipient=recipient, decision=decision, reason=reason, **more)
 
-    def _choose(self, domain: str, facts: Facts) -> tuple[Connector | None, Refusal | None]:
-        return restrictions.choose(connectors_for(self.config, domain), facts, self._entries)
+    def _choose(self, domain: str, facts: Facts, policy: Policy) -> tuple[Connector | None, Refusal | None]:
+        """Routing is the core's (the connectors loaded at start); restrictions are ``policy``'s."""
+        candidates = [policy.connector(c) for c in connectors_for(self.config, domain)]
+        return restrictions.choose(candidates, facts, policy.entries)
 
     # -- RCPT -----------------------------------------------------------------------------------
 
@@ -85,7 +116,8 @@ class RelayACL:
                 return refused[0]
             self._decision(session, recipient, "accept", f"local domain {domain}")
             return None                 # the core accepts local domains (and a site hook may refine)
-        relay = self.config.virtual_server(session.virtual_server).relay
+        policy = self._policy(session)
+        relay = policy.relay_for(session.virtual_server)
         reason = relay_reason(relay, session.peer_host, session.authenticated_user)
         if reason is None:
             self._decision(session, recipient, "deny",
@@ -94,7 +126,7 @@ class RelayACL:
                                                        else " (relay.allow_authenticated is off)"))
             return RELAY_DENIED
         facts = Facts(envelope.sender, envelope.declared_size)
-        connector, refusal = self._choose(domain, facts)
+        connector, refusal = self._choose(domain, facts, policy)
         if refusal is not None:
             self._decision(session, recipient, "deny", f"{reason}; but {refusal.reason}")
             return refusal.reply
@@ -108,8 +140,9 @@ class RelayACL:
     def smtpgw_data(self, session, envelope, message) -> Reply | None:
         if self.config is None:
             return None
+        policy = self._policy(session)
         priority = None
-        if self._priorities_matter:
+        if policy.priorities_matter:
             priority = restrictions.priority_of(message.headers)
             envelope.extra[PRIORITY_KEY] = priority
         facts = Facts(envelope.sender, envelope.size, priority)
@@ -120,7 +153,7 @@ class RelayACL:
             if self.config.is_local_domain(domain):
                 carried += 1
                 continue
-            connector, refusal = self._choose(domain, facts)
+            connector, refusal = self._choose(domain, facts, policy)
             if refusal is None:
                 carried += 1
             else:
@@ -144,11 +177,12 @@ class RelayACL:
     def smtpgw_delivery_window(self, connector, envelope) -> Reply | None:
         """A connector whose restrictions refuse the message is unusable for it: the deliverer fails
         over to the next connector, and when none is left the 5xx fails the recipients (a DSN)."""
-        if self.config is None or connector is None:
+        if self.config is None or self.policy is None or connector is None:
             return None
         extra = getattr(envelope, "extra", None) or {}
         facts = Facts(envelope.sender, envelope.size or None, extra.get(PRIORITY_KEY, restrictions.NORMAL))
-        refusal = restrictions.check(connector, facts, self._entries.get(connector.name))
+        policy = self.policy                    # the newest: queued mail obeys today's restrictions
+        refusal = restrictions.check(policy.connector(connector), facts, policy.entries.get(connector.name))
         if refusal is None:
             return None
         hooks = getattr(self.services, "hooks", None)
