@@ -136,3 +136,84 @@ class DataReader:
         if self.problem is None:
             self.problem = problem
             self.chunks = []
+
+
+class ChunkedMessage:
+    """The message of a BDAT transaction (RFC 3030), chunk by chunk, stored as DATA would store it.
+
+    BDAT frames the message by octet count, so nothing in the content can end it early and there is no
+    dot-stuffing to undo. But the rest of the pipeline (the ``smtpgw_data`` hook, the spool, the
+    outbound client's dot-stuffing) expects CRLF lines, and a bare LF that we relayed would be the
+    next hop's smuggling problem. So, as Postfix does for BDAT, a bare LF is *normalised* to CRLF (a
+    UNIX client's ``\\n`` message is stored as the CRLF message it means), and the same checks as
+    DATA apply to the result: a bare CR (one not followed by LF, also across chunk ends) is refused,
+    as are NUL and lines over 998 octets; a message that does not end with CRLF gets one at the end
+    (DATA's final CRLF belongs to the message). The message stored for a given text is therefore
+    byte for byte the one DATA stores. BINARYMIME is not offered, so binary content is never taken.
+
+    Chunks arrive in arbitrary pieces: ``take`` keeps a trailing CR back until it knows what follows,
+    and counts the length of the unfinished line across pieces. Nothing past ``max_size`` is kept:
+    the first problem drops what was stored and the rest is only counted off.
+    """
+
+    __slots__ = ("max_size", "chunks", "size", "problem", "_cr", "_line")
+
+    def __init__(self, max_size: int) -> None:
+        self.max_size = max_size
+        self.chunks: list[bytes] = []
+        self.size = 0
+        self.problem: Problem | None = None
+        self._cr = False            # a CR ended the last piece: held back until we see what follows
+        self._line = 0              # octets of the unfinished line so far (CRLF excluded)
+
+    def take(self, data: bytes) -> None:
+        """Add a piece of chunk content (any split, any length)."""
+        if self.problem is not None or not data:
+            return
+        if self._cr:
+            data, self._cr = b"\r" + data, False
+        if data.endswith(b"\r"):
+            data, self._cr = data[:-1], True
+            if not data:
+                return
+        crlfs = data.count(b"\r\n")
+        if data.count(b"\r") != crlfs:
+            return self._fail(Problem.BARE_NEWLINE)
+        if data.count(b"\n") != crlfs:
+            data = data.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+        if b"\0" in data:
+            return self._fail(Problem.NUL)
+        longest = TEXT_LIMIT - 2
+        first = data.find(b"\r\n")
+        if first < 0:
+            self._line += len(data)
+        else:
+            last = data.rfind(b"\r\n")
+            if self._line + first > longest or (
+                    last - first - 2 > longest
+                    and max(map(len, data[first + 2:last].split(b"\r\n"))) > longest):
+                return self._fail(Problem.TOO_LONG)
+            self._line = len(data) - last - 2
+        if self._line > longest:
+            return self._fail(Problem.TOO_LONG)
+        self.size += len(data)
+        if self.size > self.max_size:
+            return self._fail(Problem.TOO_BIG)
+        self.chunks.append(data)
+
+    def finish(self) -> None:
+        """The LAST chunk is in: a CR still held back is bare; an unfinished last line gets its CRLF."""
+        if self.problem is not None:
+            return
+        if self._cr:
+            return self._fail(Problem.BARE_NEWLINE)
+        if self.size and not self.chunks[-1].endswith(b"\r\n"):
+            self.size += 2
+            if self.size > self.max_size:
+                return self._fail(Problem.TOO_BIG)
+            self.chunks.append(b"\r\n")
+
+    def _fail(self, problem: Problem) -> None:
+        if self.problem is None:
+            self.problem = problem
+            self.chunks = []

@@ -24,12 +24,13 @@ from twisted.internet.protocol import Protocol, ServerFactory
 from twisted.logger import Logger
 
 from mta import address, workers
+from mta import server_bdat
 from mta import server_replies as R
 from mta.address import AddressError
 from mta.config import VirtualServer
 from mta.envelope import Envelope, Session
 from mta.fastpath import send_now
-from mta.lines import CommandSplitter, DataReader, Problem
+from mta.lines import ChunkedMessage, CommandSplitter, DataReader, Problem
 from mta.message import MessageData
 from mta.reply import Reply
 from mta.server_auth import AUTH_REQUIRED, NOT_ENABLED, ServerAuth, mask_auth_command
@@ -58,6 +59,8 @@ class State(enum.Enum):
     MAIL = "mail"               # MAIL accepted
     RCPT = "rcpt"               # at least one RCPT accepted
     DATA = "data"               # reading the message
+    BDAT = "bdat"               # counting off the octets of one BDAT chunk (mta/server_bdat.py)
+    CHUNKING = "chunking"       # BDAT chunks taken, waiting for the next BDAT
     CLOSED = "closed"
 
 
@@ -74,18 +77,22 @@ COMMANDS: dict[str, Command] = {
     "EHLO": Command("smtp_EHLO", {}),
     "HELO": Command("smtp_HELO", {}),
     "MAIL": Command("smtp_MAIL", {State.CONNECTED: R.NEED_HELO, State.MAIL: R.NESTED_MAIL,
-                                  State.RCPT: R.NESTED_MAIL}),
-    "RCPT": Command("smtp_RCPT", {State.CONNECTED: R.NEED_MAIL, State.GREETED: R.NEED_MAIL}),
+                                  State.RCPT: R.NESTED_MAIL, State.CHUNKING: R.NESTED_MAIL}),
+    "RCPT": Command("smtp_RCPT", {State.CONNECTED: R.NEED_MAIL, State.GREETED: R.NEED_MAIL,
+                                  State.CHUNKING: server_bdat.BDAT_IN_PROGRESS}),
     "DATA": Command("smtp_DATA", {State.CONNECTED: R.NEED_MAIL, State.GREETED: R.NEED_MAIL,
-                                  State.MAIL: R.NO_VALID_RECIPIENTS}),
+                                  State.MAIL: R.NO_VALID_RECIPIENTS,
+                                  State.CHUNKING: server_bdat.DATA_AFTER_BDAT}),
+    "BDAT": Command("smtp_BDAT", {}),       # refuses in smtp_BDAT, after the octets are skipped
     "RSET": Command("smtp_RSET", {}),
     "NOOP": Command("smtp_NOOP", {}),
     "QUIT": Command("smtp_QUIT", {}),
     "VRFY": Command("smtp_VRFY", {}),
     "HELP": Command("smtp_HELP", {}),
-    "STARTTLS": Command("smtp_STARTTLS", {State.MAIL: _IN_TRANSACTION, State.RCPT: _IN_TRANSACTION}),
+    "STARTTLS": Command("smtp_STARTTLS", {State.MAIL: _IN_TRANSACTION, State.RCPT: _IN_TRANSACTION,
+                                          State.CHUNKING: _IN_TRANSACTION}),
     "AUTH": Command("smtp_AUTH", {State.CONNECTED: R.NEED_HELO, State.MAIL: _IN_TRANSACTION,
-                                  State.RCPT: _IN_TRANSACTION}),
+                                  State.RCPT: _IN_TRANSACTION, State.CHUNKING: _IN_TRANSACTION}),
 }
 
 
@@ -115,6 +122,8 @@ class SMTPServerProtocol(Protocol):
         self._pos = 0
         self._splitter = CommandSplitter()
         self._reader: DataReader | None = None
+        self._chunk: server_bdat.Chunk | None = None    # the BDAT chunk being read (State.BDAT)
+        self._chunked: ChunkedMessage | None = None     # the BDAT transaction's message so far
         self._waiting = False           # a hook's Deferred is pending: input stays in the buffer
         self._paused = False
         self._processing = False
@@ -228,6 +237,16 @@ class SMTPServerProtocol(Protocol):
                 self._respond(self._end_of_data(reader))
                 return True
             return moved
+        if self.state is State.BDAT:
+            chunk = self._chunk
+            pos = chunk.feed(self._buf, self._pos)
+            if self._plog_cmd is not None:
+                self._plog_cmd.bytes_in += pos - self._pos
+            moved, self._pos = pos != self._pos, pos
+            if chunk.done:
+                self._respond(self._chunk_done(chunk))
+                return True
+            return moved
         item, self._pos = self._splitter.next_line(self._buf, self._pos)
         if item is None:
             return False
@@ -268,7 +287,9 @@ class SMTPServerProtocol(Protocol):
 
     # -- output: the one place that writes -------------------------------------------------------
 
-    def _respond(self, result: Reply | defer.Deferred) -> None:
+    def _respond(self, result: Reply | defer.Deferred | None) -> None:
+        if result is None:              # BDAT: the reply waits for the chunk's octets
+            return
         if not isinstance(result, defer.Deferred):
             self._send(result)
             return
@@ -327,7 +348,7 @@ class SMTPServerProtocol(Protocol):
 
     def _internal_error(self) -> None:
         log.failure("session {session}: internal error", session=self.session.id)
-        if self.state is State.DATA:    # never fall back to command mode inside a message
+        if self.state in (State.DATA, State.BDAT):     # never fall back to command mode inside a message
             self._send(replace(R.INTERNAL_ERROR, code=421, disconnect=True))
             return
         self._reset_transaction()
@@ -343,7 +364,8 @@ class SMTPServerProtocol(Protocol):
     def _reset_transaction(self) -> None:
         self.envelope = None
         self._reader = None
-        if self.state in (State.MAIL, State.RCPT, State.DATA):
+        self._chunked = None
+        if self.state in (State.MAIL, State.RCPT, State.DATA, State.BDAT, State.CHUNKING):
             self._enter(State.GREETED, "transaction reset")
 
     def _ask(self, hook: str, then: Any, **kwargs: Any) -> Reply | defer.Deferred:
@@ -385,7 +407,7 @@ class SMTPServerProtocol(Protocol):
     def extensions(self) -> list[str]:
         """The EHLO keywords; STARTTLS/AUTH add theirs here."""
         keywords = ["PIPELINING", f"SIZE {self.vs.limits.max_message_size}", "8BITMIME",
-                    "ENHANCEDSTATUSCODES", "SMTPUTF8"]
+                    "ENHANCEDSTATUSCODES", "SMTPUTF8", "CHUNKING"]
         if self.factory.tls_context is not None and not self.session.tls:
             keywords.append("STARTTLS")
         if self.factory.auth is not None:
@@ -522,6 +544,51 @@ class SMTPServerProtocol(Protocol):
         self._enter(State.DATA, "DATA")
         return R.START_DATA
 
+    def smtp_BDAT(self, argument: str) -> Reply | defer.Deferred | None:
+        """RFC 3030. The reply comes once the announced octets are in (``_chunk_done``); a refused
+        chunk is counted off too, so its octets never run as commands. No BINARYMIME: BODY=BINARYMIME
+        is refused at MAIL, and content follows the line rules in ``mta.lines.ChunkedMessage``."""
+        size, last, valid = server_bdat.parse_argument(argument)
+        if size is None:
+            return server_bdat.BAD_ARGUMENT
+        refusal, message = None, None
+        if not valid:
+            refusal = server_bdat.BAD_ARGUMENT
+        elif self.state in (State.CONNECTED, State.GREETED):
+            refusal = R.NEED_MAIL
+        elif self.state is State.MAIL:
+            refusal = server_bdat.NEED_RCPT
+        else:
+            limit = self.vs.limits.max_message_size
+            message = self._chunked or ChunkedMessage(limit)
+            if message.size + size > limit:     # refused before a byte is stored
+                self._event("smtp_protocol", "minimum", "message refused", envelope=self.envelope.id,
+                            problem=Problem.TOO_BIG.value)
+                self._reset_transaction()
+                refusal, message = R.MESSAGE_TOO_BIG, None
+            else:
+                self._chunked = message
+        chunk = server_bdat.Chunk(size, last, message, refusal, resume=self.state)
+        if chunk.done:
+            return self._chunk_done(chunk)
+        self._chunk = chunk
+        self._enter(State.BDAT, "BDAT")
+        return None
+
+    def _chunk_done(self, chunk: server_bdat.Chunk) -> Reply | defer.Deferred:
+        self._chunk = None
+        if chunk.refusal is not None:
+            if self.state is State.BDAT:
+                self._enter(chunk.resume, "BDAT octets skipped")
+            return chunk.refusal
+        message = chunk.message
+        if chunk.last:
+            message.finish()
+        if chunk.last or message.problem is not None:
+            return self._end_of_data(message)       # resets the transaction, refuses a problem
+        self._enter(State.CHUNKING, "chunk received")
+        return server_bdat.chunk_received(chunk.size)
+
     def smtp_RSET(self, argument: str) -> Reply:
         if argument.strip():
             return R.syntax("RSET")
@@ -592,7 +659,7 @@ class SMTPServerProtocol(Protocol):
 
     # -- end of DATA -----------------------------------------------------------------------------
 
-    def _end_of_data(self, reader: DataReader) -> Reply | defer.Deferred:
+    def _end_of_data(self, reader: DataReader | ChunkedMessage) -> Reply | defer.Deferred:
         envelope = self.envelope
         self._reset_transaction()
         if reader.problem is not None:
@@ -616,7 +683,7 @@ class SMTPServerProtocol(Protocol):
 
     def _queued(self, envelope: Envelope, queue_id: str) -> Reply:
         if self._plog_cmd is not None:      # the W3C DATA line names the message, as IIS's does
-            self._plog_cmd.line = f"DATA <{queue_id}>"
+            self._plog_cmd.line = f"{self._plog_cmd.verb} <{queue_id}>"
         self._event("smtp_protocol", "medium", "message accepted", id=queue_id, sender=envelope.sender or "<>",
                     recipients=len(envelope.recipients), size=envelope.size)
         self._after_send.append(partial(self.hooks.notify, "smtpgw_queued", envelope=envelope))

@@ -11,7 +11,7 @@ START_DATA = Reply(354, "", "End data with <CR><LF>.<CR><LF>")
 BYE = Reply(221, "2.0.0", "Bye", disconnect=True)
 VRFY_REPLY = Reply(252, "2.5.0", "Cannot VRFY user, but will accept message and attempt delivery")
 START_TLS = Reply(220, "2.0.0", "Ready to start TLS")
-HELP = Reply(214, "2.0.0", "Commands: EHLO HELO MAIL RCPT DATA RSET NOOP QUIT VRFY HELP STARTTLS\n"
+HELP = Reply(214, "2.0.0", "Commands: EHLO HELO MAIL RCPT DATA BDAT RSET NOOP QUIT VRFY HELP STARTTLS\n"
              "See RFC 5321")
 
 TOO_MANY_CONNECTIONS = Reply(421, "4.7.0", "Too many connections", disconnect=True)

@@ -61,7 +61,8 @@ def test_ehlo_advertises_extensions_without_enhanced_codes():
     [answer] = Dialog().ehlo()
     assert answer.code == Code.OK
     assert answer.lines[0] == f"{HOSTNAME} Hello client.test [{CLIENT_IP}]"
-    assert answer.lines[1:] == ["PIPELINING", "SIZE 10485760", "8BITMIME", "ENHANCEDSTATUSCODES", "SMTPUTF8"]
+    assert answer.lines[1:] == ["PIPELINING", "SIZE 10485760", "8BITMIME", "ENHANCEDSTATUSCODES", "SMTPUTF8",
+                               "CHUNKING"]
 
 
 def test_helo_and_missing_hostname():
