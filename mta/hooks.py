@@ -164,5 +164,5 @@ class Hooks:
 
     def event(self, category: str, level: str, message: str, **fields: Any) -> None:
         """Emit a diagnostic event (cheap when no plugin listens)."""
-        if self.pm.hook.smtpgw_event.get_hookimpls():
+        if self.implementations("smtpgw_event"):
             self.notify("smtpgw_event", category=category, level=level, message=message, fields=fields)
