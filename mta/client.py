@@ -27,6 +27,7 @@ from twisted.logger import Logger
 
 from mta import outbound
 from mta.client_protocol import ConnectionBroken, SMTPClientProtocol
+from mta.dsn_params import OutboundDSN
 from mta.nexthop import Hop, HostUnusable, RecipientResult
 from mta.outbound import OutboundPolicy
 from mta.reply import Reply
@@ -96,14 +97,16 @@ class SMTPClientPool:
     # -- the public face ---------------------------------------------------------------------------
 
     def send(self, hop: Hop, sender: str, recipients: list[str], data: bytes | list[bytes],
-             source_address: str | None = None, policy: OutboundPolicy | None = None) -> defer.Deferred:
+             source_address: str | None = None, policy: OutboundPolicy | None = None,
+             dsn: OutboundDSN | None = None) -> defer.Deferred:
         """Deliver one message to ``hop``: a Deferred firing with one RecipientResult per recipient,
         in order, or failing with :class:`HostUnusable` when the hop took nothing.
 
-        ``policy``: the connector's outbound settings and limits (None: the pool's defaults)."""
+        ``policy``: the connector's outbound settings and limits (None: the pool's defaults).
+        ``dsn``: the message's RFC 3461 parameters, or None."""
         chunks = [bytes(data)] if isinstance(data, (bytes, bytearray, memoryview)) else list(data)
         return defer.Deferred.fromCoroutine(self._send(hop, sender, list(recipients), chunks, source_address,
-                                                       policy))
+                                                       policy, dsn))
 
     def close(self) -> defer.Deferred:
         """QUIT every idle connection and stop the timers; busy ones close when their transaction ends."""
@@ -153,14 +156,15 @@ class SMTPClientPool:
     # -- one send ------------------------------------------------------------------------------------
 
     async def _send(self, hop: Hop, sender: str, recipients: list[str], chunks: list[bytes],
-                    source_address: str | None, policy: OutboundPolicy | None) -> list[RecipientResult]:
+                    source_address: str | None, policy: OutboundPolicy | None,
+                    dsn: OutboundDSN | None = None) -> list[RecipientResult]:
         key: Key = (hop.host, hop.port, source_address, policy)
         slot = self._slot(key)
         retried = False
         while True:
             conn, reused = await self._acquire(slot, key, hop)
             try:
-                results = await conn.deliver(sender, recipients, chunks, str(hop))
+                results = await conn.deliver(sender, recipients, chunks, str(hop), dsn=dsn)
             except ConnectionBroken as e:
                 self._release(slot, conn)
                 if reused and e.kind == "lost" and not retried:

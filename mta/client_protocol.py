@@ -24,6 +24,7 @@ from zope.interface import implementer
 from mta.client_wire import (DotStuffer, ProtocolError, ReplyParser, encode_all,
                              has_8bit, pieces)
 from mta import outbound
+from mta.dsn_params import OutboundDSN, RelayedResult
 from mta.fastpath import send_now
 from mta.nexthop import HostUnusable, RecipientResult
 from mta.outbound import OutboundPolicy
@@ -357,9 +358,12 @@ class SMTPClientProtocol(Protocol):
         return [value for _, value in results]
 
     async def deliver(self, sender: str, recipients: list[str], chunks: list[bytes],
-                      hop_label: str) -> list[RecipientResult]:
+                      hop_label: str, dsn: OutboundDSN | None = None) -> list[RecipientResult]:
         """One transaction. Raises HostUnusable if MAIL is refused or the connection fails before the
-        message was handed over; from the 354 on, failures become 4xx results (status unknown)."""
+        message was handed over; from the 354 on, failures become 4xx results (status unknown).
+
+        ``dsn``: the message's RFC 3461 parameters, sent on when the hop offers DSN; when it does not,
+        a recipient that asked NOTIFY=SUCCESS comes back delivered as a :class:`RelayedResult`."""
         def each(reply: Reply) -> list[RecipientResult]:
             return [RecipientResult(r, reply, hop_label) for r in recipients]
 
@@ -378,6 +382,9 @@ class SMTPClientProtocol(Protocol):
                 # Without 8BITMIME on the other side 8-bit mail is sent unchanged anyway (as Postfix
                 # does by default): converting MIME parts is out of scope and nearly all servers cope.
                 mail += b" BODY=8BITMIME"
+        dsn_hop = dsn is not None and self.esmtp and "DSN" in self.extensions
+        if dsn_hop:
+            mail += dsn.mail.encode("ascii")
         results: dict[int, Reply] = {}
         to_send: list[int] = []
         for i, rcpt in enumerate(recipients):
@@ -388,7 +395,8 @@ class SMTPClientProtocol(Protocol):
         if not to_send:
             return [RecipientResult(r, results[i], hop_label) for i, r in enumerate(recipients)]
 
-        rcpt_lines = [b"RCPT TO:" + _path_bytes(recipients[i]) for i in to_send]
+        rcpt_lines = [b"RCPT TO:" + _path_bytes(recipients[i])
+                      + (dsn.rcpt(recipients[i]).encode("ascii") if dsn_hop else b"") for i in to_send]
         pipelining = self.esmtp and "PIPELINING" in self.extensions
         rset_reply: Reply | None = None
         data_reply: Reply | None = None
@@ -453,6 +461,9 @@ class SMTPClientProtocol(Protocol):
             self.needs_rset = False
         for i in accepted:
             results[i] = final
+        if dsn is not None and not dsn_hop and final.is_positive:      # RFC 3461 4.2.1
+            return [(RelayedResult if i in accepted and dsn.wants_success(r) else RecipientResult)(
+                r, results[i], hop_label) for i, r in enumerate(recipients)]
         return [RecipientResult(r, results[i], hop_label) for i, r in enumerate(recipients)]
 
     async def _send_empty(self) -> None:

@@ -28,6 +28,7 @@ from twisted.logger import Logger
 
 from mta.config import Connector
 from mta.defaults import domain_of
+from mta.dsn_params import OutboundDSN
 from mta.nexthop import Hop, HostUnusable, RecipientResult
 from mta.outbound import OutboundPolicy
 from mta.queue_entry import QueueEntry, RecipientState
@@ -184,9 +185,20 @@ class Deliverer:
                 for rcpt, r, t in zip(recipients, results, tentative)]
 
     def _policy(self, connector: Connector) -> OutboundPolicy:
+        """The connector's client options. With several workers (``gateway.workers``) each takes
+        ``ceil(limit / N)`` of the connection limits, so the gateway's total towards a host or through
+        the connector stays within the configured limit rounded up to a multiple of N."""
         policy = self._policies.get(connector.name)
         if policy is None or self._policy_source.get(connector.name) is not connector:
-            policy = self._policies[connector.name] = OutboundPolicy.for_connector(connector)
+            from dataclasses import replace
+            from mta import workers
+
+            policy = OutboundPolicy.for_connector(connector)
+            worker = workers.of(self.gateway)
+            if worker.many:
+                policy = replace(policy, max_connections=worker.share(policy.max_connections),
+                                 max_connections_per_host=worker.share(policy.max_connections_per_host))
+            self._policies[connector.name] = policy
             self._policy_source[connector.name] = connector
         return policy
 
@@ -236,6 +248,8 @@ class Deliverer:
 
         source = source_address(self.gateway.config, connector)
         policy = self._policy(connector)
+        dsn = OutboundDSN.from_entry(entry)     # RFC 3461 parameters for the next hop, when the sender gave any
+        with_dsn = {"dsn": dsn} if dsn is not None else {}
         last = Reply(451, "4.4.1", f"no hop of {name} answered")
         last_hop = ""
         for hop in hops:
@@ -245,7 +259,7 @@ class Deliverer:
             try:
                 answers = await self.gateway.client.send(hop, entry.sender, batch, data,
                                                          source_address=usable_source(source, hop.host),
-                                                         policy=policy)
+                                                         policy=policy, **with_dsn)
             except HostUnusable as e:
                 self._event(entry, f"{domain}: {hop} unusable: {e.reply}", domain=domain,
                             connector=name, hop=str(hop))

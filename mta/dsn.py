@@ -7,7 +7,8 @@ That third part follows the sender's RFC 3461 ``RET`` (kept in ``entry.extra["ma
 * ``RET=FULL`` -- the whole message, ``message/rfc822``;
 * ``RET=HDRS`` -- its headers only, ``text/rfc822-headers``;
 * no ``RET`` -- as Postfix does by default: the whole message in a failure report, headers only in
-  a delay notice (RFC 3461 lets a delay notice return headers whatever ``RET`` asked).
+  a delay notice (RFC 3461 lets a delay notice return headers whatever ``RET`` asked), headers only
+  in a success report (``delivered``/``relayed``, sent only on ``NOTIFY=SUCCESS``).
 
 The whole message is returned only up to :data:`RETURN_LIMIT` bytes (Postfix's ``bounce_size_limit``)
 and only if the report then stays within every virtual server's and connector's message size limit
@@ -32,6 +33,9 @@ from mta.queue_entry import QueueEntry, RecipientState
 from mta.reply import Reply
 
 FAILED, DELAYED = "failed", "delayed"
+DELIVERED, RELAYED = "delivered", "relayed"      # success reports, only on NOTIFY=SUCCESS (RFC 3461)
+SUCCESS_ACTIONS = (DELIVERED, RELAYED)
+LOCAL_HOP = "maildir"            # the hop mta.delivery names for a Maildir delivery: no Remote-MTA
 MAX_FIELD = 900
 MAX_HEADERS = 256 * 1024
 RETURN_LIMIT = 50_000            # bytes of original returned whole at most (Postfix bounce_size_limit)
@@ -80,6 +84,8 @@ def reply_from_text(text: str | None, default: Reply) -> Reply:
 def status_of(reply: Reply, action: str) -> str:
     """The RFC 3463 status for a report: the reply's own when it has one that fits the action."""
     status = reply.status if _STATUS_RE.match(reply.status or "") else ""
+    if action in SUCCESS_ACTIONS:
+        return status if status.startswith("2.") else "2.0.0"
     if action == DELAYED:
         return status if status.startswith("4.") else "4.0.0"
     if status:
@@ -111,10 +117,13 @@ def header_block(original: bytes | None, limit: int = MAX_HEADERS) -> bytes:
 
 
 def requested_return(entry: QueueEntry, action: str) -> str:
-    """What the report should return: ``full`` or ``headers`` (RFC 3461 RET, else Postfix's default)."""
+    """What the report should return: ``full`` or ``headers`` (RFC 3461 RET, else Postfix's default;
+    a success report returns the whole message only when RET=FULL asked for it)."""
     if action == DELAYED:
         return HEADERS
     ret = str((entry.extra.get("mail_params") or {}).get("RET") or "").strip().upper()
+    if action in SUCCESS_ACTIONS:
+        return FULL if ret == "FULL" else HEADERS
     return HEADERS if ret == "HDRS" else FULL
 
 
@@ -182,6 +191,13 @@ def _human_text(config: Any, entry: QueueEntry, results: list[tuple[RecipientSta
     if action == FAILED:
         lines += ["Your message could not be delivered to the recipients listed below. It has been",
                   "given up for them; the reason each one failed is shown beside it.", ""]
+    elif action == DELIVERED:
+        lines += ["Your message was delivered to the mailboxes of the recipients listed below.",
+                  "You asked to be told of successful delivery; there is nothing more to do.", ""]
+    elif action == RELAYED:
+        lines += ["Your message was handed on for the recipients listed below to a mail server that",
+                  "does not send delivery notifications. You asked to be told of successful delivery,",
+                  "but this is the last report on them you can expect: later failures may go unreported.", ""]
     else:
         lines += ["Your message has not yet been delivered to the recipients listed below. Delivery",
                   f"will be retried until {rfc5322_date(retry_until)}; there is no need to send it",
@@ -206,6 +222,21 @@ def build_dsn(config: Any, entry: QueueEntry, results: list[tuple[RecipientState
     """
     if action not in (FAILED, DELAYED):
         raise ValueError(f"unsupported DSN action {action!r}")
+    return _build(config, entry, results, action, original, to, now, return_limit)
+
+
+def build_success_dsn(config: Any, entry: QueueEntry, results: list[tuple[RecipientState, Reply]],
+                      action: str, original: bytes | None, to: str | None = None,
+                      now: float | None = None, return_limit: int = RETURN_LIMIT) -> bytes:
+    """A success report (``delivered`` or ``relayed``, RFC 3464 2.3.3) for recipients that asked
+    NOTIFY=SUCCESS; it returns the headers, or the whole message if RET=FULL was given."""
+    if action not in SUCCESS_ACTIONS:
+        raise ValueError(f"unsupported success DSN action {action!r}")
+    return _build(config, entry, results, action, original, to, now, return_limit)
+
+
+def _build(config: Any, entry: QueueEntry, results: list[tuple[RecipientState, Reply]], action: str,
+           original: bytes | None, to: str | None, now: float | None, return_limit: int) -> bytes:
     report = _Report(config, entry, results, action, to, time.time() if now is None else now)
     if not original:
         return report.assemble(None, None, [], False)
@@ -250,6 +281,8 @@ class _Report:
         self.status = self._status_part()
 
     def _subject(self) -> str:
+        if self.action in SUCCESS_ACTIONS:
+            return "Successful Mail Delivery Report"
         if self.action == DELAYED:
             return "Delayed Mail (still being retried)"
         if self.to_postmaster:
@@ -278,7 +311,7 @@ class _Report:
                 out.append(f"Original-Recipient: {ascii_text(kind, 20)}; {ascii_address(xtext_decode(value))}")
             out.append(f"Action: {action}")
             out.append(f"Status: {status_of(reply, action)}")
-            mta = remote_mta(state.last_hop)
+            mta = remote_mta(state.last_hop) if state.last_hop != LOCAL_HOP else None
             if mta:
                 out.append(f"Remote-MTA: dns; {mta}")
             out.append(f"Diagnostic-Code: smtp; {ascii_text(' '.join(reply.lines()))}")
@@ -315,6 +348,8 @@ class _Report:
             *self.status,
             "",
         ]
+        if part and self.action in SUCCESS_ACTIONS:     # the part names what it holds, not a failure
+            part = [part[0].replace(b"Undelivered ", b"Delivered "), *part[1:]]
         if part:
             out.append(f"--{boundary}")
             out.extend(part)

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import enum
 
-COMMAND_LIMIT = 512     # octets of a command line, CRLF included
+COMMAND_LIMIT = 2048    # octets of a command line, CRLF included: RFC 5321's 512, which extensions
+                        # may raise (RFC 3461: +100 on MAIL, +500 on RCPT), as Postfix's line_length_limit
 TEXT_LIMIT = 1000       # octets of a DATA line, CRLF included
 
 

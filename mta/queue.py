@@ -25,7 +25,7 @@ from typing import Any, Callable
 from twisted.internet import defer
 from twisted.logger import Logger
 
-from mta import dsn, workers
+from mta import dsn, dsn_params, workers
 from mta.envelope import Envelope, Session
 from mta.message import MessageData
 from mta.nexthop import RecipientResult
@@ -420,16 +420,18 @@ class QueueManager:
                 outcomes.append(("smtpgw_bounced", r.address, reply))
 
         due = [r for r in entry.pending() if force or r.next_attempt <= now]
+        successes: list = []            # NOTIFY=SUCCESS reports owed: [(action, [(state, reply)])]
         if due:
             data = await self._load(entry)
             results = await self._deliver(entry, data, due)
             self._apply(entry, due, results, self._now(), failures, outcomes)
+            successes = dsn_params.success_notices(entry, due, results)
 
         delayed: list[tuple[RecipientState, Reply]] = []
         if self._delay_notice_due(entry, self._now()):
             delayed = [(r, dsn.reply_from_text(r.last_error, Reply(451, "4.0.0", r.held_reason or "delayed")))
                        for r in entry.pending()]
-        if failures or delayed:
+        if failures or delayed or successes:
             if data is None:
                 data = await self._load(entry)
             original = data if isinstance(data, bytes) else b"".join(data)
@@ -438,6 +440,8 @@ class QueueManager:
             if delayed:
                 await self._report(entry, delayed, dsn.DELAYED, original)
                 entry.delay_notified = True
+            for action, delivered in successes:
+                await self._report(entry, delivered, action, original)
 
         if entry.is_done():
             self._drop_first_data(entry)
@@ -555,9 +559,12 @@ class QueueManager:
 
     async def _report(self, entry: QueueEntry, results: list[tuple[RecipientState, Reply]],
                       action: str, original: bytes | None) -> None:
-        """Queue a DSN about ``results``; never to the null sender, never about a double bounce."""
-        kind = "FAILURE" if action == dsn.FAILED else "DELAY"
-        results = [(r, rep) for r, rep in results if self._notify_allows(entry, kind, [r.address])]
+        """Queue a DSN about ``results``; never to the null sender, never about a double bounce.
+        Success reports come already filtered by NOTIFY (mta.dsn_params.success_notices)."""
+        success = action in dsn.SUCCESS_ACTIONS
+        if not success:
+            kind = "FAILURE" if action == dsn.FAILED else "DELAY"
+            results = [(r, rep) for r, rep in results if self._notify_allows(entry, kind, [r.address])]
         if not results:
             return
         addresses = ", ".join(r.address for r, _ in results)
@@ -574,7 +581,8 @@ class QueueManager:
         extra: dict[str, Any] = {DSN_KIND: action, "about": entry.id}
         if not entry.sender:
             extra[DOUBLE_BOUNCE] = True
-        data = dsn.build_dsn(self.gateway.config, entry, results, action, original, to=to, now=self._now())
+        build = dsn.build_success_dsn if success else dsn.build_dsn
+        data = build(self.gateway.config, entry, results, action, original, to=to, now=self._now())
         try:
             dsn_id = await self.inject("", [to], data, extra)
         except Exception:

@@ -23,7 +23,7 @@ from twisted.internet.interfaces import ISSLTransport
 from twisted.internet.protocol import Protocol, ServerFactory
 from twisted.logger import Logger
 
-from mta import address, workers
+from mta import address, dsn_params, workers
 from mta import server_bdat
 from mta import server_replies as R
 from mta.address import AddressError
@@ -72,6 +72,9 @@ class Command:
     refusals: dict[State, Reply]
 
 
+# MAIL FROM parameters taken (see mail_parameters); RET/ENVID are RFC 3461's (mta/dsn_params.py)
+_MAIL_PARAMETERS = frozenset({"SIZE", "BODY", "SMTPUTF8"}) | dsn_params.MAIL_KEYWORDS
+_MAIL_PARAMETERS_AUTH = _MAIL_PARAMETERS | {"AUTH"}
 _IN_TRANSACTION = Reply(503, "5.5.1", "Error: MAIL transaction in progress")
 COMMANDS: dict[str, Command] = {
     "EHLO": Command("smtp_EHLO", {}),
@@ -407,7 +410,7 @@ class SMTPServerProtocol(Protocol):
     def extensions(self) -> list[str]:
         """The EHLO keywords; STARTTLS/AUTH add theirs here."""
         keywords = ["PIPELINING", f"SIZE {self.vs.limits.max_message_size}", "8BITMIME",
-                    "ENHANCEDSTATUSCODES", "SMTPUTF8", "CHUNKING"]
+                    "ENHANCEDSTATUSCODES", "DSN", "SMTPUTF8", "CHUNKING"]
         if self.factory.tls_context is not None and not self.session.tls:
             keywords.append("STARTTLS")
         if self.factory.auth is not None:
@@ -422,10 +425,15 @@ class SMTPServerProtocol(Protocol):
         return keywords
 
     def mail_parameters(self) -> frozenset[str]:
-        """MAIL FROM parameters we take; AUTH= (RFC 4954 5) is taken, and ignored, where AUTH is offered."""
+        """MAIL FROM parameters we take; AUTH= (RFC 4954 5) is taken, and ignored, where AUTH is offered.
+        RET/ENVID (RFC 3461, mta/dsn_params.py) are kept with the envelope for the queue's reports."""
         if self.factory.auth is not None:
-            return frozenset({"SIZE", "BODY", "SMTPUTF8", "AUTH"})
-        return frozenset({"SIZE", "BODY", "SMTPUTF8"})
+            return _MAIL_PARAMETERS_AUTH
+        return _MAIL_PARAMETERS
+
+    def rcpt_parameters(self) -> frozenset[str]:
+        """RCPT TO parameters we take: NOTIFY/ORCPT (RFC 3461), kept per recipient for the queue."""
+        return dsn_params.RCPT_KEYWORDS
 
     def smtp_EHLO(self, argument: str) -> Reply | defer.Deferred:
         return self._hello(argument.strip(), esmtp=True)
@@ -458,12 +466,13 @@ class SMTPServerProtocol(Protocol):
             return R.TLS_REQUIRED
         if self.vs.auth.required and not self.session.authenticated_user:
             return AUTH_REQUIRED
+        rest = ""
         try:
             path, rest = address.split_argument(argument, "FROM")
             params = address.parse_params(rest, utf8=True) if rest else {}
             sender = address.parse_path(path, allow_null=True, utf8="SMTPUTF8" in params)
         except AddressError as e:
-            return e.reply
+            return _param_error(e, rest)
         refusal = self._check_mail_params(params, rest)
         if refusal is not None:
             return refusal
@@ -490,6 +499,8 @@ class SMTPServerProtocol(Protocol):
             return R.BAD_BODY
         if params.get("SMTPUTF8", None) is not None:
             return R.UNSUPPORTED_PARAM
+        if "RET" in params or "ENVID" in params:
+            return dsn_params.check_mail(params)
         return None
 
     def _mail_answered(self, envelope: Envelope, sender: str, params: dict[str, str | None],
@@ -510,20 +521,30 @@ class SMTPServerProtocol(Protocol):
         envelope = self.envelope
         if len(envelope.recipients) >= self.vs.limits.max_recipients:
             return R.TOO_MANY_RECIPIENTS
+        rest = ""
         try:
             path, rest = address.split_argument(argument, "TO")
             params = address.parse_params(rest) if rest else {}
             recipient = address.parse_path(path, allow_null=False, utf8="SMTPUTF8" in envelope.mail_params,
                                            allow_postmaster=True)
         except AddressError as e:
-            return e.reply
+            return _param_error(e, rest)
         if params:
-            return R.UNSUPPORTED_PARAM      # no DSN yet: NOTIFY/ORCPT are not advertised
+            refusal = self._check_rcpt_params(params)
+            if refusal is not None:
+                return refusal
         if recipient == "postmaster":
             recipient = self.gateway.config.gateway.postmaster
             self._event("categorizer", "medium", "postmaster resolved", recipient=recipient)
         return self._ask("smtpgw_rcpt_to", partial(self._rcpt_answered, envelope, recipient, params),
                          session=self.session, envelope=envelope, recipient=recipient, params=params)
+
+    def _check_rcpt_params(self, params: dict[str, str | None]) -> Reply | None:
+        if not self.session.esmtp:
+            return R.PARAMS_AFTER_HELO
+        if not params.keys() <= self.rcpt_parameters():
+            return R.UNSUPPORTED_PARAM
+        return dsn_params.check_rcpt(params)
 
     def _rcpt_answered(self, envelope: Envelope, recipient: str, params: dict[str, str | None],
                        verdict: Reply | None) -> Reply:
@@ -708,6 +729,13 @@ class SMTPServerProtocol(Protocol):
                 f"{rcpt};\r\n\t{self._date()}")
 
 
+def _param_error(error: AddressError, params_text: str) -> Reply:
+    """A repeated DSN parameter is a 501 (RFC 3461, as Postfix answers); other repeats keep the 555."""
+    if error.reply is address.DUPLICATE_PARAM:
+        return dsn_params.duplicate_refusal(params_text) or error.reply
+    return error.reply
+
+
 class _TooBusy(Protocol):
     """Answers a connection over the limit and hangs up."""
 
@@ -725,9 +753,14 @@ class SMTPServerFactory(ServerFactory):
     """The listener side of one virtual server: its limits, its TLS context, its connection count."""
 
     def __init__(self, gateway: Any, vs: VirtualServer) -> None:
+        from mta.worker_counts import SharedConnectionLimit
+
         self.gateway = gateway
         self.vs = vs
-        self.active = 0
+        self.active = 0                 # this process's connections (the metrics endpoint reads it)
+        # With several workers, max_connections is the gateway's total, counted in a file they all
+        # map (gateway.worker is set before tap builds the factories); None: this process is all.
+        self.shared = SharedConnectionLimit.for_factory(gateway, vs)
         self.tls_context = None         # mta.server_tls.ServerTLS: re-read on SIGHUP
         if vs.tls.certificate and vs.tls.key:
             from mta.server_tls import ServerTLS
@@ -739,10 +772,13 @@ class SMTPServerFactory(ServerFactory):
             self.protocol_log = ProtocolLog.for_virtual_server(gateway, vs)
 
     def buildProtocol(self, addr: Any) -> Protocol:
-        if self.active >= self.vs.limits.max_connections:
+        limit = self.vs.limits.max_connections
+        if not (self.active < limit if self.shared is None else self.shared.admit(limit)):
             return _TooBusy(self.gateway.hooks)
         self.active += 1
         return SMTPServerProtocol(self)
 
     def connection_closed(self, protocol: SMTPServerProtocol) -> None:
         self.active -= 1
+        if self.shared is not None:
+            self.shared.release()

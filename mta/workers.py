@@ -24,9 +24,17 @@ to whichever process is free to take it. Nothing else is shared but the spool di
   answers on the control socket itself and forwards each request to the owner of the ids it names,
   or to every worker for a list, a domain or ``all``, merging the answers (:mod:`mta.workers_control`).
 
-Not shared, so counted per worker: a virtual server's ``max_connections``, the outbound connection
-limits per host and per connector, and the metrics endpoint (worker 0's own figures); a diag_logging
-or protocol log file is appended to by every worker. ETRN/ATRN (``remote_triggered``
+* **Connection limits.** A virtual server's ``max_connections`` is the gateway's total: every
+  worker counts its connections in ``<spool>/worker.counts``, a file they all map, and a worker
+  admits a client only while the sum over all workers is below the limit
+  (:mod:`mta.worker_counts`; two workers admitting at the same instant may overshoot by at most
+  N-1). A connector's outbound ``max_connections`` and ``max_connections_per_host`` are split
+  instead: each worker may open ``ceil(limit / N)`` of them (at least 1, :meth:`WorkerInfo.share`),
+  so the gateway's total stays within the limit rounded up to a multiple of N (4 with ``workers: 2``
+  and a limit of 3; N when the limit is below N).
+
+Still per worker: the metrics endpoint (worker 0's own figures, its ``connections_active`` too);
+a diag_logging or protocol log file is appended to by every worker. ETRN/ATRN (``remote_triggered``
 connectors, ODMR listeners) keep their state in one process, so such a configuration runs one
 worker (``auto`` picks 1; an explicit N > 1 is a configuration error).
 """
@@ -88,6 +96,13 @@ class WorkerInfo:
     def tag(self, entry_id: str) -> str:
         """A fresh queue id marked as this worker's."""
         return f"{entry_id}-{self.index}" if self.index else entry_id
+
+    def share(self, limit: int | None) -> int | None:
+        """This worker's part of a gateway-wide limit: ``ceil(limit / count)``, at least 1 (None: no
+        limit). The workers' parts add up to the limit rounded up to a multiple of ``count``."""
+        if limit is None or self.count <= 1:
+            return limit
+        return max(1, -(-limit // self.count))
 
 
 SINGLE = WorkerInfo()
