@@ -29,6 +29,7 @@ from mta.fastpath import send_now
 from mta.nexthop import HostUnusable, RecipientResult
 from mta.outbound import OutboundPolicy
 from mta.reply import Reply
+from mta import smtputf8 as utf8
 
 log = Logger(namespace="smtpgw.client")
 
@@ -358,12 +359,14 @@ class SMTPClientProtocol(Protocol):
         return [value for _, value in results]
 
     async def deliver(self, sender: str, recipients: list[str], chunks: list[bytes],
-                      hop_label: str, dsn: OutboundDSN | None = None) -> list[RecipientResult]:
+                      hop_label: str, dsn: OutboundDSN | None = None,
+                      smtputf8: bool = False) -> list[RecipientResult]:
         """One transaction. Raises HostUnusable if MAIL is refused or the connection fails before the
         message was handed over; from the 354 on, failures become 4xx results (status unknown).
 
         ``dsn``: the message's RFC 3461 parameters, sent on when the hop offers DSN; when it does not,
-        a recipient that asked NOTIFY=SUCCESS comes back delivered as a :class:`RelayedResult`."""
+        a recipient that asked NOTIFY=SUCCESS comes back delivered as a :class:`RelayedResult`.
+        ``smtputf8``: the message was received with SMTPUTF8 (RFC 6531); see :mod:`mta.smtputf8`."""
         def each(reply: Reply) -> list[RecipientResult]:
             return [RecipientResult(r, reply, hop_label) for r in recipients]
 
@@ -382,6 +385,11 @@ class SMTPClientProtocol(Protocol):
                 # Without 8BITMIME on the other side 8-bit mail is sent unchanged anyway (as Postfix
                 # does by default): converting MIME parts is out of scope and nearly all servers cope.
                 mail += b" BODY=8BITMIME"
+        if smtputf8 or not utf8.envelope_is_ascii(sender, recipients):
+            if self.esmtp and utf8.KEYWORD in self.extensions:
+                mail += b" SMTPUTF8"
+            elif utf8.needs(sender, recipients, chunks, smtputf8):     # RFC 6531 3.4: not here at all
+                return each(utf8.not_offered(hop_label))
         dsn_hop = dsn is not None and self.esmtp and "DSN" in self.extensions
         if dsn_hop:
             mail += dsn.mail.encode("ascii")

@@ -35,6 +35,7 @@ from mta.queue_entry import QueueEntry, RecipientState
 from mta.reply import Reply
 from mta.resolver import PermanentDNSError, TemporaryDNSError
 from mta.router import connectors_for, source_address, usable_source
+from mta import smtputf8
 
 log = Logger(namespace="smtpgw.delivery")
 
@@ -249,7 +250,9 @@ class Deliverer:
         source = source_address(self.gateway.config, connector)
         policy = self._policy(connector)
         dsn = OutboundDSN.from_entry(entry)     # RFC 3461 parameters for the next hop, when the sender gave any
-        with_dsn = {"dsn": dsn} if dsn is not None else {}
+        send_options: dict[str, Any] = {"dsn": dsn} if dsn is not None else {}
+        if smtputf8.requested(entry):           # RFC 6531: the client decides per hop (mta.smtputf8)
+            send_options["smtputf8"] = True
         last = Reply(451, "4.4.1", f"no hop of {name} answered")
         last_hop = ""
         for hop in hops:
@@ -259,7 +262,7 @@ class Deliverer:
             try:
                 answers = await self.gateway.client.send(hop, entry.sender, batch, data,
                                                          source_address=usable_source(source, hop.host),
-                                                         policy=policy, **with_dsn)
+                                                         policy=policy, **send_options)
             except HostUnusable as e:
                 self._event(entry, f"{domain}: {hop} unusable: {e.reply}", domain=domain,
                             connector=name, hop=str(hop))

@@ -86,14 +86,15 @@ class AtrnSession:
         else:
             self._guard = reactor.callLater(IDLE_LIMIT, self.finish)
 
-    async def send(self, sender: str, recipients: list[str], chunks: list[bytes], dsn: Any = None) -> list[Any]:
+    async def send(self, sender: str, recipients: list[str], chunks: list[bytes], dsn: Any = None,
+                   smtputf8: bool = False) -> list[Any]:
         await self.ready
         await self.lock.acquire()
         try:
             if not self.open or self.conn is None or not self.conn.usable:
                 raise HostUnusable(Reply(451, "4.4.2", f"{self.hop}: the customer's connection is gone"))
             self._touch()
-            return await self.conn.deliver(sender, recipients, chunks, str(self.hop), dsn=dsn)
+            return await self.conn.deliver(sender, recipients, chunks, str(self.hop), dsn=dsn, smtputf8=smtputf8)
         finally:
             self.lock.release()
 
@@ -138,7 +139,8 @@ class RoutingPool:
             if session is None:
                 return defer.fail(HostUnusable(Reply(451, "4.4.2", f"{hop}: the ATRN session has ended")))
             chunks = [bytes(data)] if isinstance(data, (bytes, bytearray, memoryview)) else list(data)
-            return defer.Deferred.fromCoroutine(session.send(sender, list(recipients), chunks, kw.get("dsn")))
+            return defer.Deferred.fromCoroutine(session.send(sender, list(recipients), chunks, kw.get("dsn"),
+                                                             kw.get("smtputf8", False)))
         return self._pool.send(hop, sender, recipients, data, **kw)
 
     def __getattr__(self, name: str) -> Any:
