@@ -67,6 +67,7 @@ class GatewayConfig:
     control_socket: str | None = None       # `smtpgw queue` talks to the daemon here; None: <spool>/control.sock
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     workers: int | str = 1                  # processes sharing the listeners (mta/workers.py); "auto": one per CPU
+    message_memory: int = 256 * 1024 * 1024     # bytes of messages being received (mta/message_memory.py)
 
     @property
     def control_socket_path(self) -> str:

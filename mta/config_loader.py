@@ -423,6 +423,7 @@ GATEWAY = Section(GatewayConfig, {
     "control_socket": Key(file_path),         # default: <spool>/control.sock (smtpgw queue)
     "metrics": Key(METRICS),
     "workers": Key(lambda v, p: worker_count(v, p), 1),     # mta/workers.py
+    "message_memory": Key(size),              # mta/message_memory.py
 }, finish=_finish_gateway)
 
 LIMITS = Section(Limits, {
@@ -825,6 +826,25 @@ def check_workers(config: Config) -> None:
 
 
 CHECKS.append(check_workers)                # several worker processes (mta/workers.py)
+
+
+def check_message_memory(config: Config) -> None:
+    """A message larger than a worker's share of ``gateway.message_memory`` could never be received
+    (452 for ever), so the budget must hold the largest message a virtual server accepts."""
+    from mta.workers import resolve_count
+
+    count = resolve_count(config)
+    share = -(-config.gateway.message_memory // count)
+    for i, vs in enumerate(config.virtual_servers):
+        if vs.limits.max_message_size > share:
+            per = f" per worker ({count} workers)" if count > 1 else ""
+            raise ConfigError("gateway.message_memory",
+                              f"{format_size(share)}{per} is smaller than virtual_servers[{i}].limits."
+                              f"max_message_size ({format_size(vs.limits.max_message_size)}): such "
+                              "messages could never be received")
+
+
+CHECKS.append(check_message_memory)         # the server's memory for messages (mta/message_memory.py)
 
 
 def check_tls_files(config: Config) -> None:

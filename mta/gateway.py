@@ -39,6 +39,9 @@ class Gateway:
         self.client = SMTPClientPool(reactor, helo_name=config.gateway.hostname)
         self.deliverer = Deliverer(self)
         self.queue = QueueManager(self)
+        # mta.message_memory.MessageMemory: the bytes of messages being received; made by the first
+        # listener (message_memory.for_gateway), once this process's worker share is known
+        self.message_memory = None
         self.hooks.pm.hook.smtpgw_configure(config=config, services=self)
 
     def start(self) -> defer.Deferred:

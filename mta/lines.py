@@ -22,6 +22,7 @@ class Problem(enum.Enum):
     BARE_NEWLINE = "bare CR or LF"
     NUL = "NUL character"
     TOO_BIG = "message too big"
+    NO_MEMORY = "insufficient system storage"      # the gateway's message memory is full (mta/message_memory.py)
 
 
 class CommandSplitter:
@@ -133,6 +134,10 @@ class DataReader:
             return self._fail(Problem.TOO_BIG)
         self.chunks.append(region)
 
+    def refuse(self, problem: Problem) -> None:
+        """Drop what is stored and keep only counting (the session's memory budget ran out)."""
+        self._fail(problem)
+
     def _fail(self, problem: Problem) -> None:
         if self.problem is None:
             self.problem = problem
@@ -213,6 +218,10 @@ class ChunkedMessage:
             if self.size > self.max_size:
                 return self._fail(Problem.TOO_BIG)
             self.chunks.append(b"\r\n")
+
+    def refuse(self, problem: Problem) -> None:
+        """Drop what is stored and keep only counting (the session's memory budget ran out)."""
+        self._fail(problem)
 
     def _fail(self, problem: Problem) -> None:
         if self.problem is None:

@@ -33,7 +33,7 @@ from __future__ import annotations
 from typing import Any, Iterable
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from twisted.application import service
 from twisted.logger import Logger
 from twisted.web.resource import Resource
@@ -126,6 +126,14 @@ class _Gauges:
                 ("smtpgw_queue_active_deliveries", "active", "Messages being delivered now"),
                 ("smtpgw_queue_oldest_age_seconds", "oldest_age", "Age of the oldest queued message")):
             yield GaugeMetricFamily(name, text, value=float(stats.get(key, 0)))
+        memory = getattr(self.m.gateway, "message_memory", None)     # mta.message_memory
+        if memory is not None:
+            yield GaugeMetricFamily("smtpgw_message_memory_bytes", "Bytes of messages being received, "
+                                    "held in memory", value=float(memory.held))
+            yield GaugeMetricFamily("smtpgw_message_memory_limit_bytes", "This process's budget for "
+                                    "messages being received (gateway.message_memory)", value=float(memory.limit))
+            yield CounterMetricFamily("smtpgw_message_memory_refusals", "Messages refused 452 4.3.1 "
+                                      "for want of message memory", value=float(memory.refusals))
 
 
 class MetricsPage(Resource):

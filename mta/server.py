@@ -24,7 +24,7 @@ from twisted.internet.protocol import Protocol, ServerFactory
 from twisted.logger import Logger
 
 from mta import address, dsn_params, workers
-from mta import server_bdat
+from mta import message_memory, server_bdat
 from mta import server_replies as R
 from mta.address import AddressError
 from mta.config import VirtualServer
@@ -127,6 +127,8 @@ class SMTPServerProtocol(Protocol):
         self._reader: DataReader | None = None
         self._chunk: server_bdat.Chunk | None = None    # the BDAT chunk being read (State.BDAT)
         self._chunked: ChunkedMessage | None = None     # the BDAT transaction's message so far
+        self._memory = factory.memory   # the gateway's message memory (mta/message_memory.py)
+        self._held = 0                  # bytes of it this session's message holds
         self._waiting = False           # a hook's Deferred is pending: input stays in the buffer
         self._paused = False
         self._processing = False
@@ -168,6 +170,7 @@ class SMTPServerProtocol(Protocol):
         if self.state is not State.CLOSED:
             self._enter(State.CLOSED, "connection lost")
         self._buf, self._pos, self._reader = b"", 0, None
+        self._release_held()            # a message cut off mid-DATA/BDAT gives its memory back
         self.factory.connection_closed(self)
         if self.session is not None:
             self._event("connection_manager", "medium", "disconnect")
@@ -232,7 +235,13 @@ class SMTPServerProtocol(Protocol):
         """Handle one unit of input; False when more input is needed."""
         if self.state is State.DATA:
             reader = self._reader
+            stored = reader.size
             pos = reader.feed(self._buf, self._pos)
+            grown = reader.size - stored        # per read, not per line: the memory budget's whole cost
+            if grown and reader.problem is None and self._memory.reserve(grown):
+                self._held += grown
+            elif grown or reader.problem is not None:
+                self._over_budget(reader)
             if self._plog_cmd is not None:
                 self._plog_cmd.bytes_in += pos - self._pos
             moved, self._pos = pos != self._pos, pos
@@ -242,7 +251,15 @@ class SMTPServerProtocol(Protocol):
             return moved
         if self.state is State.BDAT:
             chunk = self._chunk
+            message = chunk.message
+            stored = message.size if message is not None else 0
             pos = chunk.feed(self._buf, self._pos)
+            if message is not None:
+                grown = message.size - stored
+                if grown and message.problem is None and self._memory.reserve(grown):
+                    self._held += grown
+                elif grown or message.problem is not None:
+                    self._over_budget(message)
             if self._plog_cmd is not None:
                 self._plog_cmd.bytes_in += pos - self._pos
             moved, self._pos = pos != self._pos, pos
@@ -368,6 +385,7 @@ class SMTPServerProtocol(Protocol):
         self.envelope = None
         self._reader = None
         self._chunked = None
+        self._release_held()
         if self.state in (State.MAIL, State.RCPT, State.DATA, State.BDAT, State.CHUNKING):
             self._enter(State.GREETED, "transaction reset")
 
@@ -561,6 +579,8 @@ class SMTPServerProtocol(Protocol):
     def smtp_DATA(self, argument: str) -> Reply:
         if argument.strip():
             return R.syntax("DATA")
+        if self._no_room_for_declared_size():
+            return R.INSUFFICIENT_STORAGE
         self._reader = DataReader(self.vs.limits.max_message_size)
         self._enter(State.DATA, "DATA")
         return R.START_DATA
@@ -579,6 +599,8 @@ class SMTPServerProtocol(Protocol):
             refusal = R.NEED_MAIL
         elif self.state is State.MAIL:
             refusal = server_bdat.NEED_RCPT
+        elif self._chunked is None and self._no_room_for_declared_size():
+            refusal = R.INSUFFICIENT_STORAGE
         else:
             limit = self.vs.limits.max_message_size
             message = self._chunked or ChunkedMessage(limit)
@@ -682,18 +704,61 @@ class SMTPServerProtocol(Protocol):
 
     def _end_of_data(self, reader: DataReader | ChunkedMessage) -> Reply | defer.Deferred:
         envelope = self.envelope
+        held, self._held = self._held, 0    # the message's memory: given back once it is queued or refused
         self._reset_transaction()
         if reader.problem is not None:
+            self._memory.release(held)
             self._event("smtp_protocol", "minimum", "message refused", envelope=envelope.id,
                         problem=reader.problem.value)
             return R.DATA_PROBLEMS[reader.problem]
         message = MessageData(reader.chunks, reader.size)
         if message.header_count("Received") >= self.gateway.config.gateway.queue.max_hops:
+            self._memory.release(held)
             return R.TOO_MANY_HOPS
         message.prepend_header("Received", self._received(envelope))
         envelope.size = message.size
-        return self._ask("smtpgw_data", partial(self._data_answered, envelope, message),
-                         session=self.session, envelope=envelope, message=message)
+        result = self._ask("smtpgw_data", partial(self._data_answered, envelope, message),
+                           session=self.session, envelope=envelope, message=message)
+        if not held:
+            return result
+        if isinstance(result, defer.Deferred):
+            return result.addBoth(self._released, held)
+        self._memory.release(held)
+        return result
+
+    def _released(self, result: Any, held: int) -> Any:
+        self._memory.release(held)
+        return result
+
+    # -- message memory (mta/message_memory.py) --------------------------------------------------
+
+    def _over_budget(self, reader: DataReader | ChunkedMessage) -> None:
+        """The last read did not fit in the message memory, or the message was refused anyway: drop
+        what it holds at once so other sessions can go on; the rest is read off and answered 452."""
+        if reader.problem is None:
+            memory = self._memory
+            self._event("smtp_protocol", "minimum", "message memory full", envelope=self.envelope.id,
+                        held=memory.held, limit=memory.limit, size=reader.size)
+            reader.refuse(Problem.NO_MEMORY)
+        self._release_held()
+
+    def _release_held(self) -> None:
+        if self._held:
+            self._memory.release(self._held)
+            self._held = 0
+
+    def _no_room_for_declared_size(self) -> bool:
+        """At DATA or the first BDAT: refuse at once when the free memory is less than MAIL FROM's
+        SIZE= (the transaction is reset, as after a message refused at its end)."""
+        declared = self.envelope.declared_size
+        memory = self._memory
+        if not declared or declared <= memory.free:
+            return False
+        memory.refusals += 1
+        self._event("smtp_protocol", "minimum", "message memory full", envelope=self.envelope.id,
+                    held=memory.held, limit=memory.limit, declared=declared)
+        self._reset_transaction()
+        return True
 
     def _data_answered(self, envelope: Envelope, message: MessageData,
                        verdict: Reply | None) -> Reply | defer.Deferred:
@@ -761,6 +826,7 @@ class SMTPServerFactory(ServerFactory):
         # With several workers, max_connections is the gateway's total, counted in a file they all
         # map (gateway.worker is set before tap builds the factories); None: this process is all.
         self.shared = SharedConnectionLimit.for_factory(gateway, vs)
+        self.memory = message_memory.for_gateway(gateway)   # one per process, shared by the virtual servers
         self.tls_context = None         # mta.server_tls.ServerTLS: re-read on SIGHUP
         if vs.tls.certificate and vs.tls.key:
             from mta.server_tls import ServerTLS

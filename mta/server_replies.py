@@ -17,6 +17,7 @@ HELP = Reply(214, "2.0.0", "Commands: EHLO HELO MAIL RCPT DATA BDAT RSET NOOP QU
 TOO_MANY_CONNECTIONS = Reply(421, "4.7.0", "Too many connections", disconnect=True)
 INTERNAL_ERROR = Reply(451, "4.3.0", "Local error in processing, try again later")
 TOO_MANY_RECIPIENTS = Reply(452, "4.5.3", "Too many recipients")
+INSUFFICIENT_STORAGE = Reply(452, "4.3.1", "Insufficient system storage")     # message memory full
 
 UNKNOWN_COMMAND = Reply(500, "5.5.1", "Command unrecognized")
 LINE_TOO_LONG = Reply(500, "5.5.2", "Line too long")
@@ -56,4 +57,5 @@ DATA_PROBLEMS = {
     Problem.BARE_NEWLINE: BARE_NEWLINE_DATA,
     Problem.NUL: NUL_DATA,
     Problem.TOO_BIG: MESSAGE_TOO_BIG,
+    Problem.NO_MEMORY: INSUFFICIENT_STORAGE,
 }

@@ -206,6 +206,22 @@ def test_minimal_file_gets_the_contract_defaults():
     assert config.plugins.enabled == ("relay_acl", "smart_host", "etrn_dequeue", "diag_logging")
 
 
+def test_message_memory_is_a_size_with_a_256mb_default():
+    small = with_key(minimal(), "virtual_servers[0].limits.max_message_size", "50KB")
+    assert build(minimal()).gateway.message_memory == 256 * 1024 ** 2
+    assert build(with_key(small, "gateway.message_memory", "64KB")).gateway.message_memory == 64 * 1024
+    assert build(with_key(small, "gateway.message_memory", 100000)).gateway.message_memory == 100000
+
+
+def test_message_memory_must_hold_the_largest_message_per_worker():
+    data = with_key(with_key(minimal(), "gateway.message_memory", "30MB"), "gateway.workers", 4)
+    with pytest.raises(ConfigError) as e:
+        build(data)
+    assert str(e.value) == ("gateway.message_memory: 7680KB per worker (4 workers) is smaller than "
+                            "virtual_servers[0].limits.max_message_size (10MB): such messages could "
+                            "never be received")
+
+
 def test_postmaster_defaults_to_the_first_local_domain():
     config = build(with_key(minimal(), "gateway.local_domains", {"Corp.test": None}))
     assert config.gateway.postmaster == "postmaster@corp.test"
@@ -260,6 +276,9 @@ ERRORS = [
     ("gateway.queue.retry", [], "gateway.queue.retry: expected at least 1 entry"),
     ("gateway.queue.expire", "0s", "gateway.queue.expire: a duration must be more than zero"),
     ("gateway.dns.timeout", -3, "gateway.dns.timeout: a duration cannot be negative"),
+    ("gateway.message_memory", "plenty",
+     "gateway.message_memory: expected a size like 10MB, 512KB or a number of bytes, got 'plenty'"),
+    ("gateway.message_memory", "0KB", "gateway.message_memory: a size must be more than zero"),
     # required keys and names
     ("gateway.hostname", DELETE, "gateway.hostname: required key is missing"),
     ("gateway.hostname", "mail example", "gateway.hostname: not a valid domain name: 'mail example'"),

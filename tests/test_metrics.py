@@ -78,6 +78,9 @@ def test_counters_move_on_a_running_gateway(gateway, peers, tmp_path):
     assert value(after, "smtpgw_queue_recipients") == 1
     assert value(after, "smtpgw_queue_oldest_age_seconds") > 0
     assert value(after, "smtpgw_connections_active", virtual_server=vs) == 0
+    assert value(after, "smtpgw_message_memory_bytes") == 0          # both messages queued: released
+    assert value(after, "smtpgw_message_memory_limit_bytes") == 256 * 1024 ** 2
+    assert value(after, "smtpgw_message_memory_refusals_total") == 0
 
 
 def test_recorder_counts_hooks_and_reads_the_queue():
