@@ -64,7 +64,29 @@ class CommandSplitter:
         return line, lf + 1
 
 
-class DataReader:
+class _StoredMessage:
+    """What DATA and BDAT share: the chunks kept so far, their size, and the first problem, after
+    which nothing more is kept (the rest of the message is only counted off)."""
+
+    __slots__ = ("max_size", "chunks", "size", "problem")
+
+    def __init__(self, max_size: int) -> None:
+        self.max_size = max_size
+        self.chunks: list[bytes] = []
+        self.size = 0
+        self.problem: Problem | None = None
+
+    def refuse(self, problem: Problem) -> None:
+        """Drop what is stored and keep only counting (the session's memory budget ran out)."""
+        self._fail(problem)
+
+    def _fail(self, problem: Problem) -> None:
+        if self.problem is None:
+            self.problem = problem
+            self.chunks = []
+
+
+class DataReader(_StoredMessage):
     """One message body after DATA: dot-unstuffed chunks, counted, checked line by line.
 
     A problem never ends the message early: the reader stops storing and goes on to the real
@@ -73,13 +95,10 @@ class DataReader:
     ``.`` at that position a real end.
     """
 
-    __slots__ = ("max_size", "chunks", "size", "problem", "done", "_skipping")
+    __slots__ = ("done", "_skipping")
 
     def __init__(self, max_size: int) -> None:
-        self.max_size = max_size
-        self.chunks: list[bytes] = []
-        self.size = 0
-        self.problem: Problem | None = None
+        super().__init__(max_size)
         self.done = False
         self._skipping = False          # inside an over-long line: drop bytes up to its CRLF
 
@@ -134,17 +153,9 @@ class DataReader:
             return self._fail(Problem.TOO_BIG)
         self.chunks.append(region)
 
-    def refuse(self, problem: Problem) -> None:
-        """Drop what is stored and keep only counting (the session's memory budget ran out)."""
-        self._fail(problem)
-
-    def _fail(self, problem: Problem) -> None:
-        if self.problem is None:
-            self.problem = problem
-            self.chunks = []
 
 
-class ChunkedMessage:
+class ChunkedMessage(_StoredMessage):
     """The message of a BDAT transaction (RFC 3030), chunk by chunk, stored as DATA would store it.
 
     BDAT frames the message by octet count, so nothing in the content can end it early and there is no
@@ -162,13 +173,10 @@ class ChunkedMessage:
     the first problem drops what was stored and the rest is only counted off.
     """
 
-    __slots__ = ("max_size", "chunks", "size", "problem", "_cr", "_line")
+    __slots__ = ("_cr", "_line")
 
     def __init__(self, max_size: int) -> None:
-        self.max_size = max_size
-        self.chunks: list[bytes] = []
-        self.size = 0
-        self.problem: Problem | None = None
+        super().__init__(max_size)
         self._cr = False            # a CR ended the last piece: held back until we see what follows
         self._line = 0              # octets of the unfinished line so far (CRLF excluded)
 
@@ -219,11 +227,3 @@ class ChunkedMessage:
                 return self._fail(Problem.TOO_BIG)
             self.chunks.append(b"\r\n")
 
-    def refuse(self, problem: Problem) -> None:
-        """Drop what is stored and keep only counting (the session's memory budget ran out)."""
-        self._fail(problem)
-
-    def _fail(self, problem: Problem) -> None:
-        if self.problem is None:
-            self.problem = problem
-            self.chunks = []

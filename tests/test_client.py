@@ -8,17 +8,15 @@ import ssl
 import time
 
 from hypothesis import given, settings, strategies as st
-from twisted.internet import defer, reactor, threads
-from twisted.trial import unittest
+from twisted.internet import defer, threads
 
-from mta.client import SMTPClientPool
 from mta.client_wire import DotStuffer, ProtocolError, ReplyParser, encode_all
-from mta.nexthop import Hop, HostUnusable
+from mta.nexthop import Hop
 from mta.reply import Reply
 
-from peers import SMTPPeer, free_port      # tests/ is on sys.path (conftest.py)
+from clientcase import HELO, ClientCase  # tests/ is on sys.path (conftest.py)
+from peers import SMTPPeer, free_port
 
-HELO = "gw.example.test"
 MSG = b"From: a@x.test\r\nSubject: hi\r\n\r\nbody\r\n"
 NO_PIPELINING = ("SIZE 10485760", "8BITMIME", "ENHANCEDSTATUSCODES")
 
@@ -119,39 +117,7 @@ def _poll(predicate, timeout: float) -> bool:
     return predicate()
 
 
-class ClientTestCase(unittest.TestCase):
-    timeout = 20
-
-    def setUp(self):
-        self.pools: list[SMTPClientPool] = []
-
-    def peer(self, host: str, **kwargs) -> SMTPPeer:
-        p = SMTPPeer(host, **kwargs).start()
-        self.addCleanup(p.stop)
-        return p
-
-    def pool(self, **kwargs) -> SMTPClientPool:
-        kwargs.setdefault("connect_timeout", 5)
-        kwargs.setdefault("command_timeout", 5)
-        pool = SMTPClientPool(reactor, HELO, **kwargs)
-        self.pools.append(pool)
-        return pool
-
-    def tearDown(self):
-        return defer.DeferredList([p.close() for p in self.pools])
-
-    async def failure_of(self, d: defer.Deferred) -> HostUnusable:
-        try:
-            await d
-        except HostUnusable as e:
-            return e
-        raise AssertionError("send succeeded but should have failed")
-
-    def commands(self, peer: SMTPPeer, verb: bytes) -> list[bytes]:
-        return [line for line in peer.transcript if line.upper().startswith(verb)]
-
-
-class DeliveryTests(ClientTestCase):
+class DeliveryTests(ClientCase):
     @defer.inlineCallbacks
     def test_pipelined_delivery(self):
         peer = self.peer("127.0.0.31")
@@ -242,7 +208,7 @@ class DeliveryTests(ClientTestCase):
         self.assertEqual(peer.messages[0].data, body)
 
 
-class DotStuffingOnTheWire(ClientTestCase):
+class DotStuffingOnTheWire(ClientCase):
     @defer.inlineCallbacks
     def test_dot_line_at_chunk_boundary_arrives_intact(self):
         peer = self.peer("127.0.0.34")
@@ -272,11 +238,11 @@ class DotStuffingOnTheWire(ClientTestCase):
         self.assertEqual(peer.messages[0].data, b"".join(chunks))
 
 
-class HostFailures(ClientTestCase):
+class HostFailures(ClientCase):
     async def _mail_4xx(self):
         peer = self.peer("127.0.0.35")
         peer.set_reply("mail", "451 4.3.0 try later")
-        e = await self.failure_of(self.pool().send(Hop("127.0.0.35"), "a@x", ["b@y"], MSG))
+        e = await self.refused(self.pool().send(Hop("127.0.0.35"), "a@x", ["b@y"], MSG))
         self.assertEqual(e.reply, Reply(451, "4.3.0", "try later"))
         self.assertEqual(peer.messages, [])
 
@@ -286,7 +252,7 @@ class HostFailures(ClientTestCase):
     async def _refused(self):
         port = free_port("127.0.0.35")
         started = time.monotonic()
-        e = await self.failure_of(self.pool().send(Hop("127.0.0.35", port), "a@x", ["b@y"], MSG))
+        e = await self.refused(self.pool().send(Hop("127.0.0.35", port), "a@x", ["b@y"], MSG))
         self.assertLess(time.monotonic() - started, 2)
         self.assertEqual((e.reply.code, e.reply.status), (451, "4.4.1"))
         self.assertIn("connection", e.reply.text)
@@ -297,7 +263,7 @@ class HostFailures(ClientTestCase):
     async def _greeting(self):
         peer = self.peer("127.0.0.35")
         peer.set_reply("connect", "554 5.7.1 go away")
-        e = await self.failure_of(self.pool().send(Hop("127.0.0.35"), "a@x", ["b@y"], MSG))
+        e = await self.refused(self.pool().send(Hop("127.0.0.35"), "a@x", ["b@y"], MSG))
         self.assertEqual((e.reply.code, e.reply.status), (554, "5.7.1"))
         self.assertEqual(self.commands(peer, b"MAIL"), [])
 
@@ -308,7 +274,7 @@ class HostFailures(ClientTestCase):
         peer = self.peer("127.0.0.35")
         peer.set_reply("ehlo", "500 5.5.1 what")
         peer.set_reply("helo", "550 5.7.1 not you")
-        e = await self.failure_of(self.pool().send(Hop("127.0.0.35"), "a@x", ["b@y"], MSG))
+        e = await self.refused(self.pool().send(Hop("127.0.0.35"), "a@x", ["b@y"], MSG))
         self.assertEqual(e.reply.code, 550)
 
     def test_ehlo_and_helo_refused(self):
@@ -336,7 +302,7 @@ class HostFailures(ClientTestCase):
     async def _reply_timeout(self):
         peer = self.peer("127.0.0.35")
         peer.set_reply("mail", lambda a: time.sleep(1.5))
-        e = await self.failure_of(self.pool(command_timeout=0.3).send(Hop("127.0.0.35"), "a@x", ["b@y"], MSG))
+        e = await self.refused(self.pool(command_timeout=0.3).send(Hop("127.0.0.35"), "a@x", ["b@y"], MSG))
         self.assertEqual((e.reply.code, e.reply.status), (451, "4.4.2"))
 
     def test_reply_timeout(self):
@@ -350,13 +316,13 @@ class HostFailures(ClientTestCase):
         self.assertEqual([(r.outcome, r.reply.status) for r in results], [("deferred", "4.4.2")])
 
 
-class Injection(ClientTestCase):
+class Injection(ClientCase):
     """Replies nobody asked for are never acted on (the Exim CVE-2021-38371 class)."""
 
     async def _check(self, host: str, stage: str, reply: str, **peer_kwargs):
         peer = self.peer(host, **peer_kwargs)
         peer.set_reply(stage, reply)
-        e = await self.failure_of(self.pool().send(Hop(host), "a@x", ["b@y"], MSG))
+        e = await self.refused(self.pool().send(Hop(host), "a@x", ["b@y"], MSG))
         self.assertEqual((e.reply.code, e.reply.status), (451, "4.5.0"))
         self.assertEqual(self.commands(peer, b"MAIL"), [])
         self.assertEqual(peer.messages, [])
@@ -400,7 +366,7 @@ class Injection(ClientTestCase):
 
         t = threading.Thread(target=serve, daemon=True)
         t.start()
-        e = await self.failure_of(self.pool().send(Hop("127.0.0.36", srv.getsockname()[1]), "a@x", ["b@y"], MSG))
+        e = await self.refused(self.pool().send(Hop("127.0.0.36", srv.getsockname()[1]), "a@x", ["b@y"], MSG))
         await threads.deferToThread(t.join, 5)
         self.assertEqual(e.reply.status, "4.5.0")
         self.assertNotIn(b"MAIL", bytes(received))
@@ -409,7 +375,7 @@ class Injection(ClientTestCase):
         return defer.Deferred.fromCoroutine(self._raw_server())
 
 
-class ConnectionReuse(ClientTestCase):
+class ConnectionReuse(ClientCase):
     @defer.inlineCallbacks
     def test_two_sends_share_one_connection(self):
         peer = self.peer("127.0.0.37")
@@ -464,7 +430,7 @@ class ConnectionReuse(ClientTestCase):
         self.assertEqual(pool.idle_count("127.0.0.37"), 0)
 
 
-class SourceAddressAndTLS(ClientTestCase):
+class SourceAddressAndTLS(ClientCase):
     @defer.inlineCallbacks
     def test_bind_address(self):
         peer = self.peer("127.0.0.38")

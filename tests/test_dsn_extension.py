@@ -11,10 +11,8 @@ import smtplib
 from email.message import Message
 
 import pytest
-from twisted.internet import defer, reactor
-from twisted.trial import unittest
+from twisted.internet import defer
 
-from mta.client import SMTPClientPool
 from mta.dsn_params import (ENVID_TOO_LONG, ORCPT_TOO_LONG, OutboundDSN, RelayedResult, check_mail, check_rcpt,
                              parse_notify, xtext_decode, xtext_encode)
 from mta.nexthop import Hop
@@ -22,7 +20,8 @@ from mta.queue_entry import QueueEntry, RecipientState
 from mta.spool import Spool
 
 from gwprocess import base_config, maildir_messages, wait_until
-from peers import DEFAULT_EXTENSIONS, SMTPPeer
+from clientcase import ClientCase
+from peers import DEFAULT_EXTENSIONS
 from server_fakes import Code, Dialog
 
 GW_HOST, GW_PORT = "127.0.0.140", 2525
@@ -180,19 +179,10 @@ def test_outbound_parameters_are_re_encoded_and_garbage_dropped():
     assert OutboundDSN.from_entry(entry({"SIZE": "10"}, {})) is None
 
 
-class ClientTests(unittest.TestCase):
-    timeout = 20
-
+class ClientTests(ClientCase):
     def setUp(self):
-        self.pool = SMTPClientPool(reactor, "gw.example.test", connect_timeout=5, command_timeout=5)
-
-    def tearDown(self):
-        return self.pool.close()
-
-    def peer(self, host: str, extensions) -> SMTPPeer:
-        p = SMTPPeer(host, extensions=extensions).start()
-        self.addCleanup(p.stop)
-        return p
+        super().setUp()
+        self.client = self.pool(connect_timeout=5, command_timeout=5)
 
     DSN = OutboundDSN.from_entry(entry({"RET": "HDRS", "ENVID": "QQ+2B1"},
                                        {"b@y.test": {"NOTIFY": "SUCCESS,FAILURE", "ORCPT": "rfc822;B+40y.test"},
@@ -201,7 +191,7 @@ class ClientTests(unittest.TestCase):
     @defer.inlineCallbacks
     def test_dsn_hop_gets_the_parameters(self):
         peer = self.peer("127.0.0.144", DSN_EXTENSIONS)
-        results = yield self.pool.send(Hop("127.0.0.144"), "a@x.test", ["b@y.test", "c@y.test"], MSG, dsn=self.DSN)
+        results = yield self.client.send(Hop("127.0.0.144"), "a@x.test", ["b@y.test", "c@y.test"], MSG, dsn=self.DSN)
         self.assertEqual([r.outcome for r in results], ["delivered", "delivered"])
         self.assertFalse(any(isinstance(r, RelayedResult) for r in results))     # the hop reports itself
         self.assertEqual(peer.messages[0].mail_params, f"SIZE={len(MSG)} RET=HDRS ENVID=QQ+2B1")
@@ -212,7 +202,7 @@ class ClientTests(unittest.TestCase):
     @defer.inlineCallbacks
     def test_hop_without_dsn_gets_none_and_success_becomes_relayed(self):
         peer = self.peer("127.0.0.145", DEFAULT_EXTENSIONS)
-        results = yield self.pool.send(Hop("127.0.0.145"), "a@x.test", ["b@y.test", "c@y.test"], MSG, dsn=self.DSN)
+        results = yield self.client.send(Hop("127.0.0.145"), "a@x.test", ["b@y.test", "c@y.test"], MSG, dsn=self.DSN)
         self.assertEqual([r.outcome for r in results], ["delivered", "delivered"])
         self.assertEqual([isinstance(r, RelayedResult) for r in results], [True, False])
         self.assertEqual(peer.messages[0].mail_params, f"SIZE={len(MSG)}")
@@ -223,7 +213,7 @@ class ClientTests(unittest.TestCase):
     def test_refused_message_is_not_relayed(self):
         peer = self.peer("127.0.0.145", DEFAULT_EXTENSIONS)
         peer.set_reply("dot", "554 5.7.1 no thanks")
-        results = yield self.pool.send(Hop("127.0.0.145"), "a@x.test", ["b@y.test"], MSG, dsn=self.DSN)
+        results = yield self.client.send(Hop("127.0.0.145"), "a@x.test", ["b@y.test"], MSG, dsn=self.DSN)
         self.assertEqual([(r.outcome, isinstance(r, RelayedResult)) for r in results], [("failed", False)])
 
 

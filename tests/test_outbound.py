@@ -12,18 +12,16 @@ import time
 from pathlib import Path
 
 import trustme
-from twisted.internet import defer, reactor, threads
-from twisted.trial import unittest
+from twisted.internet import defer, threads
 
-from mta.client import SMTPClientPool
 from mta.config import OutboundAuth
-from mta.nexthop import Hop, HostUnusable
+from mta.nexthop import Hop
 from mta.outbound import OutboundPolicy
 
+from clientcase import HELO, ClientCase
 from peers import SMTPPeer
 from tlsfixture import ca_file, server_context
 
-HELO = "gw.example.test"
 MSG = b"From: a@x.test\r\nSubject: hi\r\n\r\nbody\r\n"
 TLS_EXT = ("STARTTLS", "PIPELINING", "SIZE 10485760", "8BITMIME")
 CREDS = OutboundAuth("relay-user", "s3cret pass", "PLAIN")
@@ -43,43 +41,16 @@ def wait_in_thread(predicate, timeout: float = 5.0) -> defer.Deferred:
     return threads.deferToThread(_poll, predicate, timeout)
 
 
-class OutboundCase(unittest.TestCase):
-    timeout = 20
-
+class OutboundCase(ClientCase):
     def setUp(self):
-        self.pools: list[SMTPClientPool] = []
+        super().setUp()
         self.tmp = Path(tempfile.mkdtemp(prefix="smtpgw-outbound-"))
         self.addCleanup(shutil.rmtree, self.tmp, True)
         self.ca = trustme.CA()
 
-    def tearDown(self):
-        return defer.DeferredList([p.close() for p in self.pools])
-
-    def peer(self, host: str, **kwargs) -> SMTPPeer:
-        p = SMTPPeer(host, **kwargs).start()
-        self.addCleanup(p.stop)
-        return p
-
     def tls_peer(self, host: str, *names: str, **kwargs) -> SMTPPeer:
         kwargs.setdefault("extensions", TLS_EXT)
         return self.peer(host, tls_context=server_context(self.ca, *(names or ("smart.isp.test",))), **kwargs)
-
-    def pool(self, **kwargs) -> SMTPClientPool:
-        kwargs.setdefault("connect_timeout", 5)
-        kwargs.setdefault("command_timeout", 5)
-        pool = SMTPClientPool(reactor, HELO, **kwargs)
-        self.pools.append(pool)
-        return pool
-
-    async def refused(self, d: defer.Deferred) -> HostUnusable:
-        try:
-            await d
-        except HostUnusable as e:
-            return e
-        raise AssertionError("send succeeded but should have failed")
-
-    def lines(self, peer: SMTPPeer, verb: bytes) -> list[bytes]:
-        return [line for line in peer.transcript if line.upper().startswith(verb)]
 
 
 class TLSModes(OutboundCase):
@@ -90,7 +61,7 @@ class TLSModes(OutboundCase):
         self.assertEqual((e.reply.code, e.reply.status), (451, "4.7.10"))
         self.assertIn("TLS is required by connector 'ISP'", e.reply.text)
         self.assertIn("does not offer STARTTLS", e.reply.text)
-        self.assertEqual(self.lines(peer, b"MAIL"), [])
+        self.assertEqual(self.commands(peer, b"MAIL"), [])
 
     async def test_required_encrypts_without_checking_the_certificate(self):
         peer = self.tls_peer("127.0.0.91", "someone-else.test")
@@ -145,7 +116,7 @@ class TLSModes(OutboundCase):
         peer = self.tls_peer("127.0.0.93")
         await self.pool().send(Hop("127.0.0.93"), "a@x", ["b@y"], MSG, policy=OutboundPolicy("ISP", tls="none"))
         self.assertFalse(peer.messages[0].tls)
-        self.assertEqual(self.lines(peer, b"STARTTLS"), [])
+        self.assertEqual(self.commands(peer, b"STARTTLS"), [])
 
     async def test_policies_do_not_share_connections(self):
         peer = self.tls_peer("127.0.0.93")
@@ -169,7 +140,7 @@ class OutboundAuthentication(OutboundCase):
         policy = OutboundPolicy("ISP", auth=OutboundAuth("relay-user", "s3cret pass", "LOGIN"))
         await self.pool().send(Hop("127.0.0.94"), "a@x", ["b@y"], MSG, policy=policy)
         self.assertEqual(peer.messages[0].auth_user, "relay-user")
-        self.assertEqual(self.lines(peer, b"AUTH"), [b"AUTH LOGIN"])
+        self.assertEqual(self.commands(peer, b"AUTH"), [b"AUTH LOGIN"])
 
     async def test_wrong_password_defers_never_bounces(self):
         peer = self.tls_peer("127.0.0.94", auth={"relay-user": "other"})
@@ -177,14 +148,14 @@ class OutboundAuthentication(OutboundCase):
                                                 policy=OutboundPolicy("ISP", auth=CREDS)))
         self.assertEqual((e.reply.code, e.reply.status), (451, "4.7.8"))
         self.assertIn("535 5.7.8", e.reply.text)
-        self.assertEqual(self.lines(peer, b"MAIL"), [])
+        self.assertEqual(self.commands(peer, b"MAIL"), [])
 
     async def test_credentials_never_go_in_plaintext_by_default(self):
         peer = self.peer("127.0.0.94", auth={"relay-user": "s3cret pass"}, auth_requires_tls=False)
         e = await self.refused(self.pool().send(Hop("127.0.0.94"), "a@x", ["b@y"], MSG,
                                                 policy=OutboundPolicy("ISP", auth=CREDS)))
         self.assertEqual(e.reply.status, "4.7.11")
-        self.assertEqual(self.lines(peer, b"AUTH"), [])
+        self.assertEqual(self.commands(peer, b"AUTH"), [])
 
     async def test_plaintext_auth_when_explicitly_allowed(self):
         peer = self.peer("127.0.0.94", auth={"relay-user": "s3cret pass"}, auth_requires_tls=False)
@@ -197,14 +168,14 @@ class OutboundAuthentication(OutboundCase):
         e = await self.refused(self.pool().send(Hop("127.0.0.94"), "a@x", ["b@y"], MSG,
                                                 policy=OutboundPolicy("ISP", auth=CREDS)))
         self.assertIn("offers only AUTH CRAM-MD5", e.reply.text)
-        self.assertEqual(self.lines(peer, b"AUTH"), [])
+        self.assertEqual(self.commands(peer, b"AUTH"), [])
 
     async def test_helo_mode(self):
         peer = self.peer("127.0.0.95")
         await self.pool().send(Hop("127.0.0.95"), "a@x", ["b@y"], MSG, policy=OutboundPolicy("ISP", helo="helo"))
         self.assertEqual(peer.messages[0].helo, HELO)
-        self.assertEqual(self.lines(peer, b"EHLO"), [])
-        self.assertEqual(self.lines(peer, b"HELO"), [b"HELO " + HELO.encode()])
+        self.assertEqual(self.commands(peer, b"EHLO"), [])
+        self.assertEqual(self.commands(peer, b"HELO"), [b"HELO " + HELO.encode()])
 
 
 class ConnectionLimits(OutboundCase):

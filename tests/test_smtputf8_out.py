@@ -13,17 +13,16 @@ import email
 import email.policy
 import smtplib
 
-from twisted.internet import defer, reactor
-from twisted.trial import unittest
+from twisted.internet import defer
 
 from mta import smtputf8
-from mta.client import SMTPClientPool
 from mta.nexthop import Hop, RecipientResult
 from mta.queue_entry import QueueEntry, RecipientState
 from mta.reply import Reply
 from smtpgw_plugins.etrn_dequeue.atrn import HOP_PREFIX, RoutingPool
 
 from gwprocess import base_config, maildir_messages, wait_until
+from clientcase import ClientCase
 from peers import DEFAULT_EXTENSIONS, SMTPPeer
 
 GW_HOST, GW_PORT = "127.0.0.180", 2525
@@ -79,25 +78,15 @@ def test_needs():
 
 # -- the client against test peers ---------------------------------------------------------------
 
-class ClientTests(unittest.TestCase):
-    timeout = 30
-
+class ClientTests(ClientCase):
     def setUp(self):
-        self.pool = SMTPClientPool(reactor, "gw.example.test", connect_timeout=5, command_timeout=10,
-                                   starttls=False)
-
-    def tearDown(self):
-        return self.pool.close()
-
-    def peer(self, host: str, extensions) -> SMTPPeer:
-        p = SMTPPeer(host, extensions=extensions).start()
-        self.addCleanup(p.stop)
-        return p
+        super().setUp()
+        self.client = self.pool(connect_timeout=5, command_timeout=10, starttls=False)
 
     @defer.inlineCallbacks
     def test_utf8_message_to_a_hop_offering_smtputf8(self):
         peer = self.peer("127.0.0.181", UTF8_EXTENSIONS)
-        results = yield self.pool.send(Hop("127.0.0.181"), "josé@exámple.test", ["zoë@remote.test"], UTF8_MSG,
+        results = yield self.client.send(Hop("127.0.0.181"), "josé@exámple.test", ["zoë@remote.test"], UTF8_MSG,
                                        smtputf8=True)
         self.assertEqual([r.outcome for r in results], ["delivered"])
         self.assertEqual(mail_lines(peer), [
@@ -109,14 +98,14 @@ class ClientTests(unittest.TestCase):
     def test_utf8_message_to_a_hop_without_smtputf8_is_not_sent(self):
         peer = self.peer("127.0.0.182", DEFAULT_EXTENSIONS)
         hop = Hop("127.0.0.182")
-        results = yield self.pool.send(hop, "josé@exámple.test", ["zoë@remote.test", "bob@remote.test"],
+        results = yield self.client.send(hop, "josé@exámple.test", ["zoë@remote.test", "bob@remote.test"],
                                        UTF8_MSG, smtputf8=True)
         expected = Reply(550, "5.6.7", f"SMTPUTF8 is required, but was not offered by host {hop}")
         self.assertEqual([(r.outcome, r.reply) for r in results], [("failed", expected)] * 2)
         self.assertEqual(mail_lines(peer), [])
         self.assertTrue(any(line.startswith(b"EHLO") for line in peer.transcript))
         # nothing was started, so the connection carries the next message as it is (no RSET)
-        results = yield self.pool.send(hop, "a@x.test", ["bob@remote.test"], ASCII_MSG)
+        results = yield self.client.send(hop, "a@x.test", ["bob@remote.test"], ASCII_MSG)
         self.assertEqual([r.outcome for r in results], ["delivered"])
         self.assertEqual(peer.connections, 1)
         self.assertNotIn(b"RSET", peer.transcript)
@@ -124,7 +113,7 @@ class ClientTests(unittest.TestCase):
     @defer.inlineCallbacks
     def test_utf8_header_alone_needs_smtputf8(self):
         peer = self.peer("127.0.0.183", DEFAULT_EXTENSIONS)
-        results = yield self.pool.send(Hop("127.0.0.183"), "a@x.test", ["b@remote.test"], UTF8_HEADER_MSG,
+        results = yield self.client.send(Hop("127.0.0.183"), "a@x.test", ["b@remote.test"], UTF8_HEADER_MSG,
                                        smtputf8=True)
         self.assertEqual([(r.reply.code, r.reply.status) for r in results], [(550, "5.6.7")])
         self.assertEqual(mail_lines(peer), [])
@@ -134,7 +123,7 @@ class ClientTests(unittest.TestCase):
         """Postfix's rule: asked for SMTPUTF8, but envelope and headers are ASCII -- the next hop need
         not know; the 8-bit body is 8BITMIME's business."""
         peer = self.peer("127.0.0.184", DEFAULT_EXTENSIONS)
-        results = yield self.pool.send(Hop("127.0.0.184"), "a@x.test", ["b@remote.test"], ASCII_HEAD_8BIT_BODY,
+        results = yield self.client.send(Hop("127.0.0.184"), "a@x.test", ["b@remote.test"], ASCII_HEAD_8BIT_BODY,
                                        smtputf8=True)
         self.assertEqual([r.outcome for r in results], ["delivered"])
         self.assertEqual(mail_lines(peer), [f"MAIL FROM:<a@x.test> SIZE={len(ASCII_HEAD_8BIT_BODY)} "
@@ -146,8 +135,8 @@ class ClientTests(unittest.TestCase):
         """As Postfix does: a hop that offers SMTPUTF8 gets it whenever the sender asked, all-ASCII or
         not; mail that did not ask goes as before."""
         peer = self.peer("127.0.0.185", UTF8_EXTENSIONS)
-        yield self.pool.send(Hop("127.0.0.185"), "a@x.test", ["b@remote.test"], ASCII_MSG, smtputf8=True)
-        yield self.pool.send(Hop("127.0.0.185"), "a@x.test", ["b@remote.test"], ASCII_MSG)
+        yield self.client.send(Hop("127.0.0.185"), "a@x.test", ["b@remote.test"], ASCII_MSG, smtputf8=True)
+        yield self.client.send(Hop("127.0.0.185"), "a@x.test", ["b@remote.test"], ASCII_MSG)
         size = len(ASCII_MSG)
         self.assertEqual(mail_lines(peer), [f"MAIL FROM:<a@x.test> SIZE={size} SMTPUTF8".encode(),
                                             f"MAIL FROM:<a@x.test> SIZE={size}".encode()])
@@ -158,11 +147,11 @@ class ClientTests(unittest.TestCase):
         """A locally made message (a DSN to a UTF-8 sender) carries no parameters: its envelope alone
         decides, so a UTF-8 address never goes out without SMTPUTF8."""
         offering = self.peer("127.0.0.185", UTF8_EXTENSIONS)
-        results = yield self.pool.send(Hop("127.0.0.185"), "", ["josé@remote.test"], ASCII_MSG)
+        results = yield self.client.send(Hop("127.0.0.185"), "", ["josé@remote.test"], ASCII_MSG)
         self.assertEqual([r.outcome for r in results], ["delivered"])
         self.assertEqual(mail_lines(offering), [f"MAIL FROM:<> SIZE={len(ASCII_MSG)} SMTPUTF8".encode()])
         plain = self.peer("127.0.0.186", DEFAULT_EXTENSIONS)
-        results = yield self.pool.send(Hop("127.0.0.186"), "", ["josé@remote.test"], ASCII_MSG)
+        results = yield self.client.send(Hop("127.0.0.186"), "", ["josé@remote.test"], ASCII_MSG)
         self.assertEqual([(r.reply.code, r.reply.status) for r in results], [(550, "5.6.7")])
         self.assertEqual(mail_lines(plain), [])
 
@@ -170,7 +159,7 @@ class ClientTests(unittest.TestCase):
     def test_helo_only_hop_offers_nothing(self):
         peer = self.peer("127.0.0.186", UTF8_EXTENSIONS)
         peer.set_reply("ehlo", "502 5.5.2 EHLO not implemented")
-        results = yield self.pool.send(Hop("127.0.0.186"), "josé@exámple.test", ["b@remote.test"], UTF8_MSG,
+        results = yield self.client.send(Hop("127.0.0.186"), "josé@exámple.test", ["b@remote.test"], UTF8_MSG,
                                        smtputf8=True)
         self.assertEqual([(r.reply.code, r.reply.status) for r in results], [(550, "5.6.7")])
         self.assertTrue(any(line.startswith(b"HELO") for line in peer.transcript))
