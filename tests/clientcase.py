@@ -3,7 +3,9 @@ after each test, and the two questions every such test asks (why did the send fa
 see)."""
 from __future__ import annotations
 
-from twisted.internet import defer, reactor
+import time
+
+from twisted.internet import defer, reactor, threads
 from twisted.trial import unittest
 
 from mta.client import SMTPClientPool
@@ -46,3 +48,17 @@ class ClientCase(unittest.TestCase):
     @staticmethod
     def commands(peer: SMTPPeer, verb: bytes) -> list[bytes]:
         return [line for line in peer.transcript if line.upper().startswith(verb)]
+
+
+def wait_in_thread(predicate, timeout: float = 5.0) -> defer.Deferred:
+    """Wait for a peer-side condition (the peers run in threads) without blocking the reactor."""
+    return threads.deferToThread(_poll, predicate, timeout)
+
+
+def _poll(predicate, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.01)
+    return predicate()

@@ -14,7 +14,7 @@ from mta.client_wire import DotStuffer, ProtocolError, ReplyParser, encode_all
 from mta.nexthop import Hop
 from mta.reply import Reply
 
-from clientcase import HELO, ClientCase  # tests/ is on sys.path (conftest.py)
+from clientcase import HELO, ClientCase, wait_in_thread  # tests/ is on sys.path (conftest.py)
 from peers import SMTPPeer, free_port
 
 MSG = b"From: a@x.test\r\nSubject: hi\r\n\r\nbody\r\n"
@@ -103,18 +103,6 @@ def test_stuffing_round_trips_at_any_split(tokens, cuts):
 
 # -- deliveries over real sockets ------------------------------------------------------------------
 
-def wait_in_thread(predicate, timeout: float = 5.0) -> defer.Deferred:
-    """Wait for a peer-side condition without blocking the reactor."""
-    return threads.deferToThread(lambda: _poll(predicate, timeout))
-
-
-def _poll(predicate, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.01)
-    return predicate()
 
 
 class DeliveryTests(ClientCase):

@@ -8,17 +8,16 @@ from __future__ import annotations
 import shutil
 import tempfile
 import threading
-import time
 from pathlib import Path
 
 import trustme
-from twisted.internet import defer, threads
+from twisted.internet import defer
 
 from mta.config import OutboundAuth
 from mta.nexthop import Hop
 from mta.outbound import OutboundPolicy
 
-from clientcase import HELO, ClientCase
+from clientcase import HELO, ClientCase, wait_in_thread
 from peers import SMTPPeer
 from tlsfixture import ca_file, server_context
 
@@ -27,18 +26,6 @@ TLS_EXT = ("STARTTLS", "PIPELINING", "SIZE 10485760", "8BITMIME")
 CREDS = OutboundAuth("relay-user", "s3cret pass", "PLAIN")
 
 
-def _poll(predicate, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.01)
-    return predicate()
-
-
-def wait_in_thread(predicate, timeout: float = 5.0) -> defer.Deferred:
-    """Wait for a peer-side condition without blocking the reactor."""
-    return threads.deferToThread(_poll, predicate, timeout)
 
 
 class OutboundCase(ClientCase):
