@@ -257,7 +257,8 @@ class ControlProtocol(LineOnlyReceiver):
         try:
             request = json.loads(line)
         except ValueError as e:
-            self._chain.addCallback(lambda _: self._reply({"ok": False, "error": f"bad JSON: {e}"}))
+            answer = {"ok": False, "error": f"bad JSON: {e}"}     # ``e`` is unbound after the block
+            self._chain.addCallback(lambda _: self._reply(answer))
             return
         control: QueueControl = self.factory.control
         self._chain.addCallback(lambda _: control.handle(request)).addCallback(self._reply)
