@@ -237,14 +237,8 @@ class SMTPServerProtocol(Protocol):
             reader = self._reader
             stored = reader.size
             pos = reader.feed(self._buf, self._pos)
-            grown = reader.size - stored        # per read, not per line: the memory budget's whole cost
-            if grown and reader.problem is None and self._memory.reserve(grown):
-                self._held += grown
-            elif grown or reader.problem is not None:
-                self._over_budget(reader)
-            if self._plog_cmd is not None:
-                self._plog_cmd.bytes_in += pos - self._pos
-            moved, self._pos = pos != self._pos, pos
+            self._hold(reader, stored)
+            moved = self._advance(pos)
             if reader.done:
                 self._respond(self._end_of_data(reader))
                 return True
@@ -254,15 +248,9 @@ class SMTPServerProtocol(Protocol):
             message = chunk.message
             stored = message.size if message is not None else 0
             pos = chunk.feed(self._buf, self._pos)
-            if message is not None:
-                grown = message.size - stored
-                if grown and message.problem is None and self._memory.reserve(grown):
-                    self._held += grown
-                elif grown or message.problem is not None:
-                    self._over_budget(message)
-            if self._plog_cmd is not None:
-                self._plog_cmd.bytes_in += pos - self._pos
-            moved, self._pos = pos != self._pos, pos
+            if message is not None:         # None: a refused chunk, only counted off
+                self._hold(message, stored)
+            moved = self._advance(pos)
             if chunk.done:
                 self._respond(self._chunk_done(chunk))
                 return True
@@ -732,6 +720,22 @@ class SMTPServerProtocol(Protocol):
 
     # -- message memory (mta/message_memory.py) --------------------------------------------------
 
+    def _hold(self, message: DataReader | ChunkedMessage, stored: int) -> None:
+        """Reserve what the last read added to ``message`` (once per read, not per line: the memory
+        budget's whole cost on the hot path)."""
+        grown = message.size - stored
+        if grown and message.problem is None and self._memory.reserve(grown):
+            self._held += grown
+        elif grown or message.problem is not None:
+            self._over_budget(message)
+
+    def _advance(self, pos: int) -> bool:
+        """Move past what a message reader consumed; True if it consumed anything."""
+        if self._plog_cmd is not None:
+            self._plog_cmd.bytes_in += pos - self._pos
+        moved, self._pos = pos != self._pos, pos
+        return moved
+
     def _over_budget(self, reader: DataReader | ChunkedMessage) -> None:
         """The last read did not fit in the message memory, or the message was refused anyway: drop
         what it holds at once so other sessions can go on; the rest is read off and answered 452."""
@@ -838,13 +842,16 @@ class SMTPServerFactory(ServerFactory):
             self.protocol_log = ProtocolLog.for_virtual_server(gateway, vs)
 
     def buildProtocol(self, addr: Any) -> Protocol:
-        limit = self.vs.limits.max_connections
-        if not (self.active < limit if self.shared is None else self.shared.admit(limit)):
+        shared = self.shared
+        total = self.active if shared is None else shared.total(self.active)
+        if total >= self.vs.limits.max_connections:
             return _TooBusy(self.gateway.hooks)
         self.active += 1
+        if shared is not None:
+            shared.publish(self.active)
         return SMTPServerProtocol(self)
 
     def connection_closed(self, protocol: SMTPServerProtocol) -> None:
         self.active -= 1
         if self.shared is not None:
-            self.shared.release()
+            self.shared.publish(self.active)

@@ -132,7 +132,6 @@ class SharedConnectionLimit:
     def __init__(self, gateway: Any, counter: int) -> None:
         self.gateway = gateway
         self.counter = counter
-        self.mine = 0
         self._counts: WorkerCounts | None = None
         self._failed = False
         when_running = getattr(gateway.reactor, "callWhenRunning", None)
@@ -159,18 +158,14 @@ class SharedConnectionLimit:
                             "max_connections is counted per worker")
         return self._counts
 
-    def admit(self, limit: int) -> bool:
-        """Count one more connection if the gateway's total stays within ``limit``."""
+    def total(self, mine: int) -> int:
+        """The gateway's connections to this virtual server; ``mine`` is this process's own count
+        (the factory's), which is all there is when the file could not be shared."""
         counts = self.counts()
-        total = counts.total(self.counter) if counts is not None else self.mine
-        if total >= limit:
-            return False
-        self.mine += 1
-        if counts is not None:
-            counts.store(self.counter, self.mine)
-        return True
+        return counts.total(self.counter) if counts is not None else mine
 
-    def release(self) -> None:
-        self.mine -= 1
-        if self._counts is not None:
-            self._counts.store(self.counter, self.mine)
+    def publish(self, mine: int) -> None:
+        """Tell the other workers this process's count."""
+        counts = self.counts()
+        if counts is not None:
+            counts.store(self.counter, mine)

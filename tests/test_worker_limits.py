@@ -83,11 +83,12 @@ def test_a_connection_limit_is_the_total_of_every_worker(tmp_path):
     g0, g1 = _gateway(tmp_path, 0), _gateway(tmp_path, 1)
     a = SharedConnectionLimit.for_factory(g0, g0.config.virtual_servers[0])
     b = SharedConnectionLimit.for_factory(g1, g1.config.virtual_servers[0])
-    assert a.admit(2) and b.admit(2)
-    assert not a.admit(2) and not b.admit(2)
-    b.release()
-    assert a.admit(2)
-    assert (a.mine, b.mine) == (2, 0)
+    a.publish(1)
+    b.publish(1)
+    assert a.total(1) == b.total(1) == 2         # each sees the other's connection as well as its own
+    b.publish(0)
+    a.publish(2)
+    assert (a.total(2), b.total(0)) == (2, 2)
 
 
 def test_a_single_process_keeps_its_plain_count(tmp_path):
