@@ -8,8 +8,8 @@ import time
 from twisted.internet import defer, reactor, threads
 from twisted.trial import unittest
 
-from mta.client import SMTPClientPool
-from mta.nexthop import HostUnusable
+from mta.smtp.client.pool import SMTPClientPool
+from mta.model.nexthop import HostUnusable
 from peers import SMTPPeer
 
 HELO = "gw.example.test"

@@ -12,9 +12,9 @@ from twisted.internet.testing import StringTransport
 
 from mta.config import (Config, GatewayConfig, Limits, ListenAddress, LocalDomain, QueueConfig, TlsConfig,
                         VirtualServer)
-from mta.defaults import CorePolicy
-from mta.hooks import Hooks
-from mta.server import SMTPServerFactory
+from mta.policy.core import CorePolicy
+from mta.plugin.manager import Hooks
+from mta.smtp.server.session import SMTPServerFactory
 
 HOSTNAME = "mx.example.test"
 CLIENT_IP = "192.0.2.7"

@@ -1,10 +1,10 @@
-"""RFC 5321 path and parameter parsing (mta.address)."""
+"""RFC 5321 path and parameter parsing (mta.smtp.address)."""
 from __future__ import annotations
 
 import pytest
 from hypothesis import given, strategies as st
 
-from mta.address import (AddressError, parse_params, parse_path, split_address, split_argument)
+from mta.smtp.address import (AddressError, parse_params, parse_path, split_address, split_argument)
 
 SYNTAX_ERROR = 501          # bad path syntax, path too long
 NOT_ALLOWED = 553           # mailbox name not allowed (too long parts, literals, non-ASCII)

@@ -14,17 +14,18 @@ from twisted.cred.credentials import UsernamePassword
 from twisted.cred.error import UnauthorizedLogin
 from twisted.internet import defer
 
-from mta import cli
-from mta.auth import (
+from mta.cli import main as cli
+from mta.smtp.server.users import (
     PasswordHash, UsersFile, UsersFileChecker, UsersFileError, hash_password, parse_users, read_users,
     set_user_line, verify_password,
 )
 from mta.config import AuthConfig, ConfigError, TlsConfig
-from mta.config_loader import build, load
-from mta.hookspecs import hookimpl
-from mta.reply import Reply
-from mta.server import SMTPServerFactory
-from mta.server_auth import ServerAuth, mask_auth_command
+from mta.app.preflight import load_checked as load
+from mta.config.loader import build
+from mta.plugin.hookspecs import hookimpl
+from mta.smtp.reply import Reply
+from mta.smtp.server.session import SMTPServerFactory
+from mta.smtp.server.auth import ServerAuth, mask_auth_command
 from server_fakes import Code, Dialog, FakeGateway, make_config
 
 FAST = {"ln": 4}            # scrypt parameters cheap enough for tests (the file format is the same)

@@ -16,10 +16,10 @@ from twisted.trial import unittest as trial
 
 from gwprocess import base_config, maildir_messages, wait_until
 from mta.config import ProtocolLogConfig
-from mta.hookspecs import hookimpl
-from mta.lines import ChunkedMessage, Problem
-from mta.reply import Reply
-from mta.server import SMTPServerFactory
+from mta.plugin.hookspecs import hookimpl
+from mta.smtp.lines import ChunkedMessage, Problem
+from mta.smtp.reply import Reply
+from mta.smtp.server.session import SMTPServerFactory
 from server_fakes import Code, Dialog, FakeGateway, make_config
 
 SERVER = "127.0.0.133"

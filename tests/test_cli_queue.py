@@ -28,7 +28,7 @@ def smtpgw_command() -> list[str]:
     if beside.exists():
         return [str(beside)]
     found = shutil.which("smtpgw")
-    return [found] if found else [sys.executable, "-m", "mta.cli"]
+    return [found] if found else [sys.executable, "-m", "mta.cli.main"]
 
 
 def queue_config(tmp_path: Path) -> dict:
@@ -59,7 +59,7 @@ class InProcess:
         self.gw, self.capsys = gw, capsys
 
     def __call__(self, *args: str) -> subprocess.CompletedProcess:
-        from mta.cli import main
+        from mta.cli.main import main
 
         self.capsys.readouterr()
         status = main(["queue", "-c", str(self.gw.config_path), *args])
@@ -81,7 +81,7 @@ def send(subject: str, rcpt: str = "bob@remote.test", sender: str = "alice@examp
 
 def entries(gw: GatewayProcess) -> list[dict]:
     """The queue as `smtpgw queue list --json` shows it, asked in-process (cheap enough to poll)."""
-    from mta.cli_queue import run_request
+    from mta.cli.queue import run_request
     from mta.config import load_config
 
     reply = run_request(load_config(str(gw.config_path)), {"op": "list"})
@@ -235,7 +235,7 @@ def test_control_socket_key_and_length_check(tmp_path):
 
 class QueueAdministration(trial_unittest.TestCase):
     def setUp(self):
-        from mta.queue import QueueManager
+        from mta.queue.manager import QueueManager
 
         self.gw = FakeGateway()
         self.qm = self.gw.queue = QueueManager(self.gw)
@@ -250,7 +250,7 @@ class QueueAdministration(trial_unittest.TestCase):
 
     @defer.inlineCallbacks
     def test_hold_survives_restart_and_release_attempts_now(self):
-        from mta.queue import QueueManager
+        from mta.queue.manager import QueueManager
 
         entry_id = self.deferred_once()
         self.assertTrue((yield defer.ensureDeferred(self.qm.hold(entry_id))))

@@ -10,9 +10,9 @@ import time
 from hypothesis import given, settings, strategies as st
 from twisted.internet import defer, threads
 
-from mta.client_wire import DotStuffer, ProtocolError, ReplyParser, encode_all
-from mta.nexthop import Hop
-from mta.reply import Reply
+from mta.smtp.client.wire import DotStuffer, ProtocolError, ReplyParser, encode_all
+from mta.model.nexthop import Hop
+from mta.smtp.reply import Reply
 
 from clientcase import HELO, ClientCase, wait_in_thread  # tests/ is on sys.path (conftest.py)
 from peers import SMTPPeer, free_port

@@ -13,12 +13,12 @@ import pytest
 import yaml
 from hypothesis import given, settings, strategies as st
 
-from mta import cli
+from mta.cli import main as cli
 from mta.config import (
     AddressSpace, Config, ConfigError, ListenAddress, LocalDomain, load_config, parse_config,
 )
-from mta.config_loader import ConfigFileError, build, load
-from mta.schedule import Schedule
+from mta.config.loader import ConfigFileError, build, load
+from mta.config.schedules import Schedule
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_FILE = ROOT / "etc" / "gateway.yaml"
@@ -419,7 +419,7 @@ def test_top_level_must_be_a_mapping(data, message):
 
 def test_a_connector_key_for_a_later_plugin_lands_in_extra(monkeypatch):
     """How a later task adds a connector key without a dataclass field: one line in the table."""
-    from mta import config_loader as L
+    from mta.config import loader as L
     monkeypatch.setitem(L.CONNECTOR.keys, "dequeue_command", L.Key(L.string, extra=True))
     config = build(with_key(minimal(), "connectors[0].dequeue_command", "ETRN example.test"))
     assert config.connectors[0].extra == {"dequeue_command": "ETRN example.test"}
@@ -429,7 +429,7 @@ def test_a_connector_key_for_a_later_plugin_lands_in_extra(monkeypatch):
 def test_every_dataclass_field_has_a_yaml_key():
     """Guard for later tasks: a field added to a config dataclass needs its line in the loader's table."""
     from dataclasses import fields
-    from mta import config_loader as L
+    from mta.config import loader as L
     for section in (L.GATEWAY, L.DNS, L.QUEUE, L.LIMITS, L.RELAY, L.TLS, L.AUTH, L.PROTOCOL_LOG,
                     L.VIRTUAL_SERVER, L.CONTENT_RESTRICTIONS, L.OVERSIZE, L.DELIVERY, L.DELIVERY_RESTRICTIONS,
                     L.CONNECTOR):
@@ -568,7 +568,7 @@ def test_console_script(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump(with_key(minimal(), "virtual_servers[0].limits.max_recipients", "lots")))
     exe = Path(sys.executable).with_name("smtpgw")
-    argv0 = [str(exe)] if exe.exists() else [sys.executable, "-m", "mta.cli"]
+    argv0 = [str(exe)] if exe.exists() else [sys.executable, "-m", "mta.cli.main"]
     good = subprocess.run([*argv0, "check-config", "-c", str(DEFAULT_FILE)], capture_output=True, text=True,
                           timeout=60, cwd=ROOT)
     assert good.returncode == 0, good.stderr

@@ -7,7 +7,7 @@ from __future__ import annotations
 import smtplib
 
 from gwprocess import base_config, wait_until
-from mta.spool import Spool
+from mta.spool.store import Spool
 
 GW_HOST, GW_PORT = "127.0.0.90", 2525
 SMART = "127.0.0.91"

@@ -6,7 +6,7 @@ import json
 from twisted.internet import defer
 from twisted.internet.testing import StringTransport
 
-from mta.control import ControlFactory
+from mta.ops.control import ControlFactory
 
 
 class SlowControl:

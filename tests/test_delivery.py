@@ -1,4 +1,4 @@
-"""mta.delivery.Deliverer: routing, hop and connector fail-over, holds, local Maildir delivery.
+"""mta.delivery.attempt.Deliverer: routing, hop and connector fail-over, holds, local Maildir delivery.
 
 The logic runs against a small gateway: real configuration objects, real hooks with the core policy,
 the real resolver against dnsmasq (127.0.0.57), and a scripted client that records every ``send``.
@@ -20,14 +20,14 @@ from twisted.trial import unittest
 from dnsfixture import DNSServer
 from mta.config import (AddressSpace, Config, Connector, DnsConfig, GatewayConfig, ListenAddress, LocalDomain,
                         VirtualServer)
-from mta.defaults import CorePolicy
-from mta.delivery import Deliverer
-from mta.hookspecs import hookimpl
-from mta.hooks import Hooks
-from mta.nexthop import Hop, HostUnusable, RecipientResult
-from mta.queue_entry import QueueEntry, RecipientState
-from mta.reply import Reply
-from mta.resolver import DNSError, Resolver
+from mta.policy.core import CorePolicy
+from mta.delivery.attempt import Deliverer
+from mta.plugin.hookspecs import hookimpl
+from mta.plugin.manager import Hooks
+from mta.model.nexthop import Hop, HostUnusable, RecipientResult
+from mta.model.queue_entry import QueueEntry, RecipientState
+from mta.smtp.reply import Reply
+from mta.delivery.nexthops import DNSError, Resolver
 
 DNS_IP = "127.0.0.57"
 MESSAGE = b"Subject: test\r\n\r\nhello\r\n"
@@ -114,9 +114,9 @@ def codes(results: list[RecipientResult]) -> list[tuple[str, int, str]]:
 
 
 def hooks_pass_dns_errors() -> bool:
-    """Does mta.hooks hand a reply-carrying exception back as the answer (needed for permanent DNS
+    """Does mta.plugin.manager hand a reply-carrying exception back as the answer (needed for permanent DNS
     errors to bounce rather than be retried)?"""
-    from mta.resolver import PermanentDNSError
+    from mta.delivery.nexthops import PermanentDNSError
 
     class Raiser:
         @hookimpl
@@ -217,10 +217,10 @@ class DelivererTests(unittest.TestCase):
         gw2.hooks.register(HopsFor("dear", [Hop("127.0.0.45")]), name="site")
         results = yield gw2.deliverer.deliver(e, MESSAGE, e.rcpts)
         self.assertEqual(codes(results), [("bob@dangling.test", 250, "2.0.0")])
-        self.flushLoggedErrors(DNSError)     # logged as plugin errors until mta.hooks passes them on
+        self.flushLoggedErrors(DNSError)     # logged as plugin errors until mta.plugin.manager passes them on
 
     @pytest.mark.xfail(not hooks_pass_dns_errors(), strict=False,
-                       reason="mta.hooks turns the resolver's PermanentDNSError into a logged 451 4.3.0 "
+                       reason="mta.plugin.manager turns the resolver's PermanentDNSError into a logged 451 4.3.0 "
                               "plugin error; needs the core change asked for in the delivery report")
     @defer.inlineCallbacks
     def test_nonexistent_domain_and_null_mx_bounce(self):
@@ -402,7 +402,7 @@ class EndToEndTests(unittest.TestCase):
     def setUp(self) -> None:
         from twisted.internet import reactor
 
-        from mta.client import SMTPClientPool
+        from mta.smtp.client.pool import SMTPClientPool
         self.pool = SMTPClientPool(reactor, helo_name="gw.test", connect_timeout=2.0, command_timeout=5.0,
                                    starttls=False)
         self.addCleanup(self.pool.close)

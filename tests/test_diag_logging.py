@@ -19,9 +19,9 @@ from twisted.internet import defer, reactor, task
 from twisted.trial import unittest as trial
 
 from mta.config import ConfigError, PluginsConfig, parse_config
-from mta.config_loader import DIAG_CATEGORIES, _diag_logging_settings
-from mta.config_reload import ConfigReload
-from mta.hookspecs import hookimpl
+from mta.config.loader import DIAG_CATEGORIES, _diag_logging_settings
+from mta.app.reload_config import ConfigReload
+from mta.plugin.hookspecs import hookimpl
 from server_fakes import Dialog, FakeGateway, make_config
 from smtpgw_plugins.diag_logging import DiagLogging
 from smtpgw_plugins.diag_logging.sinks import (FileSink, StdoutSink, SyslogSink, format_json, format_text,

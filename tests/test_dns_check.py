@@ -12,7 +12,7 @@ from dnsfixture import DNSServer
 from gwprocess import base_config
 from test_cli_queue import smtpgw_command
 
-from mta.cli import main
+from mta.cli.main import main
 
 DNS_HOST = "127.0.0.119"
 

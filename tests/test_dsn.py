@@ -7,9 +7,9 @@ import email.policy
 import pytest
 
 from mta.config import Config, GatewayConfig, QueueConfig
-from mta.dsn import build_dsn, remote_mta, reply_from_text, status_of
-from mta.queue_entry import QueueEntry, RecipientState
-from mta.reply import Reply
+from mta.dsn.reports import build_dsn, remote_mta, reply_from_text, status_of
+from mta.model.queue_entry import QueueEntry, RecipientState
+from mta.smtp.reply import Reply
 
 ORIGINAL = (b"Received: from client.test by gw.test; Sat, 1 Nov 2025 10:00:00 +0000\r\n"
             b"From: Alice <alice@client.test>\r\n"

@@ -13,11 +13,11 @@ from email.message import Message
 import pytest
 from twisted.internet import defer
 
-from mta.dsn_params import (ENVID_TOO_LONG, ORCPT_TOO_LONG, OutboundDSN, RelayedResult, check_mail, check_rcpt,
+from mta.dsn.params import (ENVID_TOO_LONG, ORCPT_TOO_LONG, OutboundDSN, RelayedResult, check_mail, check_rcpt,
                              parse_notify, xtext_decode, xtext_encode)
-from mta.nexthop import Hop
-from mta.queue_entry import QueueEntry, RecipientState
-from mta.spool import Spool
+from mta.model.nexthop import Hop
+from mta.model.queue_entry import QueueEntry, RecipientState
+from mta.spool.store import Spool
 
 from gwprocess import base_config, maildir_messages, wait_until
 from clientcase import ClientCase

@@ -7,10 +7,10 @@ from dataclasses import replace
 import pytest
 
 from mta.config import Connector, ContentRestrictions, Limits, ListenAddress, VirtualServer
-from mta.dsn import RETURN_LIMIT, build_dsn, size_cap
-from mta.queue import deletion_report
-from mta.queue_entry import QueueEntry, RecipientState
-from mta.reply import Reply
+from mta.dsn.reports import RETURN_LIMIT, build_dsn, size_cap
+from mta.queue.manager import deletion_report
+from mta.model.queue_entry import QueueEntry, RecipientState
+from mta.smtp.reply import Reply
 from tests.test_dsn import ORIGINAL, assert_wire_safe, config, entry, parse
 
 FAILURE = Reply(550, "5.1.1", "User unknown")

@@ -284,8 +284,8 @@ def test_every_accepted_message_survives_kill_9(gateway, tmp_path, peers):
 # -- site hooks ----------------------------------------------------------------------------------
 
 LOCAL_POLICY = '''
-from mta.hookspecs import hookimpl
-from mta.reply import Reply
+from mta.plugin.hookspecs import hookimpl
+from mta.smtp.reply import Reply
 
 @hookimpl
 def smtpgw_mail_from(session, sender, params):

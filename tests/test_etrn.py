@@ -9,9 +9,9 @@ from twisted.internet.task import Clock
 
 from gwprocess import base_config
 from mta.config import ConfigError, parse_config
-from mta.envelope import Session
-from mta.queue_entry import QueueEntry, RecipientState
-from mta.schedule import Schedule
+from mta.model.envelope import Session
+from mta.model.queue_entry import QueueEntry, RecipientState
+from mta.config.schedules import Schedule
 from smtpgw_plugins.etrn_dequeue import EtrnDequeue
 from smtpgw_plugins.etrn_dequeue.nodes import RateLimiter, is_authorized, parse_domain_list, parse_node
 from smtpgw_plugins.etrn_dequeue.requester import build_request, next_time
@@ -35,7 +35,7 @@ def session(peer: str = "127.0.0.121", user: str | None = None, helo: str | None
 
 @pytest.fixture
 def plugin():
-    from mta.gateway import Gateway
+    from mta.app.gateway import Gateway
     config = parse_config(config_dict())
     gw = Gateway(config, Clock(), load_plugins=False)
     p = EtrnDequeue()

@@ -178,7 +178,7 @@ def test_site_dequeue_command_from_local_hook(gateways, peers):
 # -- the client side --------------------------------------------------------------------------------
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "mta.cli", "etrn", *args], capture_output=True,
+    return subprocess.run([sys.executable, "-m", "mta.cli.main", "etrn", *args], capture_output=True,
                           text=True, timeout=60, cwd=str(REPO))
 
 
@@ -217,7 +217,7 @@ def test_scheduled_etrn_brings_the_mail_to_the_site(gateways):
 
 def test_atrn_reverses_the_connection_into_the_site_maildir(gateways):
     trustme = pytest.importorskip("trustme")
-    from mta.auth import hash_password
+    from mta.smtp.server.users import hash_password
 
     ca = trustme.CA()
     odmr = "127.0.0.120:3366"

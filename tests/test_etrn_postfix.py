@@ -105,7 +105,7 @@ def arrived(gw: GatewayProcess, mailbox: str = "bob") -> list[str]:
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "mta.cli", "etrn", *args], capture_output=True,
+    return subprocess.run([sys.executable, "-m", "mta.cli.main", "etrn", *args], capture_output=True,
                           text=True, timeout=60, cwd=str(REPO))
 
 

@@ -14,9 +14,9 @@ from twisted.trial import unittest
 
 from gwprocess import base_config
 from mta.config import ConfigError, parse_config
-from mta.etrn_client import DequeueError, DequeueRequest, run_trigger, trigger_argv
-from mta.queue_entry import QueueEntry, RecipientState
-from mta.reply import Reply
+from mta.smtp.client.etrn import DequeueError, DequeueRequest, run_trigger, trigger_argv
+from mta.model.queue_entry import QueueEntry, RecipientState
+from mta.smtp.reply import Reply
 from smtpgw_plugins.etrn_dequeue import EtrnDequeue
 from smtpgw_plugins.etrn_dequeue import requester as requester_module
 
@@ -54,7 +54,7 @@ def test_trigger_argv_and_label():
 @pytest.fixture
 def site(monkeypatch):
     """The plugin on a Clock, with request_dequeue replaced by a recorder that answers ``answers``."""
-    from mta.gateway import Gateway
+    from mta.app.gateway import Gateway
 
     calls: list[DequeueRequest] = []
     answers: list = []

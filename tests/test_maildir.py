@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from mta.maildir import deliver_to_maildir, unique_name
+from mta.delivery.maildir import deliver_to_maildir, unique_name
 
 
 def test_message_lands_in_new_with_exact_bytes(tmp_path):

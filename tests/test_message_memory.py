@@ -8,10 +8,10 @@ import socket
 import pytest
 
 from gwprocess import base_config, wait_until
-from mta.hookspecs import hookimpl
-from mta.message_memory import MessageMemory, for_gateway
-from mta.reply import Reply
-from mta.server import SMTPServerFactory
+from mta.plugin.hookspecs import hookimpl
+from mta.smtp.server.message_memory import MessageMemory, for_gateway
+from mta.smtp.reply import Reply
+from mta.smtp.server.session import SMTPServerFactory
 from server_fakes import Code, Dialog, FakeGateway
 
 KB = 1024
@@ -78,7 +78,7 @@ def test_one_budget_per_gateway_from_the_configuration():
 
 
 def test_with_several_workers_each_takes_its_share():
-    from mta.workers import WorkerInfo
+    from mta.workers.identity import WorkerInfo
 
     gw = FakeGateway()
     gw.worker = WorkerInfo(index=1, count=3)

@@ -11,9 +11,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from gwprocess import base_config, port_open, wait_until
 
 from mta.config import parse_config
-from mta.metrics import GatewayMetrics
-from mta.queue_entry import QueueEntry, RecipientState
-from mta.reply import Reply
+from mta.ops.metrics import GatewayMetrics
+from mta.model.queue_entry import QueueEntry, RecipientState
+from mta.smtp.reply import Reply
 
 GW_HOST, GW_PORT = "127.0.0.113", 2525
 METRICS = ("127.0.0.113", 9125)
@@ -128,7 +128,7 @@ def test_check_config_lists_hooks_in_call_order(tmp_path, capsys):
     """check-config builds the plugin manager as the gateway does, starting nothing."""
     import yaml
 
-    from mta.cli import main
+    from mta.cli.main import main
 
     cfg = base_config(tmp_path, listen=f"{GW_HOST}:{GW_PORT}")
     cfg["gateway"]["metrics"] = {"enabled": True, "listen": f"{METRICS[0]}:{METRICS[1]}"}

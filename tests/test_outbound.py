@@ -1,4 +1,4 @@
-"""Per-connector outbound settings in the client pool (mta.outbound.OutboundPolicy): TLS modes with
+"""Per-connector outbound settings in the client pool (mta.smtp.client.policy.OutboundPolicy): TLS modes with
 certificates made in the test, AUTH PLAIN/LOGIN, HELO, connection limits.
 
 Peers listen on 127.0.0.91-98 (this issue's own addresses), port 25.
@@ -14,8 +14,8 @@ import trustme
 from twisted.internet import defer
 
 from mta.config import OutboundAuth
-from mta.nexthop import Hop
-from mta.outbound import OutboundPolicy
+from mta.model.nexthop import Hop
+from mta.smtp.client.policy import OutboundPolicy
 
 from clientcase import HELO, ClientCase, wait_in_thread
 from peers import SMTPPeer

@@ -1,4 +1,4 @@
-"""W3C Extended protocol logs (mta.protocol_log): files written by real sessions and parsed back field
+"""W3C Extended protocol logs (mta.smtp.server.protocol_log): files written by real sessions and parsed back field
 by field, rotation by period (injected clock) and by size, directives in every new file, the last lines
 written on a clean shutdown. Addresses: 127.0.0.100-102."""
 from __future__ import annotations
@@ -16,12 +16,12 @@ from twisted.internet import defer, reactor, task, threads
 from twisted.trial import unittest as trial
 
 from mta.config import PROTOCOL_LOG_FIELDS, ConfigError, ProtocolLogConfig, parse_config
-from mta.envelope import Session
-from mta.protocol_log import (ProtocolLog, ProtocolLogService, field_row, period_file_name, site_name,
+from mta.model.envelope import Session
+from mta.smtp.server.protocol_log import (ProtocolLog, ProtocolLogService, field_row, period_file_name, site_name,
                               w3c_value)
-from mta.reply import Reply
-from mta import server_replies as R
-from mta.server import SMTPServerFactory
+from mta.smtp.reply import Reply
+from mta.smtp import replies as R
+from mta.smtp.server.session import SMTPServerFactory
 from server_fakes import FakeGateway, make_config
 
 SERVER_IP = "127.0.0.100"

@@ -15,15 +15,15 @@ from twisted.internet import defer, reactor, task
 from twisted.trial import unittest
 
 from mta.config import Config, GatewayConfig, QueueConfig
-from mta.envelope import Envelope, Session
-from mta.hooks import Hooks
-from mta.hookspecs import hookimpl
-from mta.message import MessageData
-from mta.nexthop import RecipientResult
-from mta.queue import QueueManager
-from mta.queue_entry import QueueEntry, RecipientState
-from mta.reply import Reply
-from mta.spool import MemorySpool, Spool
+from mta.model.envelope import Envelope, Session
+from mta.plugin.manager import Hooks
+from mta.plugin.hookspecs import hookimpl
+from mta.model.message import MessageData
+from mta.model.nexthop import RecipientResult
+from mta.queue.manager import QueueManager
+from mta.model.queue_entry import QueueEntry, RecipientState
+from mta.smtp.reply import Reply
+from mta.spool.store import MemorySpool, Spool
 
 OK = Reply(250, "2.0.0", "Ok: queued")
 TEMP = Reply(451, "4.4.1", "Connection timed out")
@@ -139,7 +139,7 @@ def session() -> Session:
 
 
 def envelope(sender: str = "alice@client.test", recipients=("bob@far.test",), **kw) -> Envelope:
-    from mta.envelope import new_id
+    from mta.model.envelope import new_id
     return Envelope(id=new_id(), sender=sender, recipients=list(recipients), **kw)
 
 
@@ -505,7 +505,7 @@ class SchedulerTests(unittest.TestCase):
     """The heap behind the queue: one timer, rescheduling either way, discards."""
 
     def setUp(self):
-        from mta.scheduler import Scheduler
+        from mta.queue.scheduler import Scheduler
         self.clock = task.Clock()
         self.fired: list[tuple[float, list[str]]] = []
         self.s = Scheduler(self.clock, lambda ids: self.fired.append((self.clock.seconds(), ids)))

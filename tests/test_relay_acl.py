@@ -11,10 +11,10 @@ from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.testing import StringTransport
 
 from mta.config import (Connector, ContentRestrictions, DeliveryRestrictions, RelayConfig, parse_config)
-from mta.envelope import Envelope, Session
-from mta.hookspecs import hookimpl
-from mta.queue_entry import QueueEntry, RecipientState
-from mta.server import SMTPServerFactory
+from mta.model.envelope import Envelope, Session
+from mta.plugin.hookspecs import hookimpl
+from mta.model.queue_entry import QueueEntry, RecipientState
+from mta.smtp.server.session import SMTPServerFactory
 from server_fakes import Code, FakeGateway, parse_replies
 from smtpgw_plugins.relay_acl import RelayACL
 from smtpgw_plugins.relay_acl.plugin import PRIORITY_KEY, client_ip, relay_reason

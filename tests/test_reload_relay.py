@@ -13,7 +13,7 @@ import smtplib
 from typing import Any
 
 from mta.config import parse_config
-from mta.queue_entry import QueueEntry, RecipientState
+from mta.model.queue_entry import QueueEntry, RecipientState
 from smtpgw_plugins.relay_acl.plugin import POLICY_KEY
 from test_relay_acl import TRUSTED_V4, UNTRUSTED_V4, Client, config_dict, make_gateway
 

@@ -1,4 +1,4 @@
-"""mta.resolver against a real DNS server (dnsmasq on 127.0.0.56, see tests/dnsfixture.py)."""
+"""mta.delivery.nexthops against a real DNS server (dnsmasq on 127.0.0.56, see tests/dnsfixture.py)."""
 from __future__ import annotations
 
 import random
@@ -6,8 +6,8 @@ import random
 from twisted.internet import defer
 from twisted.trial import unittest
 
-from mta.nexthop import Hop
-from mta.resolver import PermanentDNSError, Resolver, TemporaryDNSError, ip_literal
+from mta.model.nexthop import Hop
+from mta.delivery.nexthops import PermanentDNSError, Resolver, TemporaryDNSError, ip_literal
 from dnsfixture import DNSServer, free_port
 
 DNS_IP = "127.0.0.56"

@@ -1,8 +1,8 @@
-"""mta.router: connector choice by address space and cost, and the outbound source address."""
+"""mta.delivery.connectors: connector choice by address space and cost, and the outbound source address."""
 from __future__ import annotations
 
 from mta.config import AddressSpace, Config, Connector, GatewayConfig, ListenAddress, VirtualServer
-from mta.router import connectors_for, source_address, usable_source
+from mta.delivery.connectors import connectors_for, source_address, usable_source
 
 
 def config(*connectors: Connector, listen: tuple[str, ...] = ("127.0.0.1",)) -> Config:

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, strategies as st
 
 from mta.config import ConfigError
-from mta.schedule import EPOCH_MONDAY, SLOTS_PER_WEEK, Schedule, parse_schedule, slot_of
+from mta.config.schedules import EPOCH_MONDAY, SLOTS_PER_WEEK, Schedule, parse_schedule, slot_of
 
 UTC = timezone.utc
 KEY = "connectors[0].delivery.schedule"

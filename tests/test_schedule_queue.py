@@ -19,9 +19,9 @@ from twisted.internet import reactor, task
 from twisted.trial import unittest
 
 from mta.config import parse_config
-from mta.gateway import Gateway
-from mta.hookspecs import hookimpl
-from mta.spool import Spool
+from mta.app.gateway import Gateway
+from mta.plugin.hookspecs import hookimpl
+from mta.spool.store import Spool
 from peers import SMTPPeer
 
 PEER = "127.0.0.98"

@@ -1,4 +1,4 @@
-"""The ESMTP server (mta.server): fine-grained over an in-memory transport, then a few real sockets."""
+"""The ESMTP server (mta.smtp.server.session): fine-grained over an in-memory transport, then a few real sockets."""
 from __future__ import annotations
 
 import smtplib
@@ -11,9 +11,9 @@ from twisted.internet import defer, reactor, threads
 from twisted.trial import unittest as trial
 
 from mta.config import TlsConfig
-from mta.hookspecs import hookimpl
-from mta.reply import Reply
-from mta.server import MAX_PENDING_INPUT, SMTPServerFactory
+from mta.plugin.hookspecs import hookimpl
+from mta.smtp.reply import Reply
+from mta.smtp.server.session import MAX_PENDING_INPUT, SMTPServerFactory
 from server_fakes import CLIENT_IP, HOSTNAME, Code, Dialog, FakeGateway, make_config
 
 MESSAGE = b"From: a@remote.test\r\nSubject: test\r\n\r\nHello\r\n"

@@ -23,8 +23,8 @@ from twisted.trial import unittest
 
 from dnsfixture import DNSServer
 from mta.config import parse_config
-from mta.gateway import Gateway
-from mta.queue_entry import QueueEntry, RecipientState
+from mta.app.gateway import Gateway
+from mta.model.queue_entry import QueueEntry, RecipientState
 from peers import SMTPPeer
 from tlsfixture import ca_file, server_context
 

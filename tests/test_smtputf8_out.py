@@ -15,10 +15,10 @@ import smtplib
 
 from twisted.internet import defer
 
-from mta import smtputf8
-from mta.nexthop import Hop, RecipientResult
-from mta.queue_entry import QueueEntry, RecipientState
-from mta.reply import Reply
+from mta.smtp.client import smtputf8
+from mta.model.nexthop import Hop, RecipientResult
+from mta.model.queue_entry import QueueEntry, RecipientState
+from mta.smtp.reply import Reply
 from smtpgw_plugins.etrn_dequeue.atrn import HOP_PREFIX, RoutingPool
 
 from gwprocess import base_config, maildir_messages, wait_until

@@ -15,8 +15,8 @@ import time
 from twisted.internet import defer, reactor
 from twisted.trial import unittest
 
-from mta.queue_entry import QueueEntry, RecipientState
-from mta.spool import MemorySpool, Spool, SpoolError
+from mta.model.queue_entry import QueueEntry, RecipientState
+from mta.spool.store import MemorySpool, Spool, SpoolError
 
 BODY = [b"Received: from a by b\r\n", b"Subject: spool\r\n\r\n", b"line\r\n" * 500]
 
@@ -227,8 +227,8 @@ class FileSpoolTests(RoundTrip, unittest.TestCase):
 CHILD = textwrap.dedent("""
     import sys, time
     from twisted.internet import reactor, defer
-    from mta.spool import Spool
-    from mta.queue_entry import QueueEntry, RecipientState
+    from mta.spool.store import Spool
+    from mta.model.queue_entry import QueueEntry, RecipientState
 
     spool = Spool(sys.argv[1], reactor=reactor)
     spool.open()

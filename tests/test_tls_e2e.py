@@ -40,7 +40,7 @@ PASSWORD = "correct horse battery"
 
 def smtpgw_command() -> list[str]:
     exe = Path(sys.executable).with_name("smtpgw")
-    return [str(exe)] if exe.exists() else [sys.executable, "-m", "mta.cli"]
+    return [str(exe)] if exe.exists() else [sys.executable, "-m", "mta.cli.main"]
 
 
 def add_user(path: Path, user: str, password: str) -> None:

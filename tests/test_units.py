@@ -5,7 +5,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from mta.config import ConfigError
-from mta.units import (
+from mta.config.values import (
     SmartHost, format_duration, format_size, parse_domain, parse_duration, parse_hostport, parse_size,
     parse_smart_host,
 )

@@ -1,4 +1,4 @@
-"""Connector delivery windows (mta.windows, the core's smtpgw_delivery_window): schedules, oversize
+"""Connector delivery windows (mta.delivery.windows, the core's smtpgw_delivery_window): schedules, oversize
 schedules, time zones and grid edges, and the configuration errors that guard them.
 
 Times are fixed Unix timestamps (a fake clock): Monday 2026-11-30 is the reference week, in winter
@@ -14,8 +14,8 @@ import pytest
 
 from mta.config import (ConfigError, Connector, DeliveryConfig, OversizeConfig,
                         parse_config)
-from mta.schedule import parse_schedule
-from mta.windows import NEVER_RECHECK, Hold, delivery_window
+from mta.config.schedules import parse_schedule
+from mta.delivery.windows import NEVER_RECHECK, Hold, delivery_window
 
 
 def at(text: str, zone: str = "UTC") -> float:
@@ -114,9 +114,9 @@ def test_oversize_window_replaces_the_normal_schedule_for_large_mail():
 
 
 def test_core_policy_answers_the_hook_and_a_site_hook_can_add_a_rule():
-    from mta.defaults import CorePolicy
-    from mta.hookspecs import hookimpl
-    from mta.hooks import Hooks
+    from mta.policy.core import CorePolicy
+    from mta.plugin.hookspecs import hookimpl
+    from mta.plugin.manager import Hooks
 
     gateway = SimpleNamespace(reactor=SimpleNamespace(seconds=lambda: at("2026-11-30 07:00:00")))
     hooks = Hooks()

@@ -11,13 +11,14 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 
 from gwprocess import base_config, wait_until
-from mta import server_replies as R
-from mta import workers
+from mta.smtp import replies as R
+from mta.workers import identity as workers
 from mta.config import parse_config
-from mta.delivery import Deliverer
-from mta.server import SMTPServerFactory, SMTPServerProtocol
-from mta.worker_counts import FILE_NAME, SharedConnectionLimit, WorkerCounts
-from mta.workers import WorkerInfo
+from mta.delivery.attempt import Deliverer
+from mta.smtp.server.session import SMTPServerFactory, SMTPServerProtocol
+from mta.workers.counts import FILE_NAME, SharedConnectionLimit, WorkerCounts
+from mta.workers.identity import WorkerInfo
+from mta.config.workers import MAX_WORKERS
 
 GW_HOST, GW_PORT = "127.0.0.150", 2525
 
@@ -34,7 +35,7 @@ def test_two_workers_see_each_others_counts(tmp_path):
         assert view.total(0) == 7 and view.total(1) == 1
         assert (view.value(0, 0), view.value(0, 1)) == (3, 4)
     size = (tmp_path / FILE_NAME).stat().st_size
-    assert size == workers.MAX_WORKERS * 3 * 8
+    assert size == MAX_WORKERS * 3 * 8
 
 
 def test_a_restarted_worker_starts_from_zero_and_its_predecessor_stops_writing(tmp_path):
@@ -63,7 +64,7 @@ def test_the_file_grows_for_more_virtual_servers_and_never_shrinks(tmp_path):
     big = WorkerCounts(str(tmp_path), WorkerInfo(0, 2), counters=3, pid=300)
     big.store(2, 6)
     small = WorkerCounts(str(tmp_path), WorkerInfo(1, 2), counters=1, pid=301)
-    assert (tmp_path / FILE_NAME).stat().st_size == workers.MAX_WORKERS * 4 * 8
+    assert (tmp_path / FILE_NAME).stat().st_size == MAX_WORKERS * 4 * 8
     small.store(0, 1)
     assert big.total(2) == 6 and big.total(0) == 1
 

@@ -15,11 +15,12 @@ from pathlib import Path
 import pytest
 
 from gwprocess import base_config, wait_until
-from mta import workers
+from mta.workers import identity as workers
 from mta.config import ConfigError, parse_config
-from mta.queue_entry import QueueEntry, RecipientState
-from mta.spool import Spool, encode_message_header
-from mta.workers import WorkerInfo, owner_of
+from mta.model.queue_entry import QueueEntry, RecipientState
+from mta.spool.store import Spool, encode_message_header
+from mta.workers.identity import WorkerInfo, owner_of
+from mta.config.workers import cpu_count, resolve_count
 
 GW_HOST, GW_PORT = "127.0.0.63", 2525
 SMART = "127.0.0.64"
@@ -66,7 +67,7 @@ def test_workers_key(tmp_path):
     assert parse_config(_config(tmp_path)).gateway.workers == 1
     assert parse_config(_config(tmp_path, workers=2)).gateway.workers == 2
     auto = parse_config(_config(tmp_path, workers="auto"))
-    assert workers.resolve_count(auto) == workers.cpu_count()
+    assert resolve_count(auto) == cpu_count()
     for bad in (0, 65, "many", True):
         with pytest.raises(ConfigError) as e:
             parse_config(_config(tmp_path, workers=bad))
@@ -80,7 +81,7 @@ def test_remote_triggered_mail_needs_one_worker(tmp_path):
         parse_config(cfg)
     assert "gateway.workers" in str(e.value) and "remote_triggered" in str(e.value)
     cfg["gateway"]["workers"] = "auto"
-    assert workers.resolve_count(parse_config(cfg)) == 1
+    assert resolve_count(parse_config(cfg)) == 1
 
 
 # -- the shared spool -----------------------------------------------------------------------------
@@ -150,7 +151,7 @@ def _worker_pids(gw) -> list[int]:
             found += [int(p) for p in (task / "children").read_text().split()]
         except OSError:
             pass
-    return [p for p in found if b"mta.spool_writer" not in _cmdline(p)]
+    return [p for p in found if b"mta.spool.writer" not in _cmdline(p)]
 
 
 def _cmdline(pid: int) -> bytes:
@@ -175,7 +176,7 @@ def test_both_workers_take_and_deliver_mail(gateway, tmp_path, peers):
 
 
 def test_queue_tool_sees_every_workers_entries(gateway, tmp_path):
-    from mta.cli_queue import ask
+    from mta.cli.queue import ask
 
     gw = gateway(_relay_config(tmp_path, smart_host="127.0.0.65"))       # nobody there: mail waits
     assert wait_until(lambda: "control.sock.1" in gw.log(), 30)

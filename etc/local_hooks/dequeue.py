@@ -15,7 +15,7 @@ To support another verb (``FINGER``-style ``TRIGGER``...), add it to VERBS. The 
 conversation -- a gateway asking its ISP with such a command -- needs no code: set the connector's
 ``etrn: {command: "DEQUEUE {domain}", ...}`` or run ``smtpgw etrn --command "DEQUEUE {domain}"``.
 """
-from mta.hookspecs import hookimpl
+from mta.plugin.hookspecs import hookimpl
 
 VERBS = ("DEQUEUE",)
 _gateway = None

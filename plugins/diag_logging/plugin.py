@@ -5,7 +5,7 @@ from typing import Any
 
 from twisted.logger import Logger
 
-from mta.hookspecs import hookimpl
+from mta.plugin.hookspecs import hookimpl
 from smtpgw_plugins.diag_logging.sinks import Sink, TwistdLogSink, make_sink
 
 LEVELS = {"none": 0, "minimum": 1, "medium": 2, "maximum": 3}

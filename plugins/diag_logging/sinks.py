@@ -4,7 +4,7 @@
 line=MAIL FROM:<a@b.test>``, fields in the order the emitter gave, the session or message id first);
 ``json`` is one object per line for log shippers (``time``, ``category``, ``level``, ``message``, then
 the fields). Lines are formatted when the event happens and written later, in batches, in a thread
-(:mod:`mta.linebuffer`), except for the daemon's own log, which Twisted already handles.
+(:mod:`mta.io.linebuffer`), except for the daemon's own log, which Twisted already handles.
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from typing import Any
 from twisted.internet import defer
 from twisted.logger import Logger
 
-from mta.linebuffer import LineBuffer
+from mta.io.linebuffer import LineBuffer
 
 log = Logger(namespace="smtpgw.diag")
 

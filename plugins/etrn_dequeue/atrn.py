@@ -16,10 +16,10 @@ from typing import Any
 from twisted.internet import defer
 from twisted.logger import Logger
 
-from mta.client_protocol import SMTPClientProtocol
-from mta.hookspecs import hookimpl
-from mta.nexthop import Hop, HostUnusable
-from mta.reply import Reply
+from mta.smtp.client.session import SMTPClientProtocol
+from mta.plugin.hookspecs import hookimpl
+from mta.model.nexthop import Hop, HostUnusable
+from mta.smtp.reply import Reply
 
 log = Logger(namespace="smtpgw.etrn_dequeue")
 

@@ -20,15 +20,16 @@ from typing import Any
 
 from twisted.logger import Logger
 
-from mta.defaults import domain_of
-from mta.hookspecs import hookimpl
-from mta.reply import Reply
-from mta.router import connectors_for
-from mta.server_auth import AUTH_REQUIRED
-from mta.windows import Hold
+from mta.smtp.address import domain_of
+from mta.plugin.hookspecs import hookimpl
+from mta.smtp.reply import Reply
+from mta.delivery.connectors import connectors_for
+from mta.smtp.server.auth import AUTH_REQUIRED
+from mta.delivery.windows import Hold
 from smtpgw_plugins.etrn_dequeue import nodes
 from smtpgw_plugins.etrn_dequeue.atrn import AtrnRoutes, AtrnSession, RoutingPool
 from smtpgw_plugins.etrn_dequeue.nodes import Node
+from smtpgw_plugins.etrn_dequeue.requester import start_requesters
 
 log = Logger(namespace="smtpgw.etrn_dequeue")
 
@@ -46,7 +47,7 @@ IN_TRANSACTION = Reply(503, "5.5.1", "Error: MAIL transaction in progress")
 
 @dataclass(frozen=True)
 class HandOff(Reply):
-    """A positive reply after which the connection is handed to ``take_over`` (mta/server.py)."""
+    """A positive reply after which the connection is handed to ``take_over`` (mta/smtp/server/session.py)."""
 
     take_over: Any = field(default=None, compare=False)
 
@@ -80,7 +81,6 @@ class EtrnDequeue:
         if nodes.remote_triggered(config):
             services.hooks.register(AtrnRoutes(self), name="etrn_dequeue.atrn")
             services.client = RoutingPool(services.client, self)
-        from smtpgw_plugins.etrn_dequeue.requester import start_requesters
         self.requesters = start_requesters(self, config, services)
 
     def event(self, level: str, message: str, **fields: Any) -> None:

@@ -10,11 +10,11 @@ The link coming back is a moment to ask as well. A delivery through the connecto
 connect (``4.4.1``/``4.4.2``: no answer, connection lost), or a request of our own that does, marks the
 link down; the next delivery through the connector that succeeds marks it up again and makes the
 request at once (:meth:`Requester.outcome`, fed by the plugin's outcome hooks). A site whose link
-script knows better can run ``smtpgw etrn -c FILE --connector NAME`` (mta/cli_etrn.py).
+script knows better can run ``smtpgw etrn -c FILE --connector NAME`` (mta/cli/etrn.py).
 
 An ISP that dequeues on something other than an SMTP command (a FINGER request, a web call) is asked
 by a program: ``run: [finger, "{domain}@{server}"]`` in the ``etrn`` section runs it per domain
-instead of the SMTP session (mta/etrn_client.py ``run_trigger``), at the same moments.
+instead of the SMTP session (mta/smtp/client/etrn.py ``run_trigger``), at the same moments.
 """
 from __future__ import annotations
 
@@ -25,10 +25,11 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from mta.config import Config, Connector
-from mta.etrn_client import DEFAULT_PORTS, DequeueError, DequeueRequest, request_dequeue
-from mta.reply import Reply
-from mta.router import source_address, usable_source
-from mta.units import parse_smart_host
+from mta.smtp.client.etrn import DEFAULT_PORTS, DequeueError, DequeueRequest, request_dequeue
+from mta.smtp.reply import Reply
+from mta.delivery.connectors import source_address, usable_source
+from mta.config.values import parse_smart_host
+from mta.smtp.server.session import SMTPServerFactory
 
 log = Logger(namespace="smtpgw.etrn_dequeue")
 
@@ -153,7 +154,6 @@ class Requester:
 
     def _receiver(self) -> Any:
         """ATRN: the gateway's own SMTP server takes the connection (inbound path, relay rules, spool)."""
-        from mta.server import SMTPServerFactory
 
         names = self.connector.bridgeheads or tuple(vs.name for vs in self.config.virtual_servers)
         vs = self.config.virtual_server(names[0])

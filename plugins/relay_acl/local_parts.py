@@ -1,6 +1,6 @@
 """Which local parts a local domain takes: none that asks for routing, none that cannot be a mailbox.
 
-The session's parser (``mta.address``) already drops source routes, refuses a second unquoted ``@``
+The session's parser (``mta.smtp.address``) already drops source routes, refuses a second unquoted ``@``
 and canonicalises quoted local parts, so what reaches here is one mailbox at one domain. What it
 cannot know is that ``%``, ``!`` and a quoted ``@`` are the percent hack, bang paths and quoted
 relaying: harmless to us (nothing here interprets them), but a mailbox name a later hop or a
@@ -9,9 +9,9 @@ routing, and so are names that Maildir delivery would refuse later (which would 
 """
 from __future__ import annotations
 
-from mta.address import split_address
-from mta.maildir import safe_mailbox_name
-from mta.reply import Reply
+from mta.smtp.address import split_address
+from mta.delivery.maildir import safe_mailbox_name
+from mta.smtp.reply import Reply
 
 ROUTING_CHARACTERS = "%!@"
 ROUTING_REFUSED = Reply(550, "5.7.1", "Relaying denied: sender-specified routing (%, ! or @ in the "

@@ -9,11 +9,11 @@ from typing import Any
 from twisted.logger import Logger
 
 from mta.config import Config, Connector, RelayConfig
-from mta.defaults import domain_of
-from mta.hookspecs import hookimpl
-from mta.reply import Reply
-from mta.router import connectors_for
-from mta.netaddr import client_ip
+from mta.policy.core import domain_of
+from mta.plugin.hookspecs import hookimpl
+from mta.smtp.reply import Reply
+from mta.delivery.connectors import connectors_for
+from mta.model.netaddr import client_ip
 from smtpgw_plugins.relay_acl import restrictions
 from smtpgw_plugins.relay_acl.local_parts import local_part_refusal
 from smtpgw_plugins.relay_acl.policy import Policy, session_policy

@@ -18,9 +18,9 @@ from dataclasses import dataclass
 from email.message import Message
 from typing import Iterable, Sequence
 
-from mta import address
+from mta.smtp import address
 from mta.config import Connector, DeliveryRestrictions
-from mta.reply import Reply
+from mta.smtp.reply import Reply
 
 SYSTEM, NON_SYSTEM = "system", "non-system"
 HIGH, NORMAL, LOW = "high", "normal", "low"

@@ -14,11 +14,11 @@ from typing import Any
 
 from twisted.internet import defer
 
-from mta.hookspecs import hookimpl
-from mta.nexthop import Hop
-from mta.reply import Reply
-from mta.resolver import DNSError, TemporaryDNSError
-from mta.units import parse_smart_host
+from mta.plugin.hookspecs import hookimpl
+from mta.model.nexthop import Hop
+from mta.smtp.reply import Reply
+from mta.delivery.nexthops import DNSError, TemporaryDNSError
+from mta.config.values import parse_smart_host
 
 
 class SmartHost:

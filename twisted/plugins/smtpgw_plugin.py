@@ -3,7 +3,7 @@ from twisted.application.service import ServiceMaker
 
 smtpgw = ServiceMaker(
     "smtpgw",
-    "mta.tap",
+    "mta.app.tap",
     "smtpgw: a plugin-based, event-driven SMTP gateway",
     "smtpgw",
 )

@@ -1,0 +1,145 @@
+"""``twistd smtpgw``: command-line options and the service tree.
+
+``makeService`` only builds objects: listeners bind in ``privilegedStartService`` (so ``twistd -u/-g``
+can drop root after taking port 25), and the spool scan and queue start happen in ``startService``.
+"""
+from __future__ import annotations
+
+import ipaddress
+from typing import Any
+
+from twisted.application import internet, service
+from twisted.python import usage
+
+from mta.app.preflight import load_checked
+from mta.config import Config, ConfigError, ListenAddress, format_config_error
+from mta.workers import identity
+from mta.workers.endpoint import SharedEndpoint
+from mta.workers.lock import OwnerLock
+from mta.workers.supervisor import ParentWatch, WorkerSupervisor
+from mta.app.gateway import Gateway
+from mta.app.reload_config import ConfigReload
+from mta.io.fastpath import lean_poll
+from mta.smtp.server.protocol_log import ProtocolLogService
+from mta.app.reload import ReloadService
+from mta.smtp.server.session import SMTPServerFactory
+from mta.app.operator import add_operator_services
+
+
+class Options(usage.Options):
+    synopsis = "[-c FILE]"
+    longdesc = "Run the smtpgw SMTP gateway with the configuration in FILE (default etc/gateway.yaml)."
+    optParameters = [["config", "c", "etc/gateway.yaml", "the gateway's YAML configuration file"]]
+
+    def postOptions(self) -> None:
+        """Validate the whole file before anything listens; the error names the key."""
+        try:
+            self.parsed: Config = load_checked(self["config"])
+        except ConfigError as e:
+            raise usage.UsageError(format_config_error(self["config"], e)) from None
+
+
+class GatewayService(service.Service):
+    """Starts the queue (spool scan, scheduled retries) and stops it cleanly."""
+
+    name = "smtpgw-gateway"
+
+    def __init__(self, gateway: Any) -> None:
+        self.gateway = gateway
+
+    def startService(self) -> None:
+        super().startService()
+
+        worker = identity.of(self.gateway)
+        if not worker.many:
+            self.gateway.start()
+            return
+        # several workers: this one's share of the spool is ours alone once its lock is held
+        self._lock = OwnerLock(self.gateway.config.gateway.spool, worker.index, self.gateway.reactor)
+        self._lock.acquire().addCallbacks(lambda _: self.gateway.start(), self._lock_failed)
+
+    def _lock_failed(self, failure: Any) -> None:
+        from twisted.logger import Logger
+        Logger(namespace="smtpgw.workers").failure("cannot lock this worker's share of the spool", failure)
+        from twisted.internet import reactor
+        reactor.stop()
+
+    def stopService(self):
+        super().stopService()
+        d = self.gateway.stop()
+        lock = getattr(self, "_lock", None)
+        if lock is not None:
+            d.addBoth(lambda r: (lock.release(), r)[1])
+        return d
+
+
+def endpoint_for(reactor: Any, listen: ListenAddress, tls_context: Any = None, worker: Any = None) -> Any:
+    """A TCP endpoint; for a ``tls: true`` entry (implicit TLS, port 465) a TLS one whose sessions start
+    encrypted, with the virtual server's context (``mta.smtp.server.tls.ServerTLS``, so SIGHUP reaches it).
+    With several workers, a socket they share (``mta.workers.endpoint.SharedEndpoint``)."""
+    from twisted.internet.endpoints import SSL4ServerEndpoint, TCP4ServerEndpoint, TCP6ServerEndpoint
+
+    if worker is not None and worker.many:
+        return SharedEndpoint(reactor, listen, tls_context, worker)
+    host = listen.host or "0.0.0.0"
+    if listen.tls:
+        if tls_context is None:
+            raise ValueError(f"{host}:{listen.port}: implicit TLS without a certificate")
+        return SSL4ServerEndpoint(reactor, listen.port, tls_context, backlog=1024, interface=host)
+    if ipaddress.ip_address(host).version == 6:
+        return TCP6ServerEndpoint(reactor, listen.port, backlog=1024, interface=host)
+    return TCP4ServerEndpoint(reactor, listen.port, backlog=1024, interface=host)
+
+
+def tune_gc(reactor: Any) -> None:
+    """Every message allocates thousands of short-lived objects, so the default cyclic collector
+    (a young collection every 700 allocations, with the whole start-up heap in the old generation)
+    cost about 2% of the CPU under load; far fewer collections, and the start-up objects frozen out
+    of them, cost about nothing. Reference counting still frees almost everything at once."""
+    import gc
+
+    gc.set_threshold(10000, 20, 10)
+    reactor.callWhenRunning(gc.freeze)
+
+
+def makeService(options: Options) -> service.MultiService:
+    from twisted.internet import reactor
+
+
+
+    config = options.parsed
+    gateway = Gateway(config, reactor)
+    tune_gc(reactor)
+    lean_poll(reactor)
+    worker = gateway.worker = identity.current(config)     # gateway.workers: which process this is
+    if worker.many:
+        gateway.spool.owns = worker.owns
+    top = service.MultiService()
+    GatewayService(gateway).setServiceParent(top)
+    tls_contexts = []
+    endpoints = []
+    for vs in config.virtual_servers:
+        factory = SMTPServerFactory(gateway, vs)
+        if factory.tls_context is not None:
+            tls_contexts.append(factory.tls_context)
+        if factory.protocol_log is not None:     # its last lines are written when twistd stops
+            ProtocolLogService(factory.protocol_log).setServiceParent(top)
+        for listen in vs.listen:
+            endpoint = endpoint_for(reactor, listen, factory.tls_context, worker)
+            endpoints.append(endpoint)
+            svc = internet.StreamServerEndpointService(endpoint, factory)
+            svc._raiseSynchronously = True       # a port in use stops startup with a clear error
+            svc.setName(f"{vs.name} {listen.host}:{listen.port}")
+            svc.setServiceParent(top)
+    reload_targets = [*tls_contexts, ConfigReload(gateway)]
+    if worker.supervisor:           # started last: after every listener is bound
+        supervisor = WorkerSupervisor(reactor, worker, options["config"], endpoints)
+        reload_targets.append(supervisor)
+    elif worker.many:
+        ParentWatch(reactor, worker.index).setServiceParent(top)
+    # SIGHUP re-reads certificates, and the file for what plugins apply live (smtpgw_reload)
+    ReloadService(reactor, reload_targets).setServiceParent(top)
+    add_operator_services(top, gateway, reactor)        # control socket (smtpgw queue), metrics endpoint
+    if worker.supervisor:
+        supervisor.setServiceParent(top)
+    return top

@@ -1,0 +1,441 @@
+"""``smtpgw queue``: look at the queue and act on it, like Exchange's queue viewer or Postfix's
+mailq/postqueue/postsuper.
+
+    smtpgw queue list                         # id, sender, pending recipients, size, age, next attempt,
+                                              # last error, why held
+    smtpgw queue show ID                      # envelope, per-recipient state, headers
+    smtpgw queue retry ID... | --domain D | --all     # attempt now
+    smtpgw queue hold ID... | --domain D | --all      # no attempts until released
+    smtpgw queue release ID... | --domain D | --all   # and attempt now
+    smtpgw queue delete [--dsn] ID...         # --dsn: tell the sender (a failure DSN, 5.3.0)
+    ... --json                                # the same as JSON, for scripts
+
+With a running gateway every request goes through its control socket (mta/ops/control.py), so the tool
+never races the queue manager. When the socket does not answer (the gateway is stopped) the tool
+works on the spool files itself, in the formats of mta/spool/store.py with the same write-sync-rename
+steps; changes then take effect when the gateway starts. The output is the same either way; the
+JSON says which (``"gateway": "running"`` or ``"stopped"``).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import sys
+import time
+from datetime import datetime, timezone
+from typing import Any
+
+from mta.cli.main import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, add_config_option, command, load_config
+from mta.config import Config
+from mta.ops.control import DONE, HELD_SKIPPED, NOT_FOUND, UNCHANGED, detail, selector, summary
+
+CLIENT_TIMEOUT = 300.0      # a delete waits for an attempt in flight, which may wait on a slow host
+
+
+class ControlError(Exception):
+    """The gateway answered with an error, or answered nonsense."""
+
+
+# -- talking to the running gateway ------------------------------------------------------------------
+
+def ask(path: str, request: dict[str, Any], timeout: float = CLIENT_TIMEOUT) -> dict[str, Any] | None:
+    """Send one request over the control socket; None when no gateway listens there."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(timeout)
+    try:
+        try:
+            sock.connect(path)
+        except (FileNotFoundError, ConnectionRefusedError):
+            return None
+        sock.sendall(json.dumps(request).encode("utf-8") + b"\n")
+        buf = b""
+        while not buf.endswith(b"\n"):
+            chunk = sock.recv(65536)
+            if not chunk:
+                raise ControlError("the gateway closed the control connection without answering")
+            buf += chunk
+    except socket.timeout:
+        raise ControlError(f"no answer on {path} within {timeout:g}s") from None
+    finally:
+        sock.close()
+    try:
+        reply = json.loads(buf)
+    except ValueError as e:
+        raise ControlError(f"bad answer from the gateway: {e}") from None
+    if not isinstance(reply, dict):
+        raise ControlError("bad answer from the gateway: not an object")
+    return reply
+
+
+# -- a stopped gateway: the spool files ----------------------------------------------------------------
+
+class SpoolQueue:
+    """The control requests, answered from the spool directory of a stopped gateway."""
+
+    def __init__(self, config: Config) -> None:
+        from mta.spool.store import Spool
+
+        self.config = config
+        self.spool = Spool(config.gateway.spool, reactor=_NoReactor())
+
+    def _entries(self) -> list[Any]:
+        if not os.path.isdir(self.spool.queue_dir):
+            return []
+        return self.spool.scan_sync()
+
+    def _body(self, entry_id: str) -> bytes | None:
+        try:
+            return self.spool._read_body(self.spool._path(entry_id))
+        except Exception:
+            return None
+
+    def _write_state(self, entry: Any) -> None:
+        from mta.spool.store import encode_state
+        from mta.spool.files import STATE_SUFFIX, write_synced
+
+        final = self.spool._path(entry.id) + STATE_SUFFIX
+        write_synced(self._tmp(entry.id + STATE_SUFFIX), final, [encode_state(entry)])
+        self._sync_dir()
+
+    def _tmp(self, name: str) -> str:
+        os.makedirs(self.spool.tmp_dir, mode=0o700, exist_ok=True)
+        return os.path.join(self.spool.tmp_dir, f"{name}.cli{os.getpid()}")
+
+    def _sync_dir(self) -> None:
+        from mta.spool.files import sync_directory
+
+        sync_directory(self.spool.queue_dir)
+
+    def handle(self, request: dict[str, Any]) -> dict[str, Any]:
+        try:
+            return getattr(self, "op_" + request["op"])(request)
+        except (ValueError, KeyError) as e:
+            return {"ok": False, "error": str(e)}
+
+    def op_list(self, request: dict) -> dict[str, Any]:
+        now = time.time()
+        return {"ok": True, "entries": [summary(e, now) for e in self._entries()]}
+
+    def op_show(self, request: dict) -> dict[str, Any]:
+        entry = next((e for e in self._entries() if e.id == request["id"]), None)
+        if entry is None:
+            return {"ok": False, "error": f"no message {request['id']!r} in the queue"}
+        return {"ok": True, "entry": detail(entry, time.time(), self._body(entry.id))}
+
+    def _apply(self, request: dict, change: Any) -> dict[str, Any]:
+        match = selector(request)
+        entries = [e for e in self._entries() if match(e) and not e.is_done()]
+        found = {e.id for e in entries}
+        results = [{"id": i, "result": NOT_FOUND} for i in request.get("ids") or [] if i not in found]
+        for e in entries:
+            result = change(e)
+            if result == DONE:
+                self._write_state(e)
+            results.append({"id": e.id, "result": result})
+        return {"ok": True, "results": results}
+
+    @staticmethod
+    def _due_now(entry: Any) -> None:
+        for r in entry.pending():
+            r.next_attempt = 0.0
+
+    def op_retry(self, request: dict) -> dict[str, Any]:
+        def retry(e: Any) -> str:
+            if e.extra.get("held"):
+                return HELD_SKIPPED
+            self._due_now(e)
+            return DONE
+        return self._apply(request, retry)
+
+    def op_hold(self, request: dict) -> dict[str, Any]:
+        def hold(e: Any) -> str:
+            if e.extra.get("held"):
+                return UNCHANGED
+            e.extra["held"] = True
+            return DONE
+        return self._apply(request, hold)
+
+    def op_release(self, request: dict) -> dict[str, Any]:
+        def release(e: Any) -> str:
+            if not e.extra.pop("held", None):
+                return UNCHANGED
+            self._due_now(e)
+            return DONE
+        return self._apply(request, release)
+
+    def op_delete(self, request: dict) -> dict[str, Any]:
+        from mta.queue.manager import deletion_report, wants_deletion_report
+
+        from mta.spool.files import unlink_message
+
+        entries = {e.id: e for e in self._entries()}
+        results = []
+        for entry_id in request["ids"]:
+            entry = entries.get(entry_id)
+            if entry is None:
+                results.append({"id": entry_id, "result": NOT_FOUND, "dsn": None})
+                continue
+            dsn_id = None
+            if request.get("dsn") and wants_deletion_report(self.config, entry):
+                to, report, extra = deletion_report(self.config, entry, self._body(entry_id), time.time())
+                dsn_id = self._inject(to, report, extra)
+            unlink_message(self.spool._path(entry_id))
+            results.append({"id": entry_id, "result": DONE, "dsn": dsn_id})
+        return {"ok": True, "results": results}
+
+    def _inject(self, to: str, data: bytes, extra: dict[str, Any]) -> str:
+        """Queue a message the way QueueManager.inject does, durable before the original goes."""
+        from mta.model.envelope import new_id
+        from mta.model.queue_entry import QueueEntry, RecipientState
+        from mta.spool.store import encode_message_header
+        from mta.spool.files import write_synced
+
+        entry = QueueEntry(id=new_id(), sender="", rcpts=[RecipientState(to)], received_at=time.time(),
+                           size=len(data), virtual_server="", peer_host="localhost", extra=extra)
+        final = self.spool._path(entry.id)
+        write_synced(self._tmp(entry.id), final, [encode_message_header(entry, len(data)), data])
+        self._sync_dir()
+        return entry.id
+
+
+class _NoReactor:
+    """The offline tool uses the spool's synchronous helpers only; nothing may need a reactor."""
+
+    def __getattr__(self, name: str) -> Any:
+        raise RuntimeError(f"smtpgw queue (offline) does not run a reactor (asked for {name})")
+
+
+def run_request(config: Config, request: dict[str, Any]) -> dict[str, Any]:
+    """Through the running gateway if there is one, else on the spool; adds ``gateway``."""
+    reply = ask(config.gateway.control_socket_path, request)
+    if reply is not None:
+        reply["gateway"] = "running"
+        return reply
+    reply = _offline(config, request)
+    reply["gateway"] = "stopped"
+    return reply
+
+
+def _offline(config: Config, request: dict[str, Any]) -> dict[str, Any]:
+    """Work on the spool, holding the control socket's lock file (the one a starting gateway takes
+    before it listens): if a gateway holds it without answering on the socket, refuse rather than
+    change files under a running queue manager."""
+    from twisted.python.lockfile import FilesystemLock
+
+    path = config.gateway.control_socket_path
+    if not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+        return SpoolQueue(config).handle(request)      # no spool yet: nothing to change, nothing to race
+    lock = FilesystemLock(path + ".lock")
+    if not lock.lock():
+        raise ControlError(f"a gateway holds {path}.lock but does not answer on {path}; "
+                           "is it starting or stopping? Try again, or check its log")
+    try:
+        return SpoolQueue(config).handle(request)
+    finally:
+        lock.unlock()
+
+
+# -- text output --------------------------------------------------------------------------------------
+
+def human_duration(seconds: float) -> str:
+    """``45s``, ``12m``, ``3h05m``, ``2d04h``: short enough for a table column."""
+    s = int(max(0, seconds))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m"
+    if s < 86400:
+        return f"{s // 3600}h{(s % 3600) // 60:02d}m"
+    return f"{s // 86400}d{(s % 86400) // 3600:02d}h"
+
+
+def when_text(t: float | None, now: float, active: bool = False) -> str:
+    if active:
+        return "in delivery"
+    if t is None:
+        return "-"
+    return "now" if t <= now else f"in {human_duration(t - now)}"
+
+
+def timestamp(t: float) -> str:
+    return datetime.fromtimestamp(t, timezone.utc).strftime("%Y-%m-%d %H:%M:%SZ")
+
+
+def _cut(text: str | None, width: int) -> str:
+    text = " ".join((text or "-").split())
+    return text if len(text) <= width else text[:width - 1] + "…"
+
+
+def format_table(entries: list[dict[str, Any]], now: float) -> list[str]:
+    header = ["ID", "SENDER", "PENDING", "SIZE", "AGE", "NEXT ATTEMPT", "LAST ERROR", "WHY HELD"]
+    rows = []
+    for e in entries:
+        pending = e["recipients_pending"]
+        rcpts = f"{len(pending)}/{e['recipients_total']}"
+        if pending:
+            rcpts += " " + _cut(pending[0] + (f" +{len(pending) - 1}" if len(pending) > 1 else ""), 40)
+        rows.append([e["id"], _cut(f"<{e['sender']}>", 40), rcpts, str(e["size"]), human_duration(e["age"]),
+                     when_text(e["next_attempt"], now, e.get("active", False)), _cut(e["last_error"], 50),
+                     _cut(e["why_held"], 40)])
+    widths = [max(len(r[i]) for r in [header] + rows) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in [header] + rows]
+    lines.append(f"{len(entries)} message{'s' if len(entries) != 1 else ''} in the queue")
+    return lines
+
+
+def format_detail(e: dict[str, Any], now: float) -> list[str]:
+    lines = [
+        f"id:          {e['id']}",
+        f"sender:      <{e['sender']}>",
+        f"received:    {timestamp(e['received_at'])} ({human_duration(e['age'])} ago) from {e['peer_host']}"
+        + (f" (HELO {e['helo']})" if e.get("helo") else "")
+        + (f" on {e['virtual_server']}" if e.get("virtual_server") else ""),
+        f"size:        {e['size']} bytes",
+    ]
+    if e.get("authenticated_user"):
+        lines.append(f"auth user:   {e['authenticated_user']}")
+    if e.get("dsn"):
+        lines.append(f"report:      a {e['dsn']} DSN about {e['extra'].get('about', '?')}")
+    lines.append(f"next:        {when_text(e['next_attempt'], now, e.get('active', False))}")
+    lines.append(f"held:        {e['why_held'] or 'no'}")
+    lines.append("recipients:")
+    for r in e["recipients"]:
+        state = r["status"]
+        if state == "pending":
+            state += f", {r['attempts']} failed attempt{'s' if r['attempts'] != 1 else ''}, next " \
+                     f"{when_text(r['next_attempt'], now) if not e['held'] else '(held)'}"
+        lines.append(f"  <{r['address']}>  {state}")
+        if r.get("last_error"):
+            lines.append(f"      last error: {r['last_error']}")
+        if r.get("last_hop"):
+            lines.append(f"      last hop:   {r['last_hop']}")
+        if r.get("held_reason"):
+            lines.append(f"      waiting:    {r['held_reason']}")
+    lines.append("headers:")
+    lines += [f"  {name}: {value}" for name, value in e["headers"]] or ["  (message not readable)"]
+    return lines
+
+
+RESULT_TEXT = {
+    "retry": {DONE: "will be attempted now", UNCHANGED: "nothing pending"},
+    "hold": {DONE: "held", UNCHANGED: "was already held"},
+    "release": {DONE: "released, will be attempted now", UNCHANGED: "was not held"},
+    "delete": {DONE: "deleted", UNCHANGED: "unchanged"},
+}
+
+
+def format_results(op: str, results: list[dict[str, Any]], stopped: bool) -> list[str]:
+    lines = []
+    for r in results:
+        text = RESULT_TEXT[op].get(r["result"], r["result"])
+        if r["result"] == NOT_FOUND:
+            text = "not in the queue"
+        elif r["result"] == HELD_SKIPPED:
+            text = "is held: release it first"
+        if op == "delete" and r["result"] == DONE:
+            text += f"; failure report queued as {r['dsn']}" if r.get("dsn") else "; no report sent"
+        lines.append(f"{r['id']}: {text}")
+    if not results:
+        lines.append("no message matches")
+    if stopped and any(r["result"] == DONE for r in results) and op != "delete":
+        lines.append("(the gateway is not running: the spool was changed; it takes effect when it starts)")
+    return lines
+
+
+# -- the command ----------------------------------------------------------------------------------------
+
+def _common(parser: argparse.ArgumentParser, top: bool) -> None:
+    """``-c`` and ``--json`` are accepted before or after the action (``queue --json list``)."""
+    if top:
+        add_config_option(parser)
+        parser.add_argument("--json", action="store_true", help="print JSON (for scripts)")
+    else:
+        parser.add_argument("-c", "--config", metavar="FILE", default=argparse.SUPPRESS,
+                            help="the gateway configuration")
+        parser.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
+                            help="print JSON (for scripts)")
+
+
+def _select_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("ids", metavar="ID", nargs="*", help="queue ids (from `smtpgw queue list`)")
+    parser.add_argument("--domain", metavar="D", help="every message with a pending recipient in domain D")
+    parser.add_argument("--all", action="store_true", help="every message in the queue")
+
+
+def _arguments(parser: argparse.ArgumentParser) -> None:
+    _common(parser, top=True)
+    sub = parser.add_subparsers(dest="action", metavar="ACTION")
+    p = sub.add_parser("list", help="one line per queued message")
+    _common(p, top=False)
+    p = sub.add_parser("show", help="envelope, per-recipient state and headers of one message")
+    _common(p, top=False)
+    p.add_argument("id", metavar="ID")
+    for name, text in (("retry", "attempt now"), ("hold", "attempt no more until released"),
+                       ("release", "undo hold, and attempt now")):
+        p = sub.add_parser(name, help=f"{text}: ID..., --domain D or --all")
+        _common(p, top=False)
+        _select_arguments(p)
+    p = sub.add_parser("delete", help="remove messages from the queue (--dsn: send the sender a failure report)")
+    _common(p, top=False)
+    p.add_argument("--dsn", action="store_true",
+                   help="send the sender a failure DSN (5.3.0, deleted by the administrator)")
+    p.add_argument("ids", metavar="ID", nargs="+")
+
+
+def _request(args: argparse.Namespace) -> dict[str, Any] | str:
+    """The control request for the command line, or a usage error text."""
+    if args.action in ("list",):
+        return {"op": "list"}
+    if args.action == "show":
+        return {"op": "show", "id": args.id}
+    if args.action == "delete":
+        return {"op": "delete", "ids": args.ids, "dsn": args.dsn}
+    given = sum(bool(x) for x in (args.ids, args.domain, args.all))
+    if given != 1:
+        return f"{args.action}: name the messages with ID..., --domain D or --all (one of them)"
+    if args.all:
+        return {"op": args.action, "all": True}
+    if args.domain:
+        return {"op": args.action, "domain": args.domain}
+    return {"op": args.action, "ids": args.ids}
+
+
+@command("queue", "list, show, retry, hold, release or delete queued messages", _arguments)
+def queue(args: argparse.Namespace) -> int:
+    if not args.action:
+        print("smtpgw queue: name an action: list, show, retry, hold, release, delete", file=sys.stderr)
+        return EXIT_USAGE
+    request = _request(args)
+    if isinstance(request, str):
+        print(f"smtpgw queue {request}", file=sys.stderr)
+        return EXIT_USAGE
+    config = load_config(args)
+    try:
+        reply = run_request(config, request)
+    except (ControlError, OSError) as e:
+        print(f"smtpgw queue: {e}", file=sys.stderr)
+        return EXIT_FAILURE
+    if args.json:
+        print(json.dumps(reply, indent=2, sort_keys=True))
+    if not reply.get("ok"):
+        if not args.json:
+            print(f"smtpgw queue: {reply.get('error', 'failed')}", file=sys.stderr)
+        return EXIT_FAILURE
+    now = time.time()
+    if not args.json:
+        if args.action == "list":
+            lines = format_table(reply["entries"], now)
+            if reply["gateway"] == "stopped":
+                lines.append("(the gateway is not running: read from the spool)")
+        elif args.action == "show":
+            lines = format_detail(reply["entry"], now)
+        else:
+            lines = format_results(args.action, reply["results"], reply["gateway"] == "stopped")
+        print("\n".join(lines))
+    # a named message that was not found, or was held and so not retried, is a failure for scripts
+    named = bool(getattr(args, "ids", None))
+    bad = [r for r in reply.get("results", [])
+           if r["result"] == NOT_FOUND or (named and r["result"] == HELD_SKIPPED)]
+    return EXIT_FAILURE if bad else EXIT_OK

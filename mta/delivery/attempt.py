@@ -1,0 +1,308 @@
+"""One delivery attempt for a queued message: route each domain, try its hops, report per recipient.
+
+The queue manager hands over the pending recipients; this module answers with one
+:class:`~mta.model.nexthop.RecipientResult` each and never fails as a whole, so the queue only has to
+record outcomes.  Local domains go to Maildir; other domains go through the connectors the router and
+the ``smtpgw_route`` hook choose, in order:
+
+* a connector whose delivery window is closed holds the recipients (not an attempt), with the
+  reason the window gives (``held: connector 'X' schedule, opens at ...``, see :mod:`mta.delivery.windows`);
+* its next hops come from ``smtpgw_next_hops`` (smart hosts, or the core's MX lookup);
+* hops are tried in order, with the connector's :class:`~mta.smtp.client.policy.OutboundPolicy` (TLS, AUTH,
+  limits); a hop that cannot take the message (connect refused, 4xx greeting or MAIL, TLS or AUTH
+  impossible) passes it to the next, and recipients a hop answers with 4xx are tried on the next hop
+  too (as Postfix does with its backup MX hosts); a permanent refusal of the whole transaction fails it;
+* recipients no hop of a connector could take go to the next connector (higher cost); when none is
+  left they are deferred with their last temporary reason.
+
+Domains are delivered concurrently; recipients of one domain share one transaction per hop.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any, Sequence
+
+from twisted.internet import defer
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+
+from mta.config import Connector
+from mta.smtp.address import domain_of
+from mta.dsn.params import OutboundDSN
+from mta.model.nexthop import Hop, HostUnusable, RecipientResult
+from mta.smtp.client.policy import OutboundPolicy
+from mta.model.queue_entry import QueueEntry, RecipientState
+from mta.smtp.reply import Reply
+from mta.delivery.nexthops import PermanentDNSError, TemporaryDNSError
+from mta.delivery.connectors import connectors_for, source_address, usable_source
+from mta.smtp.client import smtputf8
+from mta.delivery.maildir import deliver_to_maildir
+from mta.workers import identity as workers
+
+log = Logger(namespace="smtpgw.delivery")
+
+MAX_RCPTS_PER_TRANSACTION = 100     # RFC 5321 4.5.3.1.8: servers must take at least 100
+HELD = Reply(451, "4.4.5", "held: outside the connector's schedule")
+LOCAL_ERROR = Reply(451, "4.3.0", "local error in delivery, try again later")
+DELIVERED_LOCALLY = Reply(250, "2.0.0", "delivered to maildir")
+
+Data = bytes | list[bytes]
+
+
+def _all(recipients: Sequence[str], reply: Reply, hop: str = "",
+         held_until: float | None = None) -> list[RecipientResult]:
+    return [RecipientResult(r, reply, hop, held_until) for r in recipients]
+
+
+async def _answer(hooks: Any, hook_name: str, **kwargs: Any) -> Any:
+    """``hooks.first``, waiting only when an implementation answers later (most answer at once, and
+    a Deferred per hook per message is measurable)."""
+    result = hooks.first(hook_name, **kwargs)
+    if isinstance(result, defer.Deferred):
+        result = await result
+    return result
+
+
+def _is_time(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+class Deliverer:
+    """Delivery for the queue manager; holds no per-message state between calls."""
+
+    def __init__(self, gateway: Any) -> None:
+        self.gateway = gateway
+        self._policies: dict[str, OutboundPolicy] = {}        # connector name -> its client options
+        self._policy_source: dict[str, Connector] = {}
+
+    # -- entry point --------------------------------------------------------------------------
+
+    def deliver(self, entry: QueueEntry, data: Data,
+                recipients: list[RecipientState]) -> defer.Deferred:
+        """Try ``recipients`` of ``entry`` now; fires with one result per recipient, in their order."""
+        results: list[RecipientResult | None] = [None] * len(recipients)
+        by_domain: dict[str, list[int]] = defaultdict(list)
+        for i, rcpt in enumerate(recipients):
+            by_domain[domain_of(rcpt.address)].append(i)
+
+        jobs = []
+        for domain, indexes in by_domain.items():
+            if self.gateway.config.is_local_domain(domain):
+                batches = [indexes]
+            else:
+                batches = [indexes[i:i + MAX_RCPTS_PER_TRANSACTION]
+                           for i in range(0, len(indexes), MAX_RCPTS_PER_TRANSACTION)]
+            for batch in batches:
+                addresses = [recipients[i].address for i in batch]
+                d = defer.Deferred.fromCoroutine(self._deliver_domain(entry, domain, addresses, data))
+                d.addErrback(self._crashed, entry, domain, addresses)
+                d.addCallback(self._place, results, batch)
+                jobs.append(d)
+        done = defer.gatherResults(jobs, consumeErrors=True) if jobs else defer.succeed(None)
+        return done.addCallback(lambda _: results)
+
+    @staticmethod
+    def _place(batch_results: list[RecipientResult], results: list, indexes: list[int]) -> None:
+        for i, result in zip(indexes, batch_results):
+            results[i] = result
+
+    def _crashed(self, failure: Any, entry: QueueEntry, domain: str,
+                 recipients: list[str]) -> list[RecipientResult]:
+        log.failure("delivery of {id} to {domain} failed", failure, id=entry.id, domain=domain)
+        return _all(recipients, LOCAL_ERROR)
+
+    def _event(self, entry: QueueEntry, message: str, level: str = "medium", **fields: Any) -> None:
+        self.gateway.hooks.event("routing_engine", level, message, id=entry.id, **fields)
+
+    async def _deliver_domain(self, entry: QueueEntry, domain: str, recipients: list[str],
+                              data: Data) -> list[RecipientResult]:
+        if not domain:
+            return _all(recipients, Reply(550, "5.1.3", "recipient address has no domain"))
+        local = self.gateway.config.is_local_domain(domain)
+        self.gateway.hooks.event("categorizer", "medium", f"{domain}: {'local' if local else 'remote'} domain",
+                                 id=entry.id, domain=domain, recipients=len(recipients))
+        if local:
+            return await self._deliver_local(entry, domain, recipients, data)
+        return await self._deliver_remote(entry, domain, recipients, data)
+
+    # -- local --------------------------------------------------------------------------------
+
+    async def _deliver_local(self, entry: QueueEntry, domain: str, recipients: list[str],
+                             data: Data) -> list[RecipientResult]:
+
+        config = self.gateway.config
+        root = config.gateway.local_domains[domain].maildir
+        reactor = self.gateway.reactor
+        writes = [deferToThreadPool(reactor, reactor.getThreadPool(), deliver_to_maildir, root,
+                                    rcpt.rpartition("@")[0].lower(), data, config.gateway.hostname)
+                  for rcpt in recipients]
+        outcomes = await defer.DeferredList(writes, consumeErrors=True)
+        results = []
+        for rcpt, (ok, value) in zip(recipients, outcomes):
+            if ok:
+                reply = DELIVERED_LOCALLY
+            elif value.check(ValueError):
+                reply = Reply(550, "5.1.1", f"mailbox unavailable: {value.value}")
+            elif value.check(OSError):
+                reply = Reply(451, "4.3.0", f"local delivery failed: {value.value}")
+            else:
+                log.failure("maildir delivery of {id} to {rcpt}", value, id=entry.id, rcpt=rcpt)
+                reply = LOCAL_ERROR
+            self._event(entry, f"{rcpt}: local delivery {reply.code}", recipient=rcpt, reply=str(reply))
+            results.append(RecipientResult(rcpt, reply, "maildir"))
+        return results
+
+    # -- remote -------------------------------------------------------------------------------
+
+    async def _deliver_remote(self, entry: QueueEntry, domain: str, recipients: list[str],
+                              data: Data) -> list[RecipientResult]:
+        hooks = self.gateway.hooks
+        candidates = connectors_for(self.gateway.config, domain)
+        routed = await _answer(hooks, "smtpgw_route", envelope=entry, recipient=recipients[0],
+                                            connectors=candidates)
+        if isinstance(routed, Reply):
+            self._event(entry, f"{domain}: routing hook failed: {routed}", "minimum", domain=domain)
+            return _all(recipients, routed)
+        connectors: list[Connector] = list(routed) if routed is not None else candidates
+        if not connectors:
+            self._event(entry, f"{domain}: no connector matches", "minimum", domain=domain)
+            return _all(recipients, Reply(550, "5.4.4", f"no route to domain {domain}"))
+        self._event(entry, f"{domain}: connectors {', '.join(c.name for c in connectors)}", domain=domain)
+
+        # results[i] settles recipients[i]; tentative[i] is its last 4xx answer, used only if no
+        # later hop or connector settles it
+        results: list[RecipientResult | None] = [None] * len(recipients)
+        tentative: list[RecipientResult | None] = [None] * len(recipients)
+        last = Reply(451, "4.4.1", f"no connector could deliver to {domain}")
+        last_hop = ""
+        for connector in connectors:
+            last, last_hop = await self._try_connector(entry, domain, recipients, data, connector,
+                                                       results, tentative)
+            if all(r is not None for r in results):
+                return results  # type: ignore[return-value]
+            self._event(entry, f"{domain}: connector {connector.name} unusable ({last}), failing over",
+                        domain=domain, connector=connector.name)
+        self._event(entry, f"{domain}: deferred: {last}", "minimum", domain=domain)
+        return [r if r is not None else (t or RecipientResult(rcpt, last, last_hop))
+                for rcpt, r, t in zip(recipients, results, tentative)]
+
+    def _policy(self, connector: Connector) -> OutboundPolicy:
+        """The connector's client options. With several workers (``gateway.workers``) each takes
+        ``ceil(limit / N)`` of the connection limits, so the gateway's total towards a host or through
+        the connector stays within the configured limit rounded up to a multiple of N."""
+        policy = self._policies.get(connector.name)
+        if policy is None or self._policy_source.get(connector.name) is not connector:
+            from dataclasses import replace
+
+            policy = OutboundPolicy.for_connector(connector)
+            worker = workers.of(self.gateway)
+            if worker.many:
+                policy = replace(policy, max_connections=worker.share(policy.max_connections),
+                                 max_connections_per_host=worker.share(policy.max_connections_per_host))
+            self._policies[connector.name] = policy
+            self._policy_source[connector.name] = connector
+        return policy
+
+    async def _try_connector(self, entry: QueueEntry, domain: str, recipients: list[str], data: Data,
+                             connector: Connector, results: list, tentative: list) -> tuple[Reply, str]:
+        """Try the recipients not yet settled in ``results`` through ``connector``'s hops, in order.
+
+        A hop that cannot take the message (connection refused, 4xx greeting/MAIL, TLS or AUTH not
+        possible) passes every recipient to the next hop; one that answers 4xx for some recipients
+        passes those. Settles ``results`` in place; returns the last temporary reason for the rest,
+        which fail over to the next connector.
+        """
+        hooks = self.gateway.hooks
+        name = connector.name
+        todo = [i for i, r in enumerate(results) if r is None]
+        window = await _answer(hooks, "smtpgw_delivery_window", connector=connector, envelope=entry,
+                                            domain=domain)
+        if isinstance(window, Reply):
+            return window, ""
+        # a time already past means the window has just opened: go
+        if _is_time(window) and window > self.gateway.reactor.seconds():
+            reason = getattr(window, "reason", "") or f"held: connector '{name}' schedule until {window:.0f}"
+            self._event(entry, f"{domain}: {reason}", domain=domain, connector=name)
+            held = Reply(HELD.code, HELD.status, reason)
+            for i in todo:
+                results[i] = RecipientResult(recipients[i], held, "", float(window))
+            return held, ""
+
+        try:
+            hops = await _answer(hooks, "smtpgw_next_hops", envelope=entry, domain=domain,
+                                              connector=connector)
+        except PermanentDNSError as e:
+            hops = e.reply
+        except TemporaryDNSError as e:
+            hops = e.reply
+        if isinstance(hops, Reply):
+            if hops.is_permanent:
+                self._event(entry, f"{domain}: {hops}", "minimum", domain=domain, connector=name)
+                for i in todo:
+                    results[i] = RecipientResult(recipients[i], hops)
+            return hops, ""
+        hops = list(hops or [])
+        if not hops:
+            return Reply(451, "4.4.4", f"no next hop for {domain} via {name}"), ""
+        self._event(entry, f"{domain}: via {name}: hops {', '.join(map(str, hops))}",
+                    domain=domain, connector=name)
+
+        source = source_address(self.gateway.config, connector)
+        policy = self._policy(connector)
+        dsn = OutboundDSN.from_entry(entry)     # RFC 3461 parameters for the next hop, when the sender gave any
+        send_options: dict[str, Any] = {"dsn": dsn} if dsn is not None else {}
+        if smtputf8.requested(entry):           # RFC 6531: the client decides per hop (mta.smtp.client.smtputf8)
+            send_options["smtputf8"] = True
+        last = Reply(451, "4.4.1", f"no hop of {name} answered")
+        last_hop = ""
+        for hop in hops:
+            if not todo:
+                break
+            batch = [recipients[i] for i in todo]
+            try:
+                answers = await self.gateway.client.send(hop, entry.sender, batch, data,
+                                                         source_address=usable_source(source, hop.host),
+                                                         policy=policy, **send_options)
+            except HostUnusable as e:
+                self._event(entry, f"{domain}: {hop} unusable: {e.reply}", domain=domain,
+                            connector=name, hop=str(hop))
+                if e.reply.is_permanent:
+                    for i in todo:
+                        results[i] = RecipientResult(recipients[i], e.reply, str(hop))
+                    return e.reply, str(hop)
+                last, last_hop = e.reply, str(hop)
+                continue
+            except Exception as e:
+                log.failure("client error sending {id} to {hop}", id=entry.id, hop=str(hop))
+                last, last_hop = Reply(451, "4.4.0", f"error talking to {hop}: {e!r}"), str(hop)
+                continue
+            self._event(entry, f"{domain}: {hop} answered", domain=domain, connector=name, hop=str(hop))
+            still = []
+            for i, result in zip(todo, self._match(batch, answers, hop)):
+                if result.outcome == "deferred":
+                    tentative[i] = result
+                    last, last_hop = result.reply, result.hop
+                    still.append(i)
+                else:
+                    results[i] = result
+            todo = still
+        return last, last_hop
+
+    @staticmethod
+    def _match(recipients: list[str], results: Sequence[RecipientResult], hop: Hop) -> list[RecipientResult]:
+        """The client's results in our recipients' order; one it left out is a temporary failure."""
+        pending: dict[str, list[RecipientResult]] = defaultdict(list)
+        for result in results:
+            pending[result.recipient.lower()].append(result)
+        out = []
+        for rcpt in recipients:
+            found = pending.get(rcpt.lower())
+            if found:
+                result = found.pop(0)
+                if not result.hop:
+                    result = RecipientResult(result.recipient, result.reply, str(hop), result.held_until)
+                out.append(result)
+            else:
+                out.append(RecipientResult(rcpt, Reply(451, "4.4.0", f"no answer for recipient from {hop}"),
+                                           str(hop)))
+        return out

@@ -1,0 +1,253 @@
+"""The RFC 3461 (DSN) ESMTP parameters, on both sides of the gateway.
+
+Inbound, the server checks ``RET``/``ENVID`` on MAIL and ``NOTIFY``/``ORCPT`` on RCPT here before it
+accepts them, because their values later land in report headers and on other servers' command lines:
+a value that is not clean xtext, or too long, is refused with 501 5.5.4 rather than stored.
+
+Outbound, :class:`OutboundDSN` renders what was stored for the next hop, re-encoded from the decoded
+value, so nothing stored by an older version or a plugin can put a space or a CR on our command line.
+
+After delivery, :func:`success_notices` says which recipients get a success report from us: those that
+asked ``NOTIFY=SUCCESS`` and were delivered into a local Maildir ("delivered"), or handed to a next hop
+that does not offer DSN ("relayed", RFC 3461 4.2.1). A DSN-capable next hop got the NOTIFY and reports
+itself, so we send nothing for it.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+from mta.dsn.reports import DELIVERED as DELIVERED_ACTION, LOCAL_HOP, RELAYED as RELAYED_ACTION
+from mta.model.nexthop import RecipientResult
+from mta.model.queue_entry import DELIVERED, QueueEntry, RecipientState
+from mta.smtp.reply import Reply
+
+MAIL_KEYWORDS = frozenset({"RET", "ENVID"})
+RCPT_KEYWORDS = frozenset({"NOTIFY", "ORCPT"})
+RET_VALUES = frozenset({"FULL", "HDRS"})
+NOTIFY_VALUES = frozenset({"SUCCESS", "FAILURE", "DELAY"})
+MAX_ENVID = 100          # characters of the xtext as sent (RFC 3461 4.4)
+MAX_ORCPT = 500          # characters of the whole value, "type;xtext" (RFC 3461 4.2)
+
+BAD_RET = Reply(501, "5.5.4", "Bad RET parameter (FULL or HDRS)")
+BAD_ENVID = Reply(501, "5.5.4", "Bad ENVID parameter (xtext of printable US-ASCII)")
+ENVID_TOO_LONG = Reply(501, "5.5.4", f"ENVID parameter longer than {MAX_ENVID} characters")
+BAD_NOTIFY = Reply(501, "5.5.4", "Bad NOTIFY parameter (NEVER, or SUCCESS, FAILURE, DELAY)")
+BAD_ORCPT = Reply(501, "5.5.4", "Bad ORCPT parameter (addr-type;xtext)")
+ORCPT_TOO_LONG = Reply(501, "5.5.4", f"ORCPT parameter longer than {MAX_ORCPT} characters")
+
+_ATOM = re.compile(r"[A-Za-z0-9!#$%&'*/=?^_`{|}~+-]+")     # RFC 5322 atext: the addr-type
+_XTEXT = re.compile(r"(?:[\x21-\x2a\x2c-\x3c\x3e-\x7e]|\+[0-9A-Fa-f]{2})*")
+_HEX = re.compile(r"\+([0-9A-Fa-f]{2})")
+
+
+def xtext_decode(value: str) -> str:
+    """RFC 3461 4: ``+XX`` escapes become the character; ValueError when ``value`` is not xtext
+    (a bare ``+``, an ``=``, a space, a control or non-ASCII character). Lower-case hex is taken,
+    as Postfix takes it; we only ever send upper case."""
+    if not _XTEXT.fullmatch(value):
+        raise ValueError(f"not xtext: {value!r}")
+    return _HEX.sub(lambda m: chr(int(m.group(1), 16)), value)
+
+
+def xtext_encode(text: str) -> str:
+    """The other way: every character outside ``!``..``~``, and ``+`` and ``=``, as ``+XX``.
+    Non-ASCII text is encoded as its UTF-8 octets."""
+    out = []
+    for byte in text.encode("utf-8"):
+        if 0x21 <= byte <= 0x7E and byte not in (0x2B, 0x3D):
+            out.append(chr(byte))
+        else:
+            out.append(f"+{byte:02X}")
+    return "".join(out)
+
+
+def _printable(text: str) -> bool:
+    return all(" " <= c <= "~" for c in text)
+
+
+def parse_notify(value: str | None) -> frozenset[str] | None:
+    """The keywords of a NOTIFY value, upper-cased; None when it is not valid (empty, unknown or
+    repeated keywords, NEVER together with another)."""
+    if not value:
+        return None
+    words = [w.upper() for w in value.split(",")]
+    if len(set(words)) != len(words):
+        return None
+    if words == ["NEVER"]:
+        return frozenset(words)
+    if not words or not set(words) <= NOTIFY_VALUES:
+        return None
+    return frozenset(words)
+
+
+def parse_orcpt(value: str | None) -> tuple[str, str] | None:
+    """``(addr-type, decoded address)`` of an ORCPT value, or None when it is not valid."""
+    if not value or len(value) > MAX_ORCPT:
+        return None
+    kind, semi, encoded = value.partition(";")
+    if not semi or not _ATOM.fullmatch(kind) or not encoded:
+        return None
+    try:
+        address = xtext_decode(encoded)
+    except ValueError:
+        return None
+    return (kind, address) if _printable(address) else None
+
+
+def parse_envid(value: str | None) -> str | None:
+    """The decoded ENVID, or None when it is not valid."""
+    if not value or len(value) > MAX_ENVID:
+        return None
+    try:
+        text = xtext_decode(value)
+    except ValueError:
+        return None
+    return text if _printable(text) else None
+
+
+# -- the server side ---------------------------------------------------------------------------------
+
+def duplicate_refusal(text: str) -> Reply | None:
+    """501 when a DSN keyword is given twice in ``text`` (the parameters after the path); the
+    generic parser answers 555 for a repeated parameter, RFC 3461 and Postfix say 501 for these."""
+    seen: set[str] = set()
+    for word in text.split(" "):
+        key = word.partition("=")[0].upper()
+        if key in MAIL_KEYWORDS or key in RCPT_KEYWORDS:
+            if key in seen:
+                return Reply(501, "5.5.4", f"Duplicate {key} parameter")
+            seen.add(key)
+    return None
+
+
+def check_mail(params: dict[str, str | None]) -> Reply | None:
+    """The refusal for bad RET/ENVID in MAIL parameters, else None; RET is stored upper-cased."""
+    if "RET" in params:
+        ret = (params["RET"] or "").upper()
+        if ret not in RET_VALUES:
+            return BAD_RET
+        params["RET"] = ret
+    return _check_text(params, "ENVID", MAX_ENVID, parse_envid, ENVID_TOO_LONG, BAD_ENVID)
+
+
+def check_rcpt(params: dict[str, str | None]) -> Reply | None:
+    """The refusal for bad NOTIFY/ORCPT in RCPT parameters, else None; NOTIFY is stored upper-cased
+    (ORCPT is kept as received: it is the sender's text)."""
+    if "NOTIFY" in params:
+        if parse_notify(params["NOTIFY"]) is None:
+            return BAD_NOTIFY
+        params["NOTIFY"] = (params["NOTIFY"] or "").upper()
+    return _check_text(params, "ORCPT", MAX_ORCPT, parse_orcpt, ORCPT_TOO_LONG, BAD_ORCPT)
+
+
+def _check_text(params: dict[str, str | None], key: str, limit: int, parse: Any, too_long: Reply,
+                bad: Reply) -> Reply | None:
+    """ENVID and ORCPT: a length limit on the value as sent, then its syntax."""
+    if key not in params:
+        return None
+    value = params[key]
+    if value is not None and len(value) > limit:
+        return too_long
+    return bad if parse(value) is None else None
+
+
+# -- the client side ---------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class OutboundDSN:
+    """The DSN parameters of one queued message, ready for a next hop's MAIL and RCPT lines."""
+
+    mail: str = ""                                        # " RET=.. ENVID=.." (leading space) or ""
+    rcpts: dict[str, str] = field(default_factory=dict)   # lower-cased address -> " NOTIFY=.. ORCPT=.."
+    success: frozenset[str] = frozenset()                 # lower-cased addresses that asked SUCCESS
+
+    @classmethod
+    def from_entry(cls, entry: QueueEntry) -> "OutboundDSN | None":
+        """None when the message carries no DSN parameter at all (the usual case: nothing to do)."""
+        mail_params = entry.extra.get("mail_params") or {}
+        rcpt_params = entry.extra.get("rcpt_params") or {}
+        mail = _render_mail(mail_params)
+        rcpts, success = {}, set()
+        for address, params in rcpt_params.items():
+            text = _render_rcpt(params or {})
+            if text:
+                rcpts[address.lower()] = text
+            if "SUCCESS" in (parse_notify((params or {}).get("NOTIFY")) or ()):
+                success.add(address.lower())
+        if not mail and not rcpts:
+            return None
+        return cls(mail, rcpts, frozenset(success))
+
+    def rcpt(self, address: str) -> str:
+        return self.rcpts.get(address.lower(), "")
+
+    def wants_success(self, address: str) -> bool:
+        return address.lower() in self.success
+
+
+def _render_mail(params: dict[str, Any]) -> str:
+    out = ""
+    ret = str(params.get("RET") or "").upper()
+    if ret in RET_VALUES:
+        out += f" RET={ret}"
+    envid = parse_envid(params.get("ENVID"))
+    if envid is not None:
+        encoded = xtext_encode(envid)
+        if len(encoded) <= MAX_ENVID:
+            out += f" ENVID={encoded}"
+    return out
+
+
+def _render_rcpt(params: dict[str, Any]) -> str:
+    out = ""
+    notify = parse_notify(params.get("NOTIFY"))
+    if notify:
+        order = ("NEVER", "SUCCESS", "FAILURE", "DELAY")
+        out += " NOTIFY=" + ",".join(k for k in order if k in notify)
+    orcpt = parse_orcpt(params.get("ORCPT"))
+    if orcpt is not None:
+        value = f"{orcpt[0]};{xtext_encode(orcpt[1])}"
+        if len(value) <= MAX_ORCPT:
+            out += f" ORCPT={value}"
+    return out
+
+
+@dataclass(frozen=True)
+class RelayedResult(RecipientResult):
+    """Delivered to a next hop that does not offer DSN, for a recipient that asked NOTIFY=SUCCESS:
+    the queue owes the sender a "relayed" report (RFC 3461 4.2.1)."""
+
+
+# -- after delivery ----------------------------------------------------------------------------------
+
+def notify_of(entry: QueueEntry, address: str) -> frozenset[str]:
+    """The NOTIFY keywords stored for ``address`` (empty when none was given)."""
+    params = (entry.extra.get("rcpt_params") or {}).get(address) or {}
+    return parse_notify(params.get("NOTIFY")) or frozenset()
+
+
+def success_notices(entry: QueueEntry, due: Iterable[RecipientState],
+                    results: Iterable[RecipientResult]) -> list[tuple[str, list[tuple[RecipientState, Reply]]]]:
+    """``[(action, [(state, reply), ...]), ...]``: the success reports this attempt calls for.
+
+    Only for a real sender (never the null sender, never about one of our own reports), only for
+    recipients now delivered that asked NOTIFY=SUCCESS, and only where no DSN-capable hop took over.
+    """
+    if not entry.sender or entry.extra.get("dsn") or not entry.extra.get("rcpt_params"):
+        return []
+    states = {r.address.lower(): r for r in due}
+    found: dict[str, list[tuple[RecipientState, Reply]]] = {}
+    for result in results:
+        state = states.get(result.recipient.lower())
+        if state is None or state.status != DELIVERED or "SUCCESS" not in notify_of(entry, state.address):
+            continue
+        if isinstance(result, RelayedResult):
+            action = RELAYED_ACTION
+        elif result.hop == LOCAL_HOP:
+            action = DELIVERED_ACTION
+        else:
+            continue
+        found.setdefault(action, []).append((state, result.reply))
+    return [(action, found[action]) for action in (DELIVERED_ACTION, RELAYED_ACTION) if action in found]

@@ -1,0 +1,52 @@
+"""What routing hands to delivery, and what delivery hands back: shared by the resolver, the
+smart_host plugin, the SMTP client, Maildir delivery and the queue manager."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from mta.smtp.reply import Reply
+
+
+@dataclass(frozen=True)
+class Hop:
+    """One host to try. ``host`` is what to connect to (an IP address, or a name the reactor resolves);
+    ``name`` is the MX or smart-host name it came from (logs, TLS host checks)."""
+
+    host: str
+    port: int = 25
+    name: str = ""
+    preference: int = 0
+
+    def __str__(self) -> str:
+        label = self.name or self.host
+        return f"{label}[{self.host}]:{self.port}" if self.name and self.name != self.host else f"[{self.host}]:{self.port}"
+
+
+@dataclass(frozen=True)
+class RecipientResult:
+    """The outcome for one recipient: ``reply.code`` 2xx delivered, 4xx deferred, 5xx failed."""
+
+    recipient: str
+    reply: Reply
+    hop: str = ""                  # str(Hop) that gave the answer, for DSNs and logs
+    held_until: float | None = None   # set when the recipient was held (schedule, remote-triggered):
+                                      # not an attempt; try again at this Unix time
+
+    @property
+    def outcome(self) -> str:
+        if self.held_until is not None:
+            return "held"
+        if self.reply.code < 400:
+            return "delivered"
+        if self.reply.code < 500:
+            return "deferred"
+        return "failed"
+
+
+class HostUnusable(Exception):
+    """The hop could not take the message at all (connect failed, greeting/EHLO/MAIL refused, TLS
+    required but missing...): the caller tries the next hop. ``reply`` says why (4xx or 5xx)."""
+
+    def __init__(self, reply: Reply) -> None:
+        super().__init__(str(reply))
+        self.reply = reply

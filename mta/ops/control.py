@@ -1,0 +1,329 @@
+"""The control socket: how ``smtpgw queue`` works on a running gateway without racing it.
+
+The daemon owns the queue: only it may change a queued message while it runs, because its queue
+manager holds every entry in memory and writes their states back after each attempt. So the tool
+does not touch the spool of a running gateway; it asks the daemon, over a UNIX stream socket
+(``gateway.control_socket``, default ``<spool>/control.sock``, mode 0600, so only the daemon's user
+and root may use it), and the daemon does the work in its reactor thread like any other queue event.
+
+Protocol: one JSON object per line in each direction, one reply per request, in order::
+
+    {"op": "list"}                                  -> {"ok": true, "entries": [SUMMARY, ...]}
+    {"op": "show", "id": ID}                        -> {"ok": true, "entry": DETAIL}
+    {"op": "retry" | "hold" | "release", "ids": [ID, ...]} or {"domain": D} or {"all": true}
+                                                    -> {"ok": true, "results": [{"id", "result"}, ...]}
+    {"op": "delete", "ids": [ID, ...], "dsn": bool} -> {"ok": true, "results": [{"id", "result", "dsn"}]}
+    {"op": "ping"}                                  -> {"ok": true, "hostname": ..., "pid": ...}
+
+An error is ``{"ok": false, "error": TEXT}``. SUMMARY and DETAIL are built by :func:`summary` and
+:func:`detail`, which ``smtpgw queue`` also uses on a stopped gateway's spool, so the output is the
+same either way.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Callable
+
+from twisted.application import service
+from twisted.internet import defer
+from twisted.internet.protocol import Factory
+from twisted.logger import Logger
+from twisted.protocols.basic import LineOnlyReceiver
+
+from mta.dsn.reports import header_block
+from mta.model.queue_entry import QueueEntry
+
+log = Logger(namespace="smtpgw.control")
+
+MAX_REQUEST = 64 * 1024
+ADMIN_HOLD = "held by the administrator"
+
+# results per entry
+NOT_FOUND, DONE, UNCHANGED, HELD_SKIPPED = "not found", "done", "unchanged", "held (release it first)"
+
+
+# -- what the tool shows (shared with the offline path in mta/cli/queue.py) --------------------------
+
+def why_held(entry: QueueEntry) -> str | None:
+    """The administrator's hold, else the first reason a recipient waits besides retry (schedule,
+    remote-triggered delivery)."""
+    if entry.extra.get("held"):
+        return ADMIN_HOLD
+    for r in entry.pending():
+        if r.held_reason:
+            return r.held_reason
+    return None
+
+
+def next_attempt(entry: QueueEntry) -> float | None:
+    """The earliest retry time of a pending recipient; None when held or nothing is pending."""
+    pending = entry.pending()
+    if entry.extra.get("held") or not pending:
+        return None
+    return min(r.next_attempt for r in pending)
+
+
+def last_error(entry: QueueEntry) -> str | None:
+    for r in entry.pending() + entry.rcpts:
+        if r.last_error:
+            return r.last_error
+    return None
+
+
+def summary(entry: QueueEntry, now: float, active: bool = False) -> dict[str, Any]:
+    """One row of ``smtpgw queue list``."""
+    pending = entry.pending()
+    return {
+        "id": entry.id,
+        "sender": entry.sender,
+        "recipients_pending": [r.address for r in pending],
+        "recipients_total": len(entry.rcpts),
+        "size": entry.size,
+        "received_at": entry.received_at,
+        "age": max(0.0, now - entry.received_at),
+        "next_attempt": next_attempt(entry),
+        "last_error": last_error(entry),
+        "held": bool(entry.extra.get("held")),
+        "why_held": why_held(entry),
+        "active": active,
+        "dsn": entry.extra.get("dsn"),
+    }
+
+
+def parse_headers(message: bytes | None) -> list[list[str]]:
+    """``[[name, value], ...]`` of the message's header section, unfolded, as text (8-bit as latin-1)."""
+    out: list[list[str]] = []
+    for line in header_block(message).split(b"\r\n"):
+        if not line:
+            continue
+        text = line.decode("utf-8", "replace")
+        if text[:1] in (" ", "\t") and out:
+            out[-1][1] += " " + text.strip()
+        elif ":" in text:
+            name, _, value = text.partition(":")
+            out.append([name.strip(), value.strip()])
+    return out
+
+
+def detail(entry: QueueEntry, now: float, message: bytes | None, active: bool = False) -> dict[str, Any]:
+    """``smtpgw queue show``: the summary, the whole envelope, every recipient's state, the headers."""
+    doc = summary(entry, now, active)
+    doc.update({
+        "virtual_server": entry.virtual_server,
+        "peer_host": entry.peer_host,
+        "helo": entry.helo,
+        "authenticated_user": entry.authenticated_user,
+        "delay_notified": entry.delay_notified,
+        "extra": entry.extra,
+        "recipients": [vars(r).copy() for r in entry.rcpts],
+        "headers": parse_headers(message),
+    })
+    return doc
+
+
+def selector(request: dict[str, Any]) -> Callable[[QueueEntry], bool]:
+    """The entries a retry/hold/release request names: ``ids``, a recipient ``domain``, or ``all``."""
+    if request.get("all") is True:
+        return lambda e: True
+    domain = request.get("domain")
+    if isinstance(domain, str) and domain:
+        d = domain.lower().rstrip(".")
+        return lambda e: any(r.address.rpartition("@")[2].lower() == d for r in e.pending())
+    ids = request.get("ids")
+    if isinstance(ids, list) and ids and all(isinstance(i, str) for i in ids):
+        wanted = set(ids)
+        return lambda e: e.id in wanted
+    raise ValueError('name the messages: "ids": [...], "domain": "...", or "all": true')
+
+
+# -- the daemon's side -------------------------------------------------------------------------------
+
+class QueueControl:
+    """The requests, answered from a running gateway's queue manager (reactor thread only)."""
+
+    def __init__(self, gateway: Any) -> None:
+        self.gateway = gateway
+
+    @property
+    def queue(self) -> Any:
+        return self.gateway.queue
+
+    def _now(self) -> float:
+        return self.gateway.reactor.seconds()
+
+    def handle(self, request: Any) -> defer.Deferred:
+        """A reply dict for ``request``; never fails (errors become ``ok: false``)."""
+        if not isinstance(request, dict) or not isinstance(request.get("op"), str):
+            return defer.succeed({"ok": False, "error": 'a request is a JSON object with an "op"'})
+        op = getattr(self, "op_" + request["op"], None)
+        if op is None:
+            return defer.succeed({"ok": False, "error": f"unknown op {request['op']!r}"})
+        d = defer.maybeDeferred(op, request)
+
+        def failed(f: Any) -> dict[str, Any]:
+            if f.check(ValueError, KeyError, TypeError):
+                return {"ok": False, "error": str(f.value)}
+            log.failure("control request {op} failed", f, op=request["op"])
+            return {"ok": False, "error": f"internal error: {f.getErrorMessage()}"}
+
+        return d.addErrback(failed)
+
+    def op_ping(self, request: dict) -> dict[str, Any]:
+        return {"ok": True, "hostname": self.gateway.config.gateway.hostname, "pid": os.getpid()}
+
+    def op_list(self, request: dict) -> dict[str, Any]:
+        now = self._now()
+        return {"ok": True, "entries": [summary(e, now, self.queue.is_active(e.id))
+                                        for e in self.queue.entries()]}
+
+    async def op_show(self, request: dict) -> dict[str, Any]:
+        entry_id = request.get("id")
+        entry = self.queue.get(entry_id) if isinstance(entry_id, str) else None
+        if entry is None:
+            return {"ok": False, "error": f"no message {entry_id!r} in the queue"}
+        try:
+            message = await self.gateway.spool.read(entry_id)
+        except Exception as e:
+            message = None
+            log.warn("queue show {id}: cannot read the message: {e}", id=entry_id, e=e)
+        entry = self.queue.get(entry_id) or entry
+        return {"ok": True, "entry": detail(entry, self._now(), message, self.queue.is_active(entry_id))}
+
+    def _selected(self, request: dict) -> tuple[list[QueueEntry], list[str]]:
+        """The live entries selected, and requested ids that are not queued."""
+        match = selector(request)
+        entries = [e for e in self.queue.entries() if match(e)]
+        found = {e.id for e in entries}
+        missing = [i for i in request.get("ids") or [] if i not in found]
+        return entries, missing
+
+    def op_retry(self, request: dict) -> dict[str, Any]:
+        """Attempt now every pending recipient of the selected messages (held ones are skipped)."""
+        entries, missing = self._selected(request)
+        results = [{"id": i, "result": NOT_FOUND} for i in missing]
+        ready = {e.id for e in entries if not e.extra.get("held")}
+        if ready:
+            self.queue.wake(lambda x: x.id in ready)
+        results += [{"id": e.id, "result": DONE if e.id in ready else HELD_SKIPPED} for e in entries]
+        return {"ok": True, "results": results}
+
+    async def _each(self, request: dict, action: Callable[[str], Any]) -> dict[str, Any]:
+        entries, missing = self._selected(request)
+        results = [{"id": i, "result": NOT_FOUND} for i in missing]
+        for e in entries:
+            try:
+                changed = await action(e.id)
+            except KeyError:
+                results.append({"id": e.id, "result": NOT_FOUND})
+                continue
+            results.append({"id": e.id, "result": DONE if changed else UNCHANGED})
+        return {"ok": True, "results": results}
+
+    async def op_hold(self, request: dict) -> dict[str, Any]:
+        return await self._each(request, self.queue.hold)
+
+    async def op_release(self, request: dict) -> dict[str, Any]:
+        return await self._each(request, self.queue.release)
+
+    async def op_delete(self, request: dict) -> dict[str, Any]:
+        if not isinstance(request.get("ids"), list) or not request["ids"]:
+            raise ValueError('delete needs "ids": [...]')
+        notify = bool(request.get("dsn"))
+        results = []
+        for entry_id in request["ids"]:
+            try:
+                dsn_id = await self.queue.delete(entry_id, notify_sender=notify)
+            except KeyError:
+                results.append({"id": entry_id, "result": NOT_FOUND, "dsn": None})
+                continue
+            results.append({"id": entry_id, "result": DONE, "dsn": dsn_id})
+        return {"ok": True, "results": results}
+
+
+class ControlProtocol(LineOnlyReceiver):
+    """One JSON request per line; replies go out in request order."""
+
+    delimiter = b"\n"
+    MAX_LENGTH = MAX_REQUEST
+
+    def connectionMade(self) -> None:
+        self._chain: defer.Deferred = defer.succeed(None)
+
+    def lineReceived(self, line: bytes) -> None:
+        line = line.strip()
+        if not line:
+            return
+        try:
+            request = json.loads(line)
+        except ValueError as e:
+            answer = {"ok": False, "error": f"bad JSON: {e}"}     # ``e`` is unbound after the block
+            self._chain.addCallback(lambda _: self._reply(answer))
+            return
+        control: QueueControl = self.factory.control
+        self._chain.addCallback(lambda _: control.handle(request)).addCallback(self._reply)
+
+    def _reply(self, doc: dict[str, Any]) -> None:
+        if self.transport is not None and self.connected:
+            self.sendLine(json.dumps(doc, separators=(",", ":")).encode("utf-8"))
+
+    def lineLengthExceeded(self, line: bytes) -> None:
+        self._reply({"ok": False, "error": f"request longer than {MAX_REQUEST} bytes"})
+        self.transport.loseConnection()
+
+
+class ControlFactory(Factory):
+    protocol = ControlProtocol
+
+    def __init__(self, control: QueueControl) -> None:
+        self.control = control
+
+
+class ControlService(service.Service):
+    """Listens on the control socket while the gateway runs (after privileges are dropped, so the
+    socket belongs to the daemon's user); removes it on stop.
+
+    A second gateway on the same spool cannot take the socket (its lock file is held), which is
+    logged: two daemons on one spool would deliver everything twice.
+    """
+
+    name = "smtpgw-control"
+    control_class: Callable[[Any], QueueControl] = QueueControl    # mta.ops.fanout: worker 0's
+
+    def __init__(self, gateway: Any, path: str) -> None:
+        self.gateway = gateway
+        self.path = os.path.abspath(path)
+        self._port: Any = None
+
+    def startService(self) -> None:
+        super().startService()
+        from twisted.internet.endpoints import UNIXServerEndpoint
+
+        try:
+            os.makedirs(os.path.dirname(self.path), mode=0o700, exist_ok=True)
+        except OSError as e:
+            log.error("control socket {path}: cannot create its folder: {e}", path=self.path, e=e)
+            return
+        endpoint = UNIXServerEndpoint(self.gateway.reactor, self.path, mode=0o600, wantPID=True)
+        d = endpoint.listen(ControlFactory(self.control_class(self.gateway)))
+
+        def listening(port: Any) -> None:
+            self._port = port
+            log.info("control socket listening on {path}", path=self.path)
+
+        def failed(f: Any) -> None:
+            log.error("control socket {path}: cannot listen ({e}); `smtpgw queue` will not reach this "
+                      "gateway (is another one running on the same spool?)", path=self.path,
+                      e=f.getErrorMessage())
+
+        d.addCallbacks(listening, failed)
+
+    def stopService(self) -> Any:
+        super().stopService()
+        port, self._port = self._port, None
+        if port is not None:
+            return port.stopListening()
+        return None
+
+
+__all__ = ["ControlService", "QueueControl", "summary", "detail", "selector", "parse_headers"]

@@ -1,0 +1,603 @@
+"""The queue manager: from "on disk" to "delivered, bounced or given up" (Postfix's qmgr).
+
+It owns the in-memory view of the queue (one :class:`QueueEntry` per message), asks the
+:class:`~mta.queue.scheduler.Scheduler` when each is next due, runs at most ``max_active`` deliveries at
+once (the rest wait in order), and after each attempt records every recipient's outcome durably
+*before* telling the hooks, so a crash never makes a recipient receive the same message twice.
+
+Retry, expiry and notices follow ``gateway.queue`` in the configuration:
+
+* a temporary failure is retried after ``retry[attempts-1]`` (the last interval repeats);
+* a recipient still pending ``expire`` after arrival fails with 4.4.7;
+* once per message, after ``delay_notification``, the sender gets a "delayed" DSN;
+* failures get one "failed" DSN per attempt. A message from the null sender never gets one: the
+  report goes to the postmaster instead, marked so that if *that* fails it is only logged.
+
+A DSN is queued (durably) before the states that caused it are written, so a crash in between can
+at worst send a report twice, never lose it.
+"""
+from __future__ import annotations
+
+import collections
+import json
+from typing import Any, Callable
+
+from twisted.internet import defer
+from twisted.logger import Logger
+
+from mta.dsn import reports as dsn
+from mta.dsn import params as dsn_params
+from mta.workers import identity as workers
+from mta.model.envelope import Envelope, Session
+from mta.model.message import MessageData
+from mta.model.nexthop import RecipientResult
+from mta.model.queue_entry import DELIVERED, FAILED, PENDING, QueueEntry, RecipientState
+from mta.smtp.reply import Reply
+from mta.queue.scheduler import Scheduler
+
+log = Logger(namespace="smtpgw.queue")
+
+Data = bytes | list[bytes]       # what the deliverer takes: the spooled bytes, or the received chunks
+
+LOCAL_ERROR = Reply(451, "4.3.0", "Local error in delivery, will retry")
+NO_RESULT = Reply(451, "4.3.0", "Delivery agent gave no result for this recipient")
+EXPIRED_STATUS = "4.4.7"
+MIN_INTERVAL = 1.0               # seconds; no configuration or hold answer may make an entry spin
+
+# entry.extra keys
+DSN_KIND = "dsn"                 # on a report we generated: "failed" or "delayed"
+DOUBLE_BOUNCE = "double_bounce"  # on a postmaster copy: its own failure is only logged
+MAIL_PARAMS, RCPT_PARAMS = "mail_params", "rcpt_params"
+HELD = "held"                    # set by `smtpgw queue hold`: no attempt, expiry or notice until released
+DELETED = Reply(550, "5.3.0", "message deleted from the queue by the administrator")
+
+
+def _jsonable(value: Any) -> bool:
+    try:
+        json.dumps(value)
+        return True
+    except (TypeError, ValueError):
+        return False
+
+
+def is_held(entry: QueueEntry) -> bool:
+    """Held by the administrator (``smtpgw queue hold``)."""
+    return bool(entry.extra.get(HELD))
+
+
+def wants_deletion_report(config: Any, entry: QueueEntry) -> bool:
+    """Whether ``queue delete --dsn`` sends a report: pending recipients, someone to tell, no
+    NOTIFY=NEVER, and not about a postmaster copy (that would be a triple bounce)."""
+    pending = entry.pending()
+    return bool(pending and (entry.sender or config.gateway.postmaster) and not entry.extra.get(DOUBLE_BOUNCE)
+                and QueueManager._notify_allows(entry, "FAILURE", [r.address for r in pending]))
+
+
+def deletion_report(config: Any, entry: QueueEntry, original: bytes | None,
+                    now: float) -> tuple[str, bytes, dict[str, Any]]:
+    """``(to, DSN bytes, extra)`` telling the sender that the administrator deleted ``entry``; shared
+    by the running queue and ``smtpgw queue`` working on a stopped gateway's spool."""
+    to = entry.sender or config.gateway.postmaster
+    extra: dict[str, Any] = {DSN_KIND: dsn.FAILED, "about": entry.id}
+    if not entry.sender:
+        extra[DOUBLE_BOUNCE] = True
+    report = dsn.build_dsn(config, entry, [(r, DELETED) for r in entry.pending()], dsn.FAILED, original,
+                           to=to, now=now)
+    return to, report, extra
+
+
+class _Active:
+    """Book-keeping for one entry being delivered."""
+
+    def __init__(self) -> None:
+        self.done: defer.Deferred = defer.Deferred()
+        self.again = False            # wake() arrived meanwhile: run again right after
+
+
+class QueueManager:
+    def __init__(self, gateway: Any, max_active: int = 200, stop_timeout: float = 30.0,
+                 first_attempt_memory: int = 64 * 1024 * 1024) -> None:
+        self.gateway = gateway
+        self.max_active = max_active
+        self.stop_timeout = stop_timeout
+        self.first_attempt_memory = first_attempt_memory
+        self._entries: dict[str, QueueEntry] = {}
+        self._first_data: dict[str, list[bytes]] = {}
+        self._first_bytes = 0
+        self._ready: collections.deque[tuple[str, bool]] = collections.deque()
+        self._ready_ids: set[str] = set()
+        self._active: dict[str, _Active] = {}
+        self._scheduler = Scheduler(gateway.reactor, self._due)
+        self._running = False
+
+    # -- shortcuts ----------------------------------------------------------------------------------
+
+    @property
+    def _reactor(self) -> Any:
+        return self.gateway.reactor
+
+    @property
+    def _spool(self) -> Any:
+        return self.gateway.spool
+
+    @property
+    def _qcfg(self) -> Any:
+        return self.gateway.config.gateway.queue
+
+    def _now(self) -> float:
+        return self._reactor.seconds()
+
+    def _event(self, message: str, **fields: Any) -> None:
+        self.gateway.hooks.event("queuing_engine", "medium", message, **fields)
+
+    # -- lifecycle ----------------------------------------------------------------------------------
+
+    def start(self) -> defer.Deferred:
+        """Open the spool, read it back (in a thread) and schedule every entry by its next attempt."""
+        self._spool.open()
+        self._running = True
+        d = self._spool.scan()
+
+        def loaded(entries: list[QueueEntry]) -> int:
+            for entry in entries:
+                if entry.is_done():             # crashed between the last update and remove()
+                    self._spool.remove(entry.id).addErrback(self._log_failure, "remove", entry.id)
+                    continue
+                self._entries[entry.id] = entry
+                if not is_held(entry):
+                    self._scheduler.schedule(entry.id, self._next_time(entry))
+            self._event("queue loaded", entries=len(self._entries))
+            return len(self._entries)
+
+        return d.addCallback(loaded)
+
+    def stop(self) -> defer.Deferred:
+        """Stop scheduling and wait (at most ``stop_timeout``) for deliveries in flight."""
+        self._running = False
+        self._scheduler.stop()
+        self._ready.clear()
+        self._ready_ids.clear()
+        waiting = [a.done for a in self._active.values()]
+        done: defer.Deferred = defer.Deferred()
+        timer = None
+        if waiting:
+            timer = self._reactor.callLater(self.stop_timeout, lambda: done.called or done.callback(False))
+            dl = defer.DeferredList(waiting, consumeErrors=True)
+            dl.addCallback(lambda _: done.called or done.callback(True))
+        else:
+            done.callback(True)
+
+        def finish(clean: bool) -> Any:
+            if timer is not None and timer.active():
+                timer.cancel()
+            if clean:
+                close = getattr(self._spool, "close", None)
+                if close is not None:
+                    return close()          # a filesystem spool's writer finishes and exits
+            else:
+                log.warn("queue stop: {n} deliveries still running", n=len(self._active))
+
+        return done.addCallback(finish)
+
+    # -- intake -------------------------------------------------------------------------------------
+
+    def submit(self, session: Session, envelope: Envelope, message: MessageData) -> defer.Deferred:
+        """Queue a received message; fires with its id once it is durable (then the 250 may go)."""
+        extra = {k: v for k, v in envelope.extra.items() if _jsonable(v)}
+        if envelope.mail_params and _jsonable(envelope.mail_params):
+            extra[MAIL_PARAMS] = dict(envelope.mail_params)
+        rcpt_params = {k: dict(v) for k, v in envelope.rcpt_params.items() if v}
+        if rcpt_params and _jsonable(rcpt_params):
+            extra[RCPT_PARAMS] = rcpt_params
+        entry = QueueEntry(
+            id=envelope.id, sender=envelope.sender,
+            rcpts=[RecipientState(a) for a in envelope.recipients],
+            received_at=self._now(), size=message.size, virtual_server=session.virtual_server,
+            peer_host=session.peer_host, helo=session.helo,
+            authenticated_user=session.authenticated_user, extra=extra)
+        return self._enqueue(entry, message.chunks())
+
+    def inject(self, sender: str, recipients: list[str], data: bytes,
+               extra: dict | None = None) -> defer.Deferred:
+        """Queue a locally generated message (a DSN), with the same durability as received mail."""
+        entry = QueueEntry(id=workers.queue_id(self.gateway), sender=sender,
+                           rcpts=[RecipientState(a) for a in recipients],
+                           received_at=self._now(), size=len(data), virtual_server="",
+                           peer_host="localhost", extra=dict(extra or {}))
+        return self._enqueue(entry, [data])
+
+    def _enqueue(self, entry: QueueEntry, chunks: list[bytes]) -> defer.Deferred:
+        d = self._spool.put(entry, chunks)
+
+        def durable(_: Any) -> str:
+            self._entries[entry.id] = entry
+            if self._first_bytes + entry.size <= self.first_attempt_memory:
+                self._first_data[entry.id] = chunks
+                self._first_bytes += entry.size
+            self._event("message queued", id=entry.id, sender=entry.sender,
+                        recipients=len(entry.rcpts), size=entry.size)
+            if self._running:
+                self._scheduler.schedule(entry.id, self._now())
+            return entry.id
+
+        return d.addCallback(durable)
+
+    # -- tools --------------------------------------------------------------------------------------
+
+    def entries(self) -> list[QueueEntry]:
+        """A snapshot (copies) of every queued entry, oldest first."""
+        out = [QueueEntry.from_dict(e.to_dict()) for e in self._entries.values()]
+        return sorted(out, key=lambda e: (e.received_at, e.id))
+
+    def wake(self, predicate: Callable[[QueueEntry], bool] | None = None) -> int:
+        """Attempt matching entries now, every pending recipient (ETRN, ``queue retry``)."""
+        n = 0
+        for entry in list(self._entries.values()):
+            if entry.is_done() or is_held(entry) or (predicate is not None and not predicate(entry)):
+                continue
+            n += 1
+            if entry.id in self._active:
+                self._active[entry.id].again = True
+            elif self._running:
+                self._scheduler.discard(entry.id)
+                self._make_ready(entry.id, force=True)
+        if n:
+            self._event("queue woken", entries=n)
+            self._reactor.callLater(0, self._pump)
+        return n
+
+    # -- administration (`smtpgw queue` through mta.ops.control) ----------------------------------------
+
+    def get(self, entry_id: str) -> QueueEntry | None:
+        """The live entry (not a copy): callers in the reactor thread only, and read-only."""
+        return self._entries.get(entry_id)
+
+    def next_attempt(self, entry_id: str) -> float | None:
+        """When the scheduler will next look at ``entry_id`` (None: held, active or unknown)."""
+        return self._scheduler.when(entry_id)
+
+    def is_active(self, entry_id: str) -> bool:
+        return entry_id in self._active
+
+    def stats(self) -> dict[str, float]:
+        """Numbers for the metrics endpoint: one pass over the queue, in the reactor thread."""
+        messages = held = recipients = 0
+        oldest: float | None = None
+        for entry in self._entries.values():
+            messages += 1
+            held += is_held(entry)
+            recipients += len(entry.pending())
+            if oldest is None or entry.received_at < oldest:
+                oldest = entry.received_at
+        return {"messages": messages, "held": held, "recipients": recipients, "active": len(self._active),
+                "oldest_age": (self._now() - oldest) if oldest is not None else 0.0}
+
+    async def hold(self, entry_id: str) -> bool:
+        """Stop attempting ``entry_id`` until :meth:`release` (durable; an attempt in flight ends first).
+        Returns False when it was already held. Raises KeyError for an unknown id."""
+        entry = self._entries[entry_id]
+        if is_held(entry):
+            return False
+        entry.extra[HELD] = True
+        self._scheduler.discard(entry_id)
+        self._unready(entry_id)
+        try:
+            await self._spool.update(entry)
+        except Exception:
+            entry.extra.pop(HELD, None)
+            self._reschedule(entry)
+            raise
+        self._admin_event("message held by the administrator", id=entry_id)
+        return True
+
+    async def release(self, entry_id: str) -> bool:
+        """Undo :meth:`hold` and attempt the entry now. Returns False when it was not held."""
+        entry = self._entries[entry_id]
+        if not is_held(entry):
+            return False
+        del entry.extra[HELD]
+        try:
+            await self._spool.update(entry)
+        except Exception:
+            entry.extra[HELD] = True
+            raise
+        self._admin_event("message released by the administrator", id=entry_id)
+        if self._running and entry_id not in self._active:
+            self._make_ready(entry_id, force=True)
+            self._reactor.callLater(0, self._pump)
+        return True
+
+    async def delete(self, entry_id: str, notify_sender: bool = False) -> str | None:
+        """Remove ``entry_id`` from the queue; with ``notify_sender``, first queue a failure DSN for
+        its pending recipients (5.3.0, deleted by the administrator; RFC 3461 NOTIFY=NEVER is honoured).
+
+        An attempt in flight is allowed to finish first, so nothing is half-delivered. The DSN is
+        durable before the message is removed. Returns the DSN's queue id, or None when none was sent.
+        Raises KeyError for an unknown id (or one that finished meanwhile).
+        """
+        if entry_id not in self._entries:
+            raise KeyError(entry_id)
+        while entry_id in self._active:
+            waiter: defer.Deferred = defer.Deferred()
+            self._active[entry_id].done.addBoth(lambda r, w=waiter: (w.callback(None), r)[1])
+            await waiter
+        entry = self._entries.pop(entry_id, None)       # from here on nothing schedules it
+        if entry is None:
+            raise KeyError(entry_id)
+        self._scheduler.discard(entry_id)
+        self._unready(entry_id)
+        dsn_id = None
+        try:
+            if notify_sender and wants_deletion_report(self.gateway.config, entry):
+                data = await self._load(entry)
+                original = data if isinstance(data, bytes) else b"".join(data)
+                to, report, extra = deletion_report(self.gateway.config, entry, original, self._now())
+                dsn_id = await self.inject("", [to], report, extra)
+            await self._spool.remove(entry_id)
+        except Exception:
+            self._entries[entry_id] = entry             # nothing lost: put it back as it was
+            self._reschedule(entry)
+            raise
+        self._drop_first_data(entry)
+        self._admin_event("message deleted by the administrator", id=entry_id, sender=entry.sender,
+                          report=dsn_id or "")
+        return dsn_id
+
+    def _admin_event(self, message: str, **fields: Any) -> None:
+        self.gateway.hooks.event("queuing_engine", "minimum", message, **fields)
+
+    def _unready(self, entry_id: str) -> None:
+        if entry_id in self._ready_ids:
+            self._ready_ids.discard(entry_id)
+            self._ready = collections.deque((i, f) for i, f in self._ready if i != entry_id)
+
+    def _reschedule(self, entry: QueueEntry) -> None:
+        if self._running and not is_held(entry) and entry.id not in self._active:
+            self._scheduler.schedule(entry.id, self._next_time(entry))
+
+    # -- scheduling ---------------------------------------------------------------------------------
+
+    def _next_time(self, entry: QueueEntry) -> float:
+        """When something next has to happen to ``entry``: an attempt, expiry or the delay notice."""
+        q = self._qcfg
+        times = [r.next_attempt for r in entry.pending()]
+        times.append(entry.received_at + q.expire)
+        if self._wants_delay_notice(entry) and q.delay_notification > 0:
+            times.append(entry.received_at + q.delay_notification)
+        return min(times)
+
+    def _due(self, ids: list[str]) -> None:
+        for entry_id in ids:
+            self._make_ready(entry_id, force=False)
+        self._pump()
+
+    def _make_ready(self, entry_id: str, force: bool) -> None:
+        if entry_id in self._ready_ids:
+            if force:   # upgrade the waiting item in place
+                self._ready = collections.deque((i, f or i == entry_id) for i, f in self._ready)
+            return
+        self._ready_ids.add(entry_id)
+        self._ready.append((entry_id, force))
+
+    def _pump(self) -> None:
+        while self._running and self._ready and len(self._active) < self.max_active:
+            entry_id, force = self._ready.popleft()
+            self._ready_ids.discard(entry_id)
+            entry = self._entries.get(entry_id)
+            if entry is None or entry_id in self._active or is_held(entry):
+                continue
+            active = self._active[entry_id] = _Active()
+            d = defer.Deferred.fromCoroutine(self._attempt(entry, force))
+            d.addErrback(self._log_failure, "attempt", entry_id)
+            d.addBoth(self._finished, entry, active)
+
+    def _finished(self, _: Any, entry: QueueEntry, active: _Active) -> None:
+        del self._active[entry.id]
+        if entry.is_done():
+            self._entries.pop(entry.id, None)
+        elif self._running and not is_held(entry):
+            if active.again:
+                self._make_ready(entry.id, force=True)
+            else:
+                self._scheduler.schedule(entry.id, self._next_time(entry))
+        active.done.callback(None)
+        self._pump()
+
+    # -- one attempt --------------------------------------------------------------------------------
+
+    async def _attempt(self, entry: QueueEntry, force: bool) -> None:
+        now = self._now()
+        q = self._qcfg
+        failures: list[tuple[RecipientState, Reply]] = []
+        outcomes: list[tuple[str, str, Reply]] = []
+        data: Data | None = None
+
+        if now >= entry.received_at + q.expire:
+            for r in entry.pending():
+                last = dsn.reply_from_text(r.last_error, Reply(451, EXPIRED_STATUS, "no attempt made"))
+                reply = Reply(last.code if 400 <= last.code < 500 else 451, EXPIRED_STATUS,
+                              f"delivery time expired (last error: {last.text or last})")
+                r.status, r.last_error = FAILED, str(reply)
+                failures.append((r, reply))
+                outcomes.append(("smtpgw_bounced", r.address, reply))
+
+        due = [r for r in entry.pending() if force or r.next_attempt <= now]
+        successes: list = []            # NOTIFY=SUCCESS reports owed: [(action, [(state, reply)])]
+        if due:
+            data = await self._load(entry)
+            results = await self._deliver(entry, data, due)
+            self._apply(entry, due, results, self._now(), failures, outcomes)
+            successes = dsn_params.success_notices(entry, due, results)
+
+        delayed: list[tuple[RecipientState, Reply]] = []
+        if self._delay_notice_due(entry, self._now()):
+            delayed = [(r, dsn.reply_from_text(r.last_error, Reply(451, "4.0.0", r.held_reason or "delayed")))
+                       for r in entry.pending()]
+        if failures or delayed or successes:
+            if data is None:
+                data = await self._load(entry)
+            original = data if isinstance(data, bytes) else b"".join(data)
+            if failures:
+                await self._report(entry, failures, dsn.FAILED, original)
+            if delayed:
+                await self._report(entry, delayed, dsn.DELAYED, original)
+                entry.delay_notified = True
+            for action, delivered in successes:
+                await self._report(entry, delivered, action, original)
+
+        if entry.is_done():
+            self._drop_first_data(entry)
+            try:
+                await self._spool.remove(entry.id)
+            except Exception:
+                log.failure("queue {id}: could not remove from the spool", id=entry.id)
+        elif due or failures or delayed:
+            try:
+                await self._spool.update(entry)
+            except Exception:
+                log.failure("queue {id}: could not record recipient states", id=entry.id)
+        for hook, address, reply in outcomes:
+            self._outcome_event(entry, hook, address, reply)
+            self.gateway.hooks.notify(hook, envelope=entry, recipient=address, reply=reply)
+        if entry.is_done():
+            self._event("message done", id=entry.id,
+                        delivered=sum(r.status == DELIVERED for r in entry.rcpts),
+                        failed=sum(r.status == FAILED for r in entry.rcpts))
+
+    def _outcome_event(self, entry: QueueEntry, hook: str, address: str, reply: Reply) -> None:
+        """queuing_engine: delivered (medium); deferred, bounced, expired (minimum), per recipient."""
+        if hook == "smtpgw_delivered":
+            what, level = "delivered", "medium"
+        elif hook == "smtpgw_deferred":
+            what, level = "deferred", "minimum"
+        else:
+            what, level = ("expired" if reply.status == EXPIRED_STATUS else "bounced"), "minimum"
+        state = next((r for r in entry.rcpts if r.address == address), None)
+        self.gateway.hooks.event("queuing_engine", level, f"message {what}", id=entry.id, recipient=address,
+                                 reply=str(reply), hop=getattr(state, "last_hop", None) or "-",
+                                 attempts=getattr(state, "attempts", 0))
+
+    async def _load(self, entry: QueueEntry) -> Data:
+        """The message: the received chunks on the first attempt (no re-read), else from the spool."""
+        data = self._first_data.pop(entry.id, None)
+        if data is not None:
+            self._first_bytes -= entry.size
+            return data
+        return await self._spool.read(entry.id)
+
+    def _drop_first_data(self, entry: QueueEntry) -> None:
+        if self._first_data.pop(entry.id, None) is not None:
+            self._first_bytes -= entry.size
+
+    async def _deliver(self, entry: QueueEntry, data: Data,
+                       due: list[RecipientState]) -> list[RecipientResult]:
+        try:
+            results = await defer.maybeDeferred(self.gateway.deliverer.deliver, entry, data, due)
+        except Exception:
+            log.failure("queue {id}: delivery raised", id=entry.id)
+            return [RecipientResult(r.address, LOCAL_ERROR) for r in due]
+        return list(results or [])
+
+    def _apply(self, entry: QueueEntry, due: list[RecipientState], results: list[RecipientResult],
+               now: float, failures: list, outcomes: list) -> None:
+        """Fold the delivery agent's answers into the recipient states."""
+        waiting = list(due)
+        for result in results:
+            state = next((r for r in waiting if r.address == result.recipient), None)
+            if state is None:
+                state = next((r for r in waiting if r.address.lower() == result.recipient.lower()), None)
+            if state is None:
+                log.warn("queue {id}: result for unknown recipient {rcpt}", id=entry.id, rcpt=result.recipient)
+                continue
+            waiting.remove(state)
+            self._apply_one(state, result, now, failures, outcomes)
+        for state in waiting:
+            self._apply_one(state, RecipientResult(state.address, NO_RESULT), now, failures, outcomes)
+
+    def _apply_one(self, r: RecipientState, result: RecipientResult, now: float,
+                   failures: list, outcomes: list) -> None:
+        reply = result.reply
+        r.last_hop = result.hop or r.last_hop
+        outcome = result.outcome
+        if outcome == "delivered":
+            r.status, r.held_reason = DELIVERED, None
+            outcomes.append(("smtpgw_delivered", r.address, reply))
+        elif outcome == "failed":
+            r.status, r.last_error, r.held_reason = FAILED, str(reply), None
+            failures.append((r, reply))
+            outcomes.append(("smtpgw_bounced", r.address, reply))
+        elif outcome == "held":
+            r.next_attempt = max(float(result.held_until or 0), now + MIN_INTERVAL)
+            r.held_reason = reply.text or str(reply)
+        else:
+            r.attempts += 1
+            r.next_attempt = now + max(self._qcfg.retry_interval(r.attempts), MIN_INTERVAL)
+            r.last_error, r.held_reason = str(reply), None
+            outcomes.append(("smtpgw_deferred", r.address, reply))
+
+    # -- notices ------------------------------------------------------------------------------------
+
+    def _wants_delay_notice(self, entry: QueueEntry) -> bool:
+        if entry.delay_notified or not entry.sender or entry.extra.get(DSN_KIND):
+            return False
+        return self._notify_allows(entry, "DELAY", [r.address for r in entry.pending()])
+
+    def _delay_notice_due(self, entry: QueueEntry, now: float) -> bool:
+        q = self._qcfg
+        return (q.delay_notification > 0 and not entry.is_done() and self._wants_delay_notice(entry)
+                and now >= entry.received_at + q.delay_notification)
+
+    @staticmethod
+    def _notify_allows(entry: QueueEntry, kind: str, addresses: list[str]) -> bool:
+        """RFC 3461 NOTIFY: absent means FAILURE (and DELAY at our discretion); NEVER means none."""
+        params = entry.extra.get(RCPT_PARAMS) or {}
+        for address in addresses:
+            notify = (params.get(address) or {}).get("NOTIFY")
+            if not notify:
+                return True
+            if kind in {n.strip().upper() for n in notify.split(",")}:
+                return True
+        return False
+
+    async def _report(self, entry: QueueEntry, results: list[tuple[RecipientState, Reply]],
+                      action: str, original: bytes | None) -> None:
+        """Queue a DSN about ``results``; never to the null sender, never about a double bounce.
+        Success reports come already filtered by NOTIFY (mta.dsn.params.success_notices)."""
+        success = action in dsn.SUCCESS_ACTIONS
+        if not success:
+            kind = "FAILURE" if action == dsn.FAILED else "DELAY"
+            results = [(r, rep) for r, rep in results if self._notify_allows(entry, kind, [r.address])]
+        if not results:
+            return
+        addresses = ", ".join(r.address for r, _ in results)
+        if entry.extra.get(DOUBLE_BOUNCE):
+            log.warn("queue {id}: postmaster notice undeliverable to {rcpts}; dropped",
+                     id=entry.id, rcpts=addresses)
+            self.gateway.hooks.event("ndr", "minimum", "double bounce dropped", id=entry.id, recipients=addresses)
+            return
+        postmaster = self.gateway.config.gateway.postmaster
+        to = entry.sender or postmaster
+        if not to:
+            log.warn("queue {id}: no postmaster configured; report on {rcpts} dropped", id=entry.id, rcpts=addresses)
+            return
+        extra: dict[str, Any] = {DSN_KIND: action, "about": entry.id}
+        if not entry.sender:
+            extra[DOUBLE_BOUNCE] = True
+        build = dsn.build_success_dsn if success else dsn.build_dsn
+        data = build(self.gateway.config, entry, results, action, original, to=to, now=self._now())
+        try:
+            dsn_id = await self.inject("", [to], data, extra)
+        except Exception:
+            log.failure("queue {id}: could not queue the {action} report to {to}", id=entry.id, action=action, to=to)
+            return
+        self.gateway.hooks.event("ndr", "minimum", f"{action} report queued", id=entry.id, report=dsn_id,
+                                 to=to, recipients=addresses)
+
+    # -- misc ---------------------------------------------------------------------------------------
+
+    @staticmethod
+    def _log_failure(failure: Any, what: str, entry_id: str) -> None:
+        log.failure("queue {id}: {what} failed", failure, id=entry_id, what=what)
+
+
+__all__ = ["QueueManager", "PENDING", "DELIVERED", "FAILED", "HELD", "is_held"]

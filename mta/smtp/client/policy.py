@@ -1,0 +1,137 @@
+"""How one connector talks to its next hops: TLS mode, certificate checks, HELO or EHLO, AUTH, limits.
+
+The deliverer builds an :class:`OutboundPolicy` from the connector (``connectors[].outbound`` and the
+connection limits) and hands it to :meth:`mta.smtp.client.pool.SMTPClientPool.send` with every message. The
+policy is part of the pool's key, so two connectors that reach the same host with different settings
+never share a connection, and each connector's connections are counted against its own limits.
+
+TLS modes (Postfix's ``smtp_tls_security_level`` words in brackets):
+
+* ``none``: never STARTTLS.
+* ``opportunistic`` [may]: STARTTLS when offered, no certificate check; if the handshake fails the
+  host is tried again in plaintext (RFC 7435).
+* ``required`` [encrypt]: no STARTTLS, no delivery -- the hop is unusable and the mail waits (4.7.10).
+* ``verify`` [secure]: as ``required``, and the certificate must chain to ``ca_file`` (or the
+  system's trust store) and name the host (service-identity: the smart-host or MX name, or the IP
+  address of a ``[IP]`` smart host).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from mta.config import Connector, OutboundAuth
+from mta.smtp.reply import Reply
+
+TLS_MODES = ("none", "opportunistic", "required", "verify")
+
+
+@dataclass(frozen=True)
+class OutboundPolicy:
+    """Per-connector client options; hashable, as it is part of the client pool's key."""
+
+    connector: str = ""                     # whose connections these are (limits, logs)
+    tls: str = "opportunistic"
+    ca_file: str | None = None
+    auth: OutboundAuth | None = None
+    allow_plaintext_auth: bool = False
+    helo: str = "ehlo"                      # ehlo | helo
+    connect_timeout: float | None = None    # None: the pool's default
+    max_connections: int | None = None      # None: no limit for the connector as a whole
+    max_connections_per_host: int | None = None   # None: the pool's default
+
+    def __post_init__(self) -> None:
+        if self.tls not in TLS_MODES:
+            raise ValueError(f"unknown TLS mode {self.tls!r}")
+
+    @classmethod
+    def for_connector(cls, connector: Connector) -> "OutboundPolicy":
+        out = connector.outbound
+        return cls(connector=connector.name, tls=out.tls, ca_file=out.ca_file, auth=out.auth,
+                   allow_plaintext_auth=out.allow_plaintext_auth, helo=out.helo,
+                   connect_timeout=out.connect_timeout, max_connections=connector.max_connections,
+                   max_connections_per_host=connector.max_connections_per_host)
+
+    @property
+    def tls_mandatory(self) -> bool:
+        return self.tls in ("required", "verify")
+
+    def label(self) -> str:
+        return f"connector '{self.connector}'" if self.connector else "this gateway"
+
+
+# -- replies for hops that cannot be used under a policy (all temporary: the site's problem) -------
+
+def no_starttls(policy: OutboundPolicy, hop: str) -> Reply:
+    return Reply(451, "4.7.10", f"TLS is required by {policy.label()} (tls: {policy.tls}) "
+                                f"but {hop} does not offer STARTTLS")
+
+
+def starttls_refused(policy: OutboundPolicy, hop: str, reply: Reply) -> Reply:
+    return Reply(451, "4.7.10", f"TLS is required by {policy.label()} but {hop} refused STARTTLS: {reply}")
+
+
+def tls_failed(policy: OutboundPolicy, hop: str, why: str) -> Reply:
+    check = "certificate verification" if policy.tls == "verify" else "TLS handshake"
+    if "Mismatch" in why:                       # service-identity's DNSMismatch / IPAddressMismatch
+        why = f"the certificate does not name the host; {why}"
+    elif "certificate verify failed" in why:
+        trusted = f"ca_file {policy.ca_file}" if policy.ca_file else "the system trust store"
+        why = f"the certificate does not chain to {trusted}; {why}"
+    return Reply(451, "4.7.5", f"{check} with {hop} failed ({why}); {policy.label()} requires tls: {policy.tls}")
+
+
+def auth_needs_tls(policy: OutboundPolicy, hop: str) -> Reply:
+    return Reply(451, "4.7.11", f"not sending credentials of {policy.label()} to {hop} without TLS "
+                                "(set outbound.allow_plaintext_auth to allow it)")
+
+
+def auth_not_offered(policy: OutboundPolicy, hop: str, mechanism: str, offered: str) -> Reply:
+    what = f"offers only AUTH {offered}" if offered else "does not offer AUTH"
+    return Reply(451, "4.7.0", f"{policy.label()} authenticates with {mechanism} but {hop} {what}")
+
+
+def auth_failed(policy: OutboundPolicy, hop: str, reply: Reply) -> Reply:
+    """A refused login defers (never bounces): wrong credentials are the site's problem, as with
+    Postfix's default ``smtp_sasl_auth_soft_bounce``."""
+    return Reply(451, "4.7.8", f"authentication of {policy.label()} to {hop} failed: {reply}")
+
+
+# -- TLS contexts ----------------------------------------------------------------------------------
+
+def _pem_blocks(data: bytes) -> list[bytes]:
+    begin, end = b"-----BEGIN CERTIFICATE-----", b"-----END CERTIFICATE-----"
+    blocks, pos = [], 0
+    while True:
+        start = data.find(begin, pos)
+        if start < 0:
+            return blocks
+        stop = data.find(end, start)
+        if stop < 0:
+            return blocks
+        blocks.append(data[start:stop + len(end)] + b"\n")
+        pos = stop + len(end)
+
+
+def load_trust_root(ca_file: str | None) -> Any:
+    """The trust root for ``tls: verify``: every certificate in the PEM file, or the platform's.
+
+    Read once per file by the pool (a small local file), not per connection.
+    """
+    from twisted.internet import ssl
+    if ca_file is None:
+        return ssl.platformTrust()
+    with open(ca_file, "rb") as f:
+        blocks = _pem_blocks(f.read())
+    if not blocks:
+        raise ValueError(f"no PEM certificate in {ca_file}")
+    return ssl.trustRootFromCertificates([ssl.Certificate.loadPEM(b) for b in blocks])
+
+
+def verifying_options(hostname: str, trust_root: Any) -> Any:
+    """Client TLS options that check the chain and, with service-identity, that it names ``hostname``."""
+    from twisted.internet import ssl
+    return ssl.optionsForClientTLS(hostname, trustRoot=trust_root)
+
+
+__all__ = ["OutboundPolicy", "TLS_MODES", "load_trust_root", "verifying_options"]

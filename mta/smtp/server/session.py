@@ -1,0 +1,860 @@
+"""The ESMTP server: one ``SMTPServerProtocol`` per client connection, one factory per virtual server.
+
+Built on ``Protocol`` with our own byte buffer (``mta.smtp.lines``) rather than LineReceiver or
+twisted.mail.smtp, for the reasons in docs/architecture.md "Protocol traps". The shape follows chasquid and
+OpenSMTPD: an explicit :class:`State`, one logged transition function (``_enter``), a table of verbs
+with the states that refuse them (``COMMANDS``), one ``smtp_<VERB>`` method per verb returning a
+:class:`Reply` (or a Deferred of one when a hook answers later), and one place that writes to the
+transport (``_send``).
+
+While a hook's Deferred is pending the transport is paused and buffered input is left alone, so
+pipelined replies always come back in order; a hook that answers at once costs no Deferred.
+"""
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, replace
+from email.utils import formatdate
+from functools import partial
+from typing import Any
+
+from twisted.internet import defer
+from twisted.internet.interfaces import ISSLTransport
+from twisted.internet.protocol import Protocol, ServerFactory
+from twisted.logger import Logger
+
+from mta.smtp import address
+from mta.dsn import params as dsn_params
+from mta.workers import identity as workers
+from mta.smtp.server import message_memory
+from mta.smtp.server import bdat as server_bdat
+from mta.smtp import replies as R
+from mta.smtp.address import AddressError
+from mta.config import VirtualServer
+from mta.model.envelope import Envelope, Session
+from mta.io.fastpath import send_now
+from mta.smtp.lines import ChunkedMessage, CommandSplitter, DataReader, Problem
+from mta.model.message import MessageData
+from mta.smtp.reply import Reply
+from mta.smtp.server.auth import AUTH_REQUIRED, NOT_ENABLED, ServerAuth, mask_auth_command
+from mta.workers.counts import SharedConnectionLimit
+from mta.smtp.server.tls import ServerTLS
+from mta.smtp.server.protocol_log import ProtocolLog
+
+log = Logger(namespace="smtpgw.server")
+
+MAX_PENDING_INPUT = 1 << 20     # unread input kept while a hook is pending; more means a flood
+
+# The replies sent most, already on the wire format (constants live forever, so their ids are unique).
+_WIRE = {id(r): r.to_bytes() for r in vars(R).values() if isinstance(r, Reply)}
+_date_cache: list[Any] = [None, ""]
+
+
+def rfc5322_date(now: float) -> str:
+    """The local date for banners and Received headers, formatted once per second."""
+    second = int(now)
+    if _date_cache[0] != second:
+        _date_cache[:] = [second, formatdate(second, localtime=True)]
+    return _date_cache[1]
+
+
+class State(enum.Enum):
+    GREETING = "greeting"       # waiting for the smtpgw_connect verdict
+    CONNECTED = "connected"     # banner sent, no HELO/EHLO yet
+    GREETED = "greeted"         # HELO/EHLO done, no transaction
+    MAIL = "mail"               # MAIL accepted
+    RCPT = "rcpt"               # at least one RCPT accepted
+    DATA = "data"               # reading the message
+    BDAT = "bdat"               # counting off the octets of one BDAT chunk (mta/smtp/server/bdat.py)
+    CHUNKING = "chunking"       # BDAT chunks taken, waiting for the next BDAT
+    CLOSED = "closed"
+
+
+@dataclass(frozen=True)
+class Command:
+    """A verb: the method that runs it, and the states in which it is refused (with what)."""
+
+    handler: str
+    refusals: dict[State, Reply]
+
+
+# MAIL FROM parameters taken (see mail_parameters); RET/ENVID are RFC 3461's (mta/dsn/params.py)
+_MAIL_PARAMETERS = frozenset({"SIZE", "BODY", "SMTPUTF8"}) | dsn_params.MAIL_KEYWORDS
+_MAIL_PARAMETERS_AUTH = _MAIL_PARAMETERS | {"AUTH"}
+_IN_TRANSACTION = Reply(503, "5.5.1", "Error: MAIL transaction in progress")
+COMMANDS: dict[str, Command] = {
+    "EHLO": Command("smtp_EHLO", {}),
+    "HELO": Command("smtp_HELO", {}),
+    "MAIL": Command("smtp_MAIL", {State.CONNECTED: R.NEED_HELO, State.MAIL: R.NESTED_MAIL,
+                                  State.RCPT: R.NESTED_MAIL, State.CHUNKING: R.NESTED_MAIL}),
+    "RCPT": Command("smtp_RCPT", {State.CONNECTED: R.NEED_MAIL, State.GREETED: R.NEED_MAIL,
+                                  State.CHUNKING: server_bdat.BDAT_IN_PROGRESS}),
+    "DATA": Command("smtp_DATA", {State.CONNECTED: R.NEED_MAIL, State.GREETED: R.NEED_MAIL,
+                                  State.MAIL: R.NO_VALID_RECIPIENTS,
+                                  State.CHUNKING: server_bdat.DATA_AFTER_BDAT}),
+    "BDAT": Command("smtp_BDAT", {}),       # refuses in smtp_BDAT, after the octets are skipped
+    "RSET": Command("smtp_RSET", {}),
+    "NOOP": Command("smtp_NOOP", {}),
+    "QUIT": Command("smtp_QUIT", {}),
+    "VRFY": Command("smtp_VRFY", {}),
+    "HELP": Command("smtp_HELP", {}),
+    "STARTTLS": Command("smtp_STARTTLS", {State.MAIL: _IN_TRANSACTION, State.RCPT: _IN_TRANSACTION,
+                                          State.CHUNKING: _IN_TRANSACTION}),
+    "AUTH": Command("smtp_AUTH", {State.CONNECTED: R.NEED_HELO, State.MAIL: _IN_TRANSACTION,
+                                  State.RCPT: _IN_TRANSACTION, State.CHUNKING: _IN_TRANSACTION}),
+}
+
+
+class _LoggedCommand:
+    """A command on its way to the protocol log: counts the bytes of every step until its final reply."""
+
+    __slots__ = ("verb", "line", "bytes_in", "bytes_out", "started")
+
+    def __init__(self, verb: str, line: str, bytes_in: int, started: float) -> None:
+        self.verb, self.line, self.bytes_in, self.bytes_out, self.started = verb, line, bytes_in, 0, started
+
+
+class SMTPServerProtocol(Protocol):
+    """One client connection."""
+
+    def __init__(self, factory: SMTPServerFactory) -> None:
+        self.factory = factory
+        self.gateway = factory.gateway
+        self.vs = factory.vs
+        self.hooks = factory.gateway.hooks
+        self.reactor = factory.gateway.reactor
+        self.hostname = factory.gateway.config.gateway.hostname
+        self.state = State.GREETING
+        self.session: Session | None = None
+        self.envelope: Envelope | None = None
+        self._buf = b""
+        self._pos = 0
+        self._splitter = CommandSplitter()
+        self._reader: DataReader | None = None
+        self._chunk: server_bdat.Chunk | None = None    # the BDAT chunk being read (State.BDAT)
+        self._chunked: ChunkedMessage | None = None     # the BDAT transaction's message so far
+        self._memory = factory.memory   # the gateway's message memory (mta/smtp/server/message_memory.py)
+        self._held = 0                  # bytes of it this session's message holds
+        self._waiting = False           # a hook's Deferred is pending: input stays in the buffer
+        self._paused = False
+        self._processing = False
+        self._after_send: list[Any] = []
+        self._timer: Any = None
+        self._delegate: Any = None      # the protocol the connection was handed to (ATRN/TURN)
+        self._last_input = 0.0
+        # AUTH (mta/smtp/server/auth.py): the exchange waiting for the client's next line, and failures so far
+        self.sasl_continuation: Any = None
+        self.auth_failures = 0
+        # Diagnostics listeners are looked up once per connection: events stay free when nobody listens.
+        self._diagnostics = bool(self.hooks.pm.hook.smtpgw_event.get_hookimpls())
+        self._detail: bool | None = None    # does anyone write smtp_protocol/maximum? (asked once)
+        # W3C protocol log (mta/smtp/server/protocol_log.py): the command waiting for the reply that settles it
+        self._plog = factory.protocol_log
+        self._plog_cmd: _LoggedCommand | None = None
+
+    # -- connection ------------------------------------------------------------------------------
+
+    def connectionMade(self) -> None:
+        peer, local = self.transport.getPeer(), self.transport.getHost()
+        self.session = Session(
+            id=workers.fresh_id(), virtual_server=self.vs.name,
+            peer_host=getattr(peer, "host", ""), peer_port=getattr(peer, "port", 0),
+            local_host=getattr(local, "host", ""), local_port=getattr(local, "port", 0),
+            tls=ISSLTransport.providedBy(self.transport))
+        self._last_input = self.reactor.seconds()
+        self._timer = self.reactor.callLater(self.vs.limits.timeout, self._check_timeout)
+        self._event("connection_manager", "medium", "connect", peer=self.session.peer_host,
+                    virtual_server=self.vs.name)
+        self._respond(self._ask("smtpgw_connect", self._greeting, session=self.session))
+
+    def connectionLost(self, reason: Any = None) -> None:
+        if self._delegate is not None:
+            self._delegate.connectionLost(reason)
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+        if self.state is not State.CLOSED:
+            self._enter(State.CLOSED, "connection lost")
+        self._buf, self._pos, self._reader = b"", 0, None
+        self._release_held()            # a message cut off mid-DATA/BDAT gives its memory back
+        self.factory.connection_closed(self)
+        if self.session is not None:
+            self._event("connection_manager", "medium", "disconnect")
+
+    def _greeting(self, verdict: Reply | None) -> Reply:
+        if verdict is None or verdict.is_positive:
+            self._enter(State.CONNECTED, "greeted client")
+            return verdict or Reply(220, "", f"{self.hostname} ESMTP smtpgw ready at {self._date()}")
+        return replace(verdict, disconnect=True)
+
+    def _check_timeout(self) -> None:
+        self._timer = None
+        if self.state is State.CLOSED:
+            return
+        limit = self.vs.limits.timeout
+        idle = self.reactor.seconds() - self._last_input
+        if idle < limit or self._waiting:
+            self._timer = self.reactor.callLater(limit - idle if idle < limit else limit,
+                                                 self._check_timeout)
+            return
+        self._send(Reply(421, "4.4.2", f"{self.hostname} Error: timeout exceeded", disconnect=True))
+
+    # -- input -----------------------------------------------------------------------------------
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._delegate is not None:
+            self._delegate.dataReceived(data)
+            return
+        self._last_input = self.reactor.seconds()
+        if self.state is State.CLOSED:
+            return
+        if self._pos >= len(self._buf):
+            self._buf = data
+        else:
+            self._buf = self._buf[self._pos:] + data
+        self._pos = 0
+        if self._waiting and len(self._buf) > MAX_PENDING_INPUT:
+            log.warn("session {session}: input flood while waiting, dropping", session=self.session.id)
+            self._enter(State.CLOSED, "input flood")
+            self.transport.abortConnection()
+            return
+        self._process()
+
+    def _process(self) -> None:
+        """Answer every complete command (or message) in the buffer, in order, until a hook is pending."""
+        if self._processing:
+            return
+        self._processing = True
+        try:
+            while not self._waiting and self.state is not State.CLOSED and self._pos < len(self._buf):
+                try:
+                    if not self._step():
+                        break
+                except Exception:
+                    self._internal_error()
+        finally:
+            self._processing = False
+            if self._pos >= len(self._buf):
+                self._buf, self._pos = b"", 0
+
+    def _step(self) -> bool:
+        """Handle one unit of input; False when more input is needed."""
+        if self.state is State.DATA:
+            reader = self._reader
+            stored = reader.size
+            pos = reader.feed(self._buf, self._pos)
+            self._hold(reader, stored)
+            moved = self._advance(pos)
+            if reader.done:
+                self._respond(self._end_of_data(reader))
+                return True
+            return moved
+        if self.state is State.BDAT:
+            chunk = self._chunk
+            message = chunk.message
+            stored = message.size if message is not None else 0
+            pos = chunk.feed(self._buf, self._pos)
+            if message is not None:         # None: a refused chunk, only counted off
+                self._hold(message, stored)
+            moved = self._advance(pos)
+            if chunk.done:
+                self._respond(self._chunk_done(chunk))
+                return True
+            return moved
+        item, self._pos = self._splitter.next_line(self._buf, self._pos)
+        if item is None:
+            return False
+        self._respond(self._line(item))
+        return True
+
+    def _line(self, item: bytes | Problem) -> Reply | defer.Deferred:
+        if self.sasl_continuation is not None:     # a SASL response, not a command: never logged
+            continuation, self.sasl_continuation = self.sasl_continuation, None
+            if self._plog_cmd is not None and not isinstance(item, Problem):
+                self._plog_cmd.bytes_in += len(item) + 2
+            return continuation(item)
+        if isinstance(item, Problem):
+            self._event("smtp_protocol", "maximum", "bad command line", problem=item.value)
+            if self._plog is not None:
+                self._plog_cmd = _LoggedCommand("-", f"- {item.value}", 0, self.reactor.seconds())
+            return R.COMMAND_PROBLEMS[item]
+        try:
+            text = item.decode("utf-8")
+        except UnicodeDecodeError:
+            return R.BAD_CHARACTERS
+        verb, _, argument = text.partition(" ")
+        verb = verb.upper()
+        if self._diagnostics and self._protocol_detail():
+            self._event("smtp_protocol", "maximum", "command",
+                        line=mask_auth_command(text) if verb == "AUTH" else text)
+        if self._plog is not None:
+            self._plog_cmd = _LoggedCommand(verb, mask_auth_command(text) if verb == "AUTH" else text,
+                                            len(item) + 2, self.reactor.seconds())
+        command = COMMANDS.get(verb)
+        if command is None:
+            return self._ask("smtpgw_command", self._unknown_answered,
+                             session=self.session, verb=verb, argument=argument)
+        refusal = command.refusals.get(self.state)
+        if refusal is not None:
+            return refusal
+        return getattr(self, command.handler)(argument)
+
+    # -- output: the one place that writes -------------------------------------------------------
+
+    def _respond(self, result: Reply | defer.Deferred | None) -> None:
+        if result is None:              # BDAT: the reply waits for the chunk's octets
+            return
+        if not isinstance(result, defer.Deferred):
+            self._send(result)
+            return
+        self._waiting = True
+        result.addCallbacks(self._resume, self._resume_failed)
+        if self._waiting and self.state is not State.CLOSED:
+            self._paused = True
+            self.transport.pauseProducing()
+
+    def _resume(self, reply: Any) -> None:
+        try:
+            self._waiting = False
+            if not isinstance(reply, Reply):
+                log.error("session {session}: not a Reply: {reply!r}", session=self.session.id, reply=reply)
+                reply = R.INTERNAL_ERROR
+            self._last_input = self.reactor.seconds()
+            self._send(reply)
+            if self._paused and self.state is not State.CLOSED:
+                self._paused = False
+                self.transport.resumeProducing()
+            self._process()
+        except Exception:
+            log.failure("session {session}: resuming failed", session=self.session.id)
+            self._enter(State.CLOSED, "internal error")
+            self.transport.abortConnection()
+
+    def _resume_failed(self, failure: Any) -> None:
+        log.failure("session {session}: internal error", failure, session=self.session.id)
+        self._resume(R.INTERNAL_ERROR)
+
+    def _send(self, reply: Reply) -> None:
+        if self.state is not State.CLOSED:
+            wire = _WIRE.get(id(reply)) or reply.to_bytes()
+            send_now(self.transport, wire)
+            if self._diagnostics and self._protocol_detail():
+                self._event("smtp_protocol", "maximum", "reply", reply=reply)
+            if self._plog_cmd is not None:
+                self._plog_reply(reply, len(wire))
+            if reply.disconnect or reply.code == 421:
+                self._enter(State.CLOSED, f"closing after {reply.code}")
+                self.transport.loseConnection()
+        if self._after_send:
+            actions, self._after_send = self._after_send, []
+            for action in actions:
+                action()
+
+    def _plog_reply(self, reply: Reply, size: int) -> None:
+        """One protocol log line per command, once a reply settles it (334/354 only lead on)."""
+        cmd = self._plog_cmd
+        cmd.bytes_out += size
+        if reply.code in (334, 354):
+            return
+        self._plog_cmd = None
+        self._plog.command(self.session, cmd.verb, cmd.line, reply, cmd.bytes_in, cmd.bytes_out,
+                           self.reactor.seconds() - cmd.started)
+
+    def _internal_error(self) -> None:
+        log.failure("session {session}: internal error", session=self.session.id)
+        if self.state in (State.DATA, State.BDAT):     # never fall back to command mode inside a message
+            self._send(replace(R.INTERNAL_ERROR, code=421, disconnect=True))
+            return
+        self._reset_transaction()
+        self._send(R.INTERNAL_ERROR)
+
+    # -- state -----------------------------------------------------------------------------------
+
+    def _enter(self, state: State, why: str) -> None:
+        old, self.state = self.state, state
+        if self._diagnostics and self.session is not None and self._protocol_detail():
+            self._event("smtp_protocol", "maximum", "state", old=old.value, new=state.value, why=why)
+
+    def _reset_transaction(self) -> None:
+        self.envelope = None
+        self._reader = None
+        self._chunked = None
+        self._release_held()
+        if self.state in (State.MAIL, State.RCPT, State.DATA, State.BDAT, State.CHUNKING):
+            self._enter(State.GREETED, "transaction reset")
+
+    def _ask(self, hook: str, then: Any, **kwargs: Any) -> Reply | defer.Deferred:
+        """Ask a verdict hook and continue with ``then(verdict)``, at once when the answer is at hand."""
+        result = self.hooks.first(hook, **kwargs)
+        if isinstance(result, defer.Deferred):
+            return result.addCallback(self._checked, hook).addCallback(then)
+        return then(self._checked(result, hook))
+
+    def _checked(self, verdict: Any, hook: str) -> Reply | None:
+        if verdict is None or isinstance(verdict, Reply):
+            return verdict
+        log.error("{hook} answered {verdict!r}, not a Reply", hook=hook, verdict=verdict)
+        return R.INTERNAL_ERROR
+
+    def _date(self) -> str:
+        return rfc5322_date(self.reactor.seconds())
+
+    def _protocol_detail(self) -> bool:
+        """Whether any listener writes per-command events: a listener may say what it writes with a
+        ``wants_event(category, level)`` method on its plugin object (diag_logging does); one without
+        it gets everything. Asked once per connection, so SIGHUP'd levels apply to new connections."""
+        if self._detail is not None:
+            return self._detail
+        self._detail = False
+        for impl in self.hooks.pm.hook.smtpgw_event.get_hookimpls():
+            wants = getattr(impl.plugin, "wants_event", None)
+            if wants is None or wants("smtp_protocol", "maximum"):
+                self._detail = True
+                break
+        return self._detail
+
+    def _event(self, category: str, level: str, message: str, **fields: Any) -> None:
+        if self._diagnostics:
+            self.hooks.event(category, level, message, session=self.session.id, **fields)
+
+    # -- verbs -----------------------------------------------------------------------------------
+
+    def extensions(self) -> list[str]:
+        """The EHLO keywords; STARTTLS/AUTH add theirs here."""
+        keywords = ["PIPELINING", f"SIZE {self.vs.limits.max_message_size}", "8BITMIME",
+                    "ENHANCEDSTATUSCODES", "DSN", "SMTPUTF8", "CHUNKING"]
+        if self.factory.tls_context is not None and not self.session.tls:
+            keywords.append("STARTTLS")
+        if self.factory.auth is not None:
+            auth = self.factory.auth.keyword(self.session)
+            if auth:
+                keywords.append(auth)
+        try:
+            for more in self.hooks.pm.hook.smtpgw_ehlo_keywords(session=self.session):
+                keywords.extend(k for k in (more or ()) if k not in keywords)
+        except Exception:
+            log.failure("smtpgw_ehlo_keywords failed")
+        return keywords
+
+    def mail_parameters(self) -> frozenset[str]:
+        """MAIL FROM parameters we take; AUTH= (RFC 4954 5) is taken, and ignored, where AUTH is offered.
+        RET/ENVID (RFC 3461, mta/dsn/params.py) are kept with the envelope for the queue's reports."""
+        if self.factory.auth is not None:
+            return _MAIL_PARAMETERS_AUTH
+        return _MAIL_PARAMETERS
+
+    def rcpt_parameters(self) -> frozenset[str]:
+        """RCPT TO parameters we take: NOTIFY/ORCPT (RFC 3461), kept per recipient for the queue."""
+        return dsn_params.RCPT_KEYWORDS
+
+    def smtp_EHLO(self, argument: str) -> Reply | defer.Deferred:
+        return self._hello(argument.strip(), esmtp=True)
+
+    def smtp_HELO(self, argument: str) -> Reply | defer.Deferred:
+        return self._hello(argument.strip(), esmtp=False)
+
+    def _hello(self, name: str, esmtp: bool) -> Reply | defer.Deferred:
+        if not name:
+            return R.syntax("EHLO hostname" if esmtp else "HELO hostname")
+        return self._ask("smtpgw_helo", partial(self._hello_answered, name, esmtp),
+                         session=self.session, name=name)
+
+    def _hello_answered(self, name: str, esmtp: bool, verdict: Reply | None) -> Reply:
+        if verdict is not None and not verdict.is_positive:
+            return verdict
+        self._reset_transaction()
+        self.session.helo, self.session.esmtp = name, esmtp
+        if self.state is State.CONNECTED:
+            self._enter(State.GREETED, "HELO/EHLO")
+        if not esmtp:
+            return Reply(250, "", self.hostname)        # no enhanced codes on HELO/EHLO (RFC 2034)
+        lines = [f"{self.hostname} Hello {name} [{self.session.peer_host}]", *self.extensions()]
+        return Reply(250, "", "\n".join(lines))
+
+    def smtp_MAIL(self, argument: str) -> Reply | defer.Deferred:
+        if argument[:5].upper() != "FROM:":
+            return R.syntax("MAIL FROM:<address>")
+        if self.vs.tls.required and not self.session.tls:
+            return R.TLS_REQUIRED
+        if self.vs.auth.required and not self.session.authenticated_user:
+            return AUTH_REQUIRED
+        rest = ""
+        try:
+            path, rest = address.split_argument(argument, "FROM")
+            params = address.parse_params(rest, utf8=True) if rest else {}
+            sender = address.parse_path(path, allow_null=True, utf8="SMTPUTF8" in params)
+        except AddressError as e:
+            return _param_error(e, rest)
+        refusal = self._check_mail_params(params, rest)
+        if refusal is not None:
+            return refusal
+        envelope = Envelope(id=workers.queue_id(self.gateway))     # owned by this worker (mta/workers/identity.py)
+        return self._ask("smtpgw_mail_from", partial(self._mail_answered, envelope, sender, params),
+                         session=self.session, envelope=envelope, sender=sender, params=params)
+
+    def _check_mail_params(self, params: dict[str, str | None], text: str) -> Reply | None:
+        if not params:
+            return None
+        if not self.session.esmtp:
+            return R.PARAMS_AFTER_HELO
+        if not params.keys() <= self.mail_parameters():
+            return R.UNSUPPORTED_PARAM
+        if "SMTPUTF8" not in params and not text.isascii():
+            return address.BAD_PARAMS
+        if "SIZE" in params:
+            size = params["SIZE"]
+            if size is None or not (size.isascii() and size.isdigit()) or len(size) > 20:
+                return R.BAD_SIZE
+            if int(size) > self.vs.limits.max_message_size:
+                return R.MESSAGE_TOO_BIG
+        if "BODY" in params and (params["BODY"] or "").upper() not in ("7BIT", "8BITMIME"):
+            return R.BAD_BODY
+        if params.get("SMTPUTF8", None) is not None:
+            return R.UNSUPPORTED_PARAM
+        if "RET" in params or "ENVID" in params:
+            return dsn_params.check_mail(params)
+        return None
+
+    def _mail_answered(self, envelope: Envelope, sender: str, params: dict[str, str | None],
+                       verdict: Reply | None) -> Reply:
+        reply = verdict or R.SENDER_OK
+        if not reply.is_positive:
+            return reply
+        envelope.sender, envelope.mail_params = sender, params
+        if params.get("SIZE"):
+            envelope.declared_size = int(params["SIZE"])
+        self.envelope = envelope
+        self._enter(State.MAIL, "sender accepted")
+        return reply
+
+    def smtp_RCPT(self, argument: str) -> Reply | defer.Deferred:
+        if argument[:3].upper() != "TO:":
+            return R.syntax("RCPT TO:<address>")
+        envelope = self.envelope
+        if len(envelope.recipients) >= self.vs.limits.max_recipients:
+            return R.TOO_MANY_RECIPIENTS
+        rest = ""
+        try:
+            path, rest = address.split_argument(argument, "TO")
+            params = address.parse_params(rest) if rest else {}
+            recipient = address.parse_path(path, allow_null=False, utf8="SMTPUTF8" in envelope.mail_params,
+                                           allow_postmaster=True)
+        except AddressError as e:
+            return _param_error(e, rest)
+        if params:
+            refusal = self._check_rcpt_params(params)
+            if refusal is not None:
+                return refusal
+        if recipient == "postmaster":
+            recipient = self.gateway.config.gateway.postmaster
+            self._event("categorizer", "medium", "postmaster resolved", recipient=recipient)
+        return self._ask("smtpgw_rcpt_to", partial(self._rcpt_answered, envelope, recipient, params),
+                         session=self.session, envelope=envelope, recipient=recipient, params=params)
+
+    def _check_rcpt_params(self, params: dict[str, str | None]) -> Reply | None:
+        if not self.session.esmtp:
+            return R.PARAMS_AFTER_HELO
+        if not params.keys() <= self.rcpt_parameters():
+            return R.UNSUPPORTED_PARAM
+        return dsn_params.check_rcpt(params)
+
+    def _rcpt_answered(self, envelope: Envelope, recipient: str, params: dict[str, str | None],
+                       verdict: Reply | None) -> Reply:
+        reply = verdict or R.RELAY_DENIED       # nobody claimed it: never an open relay
+        if not reply.is_positive:
+            return reply
+        if recipient not in envelope.rcpt_params:
+            envelope.recipients.append(recipient)
+        envelope.rcpt_params[recipient] = params
+        if self.state is State.MAIL:
+            self._enter(State.RCPT, "recipient accepted")
+        return reply
+
+    def smtp_DATA(self, argument: str) -> Reply:
+        if argument.strip():
+            return R.syntax("DATA")
+        if self._no_room_for_declared_size():
+            return R.INSUFFICIENT_STORAGE
+        self._reader = DataReader(self.vs.limits.max_message_size)
+        self._enter(State.DATA, "DATA")
+        return R.START_DATA
+
+    def smtp_BDAT(self, argument: str) -> Reply | defer.Deferred | None:
+        """RFC 3030. The reply comes once the announced octets are in (``_chunk_done``); a refused
+        chunk is counted off too, so its octets never run as commands. No BINARYMIME: BODY=BINARYMIME
+        is refused at MAIL, and content follows the line rules in ``mta.smtp.lines.ChunkedMessage``."""
+        size, last, valid = server_bdat.parse_argument(argument)
+        if size is None:
+            return server_bdat.BAD_ARGUMENT
+        refusal, message = None, None
+        if not valid:
+            refusal = server_bdat.BAD_ARGUMENT
+        elif self.state in (State.CONNECTED, State.GREETED):
+            refusal = R.NEED_MAIL
+        elif self.state is State.MAIL:
+            refusal = server_bdat.NEED_RCPT
+        elif self._chunked is None and self._no_room_for_declared_size():
+            refusal = R.INSUFFICIENT_STORAGE
+        else:
+            limit = self.vs.limits.max_message_size
+            message = self._chunked or ChunkedMessage(limit)
+            if message.size + size > limit:     # refused before a byte is stored
+                self._event("smtp_protocol", "minimum", "message refused", envelope=self.envelope.id,
+                            problem=Problem.TOO_BIG.value)
+                self._reset_transaction()
+                refusal, message = R.MESSAGE_TOO_BIG, None
+            else:
+                self._chunked = message
+        chunk = server_bdat.Chunk(size, last, message, refusal, resume=self.state)
+        if chunk.done:
+            return self._chunk_done(chunk)
+        self._chunk = chunk
+        self._enter(State.BDAT, "BDAT")
+        return None
+
+    def _chunk_done(self, chunk: server_bdat.Chunk) -> Reply | defer.Deferred:
+        self._chunk = None
+        if chunk.refusal is not None:
+            if self.state is State.BDAT:
+                self._enter(chunk.resume, "BDAT octets skipped")
+            return chunk.refusal
+        message = chunk.message
+        if chunk.last:
+            message.finish()
+        if chunk.last or message.problem is not None:
+            return self._end_of_data(message)       # resets the transaction, refuses a problem
+        self._enter(State.CHUNKING, "chunk received")
+        return server_bdat.chunk_received(chunk.size)
+
+    def smtp_RSET(self, argument: str) -> Reply:
+        if argument.strip():
+            return R.syntax("RSET")
+        self._reset_transaction()
+        return R.OK
+
+    def smtp_NOOP(self, argument: str) -> Reply:
+        return R.OK
+
+    def smtp_QUIT(self, argument: str) -> Reply:
+        return R.BYE
+
+    def smtp_VRFY(self, argument: str) -> Reply:
+        return R.VRFY_REPLY if argument.strip() else R.syntax("VRFY address")
+
+    def smtp_HELP(self, argument: str) -> Reply:
+        return R.HELP
+
+    def smtp_STARTTLS(self, argument: str) -> Reply:
+        if self.factory.tls_context is None:
+            return R.TLS_UNAVAILABLE
+        if self.session.tls:
+            return R.TLS_ACTIVE
+        if argument.strip():
+            return R.syntax("STARTTLS")
+        self._after_send.append(self._start_tls)
+        return R.START_TLS
+
+    def _start_tls(self) -> None:
+        """RFC 3207 4.2: forget everything said in plaintext, including what was pipelined after us."""
+        if self.state is State.CLOSED:
+            return
+        self._buf, self._pos = b"", 0
+        self._splitter.reset()
+        self._reset_transaction()
+        self.session.helo, self.session.esmtp, self.session.tls = None, False, True
+        self.session.authenticated_user, self.sasl_continuation = None, None
+        self._enter(State.CONNECTED, "STARTTLS")
+        self._event("transport_security", "medium", "STARTTLS: TLS handshake started", peer=self.session.peer_host)
+        self.transport.startTLS(self.factory.tls_context)
+
+    def smtp_AUTH(self, argument: str) -> Reply | defer.Deferred:
+        if self.factory.auth is None:
+            return NOT_ENABLED
+        return self.factory.auth.command(self, argument)
+
+    def _unknown_answered(self, verdict: Reply | None) -> Reply:
+        take_over = getattr(verdict, "take_over", None)
+        if take_over is not None and verdict.is_positive:
+            self._after_send.append(partial(self._hand_over, take_over))
+        return verdict or R.UNKNOWN_COMMAND
+
+    def _hand_over(self, take_over: Any) -> None:
+        """The roles reverse (ATRN/TURN): this session ends but the connection stays open; input
+        already read and all that follows goes to the protocol ``take_over`` connects."""
+        if self.state is State.CLOSED:
+            return
+        pending = self._buf[self._pos:]
+        self._buf, self._pos, self._reader = b"", 0, None
+        self._enter(State.CLOSED, "connection handed over")
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+        if self._paused:
+            self._paused = False
+            self.transport.resumeProducing()
+        self._delegate = take_over(self.transport, pending)
+
+    # -- end of DATA -----------------------------------------------------------------------------
+
+    def _end_of_data(self, reader: DataReader | ChunkedMessage) -> Reply | defer.Deferred:
+        envelope = self.envelope
+        held, self._held = self._held, 0    # the message's memory: given back once it is queued or refused
+        self._reset_transaction()
+        if reader.problem is not None:
+            self._memory.release(held)
+            self._event("smtp_protocol", "minimum", "message refused", envelope=envelope.id,
+                        problem=reader.problem.value)
+            return R.DATA_PROBLEMS[reader.problem]
+        message = MessageData(reader.chunks, reader.size)
+        if message.header_count("Received") >= self.gateway.config.gateway.queue.max_hops:
+            self._memory.release(held)
+            return R.TOO_MANY_HOPS
+        message.prepend_header("Received", self._received(envelope))
+        envelope.size = message.size
+        result = self._ask("smtpgw_data", partial(self._data_answered, envelope, message),
+                           session=self.session, envelope=envelope, message=message)
+        if not held:
+            return result
+        if isinstance(result, defer.Deferred):
+            return result.addBoth(self._released, held)
+        self._memory.release(held)
+        return result
+
+    def _released(self, result: Any, held: int) -> Any:
+        self._memory.release(held)
+        return result
+
+    # -- message memory (mta/smtp/server/message_memory.py) --------------------------------------------------
+
+    def _hold(self, message: DataReader | ChunkedMessage, stored: int) -> None:
+        """Reserve what the last read added to ``message`` (once per read, not per line: the memory
+        budget's whole cost on the hot path)."""
+        grown = message.size - stored
+        if grown and message.problem is None and self._memory.reserve(grown):
+            self._held += grown
+        elif grown or message.problem is not None:
+            self._over_budget(message)
+
+    def _advance(self, pos: int) -> bool:
+        """Move past what a message reader consumed; True if it consumed anything."""
+        if self._plog_cmd is not None:
+            self._plog_cmd.bytes_in += pos - self._pos
+        moved, self._pos = pos != self._pos, pos
+        return moved
+
+    def _over_budget(self, reader: DataReader | ChunkedMessage) -> None:
+        """The last read did not fit in the message memory, or the message was refused anyway: drop
+        what it holds at once so other sessions can go on; the rest is read off and answered 452."""
+        if reader.problem is None:
+            memory = self._memory
+            self._event("smtp_protocol", "minimum", "message memory full", envelope=self.envelope.id,
+                        held=memory.held, limit=memory.limit, size=reader.size)
+            reader.refuse(Problem.NO_MEMORY)
+        self._release_held()
+
+    def _release_held(self) -> None:
+        if self._held:
+            self._memory.release(self._held)
+            self._held = 0
+
+    def _no_room_for_declared_size(self) -> bool:
+        """At DATA or the first BDAT: refuse at once when the free memory is less than MAIL FROM's
+        SIZE= (the transaction is reset, as after a message refused at its end)."""
+        declared = self.envelope.declared_size
+        memory = self._memory
+        if not declared or declared <= memory.free:
+            return False
+        memory.refusals += 1
+        self._event("smtp_protocol", "minimum", "message memory full", envelope=self.envelope.id,
+                    held=memory.held, limit=memory.limit, declared=declared)
+        self._reset_transaction()
+        return True
+
+    def _data_answered(self, envelope: Envelope, message: MessageData,
+                       verdict: Reply | None) -> Reply | defer.Deferred:
+        if verdict is not None and not verdict.is_positive:
+            return verdict
+        d = defer.maybeDeferred(self.gateway.queue.submit, self.session, envelope, message)
+        return d.addCallbacks(partial(self._queued, envelope), partial(self._queue_failed, envelope))
+
+    def _queued(self, envelope: Envelope, queue_id: str) -> Reply:
+        if self._plog_cmd is not None:      # the W3C DATA line names the message, as IIS's does
+            self._plog_cmd.line = f"{self._plog_cmd.verb} <{queue_id}>"
+        self._event("smtp_protocol", "medium", "message accepted", id=queue_id, sender=envelope.sender or "<>",
+                    recipients=len(envelope.recipients), size=envelope.size)
+        self._after_send.append(partial(self.hooks.notify, "smtpgw_queued", envelope=envelope))
+        return Reply(250, "2.0.0", f"Ok: queued as {queue_id}")
+
+    def _queue_failed(self, envelope: Envelope, failure: Any) -> Reply:
+        log.failure("session {session}: queueing {envelope} failed", failure,
+                    session=self.session.id, envelope=envelope.id)
+        return R.INTERNAL_ERROR
+
+    def _received(self, envelope: Envelope) -> str:
+        """The trace header of RFC 5321 4.4 (``with`` per RFC 3848 / RFC 6531)."""
+        s = self.session
+        ip = f"IPv6:{s.peer_host}" if ":" in s.peer_host else s.peer_host
+        base = "UTF8SMTP" if "SMTPUTF8" in envelope.mail_params else "ESMTP"
+        suffix = ("S" if s.tls else "") + ("A" if s.authenticated_user else "")
+        protocol = base + suffix if (s.esmtp or suffix) else "SMTP"
+        rcpt = f"\r\n\tfor <{envelope.recipients[0]}>" if len(envelope.recipients) == 1 else ""
+        # user names are restricted to comment-safe characters (mta/smtp/server/users.py USER_NAME)
+        who = f"\r\n\t(Authenticated sender: {s.authenticated_user})" if s.authenticated_user else ""
+        return (f"from {s.helo} ([{ip}]){who}\r\n\tby {self.hostname} (smtpgw) with {protocol} id {envelope.id}"
+                f"{rcpt};\r\n\t{self._date()}")
+
+
+def _param_error(error: AddressError, params_text: str) -> Reply:
+    """A repeated DSN parameter is a 501 (RFC 3461, as Postfix answers); other repeats keep the 555."""
+    if error.reply is address.DUPLICATE_PARAM:
+        return dsn_params.duplicate_refusal(params_text) or error.reply
+    return error.reply
+
+
+class _TooBusy(Protocol):
+    """Answers a connection over the limit and hangs up."""
+
+    def __init__(self, hooks: Any) -> None:
+        self.hooks = hooks
+
+    def connectionMade(self) -> None:
+        self.hooks.event("connection_manager", "minimum", "too many connections",
+                         peer=getattr(self.transport.getPeer(), "host", ""))
+        self.transport.write(R.TOO_MANY_CONNECTIONS.to_bytes())
+        self.transport.loseConnection()
+
+
+class SMTPServerFactory(ServerFactory):
+    """The listener side of one virtual server: its limits, its TLS context, its connection count."""
+
+    def __init__(self, gateway: Any, vs: VirtualServer) -> None:
+
+        self.gateway = gateway
+        self.vs = vs
+        self.active = 0                 # this process's connections (the metrics endpoint reads it)
+        # With several workers, max_connections is the gateway's total, counted in a file they all
+        # map (gateway.worker is set before tap builds the factories); None: this process is all.
+        self.shared = SharedConnectionLimit.for_factory(gateway, vs)
+        self.memory = message_memory.for_gateway(gateway)   # one per process, shared by the virtual servers
+        self.tls_context = None         # mta.smtp.server.tls.ServerTLS: re-read on SIGHUP
+        if vs.tls.certificate and vs.tls.key:
+            self.tls_context = ServerTLS(vs.tls.certificate, vs.tls.key, name=vs.name)
+        self.auth = ServerAuth.for_virtual_server(vs, gateway.reactor)
+        self.protocol_log = None        # mta.smtp.server.protocol_log.ProtocolLog: flushed by tap's ProtocolLogService
+        if vs.protocol_log.enabled:
+            self.protocol_log = ProtocolLog.for_virtual_server(gateway, vs)
+
+    def buildProtocol(self, addr: Any) -> Protocol:
+        shared = self.shared
+        total = self.active if shared is None else shared.total(self.active)
+        if total >= self.vs.limits.max_connections:
+            return _TooBusy(self.gateway.hooks)
+        self.active += 1
+        if shared is not None:
+            shared.publish(self.active)
+        return SMTPServerProtocol(self)
+
+    def connection_closed(self, protocol: SMTPServerProtocol) -> None:
+        self.active -= 1
+        if self.shared is not None:
+            self.shared.publish(self.active)

@@ -1,0 +1,124 @@
+"""The gateway's end of the spool writer process (:mod:`mta.spool.writer`).
+
+Kept apart from the child's module so that the child starts without importing Twisted.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any, Callable
+
+from twisted.internet import defer, protocol
+from twisted.logger import Logger
+
+import mta
+
+from mta.spool.writer import BATCH, OK, ReplyReader, encode_request
+
+log = Logger(namespace="smtpgw.spool")
+
+
+def _child_command() -> tuple[str, list[str], dict[str, str]]:
+    """Run the same checkout's writer in the child, whatever the parent's sys.path was built from."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(mta.__file__)))     # the folder holding mta/
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([root, *filter(None, [env.get("PYTHONPATH")])])
+    return sys.executable, [sys.executable, "-m", "mta.spool.writer"], env
+
+
+class WriterLink:
+    """One child process, started on first use and again after it dies.
+
+    ``request`` returns a Deferred that fires once the child reports the work done and durable, or
+    fails with ``error_type`` if the child answered an error or died on the way (a message whose
+    client is then told 4xx). ``stop`` closes the child's stdin: it finishes what it was sent, exits.
+    """
+
+    def __init__(self, reactor: Any, queue_dir: str, error_type: Callable[[str], Exception]) -> None:
+        self._reactor = reactor
+        self._queue_dir = queue_dir
+        self._error = error_type
+        self._proto: _WriterProtocol | None = None
+        self._tag = 0
+        self.batches = 0
+        self.restarts = 0
+
+    def request(self, op: bytes, tmp: str, final: str, chunks: list[bytes]) -> defer.Deferred:
+        proto = self._proto
+        if proto is None or proto.ended:
+            try:
+                proto = self._spawn()
+            except Exception as e:
+                return defer.fail(self._error(f"cannot start the spool writer: {e}"))
+        self._tag = tag = (self._tag + 1) & 0xFFFFFFFF
+        d: defer.Deferred = defer.Deferred()
+        proto.pending[tag] = d
+        proto.transport.writeSequence(encode_request(op, tag, tmp, final, chunks))
+        return d
+
+    @property
+    def pid(self) -> int | None:
+        """The running child's pid (tests kill it)."""
+        proto = self._proto
+        return None if proto is None or proto.ended else proto.transport.pid
+
+    def _spawn(self) -> "_WriterProtocol":
+        exe, args, env = _child_command()
+        proto = _WriterProtocol(self)
+        self._reactor.spawnProcess(proto, exe, [*args, self._queue_dir, str(os.getpid())], env=env,
+                                   childFDs={0: "w", 1: "r", 2: 2})
+        if self._proto is not None:
+            self.restarts += 1
+        self._proto = proto
+        return proto
+
+    def stop(self) -> defer.Deferred:
+        """Fires when the child has exited."""
+        proto, self._proto = self._proto, None
+        if proto is None or proto.ended:
+            return defer.succeed(None)
+        proto.transport.closeStdin()
+        return proto.exited()
+
+    def _answer(self, proto: "_WriterProtocol", kind: int, tag: int, text: str) -> None:
+        d = proto.pending.pop(tag, None)
+        if d is None:
+            return
+        if kind == BATCH:
+            self.batches += 1
+        if kind == OK or kind == BATCH:
+            d.callback(None)
+        else:
+            d.errback(self._error(text))
+
+
+class _WriterProtocol(protocol.ProcessProtocol):
+    def __init__(self, link: WriterLink) -> None:
+        self.link = link
+        self.pending: dict[int, defer.Deferred] = {}
+        self.ended = False
+        self._reader = ReplyReader()
+        self._waiters: list[defer.Deferred] = []
+
+    def childDataReceived(self, fd: int, data: bytes) -> None:
+        for kind, tag, text in self._reader.feed(data):
+            self.link._answer(self, kind, tag, text)
+
+    def processEnded(self, reason: Any) -> None:
+        self.ended = True
+        pending, self.pending = self.pending, {}
+        if pending:
+            log.error("spool writer exited with {n} writes unfinished: {why}", n=len(pending),
+                      why=reason.value)
+        for d in pending.values():
+            d.errback(self.link._error(f"spool writer exited before finishing: {reason.value}"))
+        waiters, self._waiters = self._waiters, []
+        for w in waiters:
+            w.callback(None)
+
+    def exited(self) -> defer.Deferred:
+        if self.ended:
+            return defer.succeed(None)
+        d: defer.Deferred = defer.Deferred()
+        self._waiters.append(d)
+        return d

@@ -1,0 +1,388 @@
+"""The durable spool: queued messages and their per-recipient state, on disk or in memory.
+
+The queue manager sees only the narrow interface below (put, read, update, remove, scan), in the
+manner of OpenSMTPD's ``queue_backend``: :class:`Spool` keeps files, :class:`MemorySpool` keeps
+dicts for unit tests. Neither knows anything about scheduling.
+
+On-disk layout under the spool directory::
+
+    tmp/          files being written; anything here at startup is an unfinished write and is removed
+    queue/<id>    one file per message: a header line (magic + JSON: body length and the envelope
+                  with its recipient states as queued) followed by the message bytes
+    queue/<id>.st the current recipient states (same JSON envelope); supersedes the header's copy
+    corrupt/      files that could not be read at scan time, kept for the postmaster
+
+Why this shape: the 250 after DATA waits for ``put()``, so put() is the hot path. One file per
+message costs one ``fdatasync``; the file only appears under ``queue/`` by ``rename`` after that sync,
+so a crash can never leave a half-written message that a restart would deliver. The rename itself
+is made durable by an fsync of ``queue/``, and those are group-committed: one directory fsync covers
+every rename that finished before it started, so many concurrent puts share it. Writes, syncs and
+unlinks run in the spool writer, a child process with threads of its own (:mod:`mta.spool.writer`,
+which says why not threads here), so that many fsyncs overlap (the journal batches them) and the
+reactor thread never blocks on the disk. Reads and scans are rare and use the reactor's threads.
+
+State updates are rare (only when an attempt leaves something pending) and use the same
+tmp -> fdatasync -> rename -> directory fsync sequence, so a retry never resends to a recipient that
+succeeded. ``remove()`` deliberately skips the directory fsync: a crash right after it can at worst
+bring a finished message back, which then delivers again (a duplicate, never a loss).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import time
+from typing import Any, Callable, Iterable
+
+from twisted.internet import defer
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+
+from mta.model.queue_entry import QueueEntry, RecipientState
+from mta.spool.files import STATE_SUFFIX, unlink_quietly
+from mta.spool.writer import OP_NEW, OP_REPLACE, OP_UNLINK
+from mta.spool.link import WriterLink
+
+log = Logger(namespace="smtpgw.spool")
+
+MESSAGE_MAGIC = b"smtpgw-spool 1 "
+STATE_MAGIC = b"smtpgw-state 1 "
+MAX_HEADER = 64 * 1024 * 1024          # a header line longer than this is not ours
+_ID_RE = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}$")
+
+
+class SpoolError(Exception):
+    """The spool cannot do what was asked (bad id, duplicate id, closed)."""
+
+
+class CorruptFile(Exception):
+    """A spool file that does not parse; scan() moves it to ``corrupt/``."""
+
+
+def check_id(entry_id: str) -> str:
+    """Ids become file names, so only a safe alphabet is allowed."""
+    if not _ID_RE.match(entry_id) or entry_id.endswith(STATE_SUFFIX):
+        raise SpoolError(f"invalid queue id {entry_id!r}")
+    return entry_id
+
+
+_ENCODER = json.JSONEncoder(separators=(",", ":"))
+_ENTRY_FIELDS = {f.name for f in dataclasses.fields(QueueEntry)}
+_RCPT_FIELDS = {f.name for f in dataclasses.fields(RecipientState)}
+
+
+def _entry_doc(entry: QueueEntry) -> dict[str, Any]:
+    """``entry.to_dict()`` without its deep copy (``dataclasses.asdict``): the same JSON, for a
+    fraction of the cost on the path of every message. Anything but the known shape takes the long way."""
+    doc = dict(vars(entry))
+    rcpts = doc.get("rcpts")
+    if (type(entry) is not QueueEntry or doc.keys() != _ENTRY_FIELDS or type(rcpts) is not list
+            or not all(type(r) is RecipientState and vars(r).keys() == _RCPT_FIELDS for r in rcpts)):
+        return entry.to_dict()
+    doc["rcpts"] = [vars(r) for r in rcpts]
+    return doc
+
+
+def encode_message_header(entry: QueueEntry, length: int) -> bytes:
+    doc = {"len": length, "entry": _entry_doc(entry)}
+    return MESSAGE_MAGIC + _ENCODER.encode(doc).encode("ascii") + b"\n"
+
+
+def encode_state(entry: QueueEntry) -> bytes:
+    return STATE_MAGIC + _ENCODER.encode(_entry_doc(entry)).encode("ascii") + b"\n"
+
+
+def decode_entry(doc: Any) -> QueueEntry:
+    if not isinstance(doc, dict):
+        raise CorruptFile("envelope is not an object")
+    try:
+        return QueueEntry.from_dict(doc)
+    except (TypeError, ValueError, KeyError) as e:
+        raise CorruptFile(f"bad envelope: {e}") from e
+
+
+class Spool:
+    """The filesystem spool. Needs a real reactor (its writes run in a child process)."""
+
+    def __init__(self, directory: str, reactor: Any = None) -> None:
+        if reactor is None:
+            from twisted.internet import reactor as _reactor
+            reactor = _reactor
+        self.directory = os.path.abspath(directory)
+        self.tmp_dir = os.path.join(self.directory, "tmp")
+        self.queue_dir = os.path.join(self.directory, "queue")
+        self.corrupt_dir = os.path.join(self.directory, "corrupt")
+        self.reactor = reactor
+        self._link: Any = None
+        self._shutdown_trigger: Any = None
+        self._seq = 0
+        # Several workers on one spool (mta/workers/identity.py): the queue ids this process owns. Only those
+        # are scanned and only their unfinished writes are cleaned up; None means every file.
+        self.owns: Callable[[str], bool] | None = None
+
+    # -- lifecycle -------------------------------------------------------------------------------
+
+    def open(self) -> None:
+        """Create the folders and drop unfinished writes; synchronous, for startup only. The writer
+        process starts with the first write, so tools that only read never start one."""
+        for d in (self.directory, self.tmp_dir, self.queue_dir, self.corrupt_dir):
+            os.makedirs(d, mode=0o700, exist_ok=True)
+        for name in os.listdir(self.tmp_dir):
+            if self.owns is not None and not self.owns(name.split(".", 1)[0]):
+                continue            # another worker's write in progress
+            unlink_quietly(os.path.join(self.tmp_dir, name))
+        if self._link is None:
+            self._link = WriterLink(self.reactor, self.queue_dir, SpoolError)
+            self._shutdown_trigger = self.reactor.addSystemEventTrigger("during", "shutdown", self._stop_link)
+
+    def close(self) -> defer.Deferred:
+        """Let the writer finish what it was sent, then stop it; call once nothing new is coming."""
+        if self._shutdown_trigger is not None:
+            self.reactor.removeSystemEventTrigger(self._shutdown_trigger)
+            self._shutdown_trigger = None
+        return self._stop_link()
+
+    def _stop_link(self) -> defer.Deferred:
+        link, self._link = self._link, None
+        return link.stop() if link is not None else defer.succeed(None)
+
+    def _in_thread(self, f: Callable[..., Any], *args: Any) -> defer.Deferred:
+        if self._link is None:
+            return defer.fail(SpoolError("spool is not open"))
+        return deferToThreadPool(self.reactor, self.reactor.getThreadPool(), f, *args)
+
+    def _write(self, op: bytes, entry_id: str, final: str, chunks: list[bytes]) -> defer.Deferred:
+        link = self._link
+        if link is None:
+            return defer.fail(SpoolError("spool is not open"))
+        self._seq += 1
+        return link.request(op, os.path.join(self.tmp_dir, f"{entry_id}.{self._seq}"), final, chunks)
+
+    @property
+    def dir_syncs(self) -> int:
+        """How many directory fsyncs have run (to see the group commit at work)."""
+        return self._link.batches if self._link else 0
+
+    @property
+    def writer_pid(self) -> int | None:
+        return self._link.pid if self._link else None
+
+    def _path(self, entry_id: str) -> str:
+        return os.path.join(self.queue_dir, check_id(entry_id))
+
+    # -- the backend interface -------------------------------------------------------------------
+
+    def put(self, entry: QueueEntry, chunks: list[bytes]) -> defer.Deferred:
+        """Store a new message; fires (None) only once file and directory entry are on disk."""
+        try:
+            final = self._path(entry.id)
+            header = encode_message_header(entry, sum(len(c) for c in chunks))
+        except Exception:
+            return defer.fail()
+        return self._write(OP_NEW, entry.id, final, [header, *chunks])
+
+    def update(self, entry: QueueEntry) -> defer.Deferred:
+        """Durably replace the recipient states (and extra) of a queued message."""
+        try:
+            final = self._path(entry.id) + STATE_SUFFIX
+            data = encode_state(entry)
+        except Exception:
+            return defer.fail()
+        return self._write(OP_REPLACE, entry.id + STATE_SUFFIX, final, [data])
+
+    def read(self, entry_id: str) -> defer.Deferred:
+        """The message bytes as queued."""
+        try:
+            path = self._path(entry_id)
+        except Exception:
+            return defer.fail()
+        return self._in_thread(self._read_body, path)
+
+    def remove(self, entry_id: str) -> defer.Deferred:
+        """Forget a finished message. No directory fsync (see the module docstring)."""
+        try:
+            path = self._path(entry_id)
+        except Exception:
+            return defer.fail()
+        return self._write(OP_UNLINK, entry_id, path, [])
+
+    def scan(self) -> defer.Deferred:
+        """Every queued entry (no message data), read in a thread; bad files are moved aside."""
+        d = self._in_thread(self._scan_collect)
+
+        def report(found: tuple[list[QueueEntry], list[str]]) -> list[QueueEntry]:
+            entries, problems = found
+            for p in problems:
+                log.warn("spool: {problem}", problem=p)
+            return entries
+
+        return d.addCallback(report)
+
+    def scan_sync(self, repair: bool = False) -> list[QueueEntry]:
+        """:meth:`scan` for tools (no reactor, no thread). Read-only unless ``repair``: a tool
+        looking at a live spool must not move the daemon's files around; problems are logged."""
+        entries, problems = self._scan_collect(repair)
+        for p in problems:
+            log.warn("spool: {problem}", problem=p)
+        return entries
+
+    # -- the work done in threads ----------------------------------------------------------------
+
+    @staticmethod
+    def _read_body(path: str) -> bytes:
+        with open(path, "rb") as f:
+            raw = f.read()
+        nl = raw.find(b"\n")
+        if not raw.startswith(MESSAGE_MAGIC) or nl < 0:
+            raise CorruptFile(f"{path}: not a spool file")
+        try:
+            length = json.loads(raw[len(MESSAGE_MAGIC):nl])["len"]
+        except (ValueError, KeyError, TypeError) as e:
+            raise CorruptFile(f"{path}: bad header: {e}") from e
+        body = raw[nl + 1:]
+        if len(body) != length:
+            raise CorruptFile(f"{path}: message is {len(body)} bytes, header says {length}")
+        return body
+
+    def _scan_collect(self, repair: bool = True) -> tuple[list[QueueEntry], list[str]]:
+        problems: list[str] = []
+        entries: list[QueueEntry] = []
+        names = set(os.listdir(self.queue_dir))
+        owns = self.owns
+        for name in sorted(names):
+            if owns is not None and not owns(name[:-len(STATE_SUFFIX)] if name.endswith(STATE_SUFFIX) else name):
+                continue            # another worker's entry
+            path = os.path.join(self.queue_dir, name)
+            if name.endswith(STATE_SUFFIX):
+                if name[:-len(STATE_SUFFIX)] not in names:
+                    problems.append(f"orphan state file {name}")
+                    if repair:
+                        unlink_quietly(path)
+                continue
+            try:
+                check_id(name)
+                entry = self._load_header(path)
+                if entry.id != name:
+                    raise CorruptFile(f"file name does not match queue id {entry.id!r}")
+            except (CorruptFile, SpoolError, OSError, UnicodeError) as e:
+                problems.append(f"corrupt file {name} (moved to corrupt/ by the daemon): {e}")
+                if repair:
+                    self._move_aside(path, name)
+                continue
+            state = name + STATE_SUFFIX
+            if state in names:
+                try:
+                    entry = self._load_state(os.path.join(self.queue_dir, state), name)
+                except (CorruptFile, OSError, UnicodeError) as e:
+                    problems.append(f"corrupt state file {state} (moved to corrupt/ by the daemon, which "
+                                    f"uses the states as queued; some recipients may get a duplicate): {e}")
+                    if repair:
+                        self._move_aside(os.path.join(self.queue_dir, state), state)
+            entries.append(entry)
+        entries.sort(key=lambda e: (e.received_at, e.id))
+        return entries, problems
+
+    @staticmethod
+    def _load_header(path: str) -> QueueEntry:
+        with open(path, "rb") as f:
+            line = f.readline(MAX_HEADER)
+            size = os.fstat(f.fileno()).st_size
+        if not line.startswith(MESSAGE_MAGIC) or not line.endswith(b"\n"):
+            raise CorruptFile("no spool header")
+        try:
+            doc = json.loads(line[len(MESSAGE_MAGIC):])
+            length = doc["len"]
+            entry = decode_entry(doc["entry"])
+        except (ValueError, KeyError, TypeError) as e:
+            raise CorruptFile(f"bad header: {e}") from e
+        if size != len(line) + length:
+            raise CorruptFile(f"file is {size} bytes, expected {len(line) + length}")
+        return entry
+
+    @staticmethod
+    def _load_state(path: str, entry_id: str) -> QueueEntry:
+        with open(path, "rb") as f:
+            raw = f.read()
+        if not raw.startswith(STATE_MAGIC) or not raw.endswith(b"\n"):
+            raise CorruptFile("no state header")
+        try:
+            entry = decode_entry(json.loads(raw[len(STATE_MAGIC):]))
+        except ValueError as e:
+            raise CorruptFile(f"bad state: {e}") from e
+        if entry.id != entry_id:
+            raise CorruptFile(f"state is for {entry.id!r}")
+        return entry
+
+    def _move_aside(self, path: str, name: str) -> None:
+        target = os.path.join(self.corrupt_dir, name)
+        if os.path.lexists(target):
+            target += f".{int(time.time())}.{os.getpid()}"
+        try:
+            os.rename(path, target)
+        except OSError:
+            log.failure("spool: cannot move {path} aside", path=path)
+
+
+class MemorySpool:
+    """The same interface kept in memory; every Deferred fires at once. For unit tests.
+
+    Entries are stored as JSON round-trips, so what comes back is a copy (as from disk) and a
+    non-JSON ``extra`` fails here just as it would on disk.
+    """
+
+    def __init__(self) -> None:
+        self.messages: dict[str, bytes] = {}
+        self.states: dict[str, str] = {}
+        self.puts = self.updates = self.removes = 0
+        self.opened = False
+
+    def open(self) -> None:
+        self.opened = True
+
+    def close(self) -> None:
+        self.opened = False
+
+    def put(self, entry: QueueEntry, chunks: Iterable[bytes]) -> defer.Deferred:
+        try:
+            check_id(entry.id)
+            if entry.id in self.messages:
+                raise SpoolError(f"queue id already in use: {entry.id}")
+            self.states[entry.id] = json.dumps(entry.to_dict())
+        except Exception:
+            return defer.fail()
+        self.messages[entry.id] = b"".join(chunks)
+        self.puts += 1
+        return defer.succeed(None)
+
+    def read(self, entry_id: str) -> defer.Deferred:
+        if entry_id not in self.messages:
+            return defer.fail(FileNotFoundError(entry_id))
+        return defer.succeed(self.messages[entry_id])
+
+    def update(self, entry: QueueEntry) -> defer.Deferred:
+        try:
+            if entry.id not in self.messages:
+                raise SpoolError(f"no such queue entry: {entry.id}")
+            self.states[entry.id] = json.dumps(entry.to_dict())
+        except Exception:
+            return defer.fail()
+        self.updates += 1
+        return defer.succeed(None)
+
+    def remove(self, entry_id: str) -> defer.Deferred:
+        self.messages.pop(entry_id, None)
+        self.states.pop(entry_id, None)
+        self.removes += 1
+        return defer.succeed(None)
+
+    def scan(self) -> defer.Deferred:
+        return defer.succeed(self.scan_sync())
+
+    def scan_sync(self, repair: bool = False) -> list[QueueEntry]:
+        entries = [QueueEntry.from_dict(json.loads(s)) for s in self.states.values()]
+        return sorted(entries, key=lambda e: (e.received_at, e.id))
+
+    def get(self, entry_id: str) -> QueueEntry:
+        """The stored copy of one entry (tests)."""
+        return QueueEntry.from_dict(json.loads(self.states[entry_id]))
