@@ -17,7 +17,9 @@ from mta.smtp.client.pool import SMTPClientPool
 from mta.delivery.attempt import Deliverer
 from mta.queue.manager import QueueManager
 from mta.delivery.nexthops import Resolver
+from mta.queue.pickup import Pickup
 from mta.spool.store import Spool
+from mta.workers import identity
 
 
 class Gateway:
@@ -37,16 +39,22 @@ class Gateway:
         self.client = SMTPClientPool(reactor, helo_name=config.gateway.hostname)
         self.deliverer = Deliverer(self)
         self.queue = QueueManager(self)
+        self.pickup = Pickup(config.gateway.spool, self.queue.inject, reactor)     # smtpgw sendmail
         # mta.smtp.server.message_memory.MessageMemory: the bytes of messages being received; made by the first
         # listener (message_memory.for_gateway), once this process's worker share is known
         self.message_memory = None
         self.hooks.pm.hook.smtpgw_configure(config=config, services=self)
 
     def start(self) -> defer.Deferred:
-        """Open the spool and rebuild the schedule from disk (in a thread), then start delivering."""
-        return self.queue.start()
+        """Open the spool and rebuild the schedule from disk (in a thread), then start delivering;
+        the worker answering the control socket (0) also picks up what ``smtpgw sendmail`` dropped."""
+        d = self.queue.start()
+        if identity.of(self).index == 0:
+            d.addCallback(lambda loaded: (self.pickup.start(), loaded)[1])
+        return d
 
     def stop(self) -> defer.Deferred:
+        self.pickup.stop()
         d = self.queue.stop()
         d.addBoth(lambda r: self.client.close())
         return d

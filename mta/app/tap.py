@@ -12,7 +12,7 @@ from twisted.application import internet, service
 from twisted.python import usage
 
 from mta.app.preflight import load_checked
-from mta.config import Config, ConfigError, ListenAddress, format_config_error
+from mta.config import Config, ConfigError, ListenAddress, default_path, format_config_error
 from mta.workers import identity
 from mta.workers.endpoint import SharedEndpoint
 from mta.workers.lock import OwnerLock
@@ -29,7 +29,9 @@ from mta.app.operator import add_operator_services
 class Options(usage.Options):
     synopsis = "[-c FILE]"
     longdesc = "Run the smtpgw SMTP gateway with the configuration in FILE (default etc/gateway.yaml)."
-    optParameters = [["config", "c", "etc/gateway.yaml", "the gateway's YAML configuration file"]]
+    optParameters = [["config", "c", default_path(),
+                      "the gateway's YAML configuration file ($SMTPGW_CONFIG, /etc/smtpgw/gateway.yaml, "
+                      "etc/gateway.yaml)"]]
 
     def postOptions(self) -> None:
         """Validate the whole file before anything listens; the error names the key."""

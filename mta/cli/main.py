@@ -24,14 +24,23 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.metadata
 import sys
 from dataclasses import dataclass
 from typing import Any, Callable
 
 from mta.app.preflight import load_checked
-from mta.config import Config, ConfigError, format_config_error
+from mta.config import Config, ConfigError, default_path, format_config_error
 
-DEFAULT_CONFIG = "etc/gateway.yaml"
+def version() -> str:
+    """The installed distribution's version (what ``pip show smtpgw`` says)."""
+    try:
+        return importlib.metadata.version("smtpgw")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown (not installed)"
+
+
+DEFAULT_CONFIG = default_path()      # $SMTPGW_CONFIG, /etc/smtpgw/gateway.yaml, etc/gateway.yaml
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 
 # Modules that register further subcommands when imported; add one line per module.
@@ -40,6 +49,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "mta.cli.queue",            # smtpgw queue
     "mta.cli.dns",              # smtpgw dns-check
     "mta.cli.etrn",             # smtpgw etrn
+    "mta.cli.sendmail",         # smtpgw sendmail
 )
 
 
@@ -75,6 +85,7 @@ def load_config(args: argparse.Namespace) -> Config:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="smtpgw", description="smtpgw, an SMTP gateway: administration")
+    parser.add_argument("--version", action="version", version=f"smtpgw {version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for cmd in COMMANDS.values():
         p = sub.add_parser(cmd.name, help=cmd.help, description=cmd.help)

@@ -10,7 +10,7 @@ from __future__ import annotations
 from mta.config.errors import ConfigError, ConfigFileError, format_config_error
 from mta.config.model import *  # noqa: F401,F403  (the dataclasses are the configuration's public face)
 from mta.config.model import Config
-from mta.config.loader import build as parse_config, load
+from mta.config.loader import build as parse_config, default_path, load
 
 
 def load_config(path: str) -> Config:
@@ -18,4 +18,5 @@ def load_config(path: str) -> Config:
     return load(path)
 
 
-__all__ = ["ConfigError", "ConfigFileError", "format_config_error", "Config", "load_config", "parse_config"]
+__all__ = ["ConfigError", "ConfigFileError", "format_config_error", "Config", "default_path", "load_config",
+           "parse_config"]

@@ -70,6 +70,20 @@ def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode, deep: bool
 _StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
 
 
+SEARCH_PATH = ("/etc/smtpgw/gateway.yaml", "etc/gateway.yaml")
+ENV_CONFIG = "SMTPGW_CONFIG"
+
+
+def default_path(environ: dict[str, str] | None = None) -> str:
+    """The configuration file when none is named: ``$SMTPGW_CONFIG``, else the first of
+    ``/etc/smtpgw/gateway.yaml`` and ``etc/gateway.yaml`` that exists (the last one if neither does,
+    so the error names the file a new user expects)."""
+    env = os.environ if environ is None else environ
+    if env.get(ENV_CONFIG):
+        return env[ENV_CONFIG]
+    return next((p for p in SEARCH_PATH if os.path.exists(p)), SEARCH_PATH[-1])
+
+
 def load(path: str, file_checks: Iterable[Callable[[Config], None]] = ()) -> Config:
     """Read and validate the YAML file at ``path``.
 

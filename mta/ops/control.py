@@ -13,6 +13,7 @@ Protocol: one JSON object per line in each direction, one reply per request, in 
     {"op": "retry" | "hold" | "release", "ids": [ID, ...]} or {"domain": D} or {"all": true}
                                                     -> {"ok": true, "results": [{"id", "result"}, ...]}
     {"op": "delete", "ids": [ID, ...], "dsn": bool} -> {"ok": true, "results": [{"id", "result", "dsn"}]}
+    {"op": "pickup"}                                -> {"ok": true} (the maildrop is read now)
     {"op": "ping"}                                  -> {"ok": true, "hostname": ..., "pid": ...}
 
 An error is ``{"ok": false, "error": TEXT}``. SUMMARY and DETAIL are built by :func:`summary` and
@@ -171,6 +172,11 @@ class QueueControl:
 
     def op_ping(self, request: dict) -> dict[str, Any]:
         return {"ok": True, "hostname": self.gateway.config.gateway.hostname, "pid": os.getpid()}
+
+    def op_pickup(self, request: dict) -> dict[str, Any]:
+        """``smtpgw sendmail`` dropped a message: pick it up now rather than at the next minute."""
+        self.gateway.pickup.run()
+        return {"ok": True}
 
     def op_list(self, request: dict) -> dict[str, Any]:
         now = self._now()
