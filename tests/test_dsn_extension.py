@@ -74,7 +74,8 @@ def test_parameters_are_kept_with_the_envelope():
         Code.OK, "2.1.5")
     assert answer(d, "RCPT TO:<v@example.test> NOTIFY=NEVER") == (Code.OK, "2.1.5")
     assert answer(d, "RCPT TO:<w@example.test>") == (Code.OK, "2.1.5")
-    d.send(b"DATA\r\n" + MSG + b".\r\n")
+    d.send(b"DATA\r\n")
+    d.send(MSG + b".\r\n")
     envelope = d.submitted[0].envelope
     assert envelope.mail_params == {"RET": "HDRS", "ENVID": "QQ+2B1"}
     assert envelope.rcpt_params == {
@@ -151,8 +152,9 @@ def test_dsn_parameters_need_ehlo():
 def test_refused_recipient_leaves_the_transaction_usable():
     d = in_transaction()
     assert d.codes(b"RCPT TO:<u@example.test> NOTIFY=NEVER,DELAY\r\n"
-                   b"RCPT TO:<u@example.test> NOTIFY=DELAY\r\nDATA\r\n" + MSG + b".\r\n") == [
-        Code.ARGUMENT_ERROR, Code.OK, Code.START_INPUT, Code.OK]
+                   b"RCPT TO:<u@example.test> NOTIFY=DELAY\r\nDATA\r\n") == [
+        Code.ARGUMENT_ERROR, Code.OK, Code.START_INPUT]
+    assert d.codes(MSG + b".\r\n") == [Code.OK]
     assert d.submitted[0].envelope.rcpt_params == {"u@example.test": {"NOTIFY": "DELAY"}}
 
 

@@ -233,6 +233,17 @@ def test_tls_required_refuses_mail_before_starttls(site):
     assert " with ESMTPS id " in received
 
 
+def test_help_lists_starttls_before_tls_and_auth_after(site):
+    with smtplib.SMTP(*GW, timeout=30) as s:
+        code, text = s.docmd("HELP")
+        assert code == 214 and text.split(b"\n")[0].endswith(b" HELP STARTTLS")
+        s.ehlo("client.test")
+        s._host = HOSTNAME
+        s.starttls(context=site.context)
+        code, text = s.docmd("HELP")
+        assert code == 214 and text.split(b"\n")[0].endswith(b" HELP AUTH"), text
+
+
 # -- implicit TLS -----------------------------------------------------------------------------------
 
 def test_implicit_tls_listener_with_auth(site):

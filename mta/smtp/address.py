@@ -181,6 +181,27 @@ def _address_literal(domain: str) -> str:
         raise AddressError(BAD_SYNTAX) from None
 
 
+# EHLO/HELO names (RFC 5321 4.1.1.1): a domain as in paths, except that '_' is taken inside a label, as
+# Postfix takes it (Windows machine names carry it); never a space, parenthesis, ';' or 8-bit octet.
+_HELO_LABEL = r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?"
+_HELO_DOMAIN = re.compile(rf"{_HELO_LABEL}(?:\.{_HELO_LABEL})*\.?")
+
+
+def is_helo_name(name: str) -> bool:
+    """Whether ``name`` is a domain name or an IPv4/IPv6 address literal, the only EHLO/HELO
+    arguments RFC 5321 4.1.1.1 allows. What passes is safe to record in a Received header as is:
+    no comment, space, control character or non-ASCII octet can pass."""
+    if not name.isascii():
+        return False
+    if name.startswith("["):
+        try:
+            _address_literal(name)
+        except AddressError:
+            return False
+        return True
+    return len(name) <= MAX_DOMAIN and _HELO_DOMAIN.fullmatch(name) is not None
+
+
 def parse_params(text: str, utf8: bool = False) -> dict[str, str | None]:
     """ESMTP ``keyword[=value]`` parameters (RFC 5321 4.1.2), keys upper-cased, in order."""
     params: dict[str, str | None] = {}

@@ -11,8 +11,6 @@ START_DATA = Reply(354, "", "End data with <CR><LF>.<CR><LF>")
 BYE = Reply(221, "2.0.0", "Bye", disconnect=True)
 VRFY_REPLY = Reply(252, "2.5.0", "Cannot VRFY user, but will accept message and attempt delivery")
 START_TLS = Reply(220, "2.0.0", "Ready to start TLS")
-HELP = Reply(214, "2.0.0", "Commands: EHLO HELO MAIL RCPT DATA BDAT RSET NOOP QUIT VRFY HELP STARTTLS\n"
-             "See RFC 5321")
 
 TOO_MANY_CONNECTIONS = Reply(421, "4.7.0", "Too many connections", disconnect=True)
 INTERNAL_ERROR = Reply(451, "4.3.0", "Local error in processing, try again later")
@@ -40,6 +38,15 @@ UNSUPPORTED_PARAM = Reply(555, "5.5.4", "Unsupported MAIL FROM/RCPT TO parameter
 PARAMS_AFTER_HELO = Reply(555, "5.5.4", "ESMTP parameters need EHLO")
 BAD_SIZE = Reply(501, "5.5.4", "Bad SIZE parameter")
 BAD_BODY = Reply(501, "5.5.4", "Bad BODY parameter")
+BAD_HELO = Reply(501, "5.5.2", "Syntax: EHLO/HELO needs a domain name or an address literal "
+                 "(mail.example.com, [192.0.2.1], [IPv6:2001:db8::1])")
+# Postfix 3.9's smtpd_forbid_unauth_pipelining: input after DATA before its reply (RFC 2920 3.1)
+IMPROPER_PIPELINING = Reply(554, "5.5.0", "Error: improper command pipelining after DATA", disconnect=True)
+
+
+def help_reply(verbs: list[str]) -> Reply:
+    """HELP's answer: the verbs this session is offered now."""
+    return Reply(214, "2.0.0", f"Commands: {' '.join(verbs)}\nSee RFC 5321")
 
 
 def syntax(usage: str) -> Reply:

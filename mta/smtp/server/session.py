@@ -105,6 +105,11 @@ COMMANDS: dict[str, Command] = {
 }
 
 
+# HELP's list: the verbs always taken, then those an EHLO keyword of the same name offers
+_BASE_VERBS = ("EHLO", "HELO", "MAIL", "RCPT", "DATA", "BDAT", "RSET", "NOOP", "QUIT", "VRFY", "HELP")
+_EXTENSION_VERBS = ("STARTTLS", "AUTH", "ETRN", "ATRN")
+
+
 class _LoggedCommand:
     """A command on its way to the protocol log: counts the bytes of every step until its final reply."""
 
@@ -290,6 +295,8 @@ class SMTPServerProtocol(Protocol):
         if self._plog is not None:
             self._plog_cmd = _LoggedCommand(verb, mask_auth_command(text) if verb == "AUTH" else text,
                                             len(item) + 2, self.reactor.seconds())
+        if verb == "DATA" and self._pos < len(self._buf):
+            return self._improper_pipelining()
         command = COMMANDS.get(verb)
         if command is None:
             return self._ask("smtpgw_command", self._unknown_answered,
@@ -298,6 +305,17 @@ class SMTPServerProtocol(Protocol):
         if refusal is not None:
             return refusal
         return getattr(self, command.handler)(argument)
+
+    def _improper_pipelining(self) -> Reply:
+        """Input after DATA that came before DATA's reply (RFC 2920 3.1: DATA ends a pipelined group):
+        message content sent before the 354, or commands. Taken as content it would be a message the
+        client never saw accepted; taken as commands, a message body could run as a transaction
+        (what smuggling probes try). As Postfix 3.9 (smtpd_forbid_unauth_pipelining): 554 and close."""
+        text = repr(self._buf[self._pos:self._pos + 100])[2:-1]     # printable, as Postfix logs it
+        log.info("improper command pipelining after DATA from {peer}: {text}",
+                 peer=self.session.peer_host, text=text)
+        self._event("smtp_protocol", "minimum", "improper command pipelining after DATA", input=text)
+        return R.IMPROPER_PIPELINING
 
     # -- output: the one place that writes -------------------------------------------------------
 
@@ -456,6 +474,9 @@ class SMTPServerProtocol(Protocol):
     def _hello(self, name: str, esmtp: bool) -> Reply | defer.Deferred:
         if not name:
             return R.syntax("EHLO hostname" if esmtp else "HELO hostname")
+        if not address.is_helo_name(name):     # it goes into Received: as is (RFC 5321 4.1.1.1, 4.4)
+            self._event("smtp_protocol", "minimum", "bad HELO/EHLO argument", name=name)
+            return R.BAD_HELO
         return self._ask("smtpgw_helo", partial(self._hello_answered, name, esmtp),
                          session=self.session, name=name)
 
@@ -642,7 +663,9 @@ class SMTPServerProtocol(Protocol):
         return R.VRFY_REPLY if argument.strip() else R.syntax("VRFY address")
 
     def smtp_HELP(self, argument: str) -> Reply:
-        return R.HELP
+        """The verbs offered to this session now: STARTTLS, AUTH, ETRN... only where EHLO offers them."""
+        offered = {keyword.split(" ", 1)[0] for keyword in self.extensions()}
+        return R.help_reply([*_BASE_VERBS, *(verb for verb in _EXTENSION_VERBS if verb in offered)])
 
     def smtp_STARTTLS(self, argument: str) -> Reply:
         if self.factory.tls_context is None:
