@@ -7,7 +7,7 @@ import email.policy
 import pytest
 
 from mta.config import Config, GatewayConfig, QueueConfig
-from mta.dsn.reports import build_dsn, remote_mta, reply_from_text, status_of
+from mta.dsn.reports import build_dsn, remote_mta, reply_from_text, status_of, unitext_address
 from mta.model.queue_entry import QueueEntry, RecipientState
 from mta.smtp.reply import Reply
 
@@ -124,18 +124,67 @@ def test_envid_and_orcpt_are_echoed():
     assert per_rcpt[0]["Original-Recipient"] == "rfc822; Bob@far.test"
 
 
-def test_eight_bit_headers_and_addresses_stay_seven_bit():
+def test_eight_bit_headers_with_an_ascii_envelope_stay_seven_bit():
     original = "Subject: Grüße\r\nFrom: jörg@client.test\r\n\r\nbody\r\n".encode()
-    e = QueueEntry(id="0002", sender="jörg@client.test", rcpts=[RecipientState("møller@far.test")],
+    e = QueueEntry(id="0002", sender="joerg@client.test", rcpts=[RecipientState("moller@far.test")],
                    received_at=0.0, extra={"mail_params": {"RET": "HDRS"}})
     data = build_dsn(config(), e, [(e.rcpts[0], Reply(550, "5.1.1", "ukendt modtager æ"))], "failed", original)
     assert_wire_safe(data)
     msg = parse(data)
-    _, per_rcpt = report_blocks(msg)
-    assert per_rcpt[0]["Final-Recipient"] == "rfc822; m\\x{F8}ller@far.test"
     headers = list(msg.iter_parts())[2]
+    assert headers.get_content_type() == "text/rfc822-headers"
     assert headers["Content-Transfer-Encoding"] == "quoted-printable"
     assert headers.get_payload(decode=True) == "Subject: Grüße\r\nFrom: jörg@client.test\r\n".encode()
+
+
+UTF8_ORIGINAL = "Subject: Grüße\r\nFrom: jörg@client.test\r\n\r\nschöne Grüße\r\n".encode()
+
+
+def utf8_entry(**mail_params) -> QueueEntry:
+    return QueueEntry(id="0002", sender="jörg@client.test",
+                      rcpts=[RecipientState("møller@far.test", last_hop="mx.far.test[127.0.0.9]:25")],
+                      received_at=0.0, extra={"mail_params": {"SMTPUTF8": None, **mail_params},
+                                              "rcpt_params": {"møller@far.test": {"ORCPT": "utf-8;m\\x{F8}ller@far.test"}}})
+
+
+def assert_eight_bit_clean(data: bytes) -> None:
+    data.decode("utf-8")
+    assert b"\n" not in data.replace(b"\r\n", b"") and b"\r" not in data.replace(b"\r\n", b"")
+    assert max(len(line) for line in data.split(b"\r\n")) <= 998
+
+
+def test_utf8_mail_gets_an_rfc_6533_report():
+    e = utf8_entry()
+    data = build_dsn(config(), e, [(e.rcpts[0], Reply(550, "5.1.1", "ukendt modtager"))], "failed", UTF8_ORIGINAL)
+    assert_eight_bit_clean(data)
+    msg = email.message_from_bytes(data, policy=email.policy.SMTPUTF8)
+    assert "\r\nTo: <jörg@client.test>\r\n".encode() in data
+    note, status, returned = msg.iter_parts()
+    assert note.get_content_charset() == "utf-8" and "<møller@far.test>: 550 5.1.1" in note.get_content()
+    assert status.get_content_type() == "message/global-delivery-status"
+    assert status["Content-Transfer-Encoding"] == "8bit"
+    text = data.decode("utf-8")         # the email package reads message/* parts as messages
+    assert "X-Original-Sender: utf-8; jörg@client.test\r\n" in text
+    assert "Final-Recipient: utf-8; møller@far.test\r\n" in text
+    assert "Original-Recipient: utf-8; møller@far.test\r\n" in text
+    assert "Action: failed\r\nStatus: 5.1.1\r\nRemote-MTA: dns; mx.far.test\r\n" in text
+    assert returned.get_content_type() == "message/global"
+    assert b"Content-Type: message/global\r\nContent-Transfer-Encoding: 8bit\r\n\r\n" + UTF8_ORIGINAL in data
+
+
+def test_utf8_mail_returns_its_headers_as_message_global_headers():
+    e = utf8_entry(RET="HDRS")
+    data = build_dsn(config(), e, [(e.rcpts[0], Reply(550, "5.1.1", "x"))], "failed", UTF8_ORIGINAL)
+    assert_eight_bit_clean(data)
+    returned = list(email.message_from_bytes(data, policy=email.policy.SMTPUTF8).iter_parts())[2]
+    assert returned.get_content_type() == "message/global-headers"
+    assert returned["Content-Transfer-Encoding"] == "8bit"
+    assert ("Content-Transfer-Encoding: 8bit\r\n\r\nSubject: Grüße\r\nFrom: jörg@client.test\r\n\r\n--"
+            .encode()) in data
+
+
+def test_unitext_escapes_only_what_it_must():
+    assert unitext_address("jörg+x=y@ex\\ample.test") == "jörg\\x{2B}x\\x{3D}y@ex\\x{5C}ample.test"
 
 
 def test_no_original_means_no_headers_part():

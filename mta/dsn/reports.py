@@ -16,6 +16,12 @@ and only if the report then stays within every virtual server's and connector's 
 headers are returned and the note says why. A message that cannot travel as a ``message/rfc822``
 part over 8BITMIME (a NUL, or a line over 998 bytes) is returned as headers too.
 
+A report on UTF-8 mail -- received with ``SMTPUTF8``, or with a non-ASCII sender or recipient -- is
+RFC 6533's: the status part is ``message/global-delivery-status`` (8bit, a non-ASCII address written
+as ``utf-8; <address>``), the returned message ``message/global`` and returned headers
+``message/global-headers``, so nothing of the original is mangled to fit 7 bits; the note is
+``charset=utf-8``. Any other report stays 7-bit (a non-ASCII address then in the ``\\x{HEX}`` form).
+
 It is built by hand rather than with ``email.message`` so that the bytes are exactly what we spool:
 CRLF line endings, no line over 998 characters, and 7-bit unless it returns an 8-bit message (then
 the part and the report say ``Content-Transfer-Encoding: 8bit``, as RFC 2046 5.2.1 and RFC 6152 ask).
@@ -41,6 +47,7 @@ MAX_HEADERS = 256 * 1024
 RETURN_LIMIT = 50_000            # bytes of original returned whole at most (Postfix bounce_size_limit)
 FULL, HEADERS = "full", "headers"
 _STATUS_RE = re.compile(r"^[245]\.\d{1,3}\.\d{1,3}$")
+_UNICODE_ESCAPE = re.compile(r"\\x\{([0-9A-Fa-f]{1,6})\}")
 _REPLY_RE = re.compile(r"^(\d{3})[ -](?:([245]\.\d{1,3}\.\d{1,3}) )?(.*)$", re.S)
 
 
@@ -64,6 +71,31 @@ def ascii_address(address: str) -> str:
         else:
             out.append(f"\\x{{{ord(c):X}}}")
     return "".join(out)[:MAX_FIELD]
+
+
+def unitext_address(address: str) -> str:
+    """An address as RFC 6533's ``utf-8-addr-unitext``: UTF-8 kept, only controls, space, ``\\``,
+    ``+`` and ``=`` written ``\\x{HEX}``."""
+    out = []
+    for c in address:
+        if c <= " " or c in "\\+=\x7f" or "\x80" <= c <= "\x9f":
+            out.append(f"\\x{{{ord(c):X}}}")
+        else:
+            out.append(c)
+    return "".join(out)[:MAX_FIELD]
+
+
+def _unescaped(m: re.Match[str]) -> str:
+    code = int(m.group(1), 16)
+    return chr(code) if 0 < code <= 0x10FFFF and not 0xD800 <= code <= 0xDFFF else m.group(0)
+
+
+def is_global(entry: QueueEntry, addresses: Iterable[str]) -> bool:
+    """Whether a report on ``entry`` is RFC 6533's: the message came with SMTPUTF8, or its sender or
+    one of ``addresses`` (the recipients reported on, the report's own recipient) is non-ASCII."""
+    if "SMTPUTF8" in (entry.extra.get("mail_params") or {}):
+        return True
+    return not (entry.sender.isascii() and all(a.isascii() for a in addresses))
 
 
 def xtext_decode(value: str) -> str:
@@ -144,29 +176,34 @@ def whole_returnable(original: bytes) -> bool:
     return all(len(line) <= 998 and b"\r" not in line and b"\n" not in line for line in lines)
 
 
-def _full_part(original: bytes) -> tuple[list[bytes], bool]:
-    """The message/rfc822 part and whether it is 8-bit."""
+def _full_part(original: bytes, utf8: bool = False) -> tuple[list[bytes], bool]:
+    """The message/rfc822 (RFC 6533: message/global) part and whether it is 8-bit."""
     eight_bit = not original.isascii()
-    part = [b"Content-Description: Undelivered Message", b"Content-Type: message/rfc822"]
+    kind = b"message/global" if utf8 else b"message/rfc822"
+    part = [b"Content-Description: Undelivered Message", b"Content-Type: " + kind]
     if eight_bit:
         part.append(b"Content-Transfer-Encoding: 8bit")
     body = original if original.endswith(b"\r\n") else original + b"\r\n"
     return part + [b""] + body.split(b"\r\n")[:-1], eight_bit
 
 
-def _headers_part(block: bytes) -> list[bytes]:
-    """The text/rfc822-headers part; quoted-printable only when the headers are not 7-bit."""
+def _headers_part(block: bytes, utf8: bool = False) -> tuple[list[bytes], bool]:
+    """The text/rfc822-headers part (RFC 6533: message/global-headers, 8bit as they are) and whether
+    it is 8-bit; quoted-printable only when the headers cannot go as they are."""
     eight_bit = any(b > 127 or b == 0 for b in block)
     too_long = any(len(line) > 998 for line in block.split(b"\r\n"))
-    part = [b"Content-Description: Undelivered Message Headers", b"Content-Type: text/rfc822-headers"]
+    kind = b"message/global-headers" if utf8 else b"text/rfc822-headers"
+    part = [b"Content-Description: Undelivered Message Headers", b"Content-Type: " + kind]
+    if utf8 and eight_bit and not too_long and b"\0" not in block:
+        return part + [b"Content-Transfer-Encoding: 8bit", b""] + block.split(b"\r\n")[:-1], True
     if not (eight_bit or too_long):
-        return part + [b""] + block.split(b"\r\n")[:-1]
+        return part + [b""] + block.split(b"\r\n")[:-1], False
     part.append(b"Content-Transfer-Encoding: quoted-printable")
     part.append(b"")
     for line in block.split(b"\r\n")[:-1]:
         encoded = binascii.b2a_qp(line, quotetabs=False, istext=False, header=False)
         part.extend(encoded.split(b"\n"))
-    return part
+    return part, False
 
 
 def _returned_note(returned: str | None, why: str | None) -> list[str]:
@@ -182,7 +219,7 @@ def _returned_note(returned: str | None, why: str | None) -> list[str]:
 
 def _human_text(config: Any, entry: QueueEntry, results: list[tuple[RecipientState, Reply]],
                 action: str, to_postmaster: bool, retry_until: float,
-                returned: str | None = None, why: str | None = None) -> list[str]:
+                returned: str | None = None, why: str | None = None, utf8: bool = False) -> list[str]:
     host = config.gateway.hostname
     lines = [f"This is the mail system at {host}.", ""]
     if to_postmaster:
@@ -203,7 +240,9 @@ def _human_text(config: Any, entry: QueueEntry, results: list[tuple[RecipientSta
                   f"will be retried until {rfc5322_date(retry_until)}; there is no need to send it",
                   "again. You will hear from us again only if it finally fails.", ""]
     for state, reply in results:
-        lines.append(ascii_text(f"<{ascii_address(state.address)}>: " + " ".join(reply.lines())))
+        address = unitext_address(state.address) if utf8 else ascii_address(state.address)
+        line = f"<{address}>: " + ascii_text(" ".join(reply.lines()))
+        lines.append(line.encode("utf-8")[:MAX_FIELD].decode("utf-8", "ignore"))
     lines.append("")
     lines += _returned_note(returned, why)
     lines += [f"For help, please write to the postmaster <{ascii_address(config.gateway.postmaster)}>."]
@@ -250,7 +289,7 @@ def _build(config: Any, entry: QueueEntry, results: list[tuple[RecipientState, R
         elif not whole_returnable(original):
             why = "the message holds NUL bytes, bare CR or LF, or lines over 998 bytes"
         else:
-            part, eight_bit = _full_part(original)
+            part, eight_bit = _full_part(original, report.utf8)
             data = report.assemble(FULL, None, part, eight_bit)
             if cap is None or len(data) <= cap:
                 return data
@@ -258,7 +297,8 @@ def _build(config: Any, entry: QueueEntry, results: list[tuple[RecipientState, R
     block_limit = MAX_HEADERS
     while block_limit >= 1024:
         block = header_block(original, block_limit)
-        data = report.assemble(HEADERS if block else None, why, _headers_part(block) if block else [], False)
+        part, eight_bit = _headers_part(block, report.utf8) if block else ([], False)
+        data = report.assemble(HEADERS if block else None, why, part, eight_bit)
         if cap is None or len(data) <= cap or not block:
             return data
         block_limit //= 2
@@ -278,6 +318,7 @@ class _Report:
         self.now = now
         self.boundary = f"{uuid.uuid4().hex}/{self.host}"
         self.message_id = f"<{uuid.uuid4().hex}.{ascii_text(entry.id, 128)}@{self.host}>"
+        self.utf8 = is_global(entry, [self.recipient, *(state.address for state, _ in results)])
         self.status = self._status_part()
 
     def _subject(self) -> str:
@@ -294,21 +335,30 @@ class _Report:
         entry, action, now = self.entry, self.action, self.now
         mail_params = entry.extra.get("mail_params") or {}
         rcpt_params = entry.extra.get("rcpt_params") or {}
-        out = ["Content-Description: Delivery report", "Content-Type: message/delivery-status", "",
-               f"Reporting-MTA: dns; {self.host}"]
+        kind = "message/global-delivery-status" if self.utf8 else "message/delivery-status"
+        out = ["Content-Description: Delivery report", f"Content-Type: {kind}"]
+        if self.utf8:
+            out.append("Content-Transfer-Encoding: 8bit")
+        out += ["", f"Reporting-MTA: dns; {self.host}"]
         envid = mail_params.get("ENVID")
         if envid:
             out.append(f"Original-Envelope-Id: {ascii_text(xtext_decode(envid), 100)}")
         if entry.sender:
-            out.append(f"X-Original-Sender: rfc822; {ascii_address(entry.sender)}")
+            out.append(f"X-Original-Sender: {self._address_field(entry.sender)}")
         out.append(f"Arrival-Date: {rfc5322_date(entry.received_at)}")
         for state, reply in self.results:
             out.append("")
-            out.append(f"Final-Recipient: rfc822; {ascii_address(state.address)}")
+            out.append(f"Final-Recipient: {self._address_field(state.address)}")
             orcpt = (rcpt_params.get(state.address) or {}).get("ORCPT")
             if orcpt and ";" in orcpt:
                 kind, _, value = orcpt.partition(";")
-                out.append(f"Original-Recipient: {ascii_text(kind, 20)}; {ascii_address(xtext_decode(value))}")
+                value, utf8_type = xtext_decode(value), kind.strip().lower() == "utf-8"
+                if utf8_type:           # RFC 6533 utf-8-addr-xtext: non-ASCII as \x{HEX}
+                    value = _UNICODE_ESCAPE.sub(_unescaped, value)
+                if self.utf8 and (utf8_type or not value.isascii()):
+                    out.append(f"Original-Recipient: utf-8; {unitext_address(value)}")
+                else:
+                    out.append(f"Original-Recipient: {ascii_text(kind, 20)}; {ascii_address(value)}")
             out.append(f"Action: {action}")
             out.append(f"Status: {status_of(reply, action)}")
             mta = remote_mta(state.last_hop) if state.last_hop != LOCAL_HOP else None
@@ -320,12 +370,18 @@ class _Report:
                 out.append(f"Will-Retry-Until: {rfc5322_date(self.retry_until)}")
         return out
 
+    def _address_field(self, address: str) -> str:
+        """``rfc822; ADDR``, or RFC 6533's ``utf-8; ADDR`` for a non-ASCII address in a global report."""
+        if self.utf8 and not address.isascii():
+            return f"utf-8; {unitext_address(address)}"
+        return f"rfc822; {ascii_address(address)}"
+
     def assemble(self, returned: str | None, why: str | None, part: list[bytes], eight_bit: bool) -> bytes:
         """The report with ``part`` (already formatted lines) as its third part, if any."""
         boundary = self.boundary
         out: list[str | bytes] = [
             f"From: Mail Delivery System <MAILER-DAEMON@{self.host}>",
-            f"To: <{ascii_address(self.recipient)}>",
+            f"To: <{unitext_address(self.recipient) if self.utf8 else ascii_address(self.recipient)}>",
             f"Subject: {self._subject()}",
             f"Date: {rfc5322_date(self.now)}",
             f"Message-ID: {self.message_id}",
@@ -333,16 +389,16 @@ class _Report:
             "MIME-Version: 1.0",
             "Content-Type: multipart/report; report-type=delivery-status;",
             f'\tboundary="{boundary}"',
-            f"Content-Transfer-Encoding: {'8bit' if eight_bit else '7bit'}",
+            f"Content-Transfer-Encoding: {'8bit' if eight_bit or self.utf8 else '7bit'}",
             "",
             "This is a MIME-encapsulated delivery status notification (RFC 3464).",
             "",
             f"--{boundary}",
             "Content-Description: Notification",
-            "Content-Type: text/plain; charset=us-ascii",
+            f"Content-Type: text/plain; charset={'utf-8' if self.utf8 else 'us-ascii'}",
             "",
             *_human_text(self.config, self.entry, self.results, self.action, self.to_postmaster,
-                         self.retry_until, returned, why),
+                         self.retry_until, returned, why, self.utf8),
             "",
             f"--{boundary}",
             *self.status,
@@ -359,4 +415,4 @@ class _Report:
 
 
 def _join(lines: Iterable[str | bytes]) -> bytes:
-    return b"".join((line if isinstance(line, bytes) else line.encode("ascii")) + b"\r\n" for line in lines)
+    return b"".join((line if isinstance(line, bytes) else line.encode("utf-8")) + b"\r\n" for line in lines)
