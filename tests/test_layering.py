@@ -20,6 +20,7 @@ LAYERS: list[str] = [
     "mta.smtp",            # wire-level pieces: reply, the reply catalogue, address, lines
     "mta.io",              # Twisted I/O shortcuts, batched log writes
     "mta.model",           # the public objects hooks receive: session, envelope, message, queued entry, next hop
+    "mta.maillog",         # the gateway's own log lines (Postfix's fields), text or JSON
     "mta.workers",         # which worker this is, ids, shared counts, the supervisor
     "mta.plugin",          # the hook contract (hookspecs) and the manager that fires it
     "mta.dsn",             # RFC 3461 parameters and RFC 3464 reports

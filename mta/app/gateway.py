@@ -11,6 +11,7 @@ from typing import Any
 from twisted.internet import defer
 
 from mta.config import Config
+from mta.maillog import MailLog
 from mta.plugin.manager import Hooks
 from mta.policy import core as defaults
 from mta.smtp.client.pool import SMTPClientPool
@@ -30,6 +31,7 @@ class Gateway:
         self.config = config
         self.reactor = reactor
         self.hooks = Hooks()
+        self.mail_log = MailLog(reactor)     # the gateway's own log lines (mta.maillog), whatever plugins run
         self.hooks.register(defaults.CorePolicy(self), name="core")
         if load_plugins:
             self.hooks.load(config.plugins.enabled, config.plugins.local)

@@ -133,10 +133,12 @@ class Deliverer:
         config = self.gateway.config
         root = config.gateway.local_domains[domain].maildir
         reactor = self.gateway.reactor
+        started = reactor.seconds()
         writes = [deferToThreadPool(reactor, reactor.getThreadPool(), deliver_to_maildir, root,
                                     rcpt.rpartition("@")[0].lower(), data, config.gateway.hostname)
                   for rcpt in recipients]
         outcomes = await defer.DeferredList(writes, consumeErrors=True)
+        finished = reactor.seconds()
         results = []
         for rcpt, (ok, value) in zip(recipients, outcomes):
             if ok:
@@ -149,7 +151,7 @@ class Deliverer:
                 log.failure("maildir delivery of {id} to {rcpt}", value, id=entry.id, rcpt=rcpt)
                 reply = LOCAL_ERROR
             self._event(entry, f"{rcpt}: local delivery {reply.code}", recipient=rcpt, reply=str(reply))
-            results.append(RecipientResult(rcpt, reply, "maildir"))
+            results.append(RecipientResult(rcpt, reply, "maildir", started=started, finished=finished))
         return results
 
     # -- remote -------------------------------------------------------------------------------
@@ -175,14 +177,14 @@ class Deliverer:
         tentative: list[RecipientResult | None] = [None] * len(recipients)
         last = Reply(451, "4.4.1", f"no connector could deliver to {domain}")
         last_hop = ""
-        for connector in connectors:
+        for n, connector in enumerate(connectors, 1):
             last, last_hop = await self._try_connector(entry, domain, recipients, data, connector,
                                                        results, tentative)
             if all(r is not None for r in results):
                 return results  # type: ignore[return-value]
-            self._event(entry, f"{domain}: connector {connector.name} unusable ({last}), failing over",
-                        domain=domain, connector=connector.name)
-        self._event(entry, f"{domain}: deferred: {last}", "minimum", domain=domain)
+            if n < len(connectors):     # the outcome itself is the queue's mail log line
+                self._event(entry, f"{domain}: connector {connector.name} unusable ({last}), failing over "
+                            f"to {connectors[n].name}", domain=domain, connector=connector.name)
         return [r if r is not None else (t or RecipientResult(rcpt, last, last_hop))
                 for rcpt, r, t in zip(recipients, results, tentative)]
 

@@ -45,4 +45,5 @@ class Envelope:
     rcpt_params: dict[str, dict[str, str | None]] = field(default_factory=dict)
     size: int = 0                                  # bytes of the message as spooled
     declared_size: int | None = None               # the SIZE= parameter, if any
+    started_at: float = field(default_factory=time.time)   # MAIL FROM (the mail log's delay counts from it)
     extra: dict[str, Any] = field(default_factory=dict)

@@ -31,6 +31,9 @@ class RecipientResult:
     hop: str = ""                  # str(Hop) that gave the answer, for DSNs and logs
     held_until: float | None = None   # set when the recipient was held (schedule, remote-triggered):
                                       # not an attempt; try again at this Unix time
+    started: float | None = None      # when the transaction that answered began (MAIL sent, or the
+    finished: float | None = None     # Maildir write), and when its answer came: the mail log's
+                                      # delays=c/d (connection set-up / transmission)
 
     @property
     def outcome(self) -> str:

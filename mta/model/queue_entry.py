@@ -34,6 +34,7 @@ class QueueEntry:
     helo: str | None = None
     authenticated_user: str | None = None
     delay_notified: bool = False
+    arrived_at: float = 0.0               # the client's MAIL FROM (0: received_at); the mail log's delay=
     extra: dict[str, Any] = field(default_factory=dict)   # plugin state that must survive restarts (JSON-able)
 
     @property

@@ -26,6 +26,8 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from mta.dsn import reports as dsn
+from mta import maillog
+from mta.queue import mail_lines
 from mta.dsn import params as dsn_params
 from mta.workers import identity as workers
 from mta.model.envelope import Envelope, Session
@@ -41,7 +43,7 @@ Data = bytes | list[bytes]       # what the deliverer takes: the spooled bytes, 
 
 LOCAL_ERROR = Reply(451, "4.3.0", "Local error in delivery, will retry")
 NO_RESULT = Reply(451, "4.3.0", "Delivery agent gave no result for this recipient")
-EXPIRED_STATUS = "4.4.7"
+EXPIRED_STATUS = mail_lines.EXPIRED_STATUS
 MIN_INTERVAL = 1.0               # seconds; no configuration or hold answer may make an entry spin
 
 # entry.extra keys
@@ -189,10 +191,12 @@ class QueueManager:
         rcpt_params = {k: dict(v) for k, v in envelope.rcpt_params.items() if v}
         if rcpt_params and _jsonable(rcpt_params):
             extra[RCPT_PARAMS] = rcpt_params
+        now = self._now()
         entry = QueueEntry(
             id=envelope.id, sender=envelope.sender,
             rcpts=[RecipientState(a) for a in envelope.recipients],
-            received_at=self._now(), size=message.size, virtual_server=session.virtual_server,
+            received_at=now, arrived_at=envelope.started_at if 0 < envelope.started_at <= now else now,
+            size=message.size, virtual_server=session.virtual_server,
             peer_host=session.peer_host, helo=session.helo,
             authenticated_user=session.authenticated_user, extra=extra)
         return self._enqueue(entry, message.chunks())
@@ -214,6 +218,7 @@ class QueueManager:
             if self._first_bytes + entry.size <= self.first_attempt_memory:
                 self._first_data[entry.id] = chunks
                 self._first_bytes += entry.size
+            maillog.of(self.gateway).write(mail_lines.queued(entry))
             self._event("message queued", id=entry.id, sender=entry.sender,
                         recipients=len(entry.rcpts), size=entry.size)
             if self._running:
@@ -409,8 +414,9 @@ class QueueManager:
         now = self._now()
         q = self._qcfg
         failures: list[tuple[RecipientState, Reply]] = []
-        outcomes: list[tuple[str, str, Reply]] = []
+        outcomes: list[tuple[str, str, Reply, RecipientResult | None]] = []
         data: Data | None = None
+        removed = False
 
         if now >= entry.received_at + q.expire:
             for r in entry.pending():
@@ -419,7 +425,7 @@ class QueueManager:
                               f"delivery time expired (last error: {last.text or last})")
                 r.status, r.last_error = FAILED, str(reply)
                 failures.append((r, reply))
-                outcomes.append(("smtpgw_bounced", r.address, reply))
+                outcomes.append(("smtpgw_bounced", r.address, reply, None))
 
         due = [r for r in entry.pending() if force or r.next_attempt <= now]
         successes: list = []            # NOTIFY=SUCCESS reports owed: [(action, [(state, reply)])]
@@ -451,31 +457,32 @@ class QueueManager:
                 await self._spool.remove(entry.id)
             except Exception:
                 log.failure("queue {id}: could not remove from the spool", id=entry.id)
+            else:
+                removed = True
         elif due or failures or delayed:
             try:
                 await self._spool.update(entry)
             except Exception:
                 log.failure("queue {id}: could not record recipient states", id=entry.id)
-        for hook, address, reply in outcomes:
+        mail_log, ended = maillog.of(self.gateway), self._now()
+        for hook, address, reply, result in outcomes:
+            mail_log.write(mail_lines.outcome(entry, hook, address, reply, result, now, ended))
             self._outcome_event(entry, hook, address, reply)
             self.gateway.hooks.notify(hook, envelope=entry, recipient=address, reply=reply)
+        if removed:
+            mail_log.write(mail_lines.removed(entry))
         if entry.is_done():
             self._event("message done", id=entry.id,
                         delivered=sum(r.status == DELIVERED for r in entry.rcpts),
                         failed=sum(r.status == FAILED for r in entry.rcpts))
 
     def _outcome_event(self, entry: QueueEntry, hook: str, address: str, reply: Reply) -> None:
-        """queuing_engine: delivered (medium); deferred, bounced, expired (minimum), per recipient."""
-        if hook == "smtpgw_delivered":
-            what, level = "delivered", "medium"
-        elif hook == "smtpgw_deferred":
-            what, level = "deferred", "minimum"
-        else:
-            what, level = ("expired" if reply.status == EXPIRED_STATUS else "bounced"), "minimum"
-        state = next((r for r in entry.rcpts if r.address == address), None)
-        self.gateway.hooks.event("queuing_engine", level, f"message {what}", id=entry.id, recipient=address,
-                                 reply=str(reply), hop=getattr(state, "last_hop", None) or "-",
-                                 attempts=getattr(state, "attempts", 0))
+        """queuing_engine/medium, per recipient: delivered, deferred, bounced or expired (the mail log
+        has the outcome at every level; this adds the attempts and the hop's label)."""
+        status = mail_lines.status_of(hook, reply)
+        what = "delivered" if status == "sent" else status
+        self.gateway.hooks.event("queuing_engine", "medium", f"message {what}",
+                                 **mail_lines.diag_fields(entry, address, reply))
 
     async def _load(self, entry: QueueEntry) -> Data:
         """The message: the received chunks on the first attempt (no re-read), else from the spool."""
@@ -521,11 +528,11 @@ class QueueManager:
         outcome = result.outcome
         if outcome == "delivered":
             r.status, r.held_reason = DELIVERED, None
-            outcomes.append(("smtpgw_delivered", r.address, reply))
+            outcomes.append(("smtpgw_delivered", r.address, reply, result))
         elif outcome == "failed":
             r.status, r.last_error, r.held_reason = FAILED, str(reply), None
             failures.append((r, reply))
-            outcomes.append(("smtpgw_bounced", r.address, reply))
+            outcomes.append(("smtpgw_bounced", r.address, reply, result))
         elif outcome == "held":
             r.next_attempt = max(float(result.held_until or 0), now + MIN_INTERVAL)
             r.held_reason = reply.text or str(reply)
@@ -533,7 +540,7 @@ class QueueManager:
             r.attempts += 1
             r.next_attempt = now + max(self._qcfg.retry_interval(r.attempts), MIN_INTERVAL)
             r.last_error, r.held_reason = str(reply), None
-            outcomes.append(("smtpgw_deferred", r.address, reply))
+            outcomes.append(("smtpgw_deferred", r.address, reply, result))
 
     # -- notices ------------------------------------------------------------------------------------
 
@@ -590,7 +597,8 @@ class QueueManager:
         except Exception:
             log.failure("queue {id}: could not queue the {action} report to {to}", id=entry.id, action=action, to=to)
             return
-        self.gateway.hooks.event("ndr", "minimum", f"{action} report queued", id=entry.id, report=dsn_id,
+        maillog.of(self.gateway).write(mail_lines.notification(entry, action, dsn_id))
+        self.gateway.hooks.event("ndr", "medium", f"{action} report queued", id=entry.id, report=dsn_id,
                                  to=to, recipients=addresses)
 
     # -- misc ---------------------------------------------------------------------------------------

@@ -11,13 +11,13 @@ from __future__ import annotations
 import json
 import os
 import sys
-import time
 from typing import Any
 
 from twisted.internet import defer
 from twisted.logger import Logger
 
 from mta.io.linebuffer import LineBuffer
+from mta.maillog.lines import iso_time, one_line
 
 log = Logger(namespace="smtpgw.diag")
 
@@ -25,26 +25,13 @@ ID_FIELDS = ("session", "id")        # shown first: how one transaction is follo
 RESERVED = ("time", "category", "level", "message")
 
 
-def iso_time(when: float) -> str:
-    t = time.gmtime(when)
-    return (f"{t.tm_year:04d}-{t.tm_mon:02d}-{t.tm_mday:02d}T{t.tm_hour:02d}:{t.tm_min:02d}:"
-            f"{t.tm_sec:02d}.{int(when * 1000) % 1000:03d}Z")
-
-
 def ordered(fields: dict[str, Any]) -> list[tuple[str, Any]]:
     first = [(k, fields[k]) for k in ID_FIELDS if k in fields]
     return first + [(k, v) for k, v in fields.items() if k not in ID_FIELDS]
 
 
-def _text_value(value: Any) -> str:
-    text = str(value)
-    if "\n" in text or "\r" in text:
-        text = text.replace("\r", "\\r").replace("\n", "\\n")
-    return text
-
-
 def format_text(category: str, level: str, message: str, fields: dict[str, Any]) -> str:
-    detail = " ".join(f"{k}={_text_value(v)}" for k, v in ordered(fields))
+    detail = " ".join(f"{k}={one_line(v)}" for k, v in ordered(fields))
     return f"[{category}/{level}] {message} {detail}" if detail else f"[{category}/{level}] {message}"
 
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from twisted.internet import defer
@@ -164,6 +164,7 @@ class SMTPClientPool:
         retried = False
         while True:
             conn, reused = await self._acquire(slot, key, hop)
+            started = self.clock.seconds()
             try:
                 results = await conn.deliver(sender, recipients, chunks, str(hop), dsn=dsn, smtputf8=smtputf8)
             except ConnectionBroken as e:
@@ -181,7 +182,8 @@ class SMTPClientPool:
                 self._release(slot, conn)
                 raise
             self._release(slot, conn)
-            return results
+            finished = self.clock.seconds()     # the mail log's delays: set-up before, transmission after
+            return [replace(r, started=started, finished=finished) for r in results]
 
     async def _acquire(self, slot: _HostSlot, key: Key, hop: Hop) -> tuple[SMTPClientProtocol, bool]:
         """An idle connection (True: reused) or a new one, waiting while the host is at its limit."""

@@ -1,0 +1,49 @@
+"""Writes mail log lines through ``twisted.logger``: namespace ``smtpgw.mail``, level info, to the
+daemon's log (twistd ``--logfile`` or ``--syslog``), with the line's fields in the event for other
+observers (``mail_event``, ``mail_fields``). Text by default; JSON objects when asked for
+(``plugins.diag_logging.format: json`` sets it through the gateway's ``mail_log``).
+
+Nothing here depends on a plugin being enabled: these are the gateway's own log lines.
+"""
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from twisted.logger import Logger
+
+from mta.maillog.lines import MailLine
+
+log = Logger(namespace="smtpgw.mail")
+
+FORMATS = ("text", "json")
+
+
+class MailLog:
+    """The gateway's mail log; ``format`` is ``text`` (Postfix's lines) or ``json``."""
+
+    def __init__(self, reactor: Any = None, fmt: str = "text") -> None:
+        self.reactor = reactor
+        self.format = fmt
+
+    def set_format(self, fmt: str) -> None:
+        if fmt not in FORMATS:
+            raise ValueError(f"mail log format {fmt!r}: expected one of {', '.join(FORMATS)}")
+        self.format = fmt
+
+    def now(self) -> float:
+        seconds = getattr(self.reactor, "seconds", None)
+        return seconds() if seconds is not None else time.time()
+
+    def write(self, line: MailLine) -> None:
+        when = self.now()
+        text = line.json(when) if self.format == "json" else line.text()
+        log.info("{mail_line}", mail_line=text, mail_event=line.event, mail_fields=line.record(when))
+
+
+_DEFAULT = MailLog()
+
+
+def of(gateway: Any) -> MailLog:
+    """The gateway's mail log (a shared text one for gateways built without one, e.g. in tests)."""
+    return getattr(gateway, "mail_log", None) or _DEFAULT

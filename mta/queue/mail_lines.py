@@ -1,0 +1,76 @@
+"""The queue's lines in the mail log: one per message queued (Postfix's qmgr ``from=, size=, nrcpt=``)
+and one per recipient outcome of each attempt (``postfix/smtp``'s ``to=, relay=, delay=, delays=,
+dsn=, status=``), with the times Postfix gives:
+
+* ``delays=a/b/c/d``: a, from the client's MAIL to the message's queue-in; b, from there to the start
+  of this attempt (waiting in the queue, earlier attempts included); c, from the start of the attempt
+  to the start of the transaction that answered (routing, DNS, connecting, EHLO, TLS, AUTH, hops that
+  failed); d, that transaction (MAIL to the final reply; for Maildir, the write). Without a
+  transaction (no hop reached) all of the attempt is c, as Postfix counts a failed connect.
+* ``delay=`` their sum: from the client's MAIL to the outcome.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from mta.dsn import reports as dsn
+from mta.maillog import lines
+from mta.model.nexthop import RecipientResult
+from mta.model.queue_entry import QueueEntry
+from mta.smtp.reply import Reply
+
+EXPIRED_STATUS = "4.4.7"
+ORIGINAL_RECIPIENTS = "orig_rcpt"      # entry.extra: {recipient: the address the client gave}, when rewritten
+
+
+def status_of(hook: str, reply: Reply) -> str:
+    if hook == "smtpgw_delivered":
+        return lines.STATUS_SENT
+    if hook == "smtpgw_deferred":
+        return lines.STATUS_DEFERRED
+    return lines.STATUS_EXPIRED if reply.status == EXPIRED_STATUS else lines.STATUS_BOUNCED
+
+
+def queued(entry: QueueEntry) -> lines.MailLine:
+    return lines.queued(entry.id, entry.sender, entry.size, len(entry.rcpts))
+
+
+def removed(entry: QueueEntry) -> lines.MailLine:
+    return lines.removed(entry.id)
+
+
+def notification(entry: QueueEntry, action: str, report_id: str) -> lines.MailLine:
+    return lines.notification(entry.id, action, report_id)
+
+
+def outcome(entry: QueueEntry, hook: str, address: str, reply: Reply, result: RecipientResult | None,
+            attempt_started: float, now: float) -> lines.MailLine:
+    """The line for one recipient's outcome (``result`` is None for an expiry: no attempt made)."""
+    arrival = entry.arrived_at or entry.received_at
+    queue_in = max(entry.received_at - arrival, 0.0)
+    if result is None:
+        ended = now
+        waited, setup, transfer = max(now - entry.received_at, 0.0), 0.0, 0.0
+    else:
+        waited = max(attempt_started - entry.received_at, 0.0)
+        if result.started is not None and result.finished is not None:
+            ended = result.finished
+            setup, transfer = max(result.started - attempt_started, 0.0), max(result.finished - result.started, 0.0)
+        else:
+            ended = now
+            setup, transfer = max(now - attempt_started, 0.0), 0.0
+    hop = result.hop if result is not None else ""
+    relay = "local" if hop == dsn.LOCAL_HOP else lines.relay_name(hop)
+    original = (entry.extra.get(ORIGINAL_RECIPIENTS) or {}).get(address)
+    return lines.delivery(entry.id, address, relay, max(ended - arrival, 0.0),
+                          (queue_in, waited, setup, transfer), reply, status_of(hook, reply), original)
+
+
+def diag_fields(entry: QueueEntry, address: str, reply: Reply) -> dict[str, Any]:
+    """The queuing_engine diag event's fields for an outcome (attempts counts failed tries only)."""
+    state = next((r for r in entry.rcpts if r.address == address), None)
+    fields: dict[str, Any] = {"id": entry.id, "recipient": address, "reply": str(reply),
+                              "hop": getattr(state, "last_hop", None) or "-"}
+    if state is not None and state.attempts:
+        fields["attempts"] = state.attempts
+    return fields
