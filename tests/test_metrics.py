@@ -143,3 +143,74 @@ def test_check_config_lists_hooks_in_call_order(tmp_path, capsys):
     assert f"metrics: http://{METRICS[0]}:{METRICS[1]}/metrics" in out
     assert f"control socket: {tmp_path / 'spool' / 'control.sock'}" in out
     assert not (tmp_path / "spool").exists() and not port_open(*METRICS)
+
+
+# -- several workers: the page adds them up ----------------------------------------------------------
+
+WORKERS_GW = ("127.0.0.201", 2525)
+WORKERS_METRICS = ("127.0.0.201", 9125)
+
+
+def recorder(messages: int, oldest: float, connections: int) -> GatewayMetrics:
+    """One worker's counters, as its hooks would have left them."""
+    queue = SimpleNamespace(stats=lambda: {"messages": messages, "oldest_age": oldest})
+    factory = SimpleNamespace(vs=SimpleNamespace(name="VS"), active=connections)
+    m = GatewayMetrics(SimpleNamespace(queue=queue, reactor=SimpleNamespace(seconds=lambda: 0.0)), [factory])
+    for _ in range(messages):
+        m.hooks.smtpgw_queued(envelope=None)
+        m.hooks.smtpgw_connect(session=SimpleNamespace(virtual_server="VS"))
+    return m
+
+
+def test_merge_sums_the_workers_and_labels_each():
+    from mta.ops.metrics import merge, render_families
+
+    snapshots = {0: recorder(2, 10.0, 1).snapshot(), 1: recorder(3, 50.0, 4).snapshot(), 2: None}
+    got = samples(render_families(merge(snapshots)).decode())
+    assert value(got, "smtpgw_messages_received_total") == 5
+    assert value(got, "smtpgw_messages_received_total", worker="0") == 2
+    assert value(got, "smtpgw_messages_received_total", worker="1") == 3
+    assert value(got, "smtpgw_connections_total", virtual_server="VS") == 5
+    assert value(got, "smtpgw_connections_active", virtual_server="VS", worker="1") == 4
+    assert value(got, "smtpgw_connections_active", virtual_server="VS") == 5
+    assert value(got, "smtpgw_queue_messages") == 5
+    assert value(got, "smtpgw_queue_oldest_age_seconds") == 50.0        # the oldest, not a sum
+    assert [value(got, "smtpgw_worker_up", worker=str(i)) for i in range(3)] == [1, 1, 0]
+
+
+def test_metrics_with_two_workers_add_up_the_whole_gateway(gateway, tmp_path):
+    from mta.workers import identity as workers
+
+    cfg = base_config(tmp_path, listen=f"{WORKERS_GW[0]}:{WORKERS_GW[1]}")
+    cfg["gateway"]["workers"] = 2
+    cfg["gateway"]["metrics"] = {"enabled": True, "listen": f"{WORKERS_METRICS[0]}:{WORKERS_METRICS[1]}"}
+    gw = gateway(cfg)
+    assert wait_until(lambda: "control.sock.1" in gw.log() and port_open(*WORKERS_METRICS), 30)
+    url = f"http://{WORKERS_METRICS[0]}:{WORKERS_METRICS[1]}/metrics"
+
+    def scrape_workers() -> dict:
+        with urllib.request.urlopen(url, timeout=20) as r:
+            return samples(r.read().decode())
+
+    ids = set()
+    msg = "From: a@example.test\r\nSubject: workers\r\n\r\nhi\r\n"
+    for _ in range(200):                   # until each worker has taken some (the queue id says which)
+        with smtplib.SMTP(*WORKERS_GW, timeout=30) as s:
+            s.ehlo("client.test")
+            s.mail("a@example.test")
+            s.rcpt("bob@example.test")
+            code, text = s.data(msg)
+        assert code == 250
+        ids.add(text.decode().rsplit(" ", 1)[-1])
+        if {workers.owner_of(x, 2) for x in ids} == {0, 1} and len(ids) >= 4:
+            break
+    per_worker = [sum(workers.owner_of(x, 2) == i for x in ids) for i in (0, 1)]
+    assert all(per_worker), ids
+    assert wait_until(lambda: value(scrape_workers(), "smtpgw_recipients_delivered_total") == len(ids), 20)
+    got = scrape_workers()
+    assert value(got, "smtpgw_messages_received_total") == len(ids)
+    assert [value(got, "smtpgw_messages_received_total", worker=str(i)) for i in (0, 1)] == per_worker
+    vs = "Default SMTP Virtual Server"
+    assert value(got, "smtpgw_connections_total", virtual_server=vs) >= len(ids)
+    assert value(got, "smtpgw_delivery_latency_seconds_count") == len(ids)
+    assert [value(got, "smtpgw_worker_up", worker=str(i)) for i in (0, 1)] == [1, 1]

@@ -45,6 +45,7 @@ class Gateway:
         # mta.smtp.server.message_memory.MessageMemory: the bytes of messages being received; made by the first
         # listener (message_memory.for_gateway), once this process's worker share is known
         self.message_memory = None
+        self.metrics = None     # mta.ops.metrics.GatewayMetrics when gateway.metrics.enabled (mta.app.operator)
         self.hooks.pm.hook.smtpgw_configure(config=config, services=self)
 
     def start(self) -> defer.Deferred:

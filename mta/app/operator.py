@@ -4,14 +4,15 @@ several workers and the metrics both sit beside the control protocol, not under 
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 from twisted.application import service
+from twisted.internet import defer
 from twisted.application.internet import StreamServerEndpointService
 
 from mta.ops.control import ControlService
-from mta.ops.fanout import FanOutControl, worker_socket
-from mta.ops.metrics import metrics_service
+from mta.ops.fanout import FanOutControl, ask_worker, worker_socket
+from mta.ops.metrics import gateway_metrics, metrics_service
 from mta.workers import identity as workers
 
 
@@ -23,7 +24,18 @@ def add_operator_services(top: service.MultiService, gateway: Any, reactor: Any)
     if worker.supervisor:
         control.control_class = FanOutControl
     control.setServiceParent(top)
-    if gateway.config.gateway.metrics.enabled and worker.index == 0:
+    if gateway.config.gateway.metrics.enabled:
+        # every worker counts its share; worker 0 serves the page and asks the others at each scrape
         factories = {id(s.factory): s.factory for s in top
                      if isinstance(s, StreamServerEndpointService) and hasattr(s.factory, "vs")}
-        metrics_service(gateway, factories.values(), reactor).setServiceParent(top)
+        metrics = gateway_metrics(gateway, factories.values())
+        if worker.index == 0:
+            ask = _asker(reactor, gateway.config.gateway.control_socket_path)
+            metrics_service(metrics, reactor, worker.count, ask).setServiceParent(top)
+
+
+def _asker(reactor: Any, path: str) -> Callable[[int, dict[str, Any]], defer.Deferred]:
+    """``ask(index, request)``: worker ``index``'s answer on its control socket, as a Deferred."""
+    def ask(index: int, request: dict[str, Any]) -> defer.Deferred:
+        return defer.Deferred.fromCoroutine(ask_worker(reactor, path, index, request))
+    return ask

@@ -15,6 +15,8 @@ Protocol: one JSON object per line in each direction, one reply per request, in 
     {"op": "delete", "ids": [ID, ...], "dsn": bool} -> {"ok": true, "results": [{"id", "result", "dsn"}]}
     {"op": "pickup"}                                -> {"ok": true} (the maildrop is read now)
     {"op": "ping"}                                  -> {"ok": true, "hostname": ..., "pid": ...}
+    {"op": "metrics"}                               -> {"ok": true, "families": [...]} (this process's
+                                                       Prometheus figures: worker 0 adds them up)
 
 An error is ``{"ok": false, "error": TEXT}``. SUMMARY and DETAIL are built by :func:`summary` and
 :func:`detail`, which ``smtpgw queue`` also uses on a stopped gateway's spool, so the output is the
@@ -172,6 +174,13 @@ class QueueControl:
 
     def op_ping(self, request: dict) -> dict[str, Any]:
         return {"ok": True, "hostname": self.gateway.config.gateway.hostname, "pid": os.getpid()}
+
+    def op_metrics(self, request: dict) -> dict[str, Any]:
+        """This process's figures (mta.ops.metrics), for worker 0's page on a gateway of several workers."""
+        metrics = getattr(self.gateway, "metrics", None)
+        if metrics is None:
+            return {"ok": False, "error": "metrics are not enabled (gateway.metrics.enabled)"}
+        return {"ok": True, "families": metrics.snapshot()}
 
     def op_pickup(self, request: dict) -> dict[str, Any]:
         """``smtpgw sendmail`` dropped a message: pick it up now rather than at the next minute."""

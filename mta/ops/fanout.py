@@ -51,6 +51,26 @@ class _Ask(LineOnlyReceiver):
             self.answer.errback(reason)
 
 
+async def ask_worker(reactor: Any, path: str, index: int, request: dict[str, Any]) -> dict[str, Any]:
+    """Worker ``index``'s answer to ``request`` on its control socket (``path`` is worker 0's); a
+    worker that does not answer gives ``ok: false`` with a clear error, never an exception."""
+    from twisted.internet.endpoints import UNIXClientEndpoint
+
+    endpoint = UNIXClientEndpoint(reactor, worker_socket(path, index), timeout=5)
+    try:
+        proto = await endpoint.connect(Factory.forProtocol(lambda: _Ask(request)))
+        timer = reactor.callLater(ASK_TIMEOUT, proto.transport.abortConnection)
+        try:
+            answer = await proto.answer
+        finally:
+            if timer.active():
+                timer.cancel()
+    except Exception as e:
+        return {"ok": False, "error": f"worker {index} is not answering ({e.__class__.__name__}); "
+                                      "it may be restarting: try again"}
+    return answer if isinstance(answer, dict) else {"ok": False, "error": f"worker {index}: bad answer"}
+
+
 class FanOutControl(QueueControl):
     """Worker 0's control: its own queue plus the other workers', as one."""
 
@@ -62,22 +82,7 @@ class FanOutControl(QueueControl):
     async def _ask(self, index: int, request: dict[str, Any]) -> dict[str, Any]:
         if index == 0:
             return await super().handle(request)
-        from twisted.internet.endpoints import UNIXClientEndpoint
-
-        reactor = self.gateway.reactor
-        endpoint = UNIXClientEndpoint(reactor, worker_socket(self.path, index), timeout=5)
-        try:
-            proto = await endpoint.connect(Factory.forProtocol(lambda: _Ask(request)))
-            timer = reactor.callLater(ASK_TIMEOUT, proto.transport.abortConnection)
-            try:
-                answer = await proto.answer
-            finally:
-                if timer.active():
-                    timer.cancel()
-        except Exception as e:
-            return {"ok": False, "error": f"worker {index} is not answering ({e.__class__.__name__}); "
-                                          "it may be restarting: try again"}
-        return answer if isinstance(answer, dict) else {"ok": False, "error": f"worker {index}: bad answer"}
+        return await ask_worker(self.gateway.reactor, self.path, index, request)
 
     async def _gather(self, asks: dict[int, dict[str, Any]]) -> list[dict[str, Any]]:
         indexes = sorted(asks)
@@ -123,4 +128,4 @@ class FanOutControl(QueueControl):
         return {"ok": True, "results": [r for a in answers for r in a.get("results", [])]}
 
 
-__all__ = ["FanOutControl", "worker_socket", "MAX_REQUEST"]
+__all__ = ["FanOutControl", "ask_worker", "worker_socket", "MAX_REQUEST"]

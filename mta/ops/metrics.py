@@ -27,20 +27,37 @@ Exposed series:
 
 The registry is private to the gateway (not prometheus_client's global one), and the page is
 rendered in the reactor thread, where the queue lives, so reading it needs no lock.
+
+With several workers (``gateway.workers``) every worker counts its own share, and worker 0, which
+serves the page, asks the others for theirs over their control sockets (the ``metrics`` request of
+:mod:`mta.ops.control`) at each scrape. The page then holds, for every series, the gateway's figure
+with the labels above (workers summed; the oldest queued message's age is the oldest of all) and each
+worker's own figure with a ``worker="i"`` label beside them; ``smtpgw_worker_up{worker="i"}`` says
+whether worker i answered (one that did not is left out of the sums until it does). Sum the series
+without a ``worker`` label (``{worker=""}`` in PromQL), not all of them. Asking at the scrape rather
+than sharing the counters in ``worker.counts`` (the mmap the connection limit uses) keeps every
+figure exact -- histograms, and the queue gauges each worker reads from its own queue when asked --
+with no fixed layout to maintain and no work between scrapes.
 """
 from __future__ import annotations
 
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from twisted.application import service
+from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET
 
 from mta.plugin.hookspecs import hookimpl
 
 log = Logger(namespace="smtpgw.metrics")
+
+# Gauges whose gateway figure is the largest worker's, not the sum.
+MAX_GAUGES = frozenset({"smtpgw_queue_oldest_age_seconds"})
+ASK_TIMEOUT = 10.0      # a worker that does not answer a scrape within this is reported down
 
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600, 4 * 3600, 86400, 2 * 86400)
 
@@ -70,6 +87,100 @@ class GatewayMetrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+    def snapshot(self) -> list[dict[str, Any]]:
+        """This process's figures as JSON-able families, for worker 0's page (the ``metrics`` request
+        of the control socket)."""
+        return [{"name": family.name, "type": family.type, "help": family.documentation,
+                 "samples": [[s.name, s.labels, s.value] for s in family.samples]}
+                for family in self.registry.collect()]
+
+
+def merge(snapshots: dict[int, list[dict[str, Any]] | None]) -> list[Metric]:
+    """The gateway's families from each worker's :meth:`GatewayMetrics.snapshot` (None: it did not
+    answer): every sample summed over the workers (``_created`` the earliest, the gauges in
+    :data:`MAX_GAUGES` the largest), then each worker's own with a ``worker`` label."""
+    families: dict[str, Metric] = {}
+    totals: dict[str, dict[tuple, list]] = {}
+    own: dict[str, list[tuple[str, dict[str, str], float]]] = {}
+    for index in sorted(snapshots):
+        for family in snapshots[index] or ():
+            name = family["name"]
+            if name not in families:
+                families[name] = Metric(name, family["help"], family["type"])
+                totals[name], own[name] = {}, []
+            for sample, labels, value in family["samples"]:
+                key = (sample, tuple(sorted(labels.items())))
+                slot = totals[name].get(key)
+                if slot is None:
+                    totals[name][key] = [sample, labels, value]
+                elif sample.endswith("_created"):
+                    slot[2] = min(slot[2], value)
+                elif name in MAX_GAUGES or sample in MAX_GAUGES:
+                    slot[2] = max(slot[2], value)
+                else:
+                    slot[2] += value
+                own[name].append((sample, {**labels, "worker": str(index)}, value))
+    up = Metric("smtpgw_worker_up", "Whether the worker answered this scrape (1) or not (0)", "gauge")
+    for index in sorted(snapshots):
+        up.add_sample("smtpgw_worker_up", {"worker": str(index)}, 0.0 if snapshots[index] is None else 1.0)
+    for name, family in families.items():
+        for sample, labels, value in totals[name].values():
+            family.add_sample(sample, labels, value)
+        for sample, labels, value in own[name]:
+            family.add_sample(sample, labels, value)
+    return [*families.values(), up]
+
+
+class _Merged:
+    """A collector over already merged families, so prometheus_client writes the page."""
+
+    def __init__(self, families: list[Metric]) -> None:
+        self.families = families
+
+    def collect(self) -> list[Metric]:
+        return self.families
+
+
+def render_families(families: list[Metric]) -> bytes:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Merged(families))
+    return generate_latest(registry)
+
+
+class WorkersMetrics:
+    """Worker 0's page on a gateway of ``count`` workers: its own figures and the others', asked
+    with ``ask(index, request) -> Deferred[dict]`` (their control sockets)."""
+
+    def __init__(self, metrics: GatewayMetrics, count: int,
+                 ask: Callable[[int, dict[str, Any]], defer.Deferred]) -> None:
+        self.metrics, self.count, self.ask = metrics, count, ask
+
+    def _one(self, index: int) -> defer.Deferred:
+        d = self.ask(index, {"op": "metrics"})
+        d.addTimeout(ASK_TIMEOUT, self.metrics.gateway.reactor)
+
+        def answered(answer: Any) -> list[dict[str, Any]] | None:
+            if isinstance(answer, dict) and answer.get("ok") and isinstance(answer.get("families"), list):
+                return answer["families"]
+            log.warn("metrics: worker {index} did not answer: {answer}", index=index, answer=answer)
+            return None
+
+        def failed(failure: Any) -> None:
+            log.warn("metrics: worker {index} did not answer: {e}", index=index, e=failure.getErrorMessage())
+            return None
+
+        return d.addCallbacks(answered, failed)
+
+    def render(self) -> defer.Deferred:
+        others = [self._one(i) for i in range(1, self.count)]
+        d = defer.gatherResults(others)
+
+        def merged(answers: list) -> bytes:
+            snapshots = {0: self.metrics.snapshot(), **dict(zip(range(1, self.count), answers))}
+            return render_families(merge(snapshots))
+
+        return d.addCallback(merged)
 
 
 class _MetricsHooks:
@@ -141,31 +252,61 @@ class MetricsPage(Resource):
 
     isLeaf = True
 
-    def __init__(self, metrics: GatewayMetrics) -> None:
+    def __init__(self, metrics: GatewayMetrics | WorkersMetrics) -> None:
         super().__init__()
         self.metrics = metrics
 
-    def render_GET(self, request: Any) -> bytes:
+    def render_GET(self, request: Any) -> bytes | int:
         if request.postpath and request.postpath not in ([b"metrics"], [b""]):
             request.setResponseCode(404)
             return b"not found: try /metrics\n"
         request.setHeader(b"Content-Type", CONTENT_TYPE_LATEST.encode("ascii"))
-        return self.metrics.render()
+        page = self.metrics.render()
+        if not isinstance(page, defer.Deferred):
+            return page
+        finished = request.notifyFinish()
+        finished.addErrback(lambda _: None)           # the scraper went away: nothing to write to
+
+        def write(body: bytes) -> None:
+            if not finished.called:
+                request.write(body)
+                request.finish()
+
+        def failed(failure: Any) -> None:
+            log.failure("metrics page failed", failure)
+            if not finished.called:
+                request.setResponseCode(500)
+                request.write(b"internal error\n")
+                request.finish()
+
+        page.addCallbacks(write, failed)
+        return NOT_DONE_YET
 
 
-def metrics_service(gateway: Any, factories: Iterable[Any], reactor: Any) -> service.Service:
-    """The listening service for ``gateway.metrics`` (call only when enabled); registers the hooks."""
+def gateway_metrics(gateway: Any, factories: Iterable[Any]) -> GatewayMetrics:
+    """This process's counters for ``gateway.metrics`` (every worker keeps its own): registers the
+    hooks and sets ``gateway.metrics``, which the control socket's ``metrics`` request reads."""
+    metrics = GatewayMetrics(gateway, factories)
+    gateway.hooks.register(metrics.hooks, name="metrics")
+    gateway.metrics = metrics
+    return metrics
+
+
+def metrics_service(metrics: GatewayMetrics, reactor: Any, workers: int = 1,
+                    ask: Callable[[int, dict[str, Any]], defer.Deferred] | None = None) -> service.Service:
+    """The listening service for ``gateway.metrics`` (worker 0 only); with ``workers`` > 1 the page
+    adds up every worker's figures, asked with ``ask`` (see :class:`WorkersMetrics`)."""
     import ipaddress
 
     from twisted.application import internet
     from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint
     from twisted.web.server import Site
 
-    metrics = GatewayMetrics(gateway, factories)
-    gateway.hooks.register(metrics.hooks, name="metrics")
+    gateway = metrics.gateway
     host, port = gateway.config.gateway.metrics.listen
     endpoint_cls = TCP6ServerEndpoint if ipaddress.ip_address(host).version == 6 else TCP4ServerEndpoint
-    site = Site(MetricsPage(metrics))
+    page = WorkersMetrics(metrics, workers, ask) if workers > 1 and ask is not None else metrics
+    site = Site(MetricsPage(page))
     site.noisy = False
     site.log = lambda request: None            # a scrape every 15 s is not worth a log line
     svc = internet.StreamServerEndpointService(endpoint_cls(reactor, port, interface=host), site)
