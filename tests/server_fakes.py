@@ -12,6 +12,7 @@ from twisted.internet.testing import StringTransport
 
 from mta.config import (Config, GatewayConfig, Limits, ListenAddress, LocalDomain, QueueConfig, TlsConfig,
                         VirtualServer)
+from mta.delivery.recipients import LocalRecipients
 from mta.policy.core import CorePolicy
 from mta.plugin.manager import Hooks
 from mta.smtp.server.session import SMTPServerFactory
@@ -81,6 +82,7 @@ class FakeGateway:
         self.hooks = Hooks()
         if core:
             self.hooks.register(CorePolicy(self), name="core")
+        self.recipients = LocalRecipients(self.config, self.reactor)
         self.queue = FakeQueue()
 
 

@@ -20,6 +20,7 @@ from twisted.trial import unittest
 from dnsfixture import DNSServer
 from mta.config import (AddressSpace, Config, Connector, DnsConfig, GatewayConfig, ListenAddress, LocalDomain,
                         VirtualServer)
+from mta.delivery.recipients import LocalRecipients
 from mta.policy.core import CorePolicy
 from mta.delivery.attempt import Deliverer
 from mta.plugin.hookspecs import hookimpl
@@ -85,6 +86,7 @@ class FakeGateway:
         self.resolver = resolver or Resolver(config.gateway.dns.nameservers, timeout=1.0)
         self.hooks = Hooks()
         self.hooks.register(CorePolicy(self), name="core")
+        self.recipients = LocalRecipients(self.config, self.reactor)
         self.events: list[tuple[str, str, str]] = []
         self.hooks.register(self, name="recorder")
         self.deliverer = Deliverer(self)
@@ -346,7 +348,9 @@ class DelivererTests(unittest.TestCase):
             files = os.listdir(os.path.join(root, box, "new"))
             self.assertEqual(len(files), 1)
             with open(os.path.join(root, box, "new", files[0]), "rb") as f:
-                self.assertEqual(f.read(), MESSAGE)
+                rcpt = "Bob@Local.test" if box == "bob" else "carol@local.test"
+                self.assertEqual(f.read(), f"Return-Path: <{e.sender}>\nDelivered-To: {rcpt}\n".encode()
+                                 + MESSAGE.replace(b"\r\n", b"\n"))
         self.assertEqual(gw.client.calls, [])
 
     @defer.inlineCallbacks

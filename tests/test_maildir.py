@@ -6,16 +6,18 @@ import re
 
 import pytest
 
-from mta.delivery.maildir import deliver_to_maildir, unique_name
+from mta.delivery.maildir import deliver_to_maildir, delivery_headers, unique_name
 
 
-def test_message_lands_in_new_with_exact_bytes(tmp_path):
+def test_message_lands_in_new_with_lf_line_ends_and_the_delivery_headers(tmp_path):
     root = tmp_path / "mail"
-    data = [b"Subject: a\r\n", b"\r\n", b".dot\r\nbody \xff\r\n"]
-    path = deliver_to_maildir(str(root), "Alice", data, "gw.example.test")
+    data = [b"Subject: a\r", b"\n\r\n", b".dot\r\nbody \xff\r\nlone\rCR\r\n"]
+    path = deliver_to_maildir(str(root), "Alice", data, "gw.example.test",
+                              delivery_headers("bob@example.test", "alice@example.test"))
     assert os.path.dirname(path) == str(root / "alice" / "new")
     with open(path, "rb") as f:
-        assert f.read() == b"".join(data)
+        assert f.read() == (b"Return-Path: <bob@example.test>\nDelivered-To: alice@example.test\n"
+                            b"Subject: a\n\n.dot\nbody \xff\nlone\rCR\n")
     assert sorted(os.listdir(root / "alice")) == ["cur", "new", "tmp"]
     assert os.listdir(root / "alice" / "tmp") == []
 

@@ -18,6 +18,7 @@ from mta.smtp.client.pool import SMTPClientPool
 from mta.delivery.attempt import Deliverer
 from mta.queue.manager import QueueManager
 from mta.delivery.nexthops import Resolver
+from mta.delivery.recipients import LocalRecipients
 from mta.queue.pickup import Pickup
 from mta.spool.store import Spool
 from mta.workers import identity
@@ -32,7 +33,9 @@ class Gateway:
         self.reactor = reactor
         self.hooks = Hooks()
         self.mail_log = MailLog(reactor)     # the gateway's own log lines (mta.maillog), whatever plugins run
-        self.hooks.register(defaults.CorePolicy(self), name="core")
+        self.core = defaults.CorePolicy(self)        # the core's own answers (mta/policy/core.py)
+        self.hooks.register(self.core, name="core")
+        self.core.sender_logins()                   # read the sender lists now: a bad file stops the start
         if load_plugins:
             self.hooks.load(config.plugins.enabled, config.plugins.local)
         self.spool = Spool(config.gateway.spool, reactor=reactor)
@@ -41,6 +44,7 @@ class Gateway:
         self.client = SMTPClientPool(reactor, helo_name=config.gateway.hostname)
         self.deliverer = Deliverer(self)
         self.queue = QueueManager(self)
+        self.recipients = LocalRecipients(config, reactor)     # local domains' recipients and aliases
         self.pickup = Pickup(config.gateway.spool, self.queue.inject, reactor)     # smtpgw sendmail
         # mta.smtp.server.message_memory.MessageMemory: the bytes of messages being received; made by the first
         # listener (message_memory.for_gateway), once this process's worker share is known
@@ -52,12 +56,14 @@ class Gateway:
         """Open the spool and rebuild the schedule from disk (in a thread), then start delivering;
         the worker answering the control socket (0) also picks up what ``smtpgw sendmail`` dropped."""
         d = self.queue.start()
+        self.recipients.start()
         if identity.of(self).index == 0:
             d.addCallback(lambda loaded: (self.pickup.start(), loaded)[1])
         return d
 
     def stop(self) -> defer.Deferred:
         self.pickup.stop()
+        self.recipients.stop()
         d = self.queue.stop()
         d.addBoth(lambda r: self.client.close())
         return d

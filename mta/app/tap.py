@@ -133,7 +133,8 @@ def makeService(options: Options) -> service.MultiService:
             svc._raiseSynchronously = True       # a port in use stops startup with a clear error
             svc.setName(f"{vs.name} {listen.host}:{listen.port}")
             svc.setServiceParent(top)
-    reload_targets = [*tls_contexts, ConfigReload(gateway)]
+    reload_targets = [*tls_contexts, ConfigReload(gateway), gateway.recipients,
+                      gateway.core.sender_logins()]
     if worker.supervisor:           # started last: after every listener is bound
         supervisor = WorkerSupervisor(reactor, worker, options["config"], endpoints)
         reload_targets.append(supervisor)

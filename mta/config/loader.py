@@ -310,11 +310,14 @@ class Key:
     result); :data:`REQUIRED` makes it mandatory; anything else is used as is.
     ``field``: the dataclass field when it differs from the YAML name (``except`` -> ``exceptions``).
     ``extra``: no field of its own; the value goes into the section's ``extra`` dict.
+    ``null_means``: for a key whose null differs from leaving it out (``recipient_delimiter: null``
+    turns the delimiter off), the value that an explicit null stands for.
     """
     convert: Convert
     default: Any = None
     field: str | None = None
     extra: bool = False
+    null_means: Any = REQUIRED          # REQUIRED here: an explicit null is the same as no key
 
 
 def read_keys(value: Any, path: str, keys: dict[str, Key]) -> dict[str, Any]:
@@ -324,6 +327,9 @@ def read_keys(value: Any, path: str, keys: dict[str, Key]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for name, spec in keys.items():
         raw = data.get(name)
+        if raw is None and name in data and spec.null_means is not REQUIRED:
+            out[name] = spec.null_means
+            continue
         if raw is None:
             if spec.default is REQUIRED:
                 raise ConfigError(join(path, name), "required key is missing")
@@ -392,8 +398,49 @@ def local_domains(value: Any, path: str) -> dict[str, LocalDomain]:
         if name in out:
             raise ConfigError(key, f"the domain {name!r} is listed twice")
         got = read_keys({} if settings is None else settings, key, LOCAL_DOMAIN_KEYS)
-        out[name] = LocalDomain(name, got["maildir"])
+        out[name] = LocalDomain(name, **got)
     return out
+
+
+def local_part(value: Any, path: str) -> str:
+    """A local part as the recipient table compares it: lower-case, no '@', no white space."""
+    text = string(value, path).strip().lower()
+    if not text or "@" in text or any(c.isspace() or ord(c) < 32 for c in text):
+        raise ConfigError(path, f"expected a local part (the part before @), got {describe(value)}")
+    return text
+
+
+def recipient_list(value: Any, path: str) -> tuple[str, ...] | str:
+    """A list of local parts, or the path of a file holding one a line ('#' comments)."""
+    if isinstance(value, str):
+        return existing_file(value, path)
+    return tuple(dict.fromkeys(list_of(local_part)(value, path)))
+
+
+def alias_target(value: Any, path: str) -> str:
+    """A local part (of the same domain) or a full address anywhere."""
+    text = string(value, path).strip()
+    return mail_address(text, path).lower() if "@" in text else local_part(text, path)
+
+
+def aliases(value: Any, path: str) -> dict[str, tuple[str, ...]]:
+    """``{sales: [alice, bob@partner.test], postmaster: alice}``: a target or a list of them."""
+    out: dict[str, tuple[str, ...]] = {}
+    for raw, targets in expect_mapping(value, path).items():
+        key = join(path, str(raw))
+        name = local_part(raw, key)
+        items = targets if isinstance(targets, list) else [targets]
+        if not items:
+            raise ConfigError(key, "an alias needs at least one target")
+        out[name] = tuple(dict.fromkeys(alias_target(t, f"{key}[{i}]") for i, t in enumerate(items)))
+    return out
+
+
+def delimiter(value: Any, path: str) -> str | None:
+    text = string(value, path)
+    if len(text) != 1 or text.isalnum() or text in "@. \t\"":
+        raise ConfigError(path, f"expected one character such as + or -, or null for none; got {describe(value)}")
+    return text
 
 
 LISTEN_KEYS = {
@@ -408,6 +455,9 @@ ADDRESS_SPACE_KEYS = {
 
 LOCAL_DOMAIN_KEYS = {
     "maildir": Key(file_path, "var/mail"),
+    "recipients": Key(recipient_list),        # mta/delivery/recipients.py
+    "aliases": Key(aliases),
+    "catch_all": Key(local_part),
 }
 
 DNS = Section(DnsConfig, {
@@ -438,6 +488,7 @@ GATEWAY = Section(GatewayConfig, {
     "metrics": Key(METRICS),
     "workers": Key(lambda v, p: worker_count(v, p), 1),     # mta/workers/identity.py
     "message_memory": Key(size),              # mta/smtp/server/message_memory.py
+    "recipient_delimiter": Key(delimiter, "+", null_means=None),    # null: off
 }, finish=_finish_gateway)
 
 LIMITS = Section(Limits, {
@@ -458,7 +509,42 @@ TLS = Section(TlsConfig, {
     "required": Key(boolean),
 }, finish=_finish_tls)
 
+def sender_pattern(value: Any, path: str) -> str:
+    """An address, or ``@domain`` for every address of a domain."""
+    text = string(value, path).strip()
+    if text.startswith("@"):
+        return "@" + parse_domain(text[1:], path)
+    return mail_address(text, path).lower()
+
+
+def sender_logins(value: Any, path: str) -> dict[str, tuple[str, ...]] | str:
+    """``{alice: [alice@example.test, "@example.org"]}``, or the path of a YAML file holding it."""
+    if isinstance(value, str):
+        return existing_file(value, path)
+    return sender_map(value, path)
+
+
+def sender_map(value: Any, path: str) -> dict[str, tuple[str, ...]]:
+    out: dict[str, tuple[str, ...]] = {}
+    for user, owned in expect_mapping(value, path).items():
+        key = join(path, str(user))
+        items = owned if isinstance(owned, list) else [owned]
+        out[str(user)] = tuple(sender_pattern(a, f"{key}[{i}]") for i, a in enumerate(items))
+    return out
+
+
+def read_sender_file(path: str) -> dict[str, tuple[str, ...]]:
+    """The file form of ``auth.senders``: the same mapping in YAML. Raises ConfigError naming the file."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.load(f, Loader=_StrictLoader)
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        raise ConfigFileError(path, f"cannot read the sender list: {getattr(e, 'strerror', None) or e}") from None
+    return sender_map(data or {}, path)
+
+
 AUTH = Section(AuthConfig, {
+    "senders": Key(sender_logins),          # mta/policy/senders.py
     "users": Key(file_path),
     "allow_plaintext": Key(boolean),
     "max_failures": Key(integer(1, 100)),

@@ -20,6 +20,16 @@ IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 class LocalDomain:
     name: str                       # lower-case domain
     maildir: str                    # folder holding one Maildir per recipient (local part, lower-case)
+    # Who may receive (Exchange's recipient filtering, Postfix's local_recipient_maps): a tuple of
+    # local parts, or the path of a file with one a line; None with no aliases = any local part.
+    recipients: tuple[str, ...] | str | None = None
+    aliases: dict[str, tuple[str, ...]] = field(default_factory=dict)    # local part -> targets
+    catch_all: str | None = None    # local part that gets the mail of unknown recipients
+
+    @property
+    def restricted(self) -> bool:
+        """Whether unknown local parts are refused at RCPT time."""
+        return (self.recipients is not None or bool(self.aliases)) and self.catch_all is None
 
 
 @dataclass(frozen=True)
@@ -60,6 +70,7 @@ class GatewayConfig:
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     workers: int | str = 1                  # processes sharing the listeners (mta/workers/identity.py); "auto": one per CPU
     message_memory: int = 256 * 1024 * 1024     # bytes of messages being received (mta/smtp/server/message_memory.py)
+    recipient_delimiter: str | None = "+"   # alice+news@ -> alice's mailbox; None: off
 
     @property
     def control_socket_path(self) -> str:
@@ -101,6 +112,9 @@ class AuthConfig:
     allow_plaintext: bool = False   # also offer AUTH without TLS, to loopback clients only (testing)
     max_failures: int = 3           # failed AUTH attempts in one connection before 421 and close
     required: bool = False          # refuse MAIL before AUTH (530 5.7.0): no anonymous mail
+    # the sender addresses each user may use (Postfix's smtpd_sender_login_maps): user -> addresses
+    # and "@domain" patterns, or the path of a YAML file holding that mapping; None = no check
+    senders: dict[str, tuple[str, ...]] | str | None = None
 
 
 # The IIS/Exchange SMTP W3C Extended fields, in the order Exchange writes them (mta/smtp/server/protocol_log.py).

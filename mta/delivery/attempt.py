@@ -36,7 +36,8 @@ from mta.smtp.reply import Reply
 from mta.delivery.nexthops import PermanentDNSError, TemporaryDNSError
 from mta.delivery.connectors import connectors_for, source_address, usable_source
 from mta.smtp.client import smtputf8
-from mta.delivery.maildir import deliver_to_maildir
+from mta.delivery.maildir import already_delivered_to, deliver_to_maildir, delivery_headers
+from mta.delivery.recipients import Expansion, RecipientTable
 from mta.workers import identity as workers
 
 log = Logger(namespace="smtpgw.delivery")
@@ -129,30 +130,50 @@ class Deliverer:
 
     async def _deliver_local(self, entry: QueueEntry, domain: str, recipients: list[str],
                              data: Data) -> list[RecipientResult]:
-
-        config = self.gateway.config
-        root = config.gateway.local_domains[domain].maildir
-        reactor = self.gateway.reactor
-        started = reactor.seconds()
-        writes = [deferToThreadPool(reactor, reactor.getThreadPool(), deliver_to_maildir, root,
-                                    rcpt.rpartition("@")[0].lower(), data, config.gateway.hostname)
-                  for rcpt in recipients]
-        outcomes = await defer.DeferredList(writes, consumeErrors=True)
-        finished = reactor.seconds()
+        """Each recipient: its mailboxes (aliases and +tag resolved, mta.delivery.recipients), a copy
+        queued for its addresses elsewhere; delivered only when all of them are."""
+        table = self.gateway.recipients.table(domain)
+        chunks = [data] if isinstance(data, (bytes, bytearray, memoryview)) else data
+        started = self.gateway.reactor.seconds()
+        replies = await defer.gatherResults(
+            [defer.Deferred.fromCoroutine(self._deliver_one_local(entry, domain, rcpt, chunks, table))
+             for rcpt in recipients], consumeErrors=True)
+        finished = self.gateway.reactor.seconds()
         results = []
-        for rcpt, (ok, value) in zip(recipients, outcomes):
-            if ok:
-                reply = DELIVERED_LOCALLY
-            elif value.check(ValueError):
-                reply = Reply(550, "5.1.1", f"mailbox unavailable: {value.value}")
-            elif value.check(OSError):
-                reply = Reply(451, "4.3.0", f"local delivery failed: {value.value}")
-            else:
-                log.failure("maildir delivery of {id} to {rcpt}", value, id=entry.id, rcpt=rcpt)
-                reply = LOCAL_ERROR
+        for rcpt, reply in zip(recipients, replies):
             self._event(entry, f"{rcpt}: local delivery {reply.code}", recipient=rcpt, reply=str(reply))
             results.append(RecipientResult(rcpt, reply, "maildir", started=started, finished=finished))
         return results
+
+    async def _deliver_one_local(self, entry: QueueEntry, domain: str, rcpt: str, data: list[bytes],
+                                 table: RecipientTable | None) -> Reply:
+        config = self.gateway.config
+        root = config.gateway.local_domains[domain].maildir
+        reactor = self.gateway.reactor
+        local = rcpt.rpartition("@")[0]
+        expansion = table.expand(local) if table is not None else Expansion((local.lower(),))
+        if expansion.unknown:
+            return Reply(550, "5.1.1", f"<{rcpt}>: user unknown")
+        if already_delivered_to(data, rcpt):
+            return Reply(554, "5.4.6", f"<{rcpt}>: mail forwarding loop (Delivered-To: already names it)")
+        jobs = [deferToThreadPool(reactor, reactor.getThreadPool(), deliver_to_maildir, root, box, data,
+                                  config.gateway.hostname, delivery_headers(entry.sender, rcpt))
+                for box in expansion.mailboxes]
+        if expansion.forward:
+            copy = [f"Delivered-To: {rcpt}\r\n".encode("utf-8", "surrogateescape"), *data]
+            jobs.append(self.gateway.queue.inject(entry.sender, list(expansion.forward), b"".join(copy),
+                                                  {"forwarded_for": rcpt}))
+        outcomes = await defer.DeferredList(jobs, consumeErrors=True)
+        for ok, value in outcomes:
+            if ok:
+                continue
+            if value.check(ValueError):
+                return Reply(550, "5.1.1", f"mailbox unavailable: {value.value}")
+            if value.check(OSError):
+                return Reply(451, "4.3.0", f"local delivery failed: {value.value}")
+            log.failure("local delivery of {id} to {rcpt}", value, id=entry.id, rcpt=rcpt)
+            return LOCAL_ERROR
+        return DELIVERED_LOCALLY
 
     # -- remote -------------------------------------------------------------------------------
 

@@ -1,4 +1,8 @@
-"""Local delivery into one Maildir per recipient.
+"""Local delivery into one Maildir per recipient, in the form mail programs expect.
+
+The spool keeps the message as it came over the wire (CRLF line ends); a Maildir file has LF line
+ends, the ``Return-Path:`` of the envelope sender as its first line (RFC 5321 4.4: added at final
+delivery) and a ``Delivered-To:`` naming the recipient, as Postfix's local(8) writes them.
 
 Maildir needs no locks: a message is written under a unique name in ``tmp/``, made durable, then
 linked into ``new/`` in one step, so a reader never sees half a message and a crash leaves at most a
@@ -16,12 +20,37 @@ _SUBDIRS = ("tmp", "new", "cur")
 
 
 def safe_mailbox_name(local_part: str) -> str:
-    """The folder name for a local part: lower-cased, refusing anything that could leave ``root``."""
+    """The folder name for a local part: lower-cased, refusing anything that could leave ``root`` or
+    that is no plain name (a leading dot covers ``.`` and ``..``; quotes and spaces come from quoted
+    local parts; control characters and backslashes have no place in a folder name)."""
     name = local_part.lower()
-    if (not name or name.startswith(".") or "/" in name or "\0" in name
-            or (os.altsep and os.altsep in name)):
+    if (not name or name.startswith(".") or len(name.encode("utf-8", "surrogatepass")) > 255
+            or any(c in name for c in '/\\"') or (os.altsep and os.altsep in name)
+            or any(ord(c) < 0x20 or ord(c) == 0x7f or c.isspace() for c in name)):
         raise ValueError(f"unsafe mailbox name {local_part!r}")
     return name
+
+
+def delivery_headers(sender: str, recipient: str) -> bytes:
+    """``Return-Path:`` (``<>`` for the null sender) and ``Delivered-To:``, LF-terminated."""
+    return f"Return-Path: <{sender}>\nDelivered-To: {recipient}\n".encode("utf-8", "surrogateescape")
+
+
+def already_delivered_to(chunks: list[bytes], recipient: str) -> bool:
+    """Whether the header block already holds ``Delivered-To: recipient`` (a forwarding loop)."""
+    head = b""
+    for chunk in chunks:                # the first 64 KB: headers, without copying a big body
+        head += bytes(chunk[:65536 - len(head)])
+        if len(head) >= 65536:
+            break
+    head = head.split(b"\r\n\r\n", 1)[0].lower()
+    wanted = b"delivered-to: " + recipient.lower().encode("utf-8", "surrogateescape")
+    return any(line.strip() == wanted for line in head.split(b"\r\n"))
+
+
+def to_lf(chunks: list[bytes]) -> bytes:
+    """The wire form (CRLF) as a Unix mail file (LF); a CR not before LF is kept."""
+    return b"".join(chunks).replace(b"\r\n", b"\n")
 
 
 def _host_part(hostname: str) -> str:
@@ -75,7 +104,8 @@ def unique_name(hostname: str) -> str:
     return f"{seconds}.M{usec}P{os.getpid()}Q{next(_counter)}.{_host_part(hostname)}"
 
 
-def deliver_to_maildir(root: str, mailbox: str, data: bytes | list[bytes], hostname: str) -> str:
+def deliver_to_maildir(root: str, mailbox: str, data: bytes | list[bytes], hostname: str,
+                       headers: bytes = b"") -> str:
     """Write the message durably into ``root/<mailbox>/new/`` and return its final path.
 
     ``mailbox`` is the recipient's local part; it is lower-cased and must not be able to escape
@@ -83,7 +113,8 @@ def deliver_to_maildir(root: str, mailbox: str, data: bytes | list[bytes], hostn
     returns, since both the file and the ``new/`` entry have been fsynced by then.
     """
     box = ensure_maildir(root, mailbox)
-    chunks = [data] if isinstance(data, (bytes, bytearray, memoryview)) else data
+    chunks = [bytes(data)] if isinstance(data, (bytes, bytearray, memoryview)) else list(data)
+    content = headers + to_lf(chunks)
     while True:
         name = unique_name(hostname)
         tmp_path = os.path.join(box, "tmp", name)
@@ -94,8 +125,7 @@ def deliver_to_maildir(root: str, mailbox: str, data: bytes | list[bytes], hostn
         break
     try:
         with os.fdopen(fd, "wb") as f:
-            for chunk in chunks:
-                f.write(chunk)
+            f.write(content)
             f.flush()
             os.fsync(f.fileno())
         new_path = os.path.join(box, "new", name)
