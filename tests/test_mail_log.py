@@ -104,6 +104,37 @@ def test_delivery_deferral_bounce_and_local_lines_in_text(site):
     assert len(first_attempt) >= 1 and all("status=deferred" in x for x in first_attempt)
 
 
+def test_refusals_by_the_core_and_a_local_hook_and_the_client_line(site):
+    gw, peer = site()
+    with smtplib.SMTP(GW_HOST, GW_PORT, timeout=10, source_address=(STRANGER, 0)) as s:
+        s.ehlo("client.test")
+        assert s.mail("bulk@spammer.example")[0] == 550                       # the local hook
+        assert s.mail("alice@example.test")[0] == 250
+        assert s.rcpt("bob@remote.test")[0] == 550                            # relay_acl / the core
+        assert s.rcpt("postmaster")[0] == 250
+        code, text = s.data(b"Subject: big\r\n\r\n" + (b"x" * 998 + b"\r\n") * 1100)
+        assert code == 552
+        assert s.mail("alice@example.test")[0] == 250 and s.rcpt("postmaster")[0] == 250
+        code, text = s.data(b"Subject: pm\r\n\r\nto the postmaster\r\n")
+        assert code == 250
+    queue_id = text.decode().rsplit(" ", 1)[1]
+    client = f"unknown[{STRANGER}]"
+    assert wait_until(lambda: any(x.startswith(f"{queue_id}: to=") for x in mail_lines(gw)))
+    lines = mail_lines(gw)
+    assert (f"NOQUEUE: reject: MAIL from {client}: 550 5.7.1 Sender refused by local policy; "
+            "from=<bulk@spammer.example> proto=ESMTP helo=<client.test>") in lines
+    assert (f"NOQUEUE: reject: RCPT from {client}: 550 5.7.1 Relaying denied; "
+            "from=<alice@example.test> to=<bob@remote.test> proto=ESMTP helo=<client.test>") in lines
+    too_big = [x for x in lines if " reject: END-OF-MESSAGE " in x]
+    assert len(too_big) == 1 and re.fullmatch(
+        rf"\w+: reject: END-OF-MESSAGE from {re.escape(client)}: 552 5\.3\.4 .*; from=<alice@example\.test> "
+        r"to=<postmaster@example\.test> proto=ESMTP helo=<client\.test>", too_big[0]), too_big
+    assert f"{queue_id}: client={client}" in lines
+    delivered = next(x for x in lines if x.startswith(f"{queue_id}: to="))
+    assert delivered.startswith(f"{queue_id}: to=<postmaster@example.test>, orig_to=<postmaster>, relay=local, ")
+    assert sum(" reject: " in x for x in lines) == 3
+
+
 def size_of(lines: list[str], queue_id: str) -> int:
     m = next(re.match(rf"{queue_id}: from=<[^>]*>, size=(\d+)", x) for x in lines if x.startswith(f"{queue_id}: from="))
     return int(m[1])
@@ -129,6 +160,14 @@ def test_the_same_lines_as_json(site):
     assert find(bounced, "delivery")["reply"] == "550 5.1.1 no such user"
     queued = find(sent, "queued")
     assert queued["from"] == "alice@example.test" and queued["nrcpt"] == 1 and queued["size"] > 0
+    with smtplib.SMTP(GW_HOST, GW_PORT, timeout=10, source_address=(STRANGER, 0)) as s:
+        s.ehlo("client.test")
+        assert s.mail("bulk@spammer.example")[0] == 550
+    assert wait_until(lambda: any(r["event"] == "reject" for r in records()))
+    [refused] = [r for r in records() if r["event"] == "reject"]
+    assert refused == {"time": refused["time"], "event": "reject", "id": None, "stage": "MAIL",
+                       "client": f"unknown[{STRANGER}]", "reply": "550 5.7.1 Sender refused by local policy",
+                       "dsn": "5.7.1", "from": "bulk@spammer.example", "proto": "ESMTP", "helo": "client.test"}
 
 
 # -- the line formats, unit by unit ------------------------------------------------------------------

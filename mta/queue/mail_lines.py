@@ -18,9 +18,9 @@ from mta.maillog import lines
 from mta.model.nexthop import RecipientResult
 from mta.model.queue_entry import QueueEntry
 from mta.smtp.reply import Reply
+from mta.smtp.server.mail_lines import ORIGINAL_RECIPIENTS      # what the client wrote, when rewritten
 
 EXPIRED_STATUS = "4.4.7"
-ORIGINAL_RECIPIENTS = "orig_rcpt"      # entry.extra: {recipient: the address the client gave}, when rewritten
 
 
 def status_of(hook: str, reply: Reply) -> str:

@@ -40,6 +40,8 @@ from mta.smtp.server.auth import AUTH_REQUIRED, NOT_ENABLED, ServerAuth, mask_au
 from mta.workers.counts import SharedConnectionLimit
 from mta.smtp.server.tls import ServerTLS
 from mta.smtp.server.protocol_log import ProtocolLog
+from mta.smtp.server import mail_lines
+from mta import maillog
 
 log = Logger(namespace="smtpgw.server")
 
@@ -156,6 +158,9 @@ class SMTPServerProtocol(Protocol):
         # W3C protocol log (mta/smtp/server/protocol_log.py): the command waiting for the reply that settles it
         self._plog = factory.protocol_log
         self._plog_cmd: _LoggedCommand | None = None
+        # the mail log (mta/smtp/server/mail_lines.py): the command being answered, for its reject: line
+        self._mail_log = maillog.of(factory.gateway)
+        self._stage: tuple[str, str, Envelope | None] | None = None
 
     # -- connection ------------------------------------------------------------------------------
 
@@ -170,6 +175,7 @@ class SMTPServerProtocol(Protocol):
         self._timer = self.reactor.callLater(self.vs.limits.timeout, self._check_timeout)
         self._event("connection_manager", "medium", "connect", peer=self.session.peer_host,
                     virtual_server=self.vs.name)
+        self._stage = (mail_lines.CONNECT, "", None)
         self._respond(self._ask("smtpgw_connect", self._greeting, session=self.session))
 
     def connectionLost(self, reason: Any = None) -> None:
@@ -278,6 +284,7 @@ class SMTPServerProtocol(Protocol):
             if self._plog_cmd is not None and not isinstance(item, Problem):
                 self._plog_cmd.bytes_in += len(item) + 2
             return continuation(item)
+        self._stage = None              # a line that is no command is refused without a reject: line
         if isinstance(item, Problem):
             self._event("smtp_protocol", "maximum", "bad command line", problem=item.value)
             if self._plog is not None:
@@ -289,6 +296,7 @@ class SMTPServerProtocol(Protocol):
             return R.BAD_CHARACTERS
         verb, _, argument = text.partition(" ")
         verb = verb.upper()
+        self._stage = (verb, argument, self.envelope)
         if self._diagnostics and self._protocol_detail():
             self._event("smtp_protocol", "maximum", "command",
                         line=mask_auth_command(text) if verb == "AUTH" else text)
@@ -323,6 +331,8 @@ class SMTPServerProtocol(Protocol):
         if result is None:              # BDAT: the reply waits for the chunk's octets
             return
         if not isinstance(result, defer.Deferred):
+            if result.code >= 400:
+                self._log_refusal(result)
             self._send(result)
             return
         self._waiting = True
@@ -338,6 +348,8 @@ class SMTPServerProtocol(Protocol):
                 log.error("session {session}: not a Reply: {reply!r}", session=self.session.id, reply=reply)
                 reply = R.INTERNAL_ERROR
             self._last_input = self.reactor.seconds()
+            if reply.code >= 400:
+                self._log_refusal(reply)
             self._send(reply)
             if self._paused and self.state is not State.CLOSED:
                 self._paused = False
@@ -367,6 +379,15 @@ class SMTPServerProtocol(Protocol):
             actions, self._after_send = self._after_send, []
             for action in actions:
                 action()
+
+    def _log_refusal(self, reply: Reply) -> None:
+        """The mail log's ``reject:`` line for a command's answer (not for the gateway's own 421s)."""
+        if self._stage is None or self.state is State.CLOSED:
+            return
+        verb, argument, envelope = self._stage
+        line = mail_lines.reject(self.session, verb, argument, envelope, reply)
+        if line is not None:
+            self._mail_log.write(line)
 
     def _plog_reply(self, reply: Reply, size: int) -> None:
         """One protocol log line per command, once a reply settles it (334/354 only lead on)."""
@@ -569,6 +590,7 @@ class SMTPServerProtocol(Protocol):
         if recipient == "postmaster":
             recipient = self.gateway.config.gateway.postmaster
             self._event("categorizer", "medium", "postmaster resolved", recipient=recipient)
+        mail_lines.note_rewrite(envelope, recipient, mail_lines.path_in(path))
         return self._ask("smtpgw_rcpt_to", partial(self._rcpt_answered, envelope, recipient, params),
                          session=self.session, envelope=envelope, recipient=recipient, params=params)
 
@@ -585,6 +607,8 @@ class SMTPServerProtocol(Protocol):
         if not reply.is_positive:
             return reply
         if recipient not in envelope.rcpt_params:
+            if not envelope.recipients:     # the transaction has its queue id from now on (Postfix's smtpd)
+                self._mail_log.write(mail_lines.client(self.session, envelope))
             envelope.recipients.append(recipient)
         envelope.rcpt_params[recipient] = params
         if self.state is State.MAIL:
@@ -721,6 +745,7 @@ class SMTPServerProtocol(Protocol):
 
     def _end_of_data(self, reader: DataReader | ChunkedMessage) -> Reply | defer.Deferred:
         envelope = self.envelope
+        self._stage = (mail_lines.END_OF_MESSAGE, "", envelope)
         held, self._held = self._held, 0    # the message's memory: given back once it is queued or refused
         self._reset_transaction()
         if reader.problem is not None:
