@@ -28,6 +28,7 @@ from twisted.logger import Logger
 
 from mta.config import Connector
 from mta.smtp.address import domain_of
+from mta.queue import mail_lines
 from mta.dsn.params import OutboundDSN
 from mta.model.nexthop import Hop, HostUnusable, RecipientResult
 from mta.smtp.client.policy import OutboundPolicy
@@ -162,7 +163,7 @@ class Deliverer:
         if expansion.forward:
             copy = [f"Delivered-To: {rcpt}\r\n".encode("utf-8", "surrogateescape"), *data]
             jobs.append(self.gateway.queue.inject(entry.sender, list(expansion.forward), b"".join(copy),
-                                                  {"forwarded_for": rcpt}))
+                                                  {mail_lines.FORWARDED_FOR: rcpt}))
         outcomes = await defer.DeferredList(jobs, consumeErrors=True)
         for ok, value in outcomes:
             if ok:

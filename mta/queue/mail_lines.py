@@ -21,6 +21,7 @@ from mta.smtp.reply import Reply
 from mta.smtp.server.mail_lines import ORIGINAL_RECIPIENTS      # what the client wrote, when rewritten
 
 EXPIRED_STATUS = "4.4.7"
+FORWARDED_FOR = "forwarded_for"        # entry.extra of an alias's copy: the local address it was sent to
 
 
 def status_of(hook: str, reply: Reply) -> str:
@@ -61,7 +62,7 @@ def outcome(entry: QueueEntry, hook: str, address: str, reply: Reply, result: Re
             setup, transfer = max(now - attempt_started, 0.0), 0.0
     hop = result.hop if result is not None else ""
     relay = "local" if hop == dsn.LOCAL_HOP else lines.relay_name(hop)
-    original = (entry.extra.get(ORIGINAL_RECIPIENTS) or {}).get(address)
+    original = (entry.extra.get(ORIGINAL_RECIPIENTS) or {}).get(address) or entry.extra.get(FORWARDED_FOR)
     return lines.delivery(entry.id, address, relay, max(ended - arrival, 0.0),
                           (queue_in, waited, setup, transfer), reply, status_of(hook, reply), original)
 
