@@ -29,7 +29,7 @@ from typing import Any
 
 from mta.cli.main import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, add_config_option, command, load_config
 from mta.config import Config
-from mta.ops.control import DONE, HELD_SKIPPED, NOT_FOUND, UNCHANGED, detail, selector, summary
+from mta.ops.control import DONE, HELD_SKIPPED, NOT_FOUND, UNCHANGED, corrupt_summary, detail, selector, summary
 
 CLIENT_TIMEOUT = 300.0      # a delete waits for an attempt in flight, which may wait on a slow host
 
@@ -116,7 +116,8 @@ class SpoolQueue:
 
     def op_list(self, request: dict) -> dict[str, Any]:
         now = time.time()
-        return {"ok": True, "entries": [summary(e, now) for e in self._entries()]}
+        rows = [summary(e, now) for e in self._entries()]
+        return {"ok": True, "entries": rows + [corrupt_summary(c, now) for c in self.spool.corrupt_messages_sync()]}
 
     def op_show(self, request: dict) -> dict[str, Any]:
         entry = next((e for e in self._entries() if e.id == request["id"]), None)
@@ -276,12 +277,16 @@ def format_table(entries: list[dict[str, Any]], now: float) -> list[str]:
         rcpts = f"{len(pending)}/{e['recipients_total']}"
         if pending:
             rcpts += " " + _cut(pending[0] + (f" +{len(pending) - 1}" if len(pending) > 1 else ""), 40)
-        rows.append([e["id"], _cut(f"<{e['sender']}>", 40), rcpts, str(e["size"]), human_duration(e["age"]),
+        rows.append([e["id"], _cut(f"<{e['sender']}>" if e["sender"] is not None else "?", 40), rcpts, str(e["size"]), human_duration(e["age"]),
                      when_text(e["next_attempt"], now, e.get("active", False)), _cut(e["last_error"], 50),
                      _cut(e["why_held"], 40)])
     widths = [max(len(r[i]) for r in [header] + rows) for i in range(len(header))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in [header] + rows]
-    lines.append(f"{len(entries)} message{'s' if len(entries) != 1 else ''} in the queue")
+    corrupt = sum(bool(e.get("corrupt")) for e in entries)
+    queued = len(entries) - corrupt
+    lines.append(f"{queued} message{'s' if queued != 1 else ''} in the queue"
+                 + (f"; {corrupt} corrupt (never attempted again; their files are under the spool's "
+                    "corrupt/, for the postmaster to inspect and remove)" if corrupt else ""))
     return lines
 
 

@@ -94,6 +94,21 @@ def summary(entry: QueueEntry, now: float, active: bool = False) -> dict[str, An
     }
 
 
+def corrupt_summary(message: Any, now: float) -> dict[str, Any]:
+    """A row of ``smtpgw queue list`` for a message in the spool's ``corrupt/`` area
+    (a :class:`mta.spool.store.CorruptMessage`): never attempted again, shown so that it is not lost
+    from sight."""
+    entry = message.entry
+    reason = (entry.extra.get("corrupt") if entry is not None else None) or "unreadable spool file"
+    row = summary(entry, now) if entry is not None else {
+        "id": message.id, "sender": None, "recipients_pending": [], "recipients_total": 0, "size": 0,
+        "received_at": message.since, "age": max(0.0, now - message.since), "last_error": None,
+        "held": False, "active": False, "dsn": None}
+    row.update({"next_attempt": None, "why_held": f"corrupt: {reason}", "corrupt": True,
+                "files": [f"corrupt/{name}" for name in message.files]})
+    return row
+
+
 def parse_headers(message: bytes | None) -> list[list[str]]:
     """``[[name, value], ...]`` of the message's header section, unfolded, as text (8-bit as latin-1)."""
     out: list[list[str]] = []
@@ -187,10 +202,11 @@ class QueueControl:
         self.gateway.pickup.run()
         return {"ok": True}
 
-    def op_list(self, request: dict) -> dict[str, Any]:
+    async def op_list(self, request: dict) -> dict[str, Any]:
         now = self._now()
-        return {"ok": True, "entries": [summary(e, now, self.queue.is_active(e.id))
-                                        for e in self.queue.entries()]}
+        rows = [summary(e, now, self.queue.is_active(e.id)) for e in self.queue.entries()]
+        corrupt = await self.gateway.spool.corrupt_messages()
+        return {"ok": True, "entries": rows + [corrupt_summary(c, now) for c in corrupt]}
 
     async def op_show(self, request: dict) -> dict[str, Any]:
         entry_id = request.get("id")
@@ -341,4 +357,4 @@ class ControlService(service.Service):
         return None
 
 
-__all__ = ["ControlService", "QueueControl", "summary", "detail", "selector", "parse_headers"]
+__all__ = ["ControlService", "QueueControl", "summary", "corrupt_summary", "detail", "selector", "parse_headers"]

@@ -35,6 +35,7 @@ from mta.model.message import MessageData
 from mta.model.nexthop import RecipientResult
 from mta.model.queue_entry import DELIVERED, FAILED, PENDING, QueueEntry, RecipientState
 from mta.smtp.reply import Reply
+from mta.spool.store import CorruptFile
 from mta.queue.scheduler import Scheduler
 
 log = Logger(namespace="smtpgw.queue")
@@ -52,6 +53,21 @@ DOUBLE_BOUNCE = "double_bounce"  # on a postmaster copy: its own failure is only
 MAIL_PARAMS, RCPT_PARAMS = "mail_params", "rcpt_params"
 HELD = "held"                    # set by `smtpgw queue hold`: no attempt, expiry or notice until released
 DELETED = Reply(550, "5.3.0", "message deleted from the queue by the administrator")
+CORRUPT = "corrupt"              # on an entry moved to the spool's corrupt/ area: why
+
+
+class UnreadableMessage(Exception):
+    """The spool cannot give back a queued message's bytes (file missing, unreadable or damaged):
+    retrying cannot help, so the queue moves the message to ``corrupt/`` instead."""
+
+
+def unreadable_reason(error: BaseException) -> str:
+    """A short reason for the log and the DSN: ``message file missing``, ``... unreadable: <why>``."""
+    if isinstance(error, FileNotFoundError):
+        return "message file missing"
+    if isinstance(error, OSError):
+        return f"message file unreadable: {error.strerror or error}"
+    return f"message file damaged: {error}"
 
 
 def _jsonable(value: Any) -> bool:
@@ -110,6 +126,7 @@ class QueueManager:
         self._ready_ids: set[str] = set()
         self._active: dict[str, _Active] = {}
         self._scheduler = Scheduler(gateway.reactor, self._due)
+        self._not_before: dict[str, float] = {}     # after an attempt that raised: back off
         self._running = False
 
     # -- shortcuts ----------------------------------------------------------------------------------
@@ -331,11 +348,15 @@ class QueueManager:
             raise KeyError(entry_id)
         self._scheduler.discard(entry_id)
         self._unready(entry_id)
+        self._not_before.pop(entry_id, None)
         dsn_id = None
         try:
             if notify_sender and wants_deletion_report(self.gateway.config, entry):
-                data = await self._load(entry)
-                original = data if isinstance(data, bytes) else b"".join(data)
+                try:
+                    data = await self._load(entry)
+                    original: bytes | None = data if isinstance(data, bytes) else b"".join(data)
+                except UnreadableMessage:
+                    original = None             # the report says the message could not be read
                 to, report, extra = deletion_report(self.gateway.config, entry, original, self._now())
                 dsn_id = await self.inject("", [to], report, extra)
             await self._spool.remove(entry_id)
@@ -369,7 +390,7 @@ class QueueManager:
         times.append(entry.received_at + q.expire)
         if self._wants_delay_notice(entry) and q.delay_notification > 0:
             times.append(entry.received_at + q.delay_notification)
-        return min(times)
+        return max(min(times), self._not_before.get(entry.id, 0.0))
 
     def _due(self, ids: list[str]) -> None:
         for entry_id in ids:
@@ -393,13 +414,33 @@ class QueueManager:
                 continue
             active = self._active[entry_id] = _Active()
             d = defer.Deferred.fromCoroutine(self._attempt(entry, force))
+            d.addCallbacks(self._attempt_ended, self._attempt_raised, callbackArgs=(entry,),
+                           errbackArgs=(entry,))
             d.addErrback(self._log_failure, "attempt", entry_id)
             d.addBoth(self._finished, entry, active)
 
+    def _attempt_ended(self, _: Any, entry: QueueEntry) -> None:
+        self._not_before.pop(entry.id, None)
+
+    def _attempt_raised(self, failure: Any, entry: QueueEntry) -> Any:
+        """Whatever went wrong, the entry waits at least the first retry interval (so a fault can
+        never make the queue spin), and the attempt is logged once. A message the spool cannot give
+        back goes to ``corrupt/`` instead: retrying would not bring it back."""
+        if failure.check(UnreadableMessage):
+            return defer.Deferred.fromCoroutine(self._quarantine(entry, str(failure.value)))
+        delay = max(self._qcfg.retry_interval(1), MIN_INTERVAL)
+        self._not_before[entry.id] = self._now() + delay
+        log.failure("queue {id}: attempt failed; next attempt in {delay:.0f}s", failure, id=entry.id,
+                    delay=delay)
+        return None
+
     def _finished(self, _: Any, entry: QueueEntry, active: _Active) -> None:
         del self._active[entry.id]
-        if entry.is_done():
+        if entry.id not in self._entries:
+            self._not_before.pop(entry.id, None)    # moved to corrupt/ (or deleted meanwhile)
+        elif entry.is_done():
             self._entries.pop(entry.id, None)
+            self._not_before.pop(entry.id, None)
         elif self._running and not is_held(entry):
             if active.again:
                 self._make_ready(entry.id, force=True)
@@ -418,7 +459,11 @@ class QueueManager:
         data: Data | None = None
         removed = False
 
-        if now >= entry.received_at + q.expire:
+        expiring = now >= entry.received_at + q.expire
+        if (expiring and entry.pending()) or self._delay_notice_due(entry, now) or any(
+                force or r.next_attempt <= now for r in entry.pending()):
+            data = await self._load(entry)      # before anything changes: an unreadable message stays whole
+        if expiring:
             for r in entry.pending():
                 last = dsn.reply_from_text(r.last_error, Reply(451, EXPIRED_STATUS, "no attempt made"))
                 reply = Reply(last.code if 400 <= last.code < 500 else 451, EXPIRED_STATUS,
@@ -430,7 +475,8 @@ class QueueManager:
         due = [r for r in entry.pending() if force or r.next_attempt <= now]
         successes: list = []            # NOTIFY=SUCCESS reports owed: [(action, [(state, reply)])]
         if due:
-            data = await self._load(entry)
+            if data is None:
+                data = await self._load(entry)
             results = await self._deliver(entry, data, due)
             self._apply(entry, due, results, self._now(), failures, outcomes)
             successes = dsn_params.success_notices(entry, due, results)
@@ -490,7 +536,10 @@ class QueueManager:
         if data is not None:
             self._first_bytes -= entry.size
             return data
-        return await self._spool.read(entry.id)
+        try:
+            return await self._spool.read(entry.id)
+        except (OSError, CorruptFile) as e:
+            raise UnreadableMessage(unreadable_reason(e)) from e
 
     def _drop_first_data(self, entry: QueueEntry) -> None:
         if self._first_data.pop(entry.id, None) is not None:
@@ -542,6 +591,32 @@ class QueueManager:
             r.last_error, r.held_reason = str(reply), None
             outcomes.append(("smtpgw_deferred", r.address, reply, result))
 
+    # -- a message the spool cannot give back -------------------------------------------------------
+
+    async def _quarantine(self, entry: QueueEntry, reason: str) -> None:
+        """Take ``entry`` out of the queue, move its files to the spool's ``corrupt/`` area with the
+        envelope as the queue knew it (``smtpgw queue list`` shows it there), log it once, and tell
+        the sender and the postmaster that its pending recipients will not get it."""
+        self._entries.pop(entry.id, None)
+        self._scheduler.discard(entry.id)
+        self._unready(entry.id)
+        self._drop_first_data(entry)
+        self._not_before.pop(entry.id, None)
+        lost = entry.pending()
+        entry.extra[CORRUPT] = reason
+        try:
+            where = await self._spool.quarantine(entry)
+        except Exception as e:
+            where = f"nowhere ({e})"
+        log.error("queue {id}: {reason}; moved to {where}; {n} recipient(s) not delivered, sender <{sender}>",
+                  id=entry.id, reason=reason, where=where, n=len(lost), sender=entry.sender)
+        if lost and not entry.extra.get(DOUBLE_BOUNCE):
+            reply = Reply(554, "5.3.0", f"message lost in the queue: {reason}")
+            results = [(r, reply) for r in lost]
+            await self._report(entry, results, dsn.FAILED, None)
+            if entry.sender:                    # _report told the sender; the postmaster gets a copy
+                await self._report(entry, results, dsn.FAILED, None, to_postmaster=True)
+
     # -- notices ------------------------------------------------------------------------------------
 
     def _wants_delay_notice(self, entry: QueueEntry) -> bool:
@@ -567,11 +642,13 @@ class QueueManager:
         return False
 
     async def _report(self, entry: QueueEntry, results: list[tuple[RecipientState, Reply]],
-                      action: str, original: bytes | None) -> None:
+                      action: str, original: bytes | None, to_postmaster: bool = False) -> None:
         """Queue a DSN about ``results``; never to the null sender, never about a double bounce.
-        Success reports come already filtered by NOTIFY (mta.dsn.params.success_notices)."""
+        Success reports come already filtered by NOTIFY (mta.dsn.params.success_notices).
+        ``to_postmaster``: a copy for the postmaster whatever the sender asked (its own failure is
+        only logged)."""
         success = action in dsn.SUCCESS_ACTIONS
-        if not success:
+        if not success and not to_postmaster:
             kind = "FAILURE" if action == dsn.FAILED else "DELAY"
             results = [(r, rep) for r, rep in results if self._notify_allows(entry, kind, [r.address])]
         if not results:
@@ -583,12 +660,12 @@ class QueueManager:
             self.gateway.hooks.event("ndr", "minimum", "double bounce dropped", id=entry.id, recipients=addresses)
             return
         postmaster = self.gateway.config.gateway.postmaster
-        to = entry.sender or postmaster
+        to = postmaster if to_postmaster else (entry.sender or postmaster)
         if not to:
             log.warn("queue {id}: no postmaster configured; report on {rcpts} dropped", id=entry.id, rcpts=addresses)
             return
         extra: dict[str, Any] = {DSN_KIND: action, "about": entry.id}
-        if not entry.sender:
+        if not entry.sender or to_postmaster:
             extra[DOUBLE_BOUNCE] = True
         build = dsn.build_success_dsn if success else dsn.build_dsn
         data = build(self.gateway.config, entry, results, action, original, to=to, now=self._now())
@@ -608,4 +685,4 @@ class QueueManager:
         log.failure("queue {id}: {what} failed", failure, id=entry_id, what=what)
 
 
-__all__ = ["QueueManager", "PENDING", "DELIVERED", "FAILED", "HELD", "is_held"]
+__all__ = ["QueueManager", "PENDING", "DELIVERED", "FAILED", "HELD", "CORRUPT", "is_held", "UnreadableMessage"]

@@ -10,7 +10,8 @@ On-disk layout under the spool directory::
     queue/<id>    one file per message: a header line (magic + JSON: body length and the envelope
                   with its recipient states as queued) followed by the message bytes
     queue/<id>.st the current recipient states (same JSON envelope); supersedes the header's copy
-    corrupt/      files that could not be read at scan time, kept for the postmaster
+    corrupt/      files that could not be read (at scan time, or when an attempt needed the message),
+                  kept for the postmaster; ``<id>.st`` there is the envelope as the queue last knew it
 
 Why this shape: the 250 after DATA waits for ``put()``, so put() is the hot path. One file per
 message costs one ``fdatasync``; the file only appears under ``queue/`` by ``rename`` after that sync,
@@ -40,7 +41,7 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 
 from mta.model.queue_entry import QueueEntry, RecipientState
-from mta.spool.files import STATE_SUFFIX, unlink_quietly
+from mta.spool.files import STATE_SUFFIX, unlink_quietly, write_synced
 from mta.spool.writer import OP_NEW, OP_REPLACE, OP_UNLINK
 from mta.spool.link import WriterLink
 
@@ -50,6 +51,21 @@ MESSAGE_MAGIC = b"smtpgw-spool 1 "
 STATE_MAGIC = b"smtpgw-state 1 "
 MAX_HEADER = 64 * 1024 * 1024          # a header line longer than this is not ours
 _ID_RE = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}$")
+_ASIDE_SUFFIX = re.compile(r"\.\d+\.\d+$")     # what _move_aside adds to a name already taken
+
+
+def _is_state_name(name: str) -> bool:
+    return _ASIDE_SUFFIX.sub("", name).endswith(STATE_SUFFIX)
+
+
+@dataclasses.dataclass
+class CorruptMessage:
+    """A message in ``corrupt/``: its id, the envelope when a file there still gives it, its files."""
+
+    id: str
+    entry: QueueEntry | None
+    files: list[str]
+    since: float                        # when it was moved there (the newest file's mtime)
 
 
 class SpoolError(Exception):
@@ -219,6 +235,20 @@ class Spool:
 
         return d.addCallback(report)
 
+    def quarantine(self, entry: QueueEntry) -> defer.Deferred:
+        """Move a message the queue cannot read out of ``queue/`` into ``corrupt/``, and write
+        ``entry`` (the envelope as the queue knew it) there as ``<id>.st``; fires with the folder."""
+        try:
+            check_id(entry.id)
+            record = encode_state(entry)
+        except Exception:
+            return defer.fail()
+        return self._in_thread(self._quarantine_files, entry.id, record)
+
+    def corrupt_messages(self) -> defer.Deferred:
+        """What ``corrupt/`` holds, one :class:`CorruptMessage` per id (read in a thread)."""
+        return self._in_thread(self.corrupt_messages_sync)
+
     def scan_sync(self, repair: bool = False) -> list[QueueEntry]:
         """:meth:`scan` for tools (no reactor, no thread). Read-only unless ``repair``: a tool
         looking at a live spool must not move the daemon's files around; problems are logged."""
@@ -314,6 +344,45 @@ class Spool:
             raise CorruptFile(f"state is for {entry.id!r}")
         return entry
 
+    def _quarantine_files(self, entry_id: str, record: bytes) -> str:
+        path = os.path.join(self.queue_dir, entry_id)
+        if os.path.lexists(path):
+            self._move_aside(path, entry_id)
+        unlink_quietly(path + STATE_SUFFIX)     # superseded by the queue's own copy, written next
+        final = os.path.join(self.corrupt_dir, entry_id + STATE_SUFFIX)
+        if os.path.lexists(final):
+            final += f".{int(time.time())}.{os.getpid()}"
+        write_synced(os.path.join(self.tmp_dir, f"{entry_id}.corrupt"), final, [record])
+        return self.corrupt_dir
+
+    def corrupt_messages_sync(self) -> list[CorruptMessage]:
+        """:meth:`corrupt_messages` for tools and threads; only this worker's ids (see ``owns``)."""
+        try:
+            names = os.listdir(self.corrupt_dir)
+        except FileNotFoundError:
+            return []
+        groups: dict[str, list[str]] = {}
+        for name in names:
+            base = _ASIDE_SUFFIX.sub("", name)
+            entry_id = base[:-len(STATE_SUFFIX)] if base.endswith(STATE_SUFFIX) else base
+            if self.owns is None or self.owns(entry_id):
+                groups.setdefault(entry_id, []).append(name)
+        found = []
+        for entry_id, files in sorted(groups.items()):
+            files.sort(key=lambda n: (not _is_state_name(n), n))    # the envelope from a state file first
+            entry, since = None, 0.0
+            for name in files:
+                path = os.path.join(self.corrupt_dir, name)
+                try:
+                    since = max(since, os.lstat(path).st_mtime)
+                    if entry is None:
+                        entry = (self._load_state(path, entry_id) if _is_state_name(name)
+                                 else self._load_header(path))
+                except (CorruptFile, OSError, UnicodeError):
+                    continue
+            found.append(CorruptMessage(entry_id, entry, files, since))
+        return found
+
     def _move_aside(self, path: str, name: str) -> None:
         target = os.path.join(self.corrupt_dir, name)
         if os.path.lexists(target):
@@ -334,6 +403,7 @@ class MemorySpool:
     def __init__(self) -> None:
         self.messages: dict[str, bytes] = {}
         self.states: dict[str, str] = {}
+        self.corrupt: dict[str, str] = {}
         self.puts = self.updates = self.removes = 0
         self.opened = False
 
@@ -379,6 +449,16 @@ class MemorySpool:
     def scan(self) -> defer.Deferred:
         return defer.succeed(self.scan_sync())
 
+    def quarantine(self, entry: QueueEntry) -> defer.Deferred:
+        self.messages.pop(entry.id, None)
+        self.states.pop(entry.id, None)
+        self.corrupt[entry.id] = json.dumps(entry.to_dict())
+        return defer.succeed("corrupt/")
+
+    def corrupt_messages(self) -> defer.Deferred:
+        return defer.succeed([CorruptMessage(i, QueueEntry.from_dict(json.loads(s)), [i + STATE_SUFFIX], 0.0)
+                              for i, s in sorted(self.corrupt.items())])
+
     def scan_sync(self, repair: bool = False) -> list[QueueEntry]:
         entries = [QueueEntry.from_dict(json.loads(s)) for s in self.states.values()]
         return sorted(entries, key=lambda e: (e.received_at, e.id))
@@ -386,3 +466,7 @@ class MemorySpool:
     def get(self, entry_id: str) -> QueueEntry:
         """The stored copy of one entry (tests)."""
         return QueueEntry.from_dict(json.loads(self.states[entry_id]))
+
+    def get_corrupt(self, entry_id: str) -> QueueEntry:
+        """The envelope of a message moved to ``corrupt/`` (tests)."""
+        return QueueEntry.from_dict(json.loads(self.corrupt[entry_id]))
