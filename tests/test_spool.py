@@ -16,7 +16,7 @@ from twisted.internet import defer, reactor
 from twisted.trial import unittest
 
 from mta.model.queue_entry import QueueEntry, RecipientState
-from mta.spool.store import MemorySpool, Spool, SpoolError
+from mta.spool.store import SLICE, MemorySpool, Spool, SpoolError, encode_message_header
 
 BODY = [b"Received: from a by b\r\n", b"Subject: spool\r\n\r\n", b"line\r\n" * 500]
 
@@ -127,6 +127,28 @@ class FileSpoolTests(RoundTrip, unittest.TestCase):
         self.assertEqual(self.queue_files(), ["0101aa", "0101aa.st"])
         yield self.spool.remove(e.id)
         self.assertEqual(self.queue_files(), [])
+
+    @defer.inlineCallbacks
+    def test_a_large_envelope_is_encoded_in_slices_to_the_same_bytes(self):
+        addresses = [f"user{i}@far.test" for i in range(SLICE * 3 + 7)]
+        e = entry("0102bb", *addresses)
+        e.extra["rcpt_params"] = {a: {"NOTIFY": "SUCCESS", "ORCPT": f"rfc822;{a}"} for a in addresses}
+        yield self.spool.put(e, BODY)
+        with open(os.path.join(self.directory, "queue", "0102bb"), "rb") as f:
+            self.assertEqual(f.readline(), encode_message_header(e, sum(map(len, BODY))))
+        [found] = yield self.spool.scan()
+        self.assertEqual(found, e)
+
+    def test_a_header_past_64_mib_is_read_back(self):
+        """Issue 13 F3: 64,000 recipients with long ORCPTs made an 86 MiB header, and the reader's
+        64 MiB cap sent the message to corrupt/ after its client had been told 250."""
+        e = entry("0103cc")
+        e.extra["blob"] = "x" * (65 * 1024 * 1024)
+        with open(os.path.join(self.directory, "queue", "0103cc"), "wb") as f:
+            f.write(encode_message_header(e, sum(map(len, BODY))) + b"".join(BODY))
+        [found] = self.spool.scan_sync(repair=True)
+        self.assertEqual(len(found.extra["blob"]), 65 * 1024 * 1024)
+        self.assertEqual(os.listdir(os.path.join(self.directory, "corrupt")), [])
 
     @defer.inlineCallbacks
     def test_concurrent_puts_share_directory_fsyncs(self):

@@ -22,7 +22,7 @@ from __future__ import annotations
 from collections import defaultdict
 from typing import Any, Sequence
 
-from twisted.internet import defer
+from twisted.internet import defer, task
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 
@@ -44,6 +44,7 @@ from mta.workers import identity as workers
 log = Logger(namespace="smtpgw.delivery")
 
 MAX_RCPTS_PER_TRANSACTION = 100     # RFC 5321 4.5.3.1.8: servers must take at least 100
+MAX_BATCHES_IN_FLIGHT = 20          # per message and domain (Postfix's default_destination_concurrency_limit)
 HELD = Reply(451, "4.4.5", "held: outside the connector's schedule")
 LOCAL_ERROR = Reply(451, "4.3.0", "local error in delivery, try again later")
 DELIVERED_LOCALLY = Reply(250, "2.0.0", "delivered to maildir")
@@ -82,6 +83,15 @@ class Deliverer:
     def deliver(self, entry: QueueEntry, data: Data,
                 recipients: list[RecipientState]) -> defer.Deferred:
         """Try ``recipients`` of ``entry`` now; fires with one result per recipient, in their order."""
+        return defer.Deferred.fromCoroutine(self._deliver_all(entry, data, recipients))
+
+    async def _deliver_all(self, entry: QueueEntry, data: Data,
+                           recipients: list[RecipientState]) -> list[RecipientResult | None]:
+        """One job per (domain, batch of at most 100 remote recipients); domains run at once, and
+        each domain has at most :data:`MAX_BATCHES_IN_FLIGHT` batches in flight (Postfix's destination
+        concurrency), the next starting when one ends. The reactor gets a turn between starting two,
+        since starting one runs its hooks and routing at once. So a message to 64,000 recipients
+        never has 640 batches answering in the same reactor turn while every other session waits."""
         results: list[RecipientResult | None] = [None] * len(recipients)
         by_domain: dict[str, list[int]] = defaultdict(list)
         for i, rcpt in enumerate(recipients):
@@ -94,14 +104,19 @@ class Deliverer:
             else:
                 batches = [indexes[i:i + MAX_RCPTS_PER_TRANSACTION]
                            for i in range(0, len(indexes), MAX_RCPTS_PER_TRANSACTION)]
+            gate = defer.DeferredSemaphore(MAX_BATCHES_IN_FLIGHT)
             for batch in batches:
+                if jobs:
+                    await task.deferLater(self.gateway.reactor, 0, lambda: None)
                 addresses = [recipients[i].address for i in batch]
-                d = defer.Deferred.fromCoroutine(self._deliver_domain(entry, domain, addresses, data))
+                d = gate.run(lambda domain=domain, addresses=addresses: defer.Deferred.fromCoroutine(
+                    self._deliver_domain(entry, domain, addresses, data)))
                 d.addErrback(self._crashed, entry, domain, addresses)
                 d.addCallback(self._place, results, batch)
                 jobs.append(d)
-        done = defer.gatherResults(jobs, consumeErrors=True) if jobs else defer.succeed(None)
-        return done.addCallback(lambda _: results)
+        if jobs:
+            await defer.gatherResults(jobs, consumeErrors=True)
+        return results
 
     @staticmethod
     def _place(batch_results: list[RecipientResult], results: list, indexes: list[int]) -> None:
@@ -273,7 +288,7 @@ class Deliverer:
 
         source = source_address(self.gateway.config, connector)
         policy = self._policy(connector)
-        dsn = OutboundDSN.from_entry(entry)     # RFC 3461 parameters for the next hop, when the sender gave any
+        dsn = OutboundDSN.of(entry)     # RFC 3461 parameters for the next hop, when the sender gave any
         send_options: dict[str, Any] = {"dsn": dsn} if dsn is not None else {}
         if smtputf8.requested(entry):           # RFC 6531: the client decides per hop (mta.smtp.client.smtputf8)
             send_options["smtputf8"] = True

@@ -15,7 +15,8 @@ itself, so we send nothing for it.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+import weakref
+from dataclasses import dataclass
 from typing import Any, Iterable
 
 from mta.dsn.reports import DELIVERED as DELIVERED_ACTION, LOCAL_HOP, RELAYED as RELAYED_ACTION
@@ -40,6 +41,8 @@ ORCPT_TOO_LONG = Reply(501, "5.5.4", f"ORCPT parameter longer than {MAX_ORCPT} c
 _ATOM = re.compile(r"[A-Za-z0-9!#$%&'*/=?^_`{|}~+-]+")     # RFC 5322 atext: the addr-type
 _XTEXT = re.compile(r"(?:[\x21-\x2a\x2c-\x3c\x3e-\x7e]|\+[0-9A-Fa-f]{2})*")
 _HEX = re.compile(r"\+([0-9A-Fa-f]{2})")
+_XCHARS = re.compile(r"[\x21-\x2a\x2c-\x3c\x3e-\x7e]*")   # xtext that needs no escape
+_PRINTABLE = re.compile(r"[ -~]*")
 
 
 def xtext_decode(value: str) -> str:
@@ -54,6 +57,8 @@ def xtext_decode(value: str) -> str:
 def xtext_encode(text: str) -> str:
     """The other way: every character outside ``!``..``~``, and ``+`` and ``=``, as ``+XX``.
     Non-ASCII text is encoded as its UTF-8 octets."""
+    if _XCHARS.fullmatch(text):        # the usual case, without a Python loop over every character
+        return text
     out = []
     for byte in text.encode("utf-8"):
         if 0x21 <= byte <= 0x7E and byte not in (0x2B, 0x3D):
@@ -64,7 +69,7 @@ def xtext_encode(text: str) -> str:
 
 
 def _printable(text: str) -> bool:
-    return all(" " <= c <= "~" for c in text)
+    return _PRINTABLE.fullmatch(text) is not None
 
 
 def parse_notify(value: str | None) -> frozenset[str] | None:
@@ -155,36 +160,82 @@ def _check_text(params: dict[str, str | None], key: str, limit: int, parse: Any,
 
 # -- the client side ---------------------------------------------------------------------------------
 
-@dataclass(frozen=True)
-class OutboundDSN:
-    """The DSN parameters of one queued message, ready for a next hop's MAIL and RCPT lines."""
+@dataclass(frozen=True, slots=True)
+class RecipientDSN:
+    """One recipient's NOTIFY/ORCPT in parsed form: its NOTIFY keywords, and the text for a next
+    hop's RCPT line (" NOTIFY=.. ORCPT=..", re-encoded from the decoded value, or "")."""
 
-    mail: str = ""                                        # " RET=.. ENVID=.." (leading space) or ""
-    rcpts: dict[str, str] = field(default_factory=dict)   # lower-cased address -> " NOTIFY=.. ORCPT=.."
-    success: frozenset[str] = frozenset()                 # lower-cased addresses that asked SUCCESS
+    notify: frozenset[str] = frozenset()
+    wire: str = ""
+
+    @classmethod
+    def parse(cls, params: dict[str, Any] | None) -> "RecipientDSN":
+        if not params:
+            return NO_RECIPIENT_DSN
+        return cls(parse_notify(params.get("NOTIFY")) or frozenset(), _render_rcpt(params))
+
+
+NO_RECIPIENT_DSN = RecipientDSN()
+
+
+class OutboundDSN:
+    """The DSN parameters of one queued message, ready for a next hop's MAIL and RCPT lines.
+
+    A message to 64,000 recipients is sent in batches of 100, and again at each retry; so a
+    recipient's parameters are parsed the first time it is sent and kept (:meth:`of` keeps one
+    object per queue entry for as long as the entry lives), and a batch costs its own recipients
+    only, never the whole list.
+    """
+
+    __slots__ = ("mail", "_params", "_parsed", "_folded")
+
+    def __init__(self, mail: str, rcpt_params: dict[str, Any]) -> None:
+        self.mail = mail                        # " RET=.. ENVID=.." (leading space) or ""
+        self._params = rcpt_params              # address as accepted -> {"NOTIFY": .., "ORCPT": ..}
+        self._parsed: dict[str, RecipientDSN] = {}
+        self._folded: dict[str, str] | None = None      # lower-cased address -> as accepted, on demand
 
     @classmethod
     def from_entry(cls, entry: QueueEntry) -> "OutboundDSN | None":
         """None when the message carries no DSN parameter at all (the usual case: nothing to do)."""
-        mail_params = entry.extra.get("mail_params") or {}
+        mail = _render_mail(entry.extra.get("mail_params") or {})
         rcpt_params = entry.extra.get("rcpt_params") or {}
-        mail = _render_mail(mail_params)
-        rcpts, success = {}, set()
-        for address, params in rcpt_params.items():
-            text = _render_rcpt(params or {})
-            if text:
-                rcpts[address.lower()] = text
-            if "SUCCESS" in (parse_notify((params or {}).get("NOTIFY")) or ()):
-                success.add(address.lower())
-        if not mail and not rcpts:
+        if not mail and not rcpt_params:
             return None
-        return cls(mail, rcpts, frozenset(success))
+        return cls(mail, rcpt_params)
+
+    @classmethod
+    def of(cls, entry: QueueEntry) -> "OutboundDSN | None":
+        """:meth:`from_entry`, made once per queue entry object and kept until the entry is gone."""
+        key = id(entry)
+        hit = _KEPT.get(key)
+        if hit is not None and hit[0]() is entry:
+            return hit[1]
+        dsn = cls.from_entry(entry)
+        _KEPT[key] = (weakref.ref(entry, lambda _, key=key: _KEPT.pop(key, None)), dsn)
+        return dsn
+
+    def recipient(self, address: str) -> RecipientDSN:
+        """``address``'s parameters, parsed on first use (looked up as accepted, then case-folded)."""
+        parsed = self._parsed.get(address)
+        if parsed is None:
+            params = self._params.get(address)
+            if params is None:
+                if self._folded is None:
+                    self._folded = {a.lower(): a for a in self._params}
+                params = self._params.get(self._folded.get(address.lower(), ""))
+            parsed = self._parsed[address] = RecipientDSN.parse(params)
+        return parsed
 
     def rcpt(self, address: str) -> str:
-        return self.rcpts.get(address.lower(), "")
+        return self.recipient(address).wire
 
     def wants_success(self, address: str) -> bool:
-        return address.lower() in self.success
+        return "SUCCESS" in self.recipient(address).notify
+
+
+# id(entry) -> (a weak reference to it, its OutboundDSN): dropped when the entry is collected
+_KEPT: dict[int, tuple[weakref.ref, OutboundDSN | None]] = {}
 
 
 def _render_mail(params: dict[str, Any]) -> str:
@@ -224,8 +275,8 @@ class RelayedResult(RecipientResult):
 
 def notify_of(entry: QueueEntry, address: str) -> frozenset[str]:
     """The NOTIFY keywords stored for ``address`` (empty when none was given)."""
-    params = (entry.extra.get("rcpt_params") or {}).get(address) or {}
-    return parse_notify(params.get("NOTIFY")) or frozenset()
+    dsn = OutboundDSN.of(entry)
+    return dsn.recipient(address).notify if dsn is not None else frozenset()
 
 
 def success_notices(entry: QueueEntry, due: Iterable[RecipientState],

@@ -16,7 +16,7 @@ from typing import Any
 from mta.dsn import reports as dsn
 from mta.maillog import lines
 from mta.model.nexthop import RecipientResult
-from mta.model.queue_entry import QueueEntry
+from mta.model.queue_entry import QueueEntry, RecipientState
 from mta.smtp.reply import Reply
 from mta.smtp.server.mail_lines import ORIGINAL_RECIPIENTS      # what the client wrote, when rewritten
 
@@ -67,9 +67,12 @@ def outcome(entry: QueueEntry, hook: str, address: str, reply: Reply, result: Re
                           (queue_in, waited, setup, transfer), reply, status_of(hook, reply), original)
 
 
-def diag_fields(entry: QueueEntry, address: str, reply: Reply) -> dict[str, Any]:
-    """The queuing_engine diag event's fields for an outcome (attempts counts failed tries only)."""
-    state = next((r for r in entry.rcpts if r.address == address), None)
+def diag_fields(entry: QueueEntry, address: str, reply: Reply,
+                state: RecipientState | None = None) -> dict[str, Any]:
+    """The queuing_engine diag event's fields for an outcome (attempts counts failed tries only).
+    ``state``: the recipient's, when the caller has it (a search per outcome is N² for N recipients)."""
+    if state is None:
+        state = next((r for r in entry.rcpts if r.address == address), None)
     fields: dict[str, Any] = {"id": entry.id, "recipient": address, "reply": str(reply),
                               "hop": getattr(state, "last_hop", None) or "-"}
     if state is not None and state.attempts:

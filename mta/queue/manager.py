@@ -78,6 +78,14 @@ def _jsonable(value: Any) -> bool:
         return False
 
 
+def _first_unsettled(states: list[RecipientState] | None, settled: set[int]) -> RecipientState | None:
+    """The first of ``states`` (same address) that has no result yet: duplicates settle in order."""
+    for state in states or ():
+        if id(state) not in settled:
+            return state
+    return None
+
+
 def is_held(entry: QueueEntry) -> bool:
     """Held by the administrator (``smtpgw queue hold``)."""
     return bool(entry.extra.get(HELD))
@@ -206,7 +214,7 @@ class QueueManager:
         if envelope.mail_params and _jsonable(envelope.mail_params):
             extra[MAIL_PARAMS] = dict(envelope.mail_params)
         rcpt_params = {k: dict(v) for k, v in envelope.rcpt_params.items() if v}
-        if rcpt_params and _jsonable(rcpt_params):
+        if rcpt_params:                 # strings from the RCPT line: JSON as they are, no costly check
             extra[RCPT_PARAMS] = rcpt_params
         now = self._now()
         entry = QueueEntry(
@@ -511,9 +519,10 @@ class QueueManager:
             except Exception:
                 log.failure("queue {id}: could not record recipient states", id=entry.id)
         mail_log, ended = maillog.of(self.gateway), self._now()
+        states = {r.address: r for r in reversed(entry.rcpts)} if outcomes else {}   # the first of duplicates
         for hook, address, reply, result in outcomes:
             mail_log.write(mail_lines.outcome(entry, hook, address, reply, result, now, ended))
-            self._outcome_event(entry, hook, address, reply)
+            self._outcome_event(entry, hook, address, reply, states.get(address))
             self.gateway.hooks.notify(hook, envelope=entry, recipient=address, reply=reply)
         if removed:
             mail_log.write(mail_lines.removed(entry))
@@ -522,13 +531,14 @@ class QueueManager:
                         delivered=sum(r.status == DELIVERED for r in entry.rcpts),
                         failed=sum(r.status == FAILED for r in entry.rcpts))
 
-    def _outcome_event(self, entry: QueueEntry, hook: str, address: str, reply: Reply) -> None:
+    def _outcome_event(self, entry: QueueEntry, hook: str, address: str, reply: Reply,
+                       state: RecipientState | None) -> None:
         """queuing_engine/medium, per recipient: delivered, deferred, bounced or expired (the mail log
         has the outcome at every level; this adds the attempts and the hop's label)."""
         status = mail_lines.status_of(hook, reply)
         what = "delivered" if status == "sent" else status
         self.gateway.hooks.event("queuing_engine", "medium", f"message {what}",
-                                 **mail_lines.diag_fields(entry, address, reply))
+                                 **mail_lines.diag_fields(entry, address, reply, state))
 
     async def _load(self, entry: QueueEntry) -> Data:
         """The message: the received chunks on the first attempt (no re-read), else from the spool."""
@@ -557,18 +567,25 @@ class QueueManager:
     def _apply(self, entry: QueueEntry, due: list[RecipientState], results: list[RecipientResult],
                now: float, failures: list, outcomes: list) -> None:
         """Fold the delivery agent's answers into the recipient states."""
-        waiting = list(due)
+        # address (as given, then case-folded) -> the states still waiting for a result, in order:
+        # one pass, whatever the number of recipients
+        exact: dict[str, list[RecipientState]] = {}
+        folded: dict[str, list[RecipientState]] = {}
+        for r in due:
+            exact.setdefault(r.address, []).append(r)
+            folded.setdefault(r.address.lower(), []).append(r)
+        settled: set[int] = set()
         for result in results:
-            state = next((r for r in waiting if r.address == result.recipient), None)
-            if state is None:
-                state = next((r for r in waiting if r.address.lower() == result.recipient.lower()), None)
+            state = (_first_unsettled(exact.get(result.recipient), settled)
+                     or _first_unsettled(folded.get(result.recipient.lower()), settled))
             if state is None:
                 log.warn("queue {id}: result for unknown recipient {rcpt}", id=entry.id, rcpt=result.recipient)
                 continue
-            waiting.remove(state)
+            settled.add(id(state))
             self._apply_one(state, result, now, failures, outcomes)
-        for state in waiting:
-            self._apply_one(state, RecipientResult(state.address, NO_RESULT), now, failures, outcomes)
+        for state in due:
+            if id(state) not in settled:
+                self._apply_one(state, RecipientResult(state.address, NO_RESULT), now, failures, outcomes)
 
     def _apply_one(self, r: RecipientState, result: RecipientResult, now: float,
                    failures: list, outcomes: list) -> None:

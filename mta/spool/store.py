@@ -34,7 +34,7 @@ import json
 import os
 import re
 import time
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 from twisted.internet import defer
 from twisted.internet.threads import deferToThreadPool
@@ -49,7 +49,7 @@ log = Logger(namespace="smtpgw.spool")
 
 MESSAGE_MAGIC = b"smtpgw-spool 1 "
 STATE_MAGIC = b"smtpgw-state 1 "
-MAX_HEADER = 64 * 1024 * 1024          # a header line longer than this is not ours
+SLICE = 500                            # recipients per call of the JSON encoder for a large envelope
 _ID_RE = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}$")
 _ASIDE_SUFFIX = re.compile(r"\.\d+\.\d+$")     # what _move_aside adds to a name already taken
 
@@ -103,6 +103,36 @@ def _entry_doc(entry: QueueEntry) -> dict[str, Any]:
 def encode_message_header(entry: QueueEntry, length: int) -> bytes:
     doc = {"len": length, "entry": _entry_doc(entry)}
     return MESSAGE_MAGIC + _ENCODER.encode(doc).encode("ascii") + b"\n"
+
+
+def _sliced(value: Any) -> Iterator[str]:
+    """The JSON of ``value``, long lists and dicts a slice at a time: each slice is one call of the C
+    encoder, and between two of them the interpreter may switch threads, so encoding a large
+    envelope in a thread never holds the reactor thread up for longer than one slice."""
+    if isinstance(value, list) and len(value) > SLICE:
+        yield "["
+        for i in range(0, len(value), SLICE):
+            yield ("," if i else "") + _ENCODER.encode(value[i:i + SLICE])[1:-1]
+        yield "]"
+    elif isinstance(value, dict) and all(type(k) is str for k in value):
+        yield "{"
+        if len(value) > SLICE:
+            items = list(value.items())
+            for i in range(0, len(items), SLICE):
+                yield ("," if i else "") + _ENCODER.encode(dict(items[i:i + SLICE]))[1:-1]
+        else:
+            for n, (key, item) in enumerate(value.items()):
+                yield ("," if n else "") + _ENCODER.encode(key) + ":"
+                yield from _sliced(item)
+        yield "}"
+    else:
+        yield _ENCODER.encode(value)
+
+
+def encode_large_header(doc: dict[str, Any]) -> bytes:
+    """:func:`encode_message_header` of a large envelope from its :func:`_entry_doc`, for a thread:
+    the same bytes, a slice at a time."""
+    return MESSAGE_MAGIC + "".join(_sliced(doc)).encode("ascii") + b"\n"
 
 
 def encode_state(entry: QueueEntry) -> bytes:
@@ -190,13 +220,22 @@ class Spool:
     # -- the backend interface -------------------------------------------------------------------
 
     def put(self, entry: QueueEntry, chunks: list[bytes]) -> defer.Deferred:
-        """Store a new message; fires (None) only once file and directory entry are on disk."""
+        """Store a new message; fires (None) only once file and directory entry are on disk.
+
+        The header of an envelope with more than :data:`SLICE` recipients (10,000 recipients with
+        ORCPTs make megabytes of JSON) is encoded in a thread, so other sessions go on meanwhile;
+        nobody else holds the new entry yet, and its own dicts are copied here first."""
         try:
             final = self._path(entry.id)
-            header = encode_message_header(entry, sum(len(c) for c in chunks))
+            length = sum(len(c) for c in chunks)
+            if len(entry.rcpts) <= SLICE:
+                return self._write(OP_NEW, entry.id, final, [encode_message_header(entry, length), *chunks])
+            doc = {"len": length, "entry": _entry_doc(entry)}
+            doc["entry"]["rcpts"] = [dict(r) for r in doc["entry"]["rcpts"]]
         except Exception:
             return defer.fail()
-        return self._write(OP_NEW, entry.id, final, [header, *chunks])
+        d = self._in_thread(encode_large_header, doc)
+        return d.addCallback(lambda header: self._write(OP_NEW, entry.id, final, [header, *chunks]))
 
     def update(self, entry: QueueEntry) -> defer.Deferred:
         """Durably replace the recipient states (and extra) of a queued message."""
@@ -315,10 +354,16 @@ class Spool:
 
     @staticmethod
     def _load_header(path: str) -> QueueEntry:
+        """The envelope of a queued message. Its header line is read whatever its length: no cap
+        below what :meth:`put` writes (64,000 recipients with long ORCPTs make 90 MB), or a message
+        told 250 would be moved to ``corrupt/`` at the next start; the magic is checked first, so
+        a file that is not ours is never read whole."""
         with open(path, "rb") as f:
-            line = f.readline(MAX_HEADER)
+            if f.read(len(MESSAGE_MAGIC)) != MESSAGE_MAGIC:
+                raise CorruptFile("no spool header")
+            line = MESSAGE_MAGIC + f.readline()
             size = os.fstat(f.fileno()).st_size
-        if not line.startswith(MESSAGE_MAGIC) or not line.endswith(b"\n"):
+        if not line.endswith(b"\n"):
             raise CorruptFile("no spool header")
         try:
             doc = json.loads(line[len(MESSAGE_MAGIC):])

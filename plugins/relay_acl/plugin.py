@@ -148,12 +148,15 @@ class RelayACL:
         facts = Facts(envelope.sender, envelope.size, priority)
         refused: list[tuple[str, Refusal]] = []
         carried = 0
+        by_domain: dict[str, Refusal | None] = {}      # the choice is per domain, whatever the recipients
         for recipient in envelope.recipients:
             domain = domain_of(recipient)
             if self.config.is_local_domain(domain):
                 carried += 1
                 continue
-            connector, refusal = self._choose(domain, facts, policy)
+            if domain not in by_domain:
+                by_domain[domain] = self._choose(domain, facts, policy)[1]
+            refusal = by_domain[domain]
             if refusal is None:
                 carried += 1
             else:
