@@ -9,13 +9,15 @@ import pytest
 
 from gwprocess import base_config, wait_until
 from mta.plugin.hookspecs import hookimpl
-from mta.smtp.server.message_memory import MessageMemory, for_gateway
+from mta.smtp.server.message_memory import MessageMemory, for_gateway, recipient_cost
 from mta.smtp.reply import Reply
 from mta.smtp.server.session import SMTPServerFactory
 from server_fakes import Code, Dialog, FakeGateway
 
 KB = 1024
 ENVELOPE = b"EHLO client.test\r\nMAIL FROM:<a@remote.test>\r\nRCPT TO:<u@example.test>\r\n"
+RCPT = recipient_cost("TO:<u@example.test>", 0)      # what its one recipient holds
+TXN = recipient_cost("TO:<user@example.test>", 0)    # the recipient of Dialog.start_transaction
 
 
 def body(size: int, mark: bytes = b"x") -> bytes:
@@ -95,11 +97,11 @@ def test_second_session_past_the_budget_gets_452_then_a_third_gets_through():
     message = body(50 * KB)
     first.start_transaction()
     assert first.send(message) == []
-    assert memory.held == len(message)
+    assert memory.held == len(message) + TXN
     second.start_transaction()
     for piece in range(0, len(message), 10000):         # refused at its second piece; read on all the same
         assert second.send(message[piece:piece + 10000]) == []
-        assert memory.held == len(message) + (10000 if piece == 0 else 0)
+        assert memory.held == len(message) + TXN + (10000 + TXN if piece == 0 else 0)
     [answer] = second.send(b".\r\n")
     assert status(answer) == INSUFFICIENT
     assert answer.lines[-1] == "4.3.1 Insufficient system storage"
@@ -133,7 +135,7 @@ def mid_message(size: int) -> tuple[MessageMemory, "Dialog"]:
     d = Dialog(gw, factory)
     d.start_transaction()
     d.send(body(size))
-    assert memory.held == size
+    assert memory.held == size + TXN
     return memory, d
 
 
@@ -149,9 +151,9 @@ def test_memory_is_held_until_the_queue_has_the_message():
     d = Dialog(gw, factory)
     d.start_transaction()
     assert d.send(body(20 * KB) + b".\r\n") == []
-    assert memory.held == 20 * KB
+    assert memory.held == 20 * KB + TXN
     d.protocol.connectionLost(None)         # the spool write goes on: the bytes are still in memory
-    assert memory.held == 20 * KB
+    assert memory.held == 20 * KB + TXN
     d.submitted[0].answer.callback("Q1")
     assert memory.held == 0
 
@@ -187,7 +189,7 @@ def test_declared_size_over_the_free_room_gets_452_at_data():
     assert d.codes(b"RCPT TO:<u@example.test>\r\n") == [Code.BAD_SEQUENCE]     # the transaction is reset
     assert d.codes(b"MAIL FROM:<a@remote.test> SIZE=20000\r\nRCPT TO:<u@example.test>\r\nDATA\r\n") == [
         Code.OK, Code.OK, Code.START_INPUT]
-    assert memory.held == 40 * KB
+    assert memory.held == 40 * KB + TXN + RCPT
 
 
 def test_declared_size_over_the_whole_budget_is_refused_before_any_byte():
@@ -197,6 +199,36 @@ def test_declared_size_over_the_whole_budget_is_refused_before_any_byte():
     assert status(answers[-1]) == INSUFFICIENT and memory.refusals == 1
 
 
+# -- the envelope ------------------------------------------------------------------------------------
+
+def test_recipients_count_against_the_memory_and_past_it_get_452():
+    gw, memory, factory = budget_gateway(4 * KB)
+    d = Dialog(gw, factory)
+    d.send(b"EHLO c\r\nMAIL FROM:<a@remote.test>\r\n")
+    args = [f"TO:<u{i}@example.test> NOTIFY=SUCCESS ORCPT=rfc822;{'x' * 400}" for i in range(6)]
+    costs = [recipient_cost(a, 2) for a in args]
+    fit = max(n for n in range(len(costs) + 1) if sum(costs[:n]) <= memory.limit)
+    assert 0 < fit < len(args)
+    answers = d.send("".join(f"RCPT {a}\r\n" for a in args).encode())
+    assert [status(a) for a in answers] == [(Code.OK, "2.1.5")] * fit + [INSUFFICIENT] * (len(args) - fit)
+    assert memory.held == sum(costs[:fit])
+    assert d.codes(b"RCPT TO:<u0@example.test>\r\n") == [Code.OK]    # already counted: no second charge
+    assert memory.held == sum(costs[:fit])
+    assert d.codes(b"RSET\r\n") == [Code.OK] and memory.held == 0
+
+
+def test_the_envelope_is_held_until_the_queue_has_the_message():
+    gw, memory, factory = budget_gateway(64 * KB)
+    gw.queue.hold = True
+    d = Dialog(gw, factory)
+    d.send(ENVELOPE + b"RCPT TO:<v@example.test> NOTIFY=NEVER\r\nDATA\r\n")
+    assert memory.held == RCPT + recipient_cost("TO:<v@example.test> NOTIFY=NEVER", 1)
+    d.send(b"Subject: x\r\n\r\nbody\r\n.\r\n")
+    assert memory.held > 0
+    d.submitted[0].answer.callback("Q1")
+    assert memory.held == 0
+
+
 # -- BDAT ----------------------------------------------------------------------------------------
 
 def test_bdat_chunk_past_the_budget_is_read_off_and_answered_452():
@@ -204,12 +236,12 @@ def test_bdat_chunk_past_the_budget_is_read_off_and_answered_452():
     first, second = Dialog(gw, factory), Dialog(gw, factory)
     first.send(ENVELOPE)
     assert first.codes(bdat(body(50 * KB))) == [Code.OK]
-    assert memory.held == 50 * KB
+    assert memory.held == 50 * KB + RCPT
     second.send(ENVELOPE)
     assert second.codes(bdat(body(10 * KB))) == [Code.OK]
     chunk = body(20 * KB)
     assert second.send(bdat(chunk)[:12 * KB]) == []
-    assert memory.held == 50 * KB             # refused mid-chunk: released at once
+    assert memory.held == 50 * KB + RCPT      # refused mid-chunk: released at once
     answers = second.send(bdat(chunk)[12 * KB:] + b"NOOP\r\n")
     assert [status(a) for a in answers] == [INSUFFICIENT, (Code.OK, "2.0.0")]   # octets counted off
     assert first.codes(bdat(b"", last=True)) == [Code.OK] and memory.held == 0
@@ -231,9 +263,9 @@ def test_bdat_connection_lost_between_and_inside_chunks():
     a, b = Dialog(gw, factory), Dialog(gw, factory)
     a.send(ENVELOPE + bdat(body(10 * KB)))
     b.send(ENVELOPE + bdat(body(10 * KB)) + bdat(body(10 * KB))[:5 * KB])
-    assert memory.held == 10 * KB + 10 * KB + 5 * KB - len(b"BDAT 10240\r\n")
+    assert memory.held == 10 * KB + 10 * KB + 5 * KB - len(b"BDAT 10240\r\n") + 2 * RCPT
     a.protocol.connectionLost(None)
-    assert memory.held == 15 * KB - len(b"BDAT 10240\r\n")
+    assert memory.held == 15 * KB - len(b"BDAT 10240\r\n") + RCPT
     b.protocol.connectionLost(None)
     assert memory.held == 0
 
@@ -242,7 +274,7 @@ def test_rset_between_chunks_releases():
     gw, memory, factory = budget_gateway(64 * KB)
     d = Dialog(gw, factory)
     d.send(ENVELOPE + bdat(body(10 * KB)))
-    assert memory.held == 10 * KB
+    assert memory.held == 10 * KB + RCPT
     assert d.codes(b"RSET\r\n") == [Code.OK] and memory.held == 0
 
 

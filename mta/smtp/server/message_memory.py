@@ -13,6 +13,11 @@ drops. When a reservation does not fit, that session's message is dropped at onc
 the rest of it is read and discarded, and the client gets ``452 4.3.1`` to retry later. Reading never
 pauses: a pause until memory frees up deadlocks when every session is in the middle of a message.
 
+The envelope counts too: each accepted recipient reserves :func:`recipient_cost` (its RCPT argument,
+NOTIFY/ORCPT included, plus what Python spends around it) until the transaction ends, so a session
+piling up 64,000 recipients with long ORCPTs meets the same budget as one sending a large message; a
+recipient that does not fit is answered ``452 4.3.1`` and the client sends the rest later.
+
 With ``gateway.workers: N`` the key is the gateway's total, and each worker gets ceil(total / N), as
 the outbound connection limits are split. The queue's copy of a message for its first delivery attempt
 (``mta/queue/manager.py`` ``first_attempt_memory``) has its own limit and is not counted here.
@@ -22,6 +27,18 @@ from __future__ import annotations
 from typing import Any
 
 from mta.workers import identity as workers
+
+
+RECIPIENT_OVERHEAD = 192       # bytes one accepted recipient costs beyond its text (list slot, dict entries, objects)
+PARAMETER_OVERHEAD = 192       # and each of its parameters (NOTIFY, ORCPT): a dict entry and two strings
+
+
+def recipient_cost(argument: str, parameters: int) -> int:
+    """What one accepted RCPT holds until its transaction ends: ``argument`` is the command's
+    argument (``TO:<address> NOTIFY=.. ORCPT=..``), ``parameters`` how many it carries. Measured
+    with tracemalloc (160 bytes + text without parameters, 450 + text with NOTIFY and ORCPT), the
+    real cost stays under this estimate."""
+    return RECIPIENT_OVERHEAD + PARAMETER_OVERHEAD * parameters + len(argument)
 
 
 class MessageMemory:

@@ -591,7 +591,8 @@ class SMTPServerProtocol(Protocol):
             recipient = self.gateway.config.gateway.postmaster
             self._event("categorizer", "medium", "postmaster resolved", recipient=recipient)
         mail_lines.note_rewrite(envelope, recipient, mail_lines.path_in(path))
-        return self._ask("smtpgw_rcpt_to", partial(self._rcpt_answered, envelope, recipient, params),
+        cost = message_memory.recipient_cost(argument, len(params))
+        return self._ask("smtpgw_rcpt_to", partial(self._rcpt_answered, envelope, recipient, params, cost),
                          session=self.session, envelope=envelope, recipient=recipient, params=params)
 
     def _check_rcpt_params(self, params: dict[str, str | None]) -> Reply | None:
@@ -601,12 +602,15 @@ class SMTPServerProtocol(Protocol):
             return R.UNSUPPORTED_PARAM
         return dsn_params.check_rcpt(params)
 
-    def _rcpt_answered(self, envelope: Envelope, recipient: str, params: dict[str, str | None],
+    def _rcpt_answered(self, envelope: Envelope, recipient: str, params: dict[str, str | None], cost: int,
                        verdict: Reply | None) -> Reply:
         reply = verdict or R.RELAY_DENIED       # nobody claimed it: never an open relay
         if not reply.is_positive:
             return reply
         if recipient not in envelope.rcpt_params:
+            if self.state is State.CLOSED or not self._memory.reserve(cost):
+                return self._no_room_for_recipient(envelope)
+            self._held += cost                  # the envelope counts against the message memory
             if not envelope.recipients:     # the transaction has its queue id from now on (Postfix's smtpd)
                 self._mail_log.write(mail_lines.client(self.session, envelope))
             envelope.recipients.append(recipient)
@@ -804,6 +808,14 @@ class SMTPServerProtocol(Protocol):
         if self._held:
             self._memory.release(self._held)
             self._held = 0
+
+    def _no_room_for_recipient(self, envelope: Envelope) -> Reply:
+        """452 4.3.1 for a recipient the message memory has no room for: the client sends it later."""
+        if self.state is not State.CLOSED:
+            memory = self._memory
+            self._event("smtp_protocol", "minimum", "message memory full", envelope=envelope.id,
+                        held=memory.held, limit=memory.limit, recipients=len(envelope.recipients))
+        return R.INSUFFICIENT_STORAGE
 
     def _no_room_for_declared_size(self) -> bool:
         """At DATA or the first BDAT: refuse at once when the free memory is less than MAIL FROM's
