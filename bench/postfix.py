@@ -73,6 +73,7 @@ smtp_dns_support_level = disabled
 smtpd_peername_lookup = no
 biff = no
 default_process_limit = {process_limit}
+smtpd_recipient_limit = 64000
 """
 
 

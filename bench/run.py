@@ -11,6 +11,7 @@ means and how it is measured. Needs root (port 25, Postfix, smtp-sink -u postfix
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -25,6 +26,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+import attack  # noqa: E402
 import conns  # noqa: E402
 import latency  # noqa: E402
 import procstat  # noqa: E402
@@ -88,8 +90,9 @@ def self_cpu() -> float:
 
 
 def throughput(target: targets_mod.Target, load: str, sessions: int, size: int, n: int, rundir: str,
-               timeout: float, idle_limit: float) -> dict:
-    """One smtp-source run through one target; time until the sink has all n messages."""
+               timeout: float, idle_limit: float, attacker: bool = False) -> dict:
+    """One smtp-source run through one target; time until the sink has all n messages. With
+    ``attacker``, a client floods the target without reading its replies meanwhile (bench/attack.py)."""
     os.makedirs(rundir, exist_ok=True)
     res: dict = {"load": load, "target": target.name, "sessions": sessions, "size": size, "messages": n}
     res["settle_s"] = round(settle_disk(), 1)      # start on quiet disks, whatever ran before
@@ -109,6 +112,10 @@ def throughput(target: targets_mod.Target, load: str, sessions: int, size: int, 
             res["loadavg_before"] = f.read().split()[0]
         sampler = MemorySampler(target.pids, interval=1.0)
         sampler.start()
+        flooder = attack.Flooder(target.host, target.port) if attacker else None
+        if flooder is not None:
+            flooder.start()
+            forget_flooder = on_exit(flooder.stop)
         argv = ["smtp-source", "-s", str(sessions), "-m", str(n), "-l", str(size),
                 "-f", SENDER, "-t", RECIPIENT, f"{target.host}:{target.port}"]
         t0 = time.monotonic()
@@ -138,6 +145,9 @@ def throughput(target: targets_mod.Target, load: str, sessions: int, size: int, 
         cpu1, sink_cpu1 = target.cpu_seconds(), sink.cpu_seconds()
         (busy1, steal1), self1 = machine_cpu(), self_cpu()
         peak = sampler.stop()
+        if flooder is not None:
+            res.update(flooder.stop())
+            forget_flooder()
         end_mem = procstat.memory(target.pids(), with_pss=False)
         while source_done is None and time.monotonic() < t0 + elapsed + 30:
             r = reap(src)
@@ -188,18 +198,33 @@ def throughput(target: targets_mod.Target, load: str, sessions: int, size: int, 
         forget()
 
 
-def latency_run(target: targets_mod.Target, messages: int, rundir: str, timeout: float) -> dict:
+@contextlib.contextmanager
+def started(target: targets_mod.Target, rundir: str, tag: str, res: dict, **start: int):
+    """A fresh sink and target for one measurement, both stopped after it; yields the sink, or None
+    when the target did not start (then ``res["error"]`` says why)."""
     os.makedirs(rundir, exist_ok=True)
-    res: dict = {"target": target.name}
     sink = Sink(*targets_mod.SINK, rundir)
     sink.start()
     forget = on_exit(sink.stop)
     try:
         try:
-            target.start(rundir)
+            target.start(rundir, **start)
         except Exception as e:
             res["error"] = str(e)
-            log(f"latency {target.name}: failed to start: {str(e).splitlines()[0]}")
+            log(f"{tag} {target.name}: failed to start: {str(e).splitlines()[0]}")
+            yield None
+            return
+        yield sink
+    finally:
+        target.stop()
+        sink.stop()
+        forget()
+
+
+def latency_run(target: targets_mod.Target, messages: int, rundir: str, timeout: float) -> dict:
+    res: dict = {"target": target.name}
+    with started(target, rundir, "latency", res) as sink:
+        if sink is None:
             return res
         try:
             res.update(latency.measure(target.host, target.port, messages, sessions=20, size=4096,
@@ -212,25 +237,54 @@ def latency_run(target: targets_mod.Target, messages: int, rundir: str, timeout:
         log(f"latency {target.name}: {ok}/{messages} ok, p50 {res.get('p50_ms')} ms, "
             f"p99 {res.get('p99_ms')} ms" + (f", errors {res['errors']}" if res.get("errors") else "")
             + (f"  [{res['error']}]" if res.get("error") else ""))
-        return res
-    finally:
-        target.stop()
-        sink.stop()
-        forget()
+    return res
+
+
+def fanout_run(target: targets_mod.Target, recipients: int, rundir: str, timeout: float) -> dict:
+    """One message to ``recipients`` addresses while a probe times the banner (bench/attack.py)."""
+    res: dict = {"case": "fanout", "target": target.name}
+    with started(target, rundir, "fanout", res) as sink:
+        if sink is None:
+            return res
+        try:
+            res.update(attack.fanout(target.host, target.port, target.name, recipients, target.pids,
+                                     lambda k, t: sink.wait_for(k, t, idle_limit=60), sink.count, timeout))
+        except Exception as e:
+            res["error"] = f"{type(e).__name__}: {e}"
+        if not res.get("error") and not res.get("all_at_sink"):
+            res["error"] = f"only {res.get('sink_transactions')} transactions reached the sink"
+        log(f"fanout {recipients} {target.name}: {res.get('accepted')} accepted, at the sink after "
+            f"{res.get('delivery_s')} s; banner p99 {res.get('banner_p99_ms')} ms, max "
+            f"{res.get('banner_max_ms')} ms over {res.get('samples')} probes"
+            + (f"  [{res['error']}]" if res.get("error") else ""))
+        if res.get("error"):
+            res["target_log_tail"] = target.log_tail()[-2000:]
+    return res
+
+
+def flood_runs(target: targets_mod.Target, n: int, rundir: str, timeout: float, idle_limit: float) -> dict:
+    """The s20_4k load without, then beside, a client that floods without reading (bench/attack.py)."""
+    sessions, size, _ = LOADS["s20_4k"]
+    res: dict = {"case": "flood", "target": target.name}
+    for tag, attacker in (("alone", False), ("attacked", True)):
+        r = throughput(target, f"flood-{tag}", sessions, size, n, os.path.join(rundir, tag), timeout,
+                       idle_limit, attacker=attacker)
+        res[tag] = r
+    alone, attacked = res["alone"], res["attacked"]
+    if alone.get("msgs_per_s") and attacked.get("msgs_per_s"):
+        res["rate_ratio"] = round(attacked["msgs_per_s"] / alone["msgs_per_s"], 3)
+    errors = [r["error"] for r in (alone, attacked) if r.get("error")]
+    if errors:
+        res["error"] = "; ".join(errors)
+    log(f"flood {target.name}: {alone.get('msgs_per_s')} msg/s alone, {attacked.get('msgs_per_s')} beside "
+        f"the attacker ({attacked.get('attacker_bytes_sent', 0) / 2**20:.1f} MB taken from it)")
+    return res
 
 
 def conns_run(target: targets_mod.Target, count: int, rundir: str, timeout: float) -> dict:
-    os.makedirs(rundir, exist_ok=True)
     res: dict = {"target": target.name, "connections": count}
-    sink = Sink(*targets_mod.SINK, rundir)
-    sink.start()
-    forget = on_exit(sink.stop)
-    try:
-        try:
-            target.start(rundir, max_connections=count + 100)
-        except Exception as e:
-            res["error"] = str(e)
-            log(f"conns {count} {target.name}: failed to start: {str(e).splitlines()[0]}")
+    with started(target, rundir, f"conns {count}", res, max_connections=count + 100) as sink:
+        if sink is None:
             return res
         try:
             res.update(conns.run(target.host, target.port, count, target.pids, sink.count,
@@ -245,11 +299,7 @@ def conns_run(target: targets_mod.Target, count: int, rundir: str, timeout: floa
             + (f"  [{res['error']}]" if res.get("error") else ""))
         if res.get("error") or not res.get("ok"):
             res["target_log_tail"] = target.log_tail()[-2000:]
-        return res
-    finally:
-        target.stop()
-        sink.stop()
-        forget()
+    return res
 
 
 # -- output ---------------------------------------------------------------------------------------
@@ -346,6 +396,44 @@ def print_table(results: dict) -> None:
                       f"send errors {r.get('send_errors')}")
 
 
+def _section(title: str, head: str) -> None:
+    print("\n" + title)
+    print(head)
+    print("-" * len(head))
+
+
+def print_attacks(results: dict) -> None:
+    fanouts = [r for r in results["attacks"] if r["case"] == "fanout"]
+    floods = [r for r in results["attacks"] if r["case"] == "flood"]
+    if fanouts:
+        _section("Fan-out: one message to R recipients (NOTIFY, ORCPT); banner latency of another client "
+                 "meanwhile (bar: < 100 ms)",
+                 f"{'target':<8} {'R':>6} {'accepted':>8} {'at sink s':>9} {'probes':>6} {'p50 ms':>7} "
+                 f"{'p99 ms':>7} {'max ms':>7} {'peak RSS MB':>11}")
+    for r in fanouts:
+        peak = r.get("peak_memory") or {}
+        print(f"{r['target']:<8} {fmt(r.get('recipients')):>6} {fmt(r.get('accepted')):>8} "
+              f"{fmt(r.get('delivery_s'), '.1f'):>9} {fmt(r.get('samples')):>6} "
+              f"{fmt(r.get('banner_p50_ms'), '.1f'):>7} {fmt(r.get('banner_p99_ms'), '.1f'):>7} "
+              f"{fmt(r.get('banner_max_ms'), '.1f'):>7} {fmt(peak.get('rss_total_mb'), '.0f'):>11}")
+        if r.get("error"):
+            print(f"{'':<8} ! {r['error'].splitlines()[0][:100]}")
+    if floods:
+        _section("Attacker beside a normal load: smtp-source s20_4k alone, then while one client writes NOOPs "
+                 "without reading",
+                 f"{'target':<8} {'msgs/s alone':>12} {'attacked':>9} {'ratio':>6} {'peak RSS MB alone':>17} "
+                 f"{'attacked':>9} {'MB taken':>9} {'cut off':>7}")
+    for r in floods:
+        alone, hit = r.get("alone") or {}, r.get("attacked") or {}
+        rss = lambda x: (x.get("peak_memory") or {}).get("rss_total_mb")  # noqa: E731
+        print(f"{r['target']:<8} {fmt(alone.get('msgs_per_s'), '.1f'):>12} {fmt(hit.get('msgs_per_s'), '.1f'):>9} "
+              f"{fmt(r.get('rate_ratio'), '.2f'):>6} {fmt(rss(alone), '.0f'):>17} {fmt(rss(hit), '.0f'):>9} "
+              f"{hit.get('attacker_bytes_sent', 0) / 2**20:>9.1f} "
+              f"{'yes' if hit.get('attacker_closed_by_target') else 'no':>7}")
+        if r.get("error"):
+            print(f"{'':<8} ! {r['error'].splitlines()[0][:100]}")
+
+
 def machine_info() -> dict:
     model = ""
     try:
@@ -370,6 +458,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    "quick 200; '' skips)")
     p.add_argument("--conns-targets", help="targets for the connection test (default: --targets "
                    "without ceiling)")
+    p.add_argument("--attacks", help="hostile cases, comma-separated: fanout, flood (default both; '' skips)")
+    p.add_argument("--fanout-recipients", type=int, help="recipients of the fan-out message "
+                   "(default 10000; quick 2000)")
+    p.add_argument("--attack-targets", help="targets for the hostile cases (default: --targets without "
+                   "ceiling)")
     p.add_argument("--smtpgw-command", default=targets_mod.DEFAULT_SMTPGW_COMMAND,
                    help="how to start smtpgw; {config} is the generated YAML path; run from the "
                         "repository root with PYTHONPATH=<repo>")
@@ -402,6 +495,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             p.error(f"unknown load {l!r}")
     for t in a.targets:
         targets_mod.make(t)             # validates the name
+    a.attacks = [x.strip() for x in ("fanout,flood" if a.attacks is None else a.attacks).split(",") if x.strip()]
+    for x in a.attacks:
+        if x not in ("fanout", "flood"):
+            p.error(f"unknown attack {x!r} (fanout, flood)")
+    a.fanout_recipients = a.fanout_recipients or (2000 if a.quick else 10000)
+    if a.attack_targets is None:
+        a.attack_targets = [t for t in a.targets if t != "ceiling"]
+    else:
+        a.attack_targets = [t.strip() for t in a.attack_targets.split(",") if t.strip()]
     if a.conns_targets is None:
         a.conns_targets = [t for t in a.targets if t != "ceiling"]
     else:
@@ -418,7 +520,8 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"bench: {tool} not found (apt-get install postfix)")
     nofile = raise_nofile(1 << 20)      # the servers inherit this limit too
     addrs = [targets_mod.SINK] + [(targets_mod.make(t).host, targets_mod.make(t).port)
-                                  for t in set(a.targets) | set(a.conns_targets) if t != "ceiling"]
+                                  for t in set(a.targets) | set(a.conns_targets) | set(a.attack_targets)
+                                  if t != "ceiling"]
     check_ports(addrs)
 
     workdir = tempfile.mkdtemp(prefix="smtpgw-bench-", dir=a.workdir_base)
@@ -426,7 +529,8 @@ def main(argv: list[str] | None = None) -> int:
     if not a.keep:
         on_exit(lambda: shutil.rmtree(workdir, ignore_errors=True))
     started = datetime.datetime.now(datetime.timezone.utc)
-    targets = {t: targets_mod.make(t, a.smtpgw_command, a.smtpgw_workers) for t in dict.fromkeys(a.targets + a.conns_targets)}
+    targets = {t: targets_mod.make(t, a.smtpgw_command, a.smtpgw_workers)
+               for t in dict.fromkeys(a.targets + a.conns_targets + a.attack_targets)}
     results: dict = {
         "meta": {"started": started.isoformat(timespec="seconds"), "machine": machine_info(),
                  "args": {k: v for k, v in vars(a).items()}, "loads": a.loads,
@@ -434,7 +538,7 @@ def main(argv: list[str] | None = None) -> int:
                  "latency_messages": a.latency_messages, "rlimit_nofile": nofile, "repeat": a.repeat,
                  "targets": {name: t.describe() for name, t in targets.items()},
                  "workdir": workdir if a.keep else None},
-        "throughput": [], "latency": [], "conns": [],
+        "throughput": [], "latency": [], "conns": [], "attacks": [],
     }
     log(f"workdir {workdir}; targets {a.targets}; N={a.messages} (100 KB: {a.big_messages})")
     run_no = 0
@@ -464,6 +568,15 @@ def main(argv: list[str] | None = None) -> int:
             for name in a.conns_targets:
                 results["conns"].append(conns_run(targets[name], count, rundir(f"conns{count}-{name}"),
                                                   a.timeout or 300 + count / 10))
+        for case in a.attacks:
+            for name in a.attack_targets:
+                if case == "fanout":
+                    r = fanout_run(targets[name], a.fanout_recipients, rundir(f"fanout-{name}"),
+                                   a.timeout or 300 + a.fanout_recipients / 20)
+                else:
+                    r = flood_runs(targets[name], a.messages, rundir(f"flood-{name}"),
+                                   a.timeout or 120 + a.messages / 20, a.idle_limit)
+                results["attacks"].append(r)
     except KeyboardInterrupt:
         log("interrupted; writing what was measured")
         results["meta"]["interrupted"] = True
@@ -475,10 +588,12 @@ def main(argv: list[str] | None = None) -> int:
     with open(path, "w") as f:
         json.dump(results, f, indent=1)
     print_table(results)
+    print_attacks(results)
     print(f"\nJSON: {path}")
     failed = [r for r in results["throughput"] if not r.get("complete")] + \
              [r for r in results["latency"] if r.get("error")] + \
-             [r for r in results["conns"] if not r.get("ok")]
+             [r for r in results["conns"] if not r.get("ok")] + \
+             [r for r in results["attacks"] if r.get("error")]
     return 1 if failed or results["meta"].get("interrupted") else 0
 
 

@@ -105,7 +105,7 @@ gateway:
 virtual_servers:
   - name: bench
     listen: ["{host}:{port}"]
-    limits: {{max_message_size: 10MB, max_recipients: 1000, max_connections: {max_connections}, timeout: 5m}}
+    limits: {{max_message_size: 10MB, max_recipients: 64000, max_connections: {max_connections}, timeout: 5m}}
     relay:
       allow: ["127.0.0.0/8"]
       allow_authenticated: false

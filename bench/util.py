@@ -57,6 +57,17 @@ signal.signal(signal.SIGHUP, _on_signal)
 signal.signal(signal.SIGINT, _on_sigint)
 
 
+def read_line(sock: socket.socket) -> bytes:
+    """Bytes up to and including the first newline (less if the peer closes first)."""
+    data = b""
+    while b"\n" not in data:
+        more = sock.recv(512)
+        if not more:
+            break
+        data += more
+    return data
+
+
 def wait_for_banner(host: str, port: int, timeout: float, alive: Callable[[], bool] = lambda: True) -> bool:
     """True once host:port answers with a 220 greeting (then QUIT), False after timeout."""
     deadline = time.monotonic() + timeout
@@ -66,13 +77,7 @@ def wait_for_banner(host: str, port: int, timeout: float, alive: Callable[[], bo
         try:
             with socket.create_connection((host, port), timeout=2) as s:
                 s.settimeout(max(0.5, deadline - time.monotonic()))
-                data = b""
-                while b"\n" not in data:
-                    more = s.recv(512)
-                    if not more:
-                        break
-                    data += more
-                if data.startswith(b"220"):
+                if read_line(s).startswith(b"220"):
                     try:
                         s.sendall(b"QUIT\r\n")
                         s.recv(512)

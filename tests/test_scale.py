@@ -1,0 +1,154 @@
+"""One client's input at scale (issue 13): a message to thousands of recipients is delivered while
+other clients are still served, its envelope counts against the message memory, and the largest
+envelope the limits allow survives a restart.
+
+Addresses: this module's own 127.0.0.230-239 (gateway .230, peers .231-.233), port 25 / 2525.
+"""
+from __future__ import annotations
+
+import socket
+import threading
+import time
+
+from gwprocess import base_config
+from peers import DEFAULT_EXTENSIONS
+
+GW_HOST, GW_PORT = "127.0.0.230", 2525
+PEER = "127.0.0.231"
+PROBE = "127.0.0.232"           # the second client, from its own address
+MSG = b"From: a@remote.test\r\nSubject: many\r\n\r\nbody\r\n"
+
+
+def relay_config(tmp_path, max_recipients: int = 10000) -> dict:
+    cfg = base_config(tmp_path, listen=f"{GW_HOST}:{GW_PORT}")
+    vs = cfg["virtual_servers"][0]
+    vs["limits"]["max_recipients"] = max_recipients
+    vs["relay"]["allow"] = ["127.0.0.0/8"]
+    cfg["connectors"][0]["smart_hosts"] = [f"[{PEER}]"]
+    return cfg
+
+
+def pipelined_envelope(recipients: list[str], params: str = "", sender: str = "s@remote.test",
+                       mail_params: str = "") -> bytes:
+    lines = ["EHLO client.test", f"MAIL FROM:<{sender}>{mail_params}"]
+    lines += [f"RCPT TO:<{r}>{params}" for r in recipients]
+    return ("\r\n".join(lines) + "\r\n").encode()
+
+
+class Client:
+    """A raw SMTP client that pipelines the envelope (the way a bulk sender does)."""
+
+    def __init__(self, host: str = GW_HOST, port: int = GW_PORT, source: str = "127.0.0.233") -> None:
+        self.sock = socket.create_connection((host, port), timeout=30, source_address=(source, 0))
+        self.buf = b""
+        self.reply()                                # the banner
+
+    def reply(self) -> tuple[int, str]:
+        """The next whole reply: (code, last line)."""
+        while True:
+            while b"\r\n" not in self.buf:
+                chunk = self.sock.recv(65536)
+                if not chunk:
+                    raise ConnectionError("closed")
+                self.buf += chunk
+            line, self.buf = self.buf.split(b"\r\n", 1)
+            if line[3:4] != b"-":
+                return int(line[:3]), line.decode()
+
+    def replies(self, n: int) -> list[tuple[int, str]]:
+        return [self.reply() for _ in range(n)]
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def banner_latency(host: str = GW_HOST, port: int = GW_PORT) -> float:
+    """Seconds from connect to the whole 220 line, from the probe's own address."""
+    start = time.monotonic()
+    with socket.create_connection((host, port), timeout=30, source_address=(PROBE, 0)) as s:
+        greeting = s.makefile("rb").readline()
+        took = time.monotonic() - start
+        s.sendall(b"QUIT\r\n")
+    assert greeting.startswith(b"220"), greeting
+    return took
+
+
+class LatencySampler(threading.Thread):
+    """Samples the banner latency every 50 ms until stopped."""
+
+    def __init__(self) -> None:
+        super().__init__(daemon=True)
+        self.samples: list[float] = []
+        self.stopping = threading.Event()
+
+    def run(self) -> None:
+        while not self.stopping.is_set():
+            self.samples.append(banner_latency())
+            self.stopping.wait(0.05)
+
+    def stop(self) -> list[float]:
+        self.stopping.set()
+        self.join(60)
+        return self.samples
+
+
+# -- item 3: no work proportional to N per batch ------------------------------------------------------
+
+def test_a_message_to_4000_recipients_leaves_other_clients_served(gateway, peers, tmp_path):
+    peer = peers(PEER, extensions=DEFAULT_EXTENSIONS + ("DSN",))
+    gateway(relay_config(tmp_path))
+    recipients = [f"user{i}@dest{i % 3}.test" for i in range(4000)]
+    orcpt = "rfc822;" + "x" * 300 + "+40remote.test"
+    client = Client()
+    client.send(pipelined_envelope(recipients, f" NOTIFY=SUCCESS,FAILURE ORCPT={orcpt}", mail_params=" RET=HDRS"))
+    answers = client.replies(2 + len(recipients))
+    assert all(code == 250 for code, _ in answers), [a for a in answers if a[0] != 250][:3]
+    sampler = LatencySampler()
+    sampler.start()
+    client.send(b"DATA\r\n")
+    assert client.reply()[0] == 354
+    client.send(MSG + b".\r\nQUIT\r\n")
+    assert client.reply()[0] == 250
+    delivered = peer.wait_until(lambda: sum(len(m.recipients) for m in peer.messages) >= len(recipients), 120)
+    samples = sampler.stop()
+    client.close()
+    assert delivered, f"{sum(len(m.recipients) for m in peer.messages)} of {len(recipients)} delivered"
+    assert sorted(r for m in peer.messages for r in m.recipients) == sorted(recipients)
+    rcpt_lines = [line for line in peer.transcript if line.startswith(b"RCPT TO:")]
+    assert all(b" NOTIFY=SUCCESS,FAILURE ORCPT=rfc822;xxx" in line for line in rcpt_lines)
+    assert samples and max(samples) < 1.0, f"banner latency up to {max(samples):.2f}s over {len(samples)} samples"
+
+
+def test_the_envelope_counts_against_message_memory(gateway, peers, tmp_path):
+    """F8: recipients with long ORCPTs fill the budget like message bytes do; past it each gets
+    452 4.3.1, the accepted ones are delivered, and the client's second transaction brings the rest."""
+    peer = peers(PEER, extensions=DEFAULT_EXTENSIONS + ("DSN",))
+    cfg = relay_config(tmp_path)
+    cfg["gateway"]["message_memory"] = "256KB"
+    cfg["virtual_servers"][0]["limits"]["max_message_size"] = "64KB"
+    gateway(cfg)
+    recipients = [f"user{i}@dest.test" for i in range(400)]
+    params = " NOTIFY=FAILURE ORCPT=rfc822;" + "o" * 480
+    client = Client()
+    client.send(pipelined_envelope(recipients, params))
+    answers = client.replies(2 + len(recipients))[2:]
+    accepted = [r for r, (code, _) in zip(recipients, answers) if code == 250]
+    refused = [(r, line) for r, (code, line) in zip(recipients, answers) if code != 250]
+    assert 50 < len(accepted) < len(recipients)
+    assert accepted == recipients[:len(accepted)]
+    assert all(line == "452 4.3.1 Insufficient system storage" for _, line in refused)
+    client.send(b"DATA\r\n")
+    assert client.reply()[0] == 354
+    client.send(MSG + b".\r\n")
+    assert client.reply()[0] == 250
+    rest = [r for r, _ in refused]
+    client.send(pipelined_envelope(rest, params)[len(b"EHLO client.test\r\n"):])
+    assert all(code == 250 for code, _ in client.replies(1 + len(rest)))
+    client.send(b"DATA\r\n" + MSG + b".\r\nQUIT\r\n")
+    assert [code for code, _ in client.replies(2)] == [354, 250]
+    client.close()
+    assert peer.wait_until(lambda: sum(len(m.recipients) for m in peer.messages) >= len(recipients), 60)
+    assert sorted(r for m in peer.messages for r in m.recipients) == sorted(recipients)
