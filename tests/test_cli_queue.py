@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import email
 import json
+import os
 import shutil
 import smtplib
 import stat
@@ -302,3 +303,59 @@ class QueueAdministration(trial_unittest.TestCase):
         self.assertIsNone((yield defer.ensureDeferred(self.qm.delete(entry_id, notify_sender=True))))
         self.assertEqual(self.gw.spool.messages, {})
 
+
+
+def test_summary_cat_requeue_prefixes_and_a_retry_that_keeps_the_schedule(gateway, peers, tmp_path, capsys):
+    peer = peers(SMART_HOST)
+    peer.set_reply("rcpt", "451 4.3.0 try later")
+    gw = gateway(queue_config(tmp_path))
+    cli = InProcess(gw, capsys)
+    send("to remote", rcpt="bob@remote.test")
+    send("to elsewhere", rcpt="carol@elsewhere.test")
+    first, second = deferred_ids(gw, 2)
+    before = {e["id"]: e["next_attempt"] for e in entries(gw)}
+
+    shape = cli.json("summary")
+    assert shape["total"]["messages"] == 2 and shape["buckets_minutes"][0] == "5"
+    assert {d["domain"]: d["by_age"][0] for d in shape["domains"]} == {"remote.test": 1, "elsewhere.test": 1}
+    text = cli("summary").stdout.splitlines()
+    assert text[0].split() == ["T", "5", "10", "20", "40", "80", "160", "320", "640", "1280", "1280+"]
+    assert text[1].split()[:3] == ["TOTAL", "2", "2"]
+
+    cat = run(gw, "cat", first[:12])                          # a unique prefix is enough
+    assert cat.returncode == 0 and "Subject: to remote\n" in cat.stdout and "\r" not in cat.stdout
+
+    common = os.path.commonprefix([first, second])
+    ambiguous = cli("show", common)
+    assert ambiguous.returncode == 2 and "give more of the id" in ambiguous.stderr
+
+    # a manual retry that fails again leaves the retry schedule where it was (1h ahead)
+    def rcpts_to(address: str) -> int:
+        return sum(1 for line in peer.transcript
+                   if line.upper().startswith(b"RCPT TO:") and address.encode() in line)
+
+    assert rcpts_to("bob@remote.test") == 1
+    assert cli.json("retry", first)["results"] == [{"id": first, "result": "done"}]
+    assert wait_until(lambda: rcpts_to("bob@remote.test") == 2, 20)
+    assert wait_until(lambda: not next(e for e in entries(gw) if e["id"] == first).get("active"), 20)
+    again = cli.json("show", first)["entry"]["recipients"][0]
+    assert again["attempts"] == 1
+    assert abs(next(e for e in entries(gw) if e["id"] == first)["next_attempt"] - before[first]) < 1
+
+    # requeue starts the schedule over: attempted now, and delivered once the smart host takes mail
+    peer.set_reply("rcpt", None)
+    assert cli.json("requeue", second)["results"] == [{"id": second, "result": "done"}]
+    assert peer.wait_for(1, 20)
+    assert wait_until(lambda: [e["id"] for e in entries(gw)] == [first], 20)
+
+
+def test_list_into_a_pipe_cuts_no_column(gateway, peers, tmp_path):
+    peer = peers(SMART_HOST)
+    long_error = "451 4.3.0 " + "the smart host explains at length " * 4
+    peer.set_reply("rcpt", long_error)
+    gw = gateway(queue_config(tmp_path))
+    send("long error")
+    deferred_ids(gw, 1)
+    r = run(gw, "list")                                        # stdout is a pipe here
+    assert r.returncode == 0 and "…" not in r.stdout
+    assert "the smart host explains at length " * 3 in r.stdout

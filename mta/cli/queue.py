@@ -3,12 +3,17 @@ mailq/postqueue/postsuper.
 
     smtpgw queue list                         # id, sender, pending recipients, size, age, next attempt,
                                               # last error, why held
+    smtpgw queue summary                      # messages by destination domain and age (qshape)
     smtpgw queue show ID                      # envelope, per-recipient state, headers
-    smtpgw queue retry ID... | --domain D | --all     # attempt now
+    smtpgw queue cat ID                       # the whole message (postcat -q)
+    smtpgw queue retry ID... | --domain D | --all     # attempt now; the retry schedule is kept
+    smtpgw queue requeue ID... | --domain D | --all   # attempt now, the retry schedule starts over
     smtpgw queue hold ID... | --domain D | --all      # no attempts until released
     smtpgw queue release ID... | --domain D | --all   # and attempt now
     smtpgw queue delete [--dsn] ID...         # --dsn: tell the sender (a failure DSN, 5.3.0)
     ... --json                                # the same as JSON, for scripts
+
+An ID may be given by any unique prefix of it. Printed into a pipe, ``list`` cuts no column.
 
 With a running gateway every request goes through its control socket (mta/ops/control.py), so the tool
 never races the queue manager. When the socket does not answer (the gateway is stopped) the tool
@@ -19,6 +24,7 @@ JSON says which (``"gateway": "running"`` or ``"stopped"``).
 from __future__ import annotations
 
 import argparse
+import base64
 import json
 import os
 import socket
@@ -29,7 +35,9 @@ from typing import Any
 
 from mta.cli.main import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, add_config_option, command, load_config
 from mta.config import Config
-from mta.ops.control import DONE, HELD_SKIPPED, NOT_FOUND, UNCHANGED, corrupt_summary, detail, selector, summary
+from mta.ops.control import (
+    DONE, HELD_SKIPPED, NOT_FOUND, UNCHANGED, corrupt_summary, detail, encode_message, selector, summary,
+)
 
 CLIENT_TIMEOUT = 300.0      # a delete waits for an attempt in flight, which may wait on a slow host
 
@@ -150,6 +158,23 @@ class SpoolQueue:
             return DONE
         return self._apply(request, retry)
 
+    def op_requeue(self, request: dict) -> dict[str, Any]:
+        def requeue(e: Any) -> str:
+            if e.extra.get("held"):
+                return HELD_SKIPPED
+            for r in e.pending():
+                r.attempts, r.next_attempt, r.held_reason = 0, 0.0, None
+            return DONE
+        return self._apply(request, requeue)
+
+    def op_cat(self, request: dict) -> dict[str, Any]:
+        if not any(e.id == request["id"] for e in self._entries()):
+            return {"ok": False, "error": f"no message {request['id']!r} in the queue"}
+        body = self._body(request["id"])
+        if body is None:
+            return {"ok": False, "error": f"message {request['id']!r} cannot be read from the spool"}
+        return {"ok": True, "id": request["id"], "message": encode_message(body)}
+
     def op_hold(self, request: dict) -> dict[str, Any]:
         def hold(e: Any) -> str:
             if e.extra.get("held"):
@@ -264,14 +289,19 @@ def timestamp(t: float) -> str:
     return datetime.fromtimestamp(t, timezone.utc).strftime("%Y-%m-%d %H:%M:%SZ")
 
 
-def _cut(text: str | None, width: int) -> str:
+def _cut_text(text: str | None, width: int | None) -> str:
+    """One line of at most ``width`` characters (None: the whole text, for pipes and scripts)."""
     text = " ".join((text or "-").split())
-    return text if len(text) <= width else text[:width - 1] + "…"
+    return text if width is None or len(text) <= width else text[:width - 1] + "…"
 
 
-def format_table(entries: list[dict[str, Any]], now: float) -> list[str]:
+def format_table(entries: list[dict[str, Any]], now: float, wide: bool = False) -> list[str]:
+    """The ``list`` table; on a terminal long columns are cut, into a pipe (``wide``) nothing is."""
     header = ["ID", "SENDER", "PENDING", "SIZE", "AGE", "NEXT ATTEMPT", "LAST ERROR", "WHY HELD"]
     rows = []
+    def _cut(text: str | None, width: int) -> str:
+        return _cut_text(text, None if wide else width)
+
     for e in entries:
         pending = e["recipients_pending"]
         rcpts = f"{len(pending)}/{e['recipients_total']}"
@@ -323,8 +353,59 @@ def format_detail(e: dict[str, Any], now: float) -> list[str]:
     return lines
 
 
+# qshape's age buckets, in minutes: a message older than the last is counted in a last "+" column
+AGE_BUCKETS = (5, 10, 20, 40, 80, 160, 320, 640, 1280)
+
+
+def shape(entries: list[dict[str, Any]]) -> dict[str, Any]:
+    """Postfix's qshape: messages by destination domain (of their pending recipients) and age."""
+    labels = [str(b) for b in AGE_BUCKETS] + [f"{AGE_BUCKETS[-1]}+"]
+    rows: dict[str, list[int]] = {}
+    total = [0] * len(labels)
+    for e in entries:
+        minutes = e["age"] / 60
+        col = next((i for i, b in enumerate(AGE_BUCKETS) if minutes <= b), len(AGE_BUCKETS))
+        total[col] += 1
+        for domain in sorted({a.rpartition("@")[2].lower() or "(no domain)" for a in e["recipients_pending"]}):
+            rows.setdefault(domain, [0] * len(labels))[col] += 1
+    ordered = sorted(rows.items(), key=lambda kv: (-sum(kv[1]), kv[0]))
+    return {"buckets_minutes": labels,
+            "total": {"messages": sum(total), "by_age": total},
+            "domains": [{"domain": d, "messages": sum(c), "by_age": c} for d, c in ordered]}
+
+
+def format_shape(s: dict[str, Any]) -> list[str]:
+    header = ["", "T", *s["buckets_minutes"]]
+    rows = [["TOTAL", str(s["total"]["messages"]), *map(str, s["total"]["by_age"])]]
+    rows += [[d["domain"], str(d["messages"]), *map(str, d["by_age"])] for d in s["domains"]]
+    widths = [max(len(r[i]) for r in [header] + rows) for i in range(len(header))]
+    lines = [" ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))).rstrip()
+             for r in [header] + rows]
+    lines.append("(messages by destination domain and age in minutes, as Postfix's qshape)")
+    return lines
+
+
+def resolve_ids(config: Config, request: dict[str, Any]) -> dict[str, Any] | str:
+    """Queue ids may be given by a unique prefix, as with Postfix's tools; an ambiguous one is an error."""
+    key = "ids" if request.get("ids") else ("id" if "id" in request else None)
+    if key is None:
+        return request
+    wanted = request[key] if key == "ids" else [request[key]]
+    reply = run_request(config, {"op": "list"})
+    known = [e["id"] for e in reply.get("entries", [])]
+    full = []
+    for w in wanted:
+        matches = [w] if w in known else [k for k in known if k.startswith(w)]
+        if len(matches) > 1:
+            return (f"{w}: {len(matches)} queued messages have ids starting so ({', '.join(matches[:3])}"
+                    f"{', ...' if len(matches) > 3 else ''}); give more of the id")
+        full.append(matches[0] if matches else w)
+    return {**request, key: full if key == "ids" else full[0]}
+
+
 RESULT_TEXT = {
     "retry": {DONE: "will be attempted now", UNCHANGED: "nothing pending"},
+    "requeue": {DONE: "will be attempted now, retry schedule started over", UNCHANGED: "nothing pending"},
     "hold": {DONE: "held", UNCHANGED: "was already held"},
     "release": {DONE: "released, will be attempted now", UNCHANGED: "was not held"},
     "delete": {DONE: "deleted", UNCHANGED: "unchanged"},
@@ -377,7 +458,14 @@ def _arguments(parser: argparse.ArgumentParser) -> None:
     p = sub.add_parser("show", help="envelope, per-recipient state and headers of one message")
     _common(p, top=False)
     p.add_argument("id", metavar="ID")
-    for name, text in (("retry", "attempt now"), ("hold", "attempt no more until released"),
+    p = sub.add_parser("cat", help="the whole message as queued (Postfix's postcat -q)")
+    _common(p, top=False)
+    p.add_argument("id", metavar="ID")
+    p = sub.add_parser("summary", help="messages by destination domain and age (Postfix's qshape)")
+    _common(p, top=False)
+    for name, text in (("retry", "attempt now (the retry schedule is kept)"),
+                       ("requeue", "attempt now, routed by today's configuration, retry schedule started over"),
+                       ("hold", "attempt no more until released"),
                        ("release", "undo hold, and attempt now")):
         p = sub.add_parser(name, help=f"{text}: ID..., --domain D or --all")
         _common(p, top=False)
@@ -391,10 +479,10 @@ def _arguments(parser: argparse.ArgumentParser) -> None:
 
 def _request(args: argparse.Namespace) -> dict[str, Any] | str:
     """The control request for the command line, or a usage error text."""
-    if args.action in ("list",):
+    if args.action in ("list", "summary"):
         return {"op": "list"}
-    if args.action == "show":
-        return {"op": "show", "id": args.id}
+    if args.action in ("show", "cat"):
+        return {"op": args.action, "id": args.id}
     if args.action == "delete":
         return {"op": "delete", "ids": args.ids, "dsn": args.dsn}
     given = sum(bool(x) for x in (args.ids, args.domain, args.all))
@@ -410,7 +498,8 @@ def _request(args: argparse.Namespace) -> dict[str, Any] | str:
 @command("queue", "list, show, retry, hold, release or delete queued messages", _arguments)
 def queue(args: argparse.Namespace) -> int:
     if not args.action:
-        print("smtpgw queue: name an action: list, show, retry, hold, release, delete", file=sys.stderr)
+        print("smtpgw queue: name an action: list, summary, show, cat, retry, requeue, hold, release, delete",
+              file=sys.stderr)
         return EXIT_USAGE
     request = _request(args)
     if isinstance(request, str):
@@ -418,10 +507,20 @@ def queue(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     config = load_config(args)
     try:
+        request = resolve_ids(config, request)
+        if isinstance(request, str):
+            print(f"smtpgw queue {args.action}: {request}", file=sys.stderr)
+            return EXIT_USAGE
         reply = run_request(config, request)
     except (ControlError, OSError) as e:
         print(f"smtpgw queue: {e}", file=sys.stderr)
         return EXIT_FAILURE
+    if args.action == "summary" and reply.get("ok"):
+        reply = {"ok": True, "gateway": reply["gateway"], **shape(reply["entries"])}
+    if args.action == "cat" and reply.get("ok") and not args.json:
+        sys.stdout.flush()
+        sys.stdout.buffer.write(base64.b64decode(reply["message"]).replace(b"\r\n", b"\n"))
+        return EXIT_OK
     if args.json:
         print(json.dumps(reply, indent=2, sort_keys=True))
     if not reply.get("ok"):
@@ -431,11 +530,13 @@ def queue(args: argparse.Namespace) -> int:
     now = time.time()
     if not args.json:
         if args.action == "list":
-            lines = format_table(reply["entries"], now)
+            lines = format_table(reply["entries"], now, wide=not sys.stdout.isatty())
             if reply["gateway"] == "stopped":
                 lines.append("(the gateway is not running: read from the spool)")
         elif args.action == "show":
             lines = format_detail(reply["entry"], now)
+        elif args.action == "summary":
+            lines = format_shape(reply)
         else:
             lines = format_results(args.action, reply["results"], reply["gateway"] == "stopped")
         print("\n".join(lines))

@@ -13,6 +13,8 @@ Protocol: one JSON object per line in each direction, one reply per request, in 
     {"op": "retry" | "hold" | "release", "ids": [ID, ...]} or {"domain": D} or {"all": true}
                                                     -> {"ok": true, "results": [{"id", "result"}, ...]}
     {"op": "delete", "ids": [ID, ...], "dsn": bool} -> {"ok": true, "results": [{"id", "result", "dsn"}]}
+    {"op": "requeue", "ids": [ID, ...]} or {"all": true} -> like retry, and the retry schedule starts over
+    {"op": "cat", "id": ID}                         -> {"ok": true, "message": BASE64}
     {"op": "pickup"}                                -> {"ok": true} (the maildrop is read now)
     {"op": "ping"}                                  -> {"ok": true, "hostname": ..., "pid": ...}
     {"op": "metrics"}                               -> {"ok": true, "families": [...]} (this process's
@@ -24,6 +26,7 @@ same either way.
 """
 from __future__ import annotations
 
+import base64
 import json
 import os
 from typing import Any, Callable
@@ -72,6 +75,12 @@ def last_error(entry: QueueEntry) -> str | None:
         if r.last_error:
             return r.last_error
     return None
+
+
+def encode_message(data: bytes | list[bytes]) -> str:
+    """A message for a JSON reply: base64 of its bytes as queued."""
+    raw = data if isinstance(data, (bytes, bytearray)) else b"".join(data)
+    return base64.b64encode(raw).decode("ascii")
 
 
 def summary(entry: QueueEntry, now: float, active: bool = False) -> dict[str, Any]:
@@ -228,6 +237,21 @@ class QueueControl:
         found = {e.id for e in entries}
         missing = [i for i in request.get("ids") or [] if i not in found]
         return entries, missing
+
+    def op_requeue(self, request: dict) -> dict[str, Any]:
+        """Start the selected messages' retry schedules over and attempt them now (held ones skipped)."""
+        entries, missing = self._selected(request)
+        results = [{"id": i, "result": NOT_FOUND} for i in missing]
+        results += [{"id": e.id, "result": DONE if self.queue.requeue(e.id) else HELD_SKIPPED} for e in entries]
+        return {"ok": True, "results": results}
+
+    async def op_cat(self, request: dict) -> dict[str, Any]:
+        """The whole message as queued (``smtpgw queue cat``, Postfix's ``postcat -q``)."""
+        entry_id = request.get("id")
+        if not isinstance(entry_id, str) or self.queue.get(entry_id) is None:
+            return {"ok": False, "error": f"no message {entry_id!r} in the queue"}
+        data = await self.gateway.spool.read(entry_id)
+        return {"ok": True, "id": entry_id, "message": encode_message(data)}
 
     def op_retry(self, request: dict) -> dict[str, Any]:
         """Attempt now every pending recipient of the selected messages (held ones are skipped)."""

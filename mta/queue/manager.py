@@ -120,6 +120,15 @@ class _Active:
         self.again = False            # wake() arrived meanwhile: run again right after
 
 
+def keep_schedule(due: list[RecipientState], early: dict[int, tuple[int, float]]) -> None:
+    """An attempt made before its time (``smtpgw queue retry``, ETRN) that fails again does not move
+    the retry schedule on: the recipient keeps the attempt count and the next attempt it had."""
+    for r in due:
+        before = early.get(id(r))
+        if before is not None and r.status == PENDING and r.held_reason is None:
+            r.attempts, r.next_attempt = before
+
+
 class QueueManager:
     def __init__(self, gateway: Any, max_active: int = 200, stop_timeout: float = 30.0,
                  first_attempt_memory: int = 64 * 1024 * 1024) -> None:
@@ -275,6 +284,18 @@ class QueueManager:
             self._event("queue woken", entries=n)
             self._reactor.callLater(0, self._pump)
         return n
+
+    def requeue(self, entry_id: str) -> bool:
+        """``smtpgw queue requeue``: start the retry schedule over and attempt now, routed afresh by the
+        configuration in force (routing is decided at every attempt). False for a held message."""
+        entry = self._entries[entry_id]
+        if is_held(entry):
+            return False
+        now = self._now()
+        for r in entry.pending():
+            r.attempts, r.next_attempt, r.held_reason = 0, now, None
+        self.wake(lambda e: e.id == entry_id)
+        return True
 
     # -- administration (`smtpgw queue` through mta.ops.control) ----------------------------------------
 
@@ -481,12 +502,14 @@ class QueueManager:
                 outcomes.append(("smtpgw_bounced", r.address, reply, None))
 
         due = [r for r in entry.pending() if force or r.next_attempt <= now]
+        early = {id(r): (r.attempts, r.next_attempt) for r in due if r.next_attempt > now}
         successes: list = []            # NOTIFY=SUCCESS reports owed: [(action, [(state, reply)])]
         if due:
             if data is None:
                 data = await self._load(entry)
             results = await self._deliver(entry, data, due)
             self._apply(entry, due, results, self._now(), failures, outcomes)
+            keep_schedule(due, early)
             successes = dsn_params.success_notices(entry, due, results)
 
         delayed: list[tuple[RecipientState, Reply]] = []
