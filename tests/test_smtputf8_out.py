@@ -217,12 +217,12 @@ def test_gateway_bounces_utf8_mail_a_smart_host_cannot_take(gateway, peers, tmp_
     # RFC 6533: the report on UTF-8 mail is a global one, and the message comes back as it was
     assert [p.get_content_type() for p in report.get_payload()] == [
         "text/plain", "message/global-delivery-status", "message/global"]
-    text = raw.decode("utf-8")
-    assert "Content-Type: message/global-delivery-status\r\nContent-Transfer-Encoding: 8bit\r\n" in text
-    assert "Final-Recipient: utf-8; zoë@remote.test\r\nAction: failed\r\nStatus: 5.6.7\r\n" in text
+    text = raw.decode("utf-8")                              # the Maildir file has LF line ends
+    assert "Content-Type: message/global-delivery-status\nContent-Transfer-Encoding: 8bit\n" in text
+    assert "Final-Recipient: utf-8; zoë@remote.test\nAction: failed\nStatus: 5.6.7\n" in text
     assert "SMTPUTF8 is required, but was not offered by host [127.0.0.181]:25" in text
-    assert "Content-Type: message/global\r\nContent-Transfer-Encoding: 8bit\r\n\r\n".encode() in raw
-    assert UTF8_MSG in raw
+    assert "Content-Type: message/global\nContent-Transfer-Encoding: 8bit\n\n".encode() in raw
+    assert UTF8_MSG.replace(b"\r\n", b"\n") in raw
     assert any(line.startswith(b"EHLO") for line in plain.transcript)
     assert mail_lines(plain) == []
     assert mail_lines(second) == [] and second.connections == 0
