@@ -20,6 +20,7 @@ from mta.workers.supervisor import ParentWatch, WorkerSupervisor
 from mta.app.gateway import Gateway
 from mta.app.reload_config import ConfigReload
 from mta.io.fastpath import lean_poll
+from mta.smtp.client.protocol_log import OutboundProtocolLog
 from mta.smtp.server.protocol_log import ProtocolLogService
 from mta.app.reload import ReloadService
 from mta.smtp.server.session import SMTPServerFactory
@@ -120,6 +121,11 @@ def makeService(options: Options) -> service.MultiService:
     GatewayService(gateway).setServiceParent(top)
     tls_contexts = []
     endpoints = []
+    for connector in config.connectors:          # outbound W3C logs (connectors[].protocol_log)
+        if connector.protocol_log.enabled:
+            outbound_log = OutboundProtocolLog.for_connector(config, connector, reactor)
+            gateway.client.protocol_logs[connector.name] = outbound_log
+            ProtocolLogService(outbound_log).setServiceParent(top)
     for vs in config.virtual_servers:
         factory = SMTPServerFactory(gateway, vs)
         if factory.tls_context is not None:

@@ -735,6 +735,7 @@ CONNECTOR = Section(Connector, {
     "max_connections": Key(integer(1)),
     "max_connections_per_host": Key(integer(1)),
     "etrn": Key(ETRN),
+    "protocol_log": Key(PROTOCOL_LOG),
 }, extra_field="extra", finish=_finish_connector)
 
 

@@ -252,6 +252,7 @@ class Connector:
     max_connections: int = 1000             # Exchange's outbound connection limit
     max_connections_per_host: int = 100     # Exchange's "per domain" limit, applied per next-hop host
     etrn: "EtrnRequest | None" = None        # ask the ISP to dequeue our mail (etrn_dequeue plugin)
+    protocol_log: ProtocolLogConfig = field(default_factory=ProtocolLogConfig)   # outbound W3C log
     extra: dict[str, Any] = field(default_factory=dict, hash=False, compare=False)  # keys for later plugins
 
 

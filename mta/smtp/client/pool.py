@@ -93,6 +93,8 @@ class SMTPClientPool:
         self._idle_timers: dict[SMTPClientProtocol, Any] = {}
         self._counted: set[SMTPClientProtocol] = set()
         self._closing = False
+        # connector name -> mta.smtp.client.protocol_log.OutboundProtocolLog (connectors[].protocol_log)
+        self.protocol_logs: dict[str, Any] = {}
 
     # -- the public face ---------------------------------------------------------------------------
 
@@ -337,8 +339,11 @@ class SMTPClientPool:
 
     async def _connect_and_setup(self, slot: _HostSlot, key: Key, hop: Hop, tls_options: Any) -> SMTPClientProtocol:
         label = str(hop)
+        policy = key[3]
+        plog = self.protocol_logs.get(policy.connector) if policy is not None else None
         factory = Factory.forProtocol(lambda: SMTPClientProtocol(
-            self.helo_name, self.command_timeout, self.clock, tls_options, label, policy=key[3]))
+            self.helo_name, self.command_timeout, self.clock, tls_options, label, policy=policy,
+            protocol_log=plog))
         factory.noisy = False           # one "Starting factory" log line per connection is noise
         try:
             conn = await self._endpoint(hop, key[2], key[3]).connect(factory)

@@ -98,9 +98,11 @@ class SMTPClientProtocol(Protocol):
     setup_steps = ("step_greeting", "step_ehlo", "step_starttls", "step_auth")
 
     def __init__(self, helo_name: str, command_timeout: float, clock: Any,
-                 tls_options: Any = None, hop_label: str = "", policy: OutboundPolicy | None = None) -> None:
+                 tls_options: Any = None, hop_label: str = "", policy: OutboundPolicy | None = None,
+                 protocol_log: Any = None) -> None:
         """``policy`` (a connector's outbound settings) chooses HELO/EHLO, whether TLS is mandatory
-        and the AUTH credentials; None behaves as opportunistic TLS with EHLO and no AUTH."""
+        and the AUTH credentials; None behaves as opportunistic TLS with EHLO and no AUTH.
+        ``protocol_log``: the connector's W3C log (mta/smtp/client/protocol_log.py), or None."""
         self.helo_name = helo_name
         self.policy = policy
         self.authenticated = False
@@ -123,6 +125,7 @@ class SMTPClientProtocol(Protocol):
         self._streaming = False
         self._close_waiters: list[defer.Deferred] = []
         self._failure: ConnectionBroken | None = None
+        self._plog = protocol_log.conversation(self) if protocol_log is not None else None
 
     # -- the wire --------------------------------------------------------------------------------
 
@@ -147,20 +150,25 @@ class SMTPClientProtocol(Protocol):
             if self.dead:                      # a callback gave up on the connection
                 return
             d, _label = self._waiters.popleft()
+            if self._plog is not None:
+                self._plog.replied(reply)
             d.callback(reply)
         self._touch()
 
-    def expect(self, label: str) -> defer.Deferred:
-        """A Deferred for the next reply not yet claimed (register it before writing the command)."""
+    def expect(self, label: str, line: bytes | str | None = None, size: int | None = None) -> defer.Deferred:
+        """A Deferred for the next reply not yet claimed (register it before writing the command);
+        ``line`` (the command) and ``size`` (octets sent) are for the protocol log."""
         if self._failure is not None:
             return defer.fail(self._failure)
         d: defer.Deferred = defer.Deferred()
         self._waiters.append((d, label))
+        if self._plog is not None:
+            self._plog.sent(label, line, size if size is not None else len(line) + 2 if line else 0)
         self._touch()
         return d
 
     async def command(self, line: str, label: str | None = None) -> Reply:
-        d = self.expect(label or line.split(" ", 1)[0])
+        d = self.expect(label or line.split(" ", 1)[0], line)
         send_now(self.transport, line.encode("utf-8") + b"\r\n")
         return await d
 
@@ -193,6 +201,8 @@ class SMTPClientProtocol(Protocol):
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
+        if self._plog is not None:
+            self._plog.broken(self._failure.reply)
         waiters, self._waiters = self._waiters, deque()
         for d, _ in waiters:
             d.errback(self._failure)
@@ -228,7 +238,7 @@ class SMTPClientProtocol(Protocol):
         if self.dead or self.closing:
             return closed
         self.closing = True
-        d = self.expect("QUIT")
+        d = self.expect("QUIT", "QUIT")
         self.transport.write(b"QUIT\r\n")
         d.addBoth(lambda _: self.transport.loseConnection() if self.connected else None)
         # a server that never answers QUIT must not hold a shutdown for the full command timeout
@@ -410,7 +420,7 @@ class SMTPClientProtocol(Protocol):
         data_reply: Reply | None = None
         if pipelining:
             lines = ([b"RSET"] if self.needs_rset else []) + [mail] + rcpt_lines + [b"DATA"]
-            ds = [self.expect(line.split(b" ", 1)[0].decode()) for line in lines]
+            ds = [self.expect(line.split(b" ", 1)[0].decode(), line) for line in lines]
             send_now(self.transport, b"".join(line + b"\r\n" for line in lines))
             replies = await self._gather(ds)
             if self.needs_rset:
@@ -475,7 +485,7 @@ class SMTPClientProtocol(Protocol):
         return [RecipientResult(r, results[i], hop_label) for i, r in enumerate(recipients)]
 
     async def _send_empty(self) -> None:
-        d = self.expect("end of data")
+        d = self.expect("end of data", size=3)
         self.transport.write(b".\r\n")
         await d
         self.needs_rset = False
@@ -483,7 +493,7 @@ class SMTPClientProtocol(Protocol):
     async def _send_data(self, chunks: list[bytes], size: int) -> Reply:
         """Send the dot-stuffed message and its terminator; the reply to the final dot."""
         if size <= STREAM_THRESHOLD:
-            d = self.expect("end of data")
+            d = self.expect("end of data", size=size + 3)
             send_now(self.transport, b"".join(encode_all(chunks)))
             return await d
         producer = _DataProducer(self, chunks)
@@ -494,6 +504,6 @@ class SMTPClientProtocol(Protocol):
             tail = await producer.done
         finally:
             self._streaming = False
-        d = self.expect("end of data")
+        d = self.expect("end of data", size=size + 3)
         self.transport.write(tail)
         return await d
