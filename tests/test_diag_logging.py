@@ -251,7 +251,7 @@ class ConfigReloadTest(trial.TestCase):
         settings = diag_settings("none", self.tmp / "diag.log")
         self.gateway = FakeGateway(replace(with_diag(settings), path=str(self.path)), reactor=reactor)
         self.diag = DiagLogging()
-        self.gateway.hooks.register(self.diag)
+        self.gateway.hooks.register(self.diag, name="diag_logging")     # as plugins.enabled registers it
         self.diag.smtpgw_configure(config=self.gateway.config, services=self.gateway)
 
     def write(self, level: str, **extra) -> None:

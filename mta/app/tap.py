@@ -126,8 +126,10 @@ def makeService(options: Options) -> service.MultiService:
             outbound_log = OutboundProtocolLog.for_connector(config, connector, reactor)
             gateway.client.protocol_logs[connector.name] = outbound_log
             ProtocolLogService(outbound_log).setServiceParent(top)
+    factories = []
     for vs in config.virtual_servers:
         factory = SMTPServerFactory(gateway, vs)
+        factories.append(factory)
         if factory.tls_context is not None:
             tls_contexts.append(factory.tls_context)
         if factory.protocol_log is not None:     # its last lines are written when twistd stops
@@ -139,14 +141,14 @@ def makeService(options: Options) -> service.MultiService:
             svc._raiseSynchronously = True       # a port in use stops startup with a clear error
             svc.setName(f"{vs.name} {listen.host}:{listen.port}")
             svc.setServiceParent(top)
-    reload_targets = [*tls_contexts, ConfigReload(gateway), gateway.recipients,
+    reload_targets = [*tls_contexts, ConfigReload(gateway, factories), gateway.recipients,
                       gateway.core.sender_logins()]
     if worker.supervisor:           # started last: after every listener is bound
         supervisor = WorkerSupervisor(reactor, worker, options["config"], endpoints)
         reload_targets.append(supervisor)
     elif worker.many:
         ParentWatch(reactor, worker.index).setServiceParent(top)
-    # SIGHUP re-reads certificates, and the file for what plugins apply live (smtpgw_reload)
+    # SIGHUP re-reads certificates, and the file: what can change live is applied, the rest named
     ReloadService(reactor, reload_targets).setServiceParent(top)
     add_operator_services(top, gateway, reactor)        # control socket (smtpgw queue), metrics endpoint
     if worker.supervisor:

@@ -37,10 +37,15 @@ def smtpgw_configure(config, services):
 def smtpgw_reload(config):
     """The process got SIGHUP and the configuration file was read again and found valid.
 
-    :param config: the new :class:`mta.config.Config`. Only what a plugin can apply live should be taken
-        from it (diag_logging takes its levels; relay_acl the relay settings and the connectors'
-        restrictions, for new connections); the core keeps the listeners, spool, local domains and
-        routing it loaded.
+    :param config: the configuration the gateway now runs on: the file's values for every key applied
+        live, the values it started with for the keys that need a restart (the core has logged
+        ``SIGHUP: applied: <key>`` or ``SIGHUP: needs a restart: <key>`` for each changed key).
+
+    Use in plugins: take from it what you apply live (relay_acl: the relay settings and the connectors'
+    restrictions, for new connections; diag_logging: its levels). Your own section's keys are applied
+    live only where your plugin object says so with ``live_settings``, a tuple of key patterns under
+    ``plugins.<name>`` (``("levels", "levels.*")``; ``*`` matches anything); the core reports every other
+    change to your section as needing a restart and keeps its old value in ``config``.
     """
 
 

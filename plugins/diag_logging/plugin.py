@@ -3,14 +3,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from twisted.logger import Logger
-
 from mta.plugin.hookspecs import hookimpl
 from smtpgw_plugins.diag_logging.sinks import Sink, TwistdLogSink, make_sink
 
 LEVELS = {"none": 0, "minimum": 1, "medium": 2, "maximum": 3}
 DEFAULT_LEVEL = LEVELS["minimum"]        # a category the file does not name (a third-party one)
-log = Logger(namespace="smtpgw.diag")
 
 
 def levels_of(config: Any) -> dict[str, int]:
@@ -27,8 +24,11 @@ class DiagLogging:
     """``plugins.diag_logging``: ``levels`` per category, ``target``, ``path``, ``format``.
 
     An event passes when its level is at or under its category's level (``none`` passes nothing).
-    Levels follow SIGHUP (``smtpgw_reload``); target, path and format are read at start only.
+    Levels follow SIGHUP (``smtpgw_reload``); target, path and format are read at start only (the core
+    reports a change to them as needing a restart: only ``live_settings`` are applied live).
     """
+
+    live_settings = ("levels", "levels.*")
 
     def __init__(self) -> None:
         self.levels: dict[str, int] = {}
@@ -52,11 +52,6 @@ class DiagLogging:
     @hookimpl
     def smtpgw_reload(self, config: Any) -> None:
         levels = levels_of(config)
-        section = config.plugins.settings.get("diag_logging", {}) or {}
-        fixed = [k for k in ("target", "path", "format") if section.get(k) != self.settings.get(k)]
-        if fixed:
-            log.warn("diag_logging: {keys} changed in the file; restart to apply (levels apply now)",
-                     keys=", ".join(fixed))
         if levels == self.levels:
             return
         changed = {k: v for k, v in level_names(levels).items() if self.levels.get(k) != LEVELS[v]}

@@ -31,6 +31,11 @@ class SmartHost:
         self.config = config
         self.services = services
 
+    @hookimpl
+    def smtpgw_reload(self, config: Any) -> None:
+        """Smart hosts apply live: the connectors' come with each delivery, the virtual servers' from here."""
+        self.config = config
+
     def smart_hosts_for(self, envelope: Any, connector: Any) -> tuple[str, ...]:
         if connector is not None and connector.smart_hosts:
             return tuple(connector.smart_hosts)
