@@ -139,7 +139,7 @@ def test_check_config_lists_hooks_in_call_order(tmp_path, capsys):
     assert "  smtpgw_rcpt_to: relay_acl -> core" in out
     assert "  smtpgw_next_hops: smart_host -> core" in out
     assert "  smtpgw_connect: metrics" in out
-    assert "  smart_host: smtpgw_configure, smtpgw_next_hops" in out
+    assert "  smart_host: smtpgw_configure, smtpgw_reload, smtpgw_next_hops" in out
     assert f"metrics: http://{METRICS[0]}:{METRICS[1]}/metrics" in out
     assert f"control socket: {tmp_path / 'spool' / 'control.sock'}" in out
     assert not (tmp_path / "spool").exists() and not port_open(*METRICS)
