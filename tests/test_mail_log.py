@@ -144,6 +144,7 @@ def test_the_same_lines_as_json(site):
     gw, peer = site("json")
     sent = send("alice@example.test", ["bob@remote.test"])
     bounced = send("alice@example.test", ["nobody@remote.test"])
+    deferred = send("alice@example.test", ["later@remote.test"])
 
     def records() -> list[dict]:
         return [json.loads(x) for x in mail_lines(gw)]
@@ -152,7 +153,11 @@ def test_the_same_lines_as_json(site):
         return next((r for r in records() if r["id"] == queue_id and r["event"] == event
                      and all(r.get(k) == v for k, v in want.items())), None)
 
-    assert wait_until(lambda: find(sent, "delivery", status="sent") and find(bounced, "delivery", status="bounced"))
+    assert wait_until(lambda: find(sent, "delivery", status="sent") and find(bounced, "delivery", status="bounced")
+                      and find(deferred, "delivery", status="deferred"))
+    assert find(deferred, "delivery")["reply"] == "451 4.2.0 try again later"
+    assert find(deferred, "delivery")["dsn"] == "4.2.0"
+    assert find(bounced, "notification", action="failed")
     record = find(sent, "delivery")
     assert record["to"] == "bob@remote.test" and record["relay"] == f"{SMART_HOST}[{SMART_HOST}]:25"
     assert record["dsn"] == "2.0.0" and record["reply"].startswith("250 ")

@@ -274,6 +274,9 @@ def test_auth_success_and_failure(site):
         with pytest.raises(smtplib.SMTPAuthenticationError) as e:
             s.login("alice", "wrong")
         assert (e.value.smtp_code, e.value.smtp_error) == (535, b"5.7.8 Authentication credentials invalid")
+    # Postfix's line, as fail2ban's postfix-sasl filter reads it
+    assert wait_until(lambda: "] warning: unknown[127.0.0.1]: SASL PLAIN authentication failed: invalid credentials"
+                      in site.gw.log()), site.gw.log()
     with starttls_smtp(GW, site.context) as s:
         assert s.login("alice", PASSWORD) == (235, b"2.7.0 Authentication successful")
         assert s.docmd("AUTH", plain("alice", PASSWORD))[0] == 503

@@ -106,10 +106,11 @@ class MailLine:
     head: str = ""
     head_fields: Sequence[tuple[str, Any]] = field(default=())
     separator: str = ", "
+    about_message: bool = True      # False: a line about a client, with no queue id (Postfix's warnings)
 
     def text(self) -> str:
         body = self.separator.join(f"{k}={_text_value(v)}" for k, v in self.fields if v is not None)
-        parts = [f"{self.queue_id or NOQUEUE}:"]
+        parts = [f"{self.queue_id or NOQUEUE}:"] if self.about_message else []
         if self.head:
             parts.append(self.head)
         if body:
@@ -187,6 +188,14 @@ def reject(queue_id: str | None, stage: str, client_name: str, reply: Reply, sen
         head_fields=(("stage", stage), ("client", client_name), ("reply", reply_text(reply)),
                      ("dsn", dsn_status(reply))),
         separator=" ")
+
+
+def auth_failed(client_name: str, mechanism: str, reason: str) -> MailLine:
+    """``postfix/smtpd``'s ``warning: unknown[192.0.2.7]: SASL PLAIN authentication failed: ...`` (what
+    fail2ban's postfix-sasl filter reads)."""
+    return MailLine("", "auth_failed", head=f"warning: {client_name}: SASL {mechanism} authentication failed: {reason}",
+                    head_fields=(("client", client_name), ("mechanism", mechanism), ("reason", reason)),
+                    about_message=False)
 
 
 def client_name(ip: str) -> str:

@@ -25,6 +25,8 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from zope.interface import Interface, implementer
 
+from mta import maillog
+from mta.smtp.server import mail_lines
 from mta.smtp.server.users import UsersFileChecker, UsersFileError, thread_runner
 from mta.config import VirtualServer
 from mta.smtp.lines import Problem
@@ -255,6 +257,7 @@ class _Exchange:
         limit = self.auth.vs.auth.max_failures
         protocol._event("authentication", "minimum", "authentication failed", mechanism=self.mechanism,
                         why=why, failures=protocol.auth_failures, peer=protocol.session.peer_host)
+        maillog.of(protocol.gateway).write(mail_lines.auth_failed(protocol.session, self.mechanism, why))
         if protocol.auth_failures >= limit and not reply.disconnect:
             protocol._after_send.append(lambda: protocol._send(TOO_MANY_FAILURES))
         return reply

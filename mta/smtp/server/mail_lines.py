@@ -6,8 +6,9 @@ is accepted (its queue id from then on)::
     01a2...: reject: END-OF-MESSAGE from unknown[192.0.2.7]: 552 5.3.4 Message too big; from=<a@b.test> to=<c@d.test> proto=ESMTP helo=<client.test>
     01a2...: client=unknown[192.0.2.7], sasl_username=alice
 
-Not written: sequence errors (503, as Postfix), unknown verbs, AUTH's own exchange, and the gateway's
-own 421s (timeout, shutdown), which answer no command.
+A failed AUTH is Postfix's ``warning: unknown[192.0.2.7]: SASL PLAIN authentication failed: <why>``
+(what fail2ban reads), not a ``reject:``. Not written: sequence errors (503, as Postfix), unknown verbs,
+and the gateway's own 421s (timeout, shutdown), which answer no command.
 """
 from __future__ import annotations
 
@@ -55,6 +56,10 @@ def reject(session: Session, stage: str, argument: str, envelope: Envelope | Non
     queue_id = envelope.id if envelope is not None and (envelope.recipients or stage == END_OF_MESSAGE) else None
     return lines.reject(queue_id, stage, client_of(session), reply, sender, recipient,
                         "ESMTP" if session.esmtp or stage == "EHLO" else "SMTP", helo)
+
+
+def auth_failed(session: Session, mechanism: str, why: str) -> MailLine:
+    return lines.auth_failed(client_of(session), mechanism, why)
 
 
 def client(session: Session, envelope: Envelope) -> MailLine:
