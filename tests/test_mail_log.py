@@ -219,3 +219,20 @@ def test_an_alias_copy_names_the_alias_as_orig_to_and_delays_add_up():
     expired = mail_lines.outcome(entry, "smtpgw_bounced", "x@remote.test", Reply(451, "4.4.7", "expired"), None,
                                  200.0, 200.0)
     assert "relay=none, delay=100, delays=0.5/100/0/0, dsn=4.4.7, status=expired (451 4.4.7 expired)" in expired.text()
+
+
+def test_a_reply_with_braces_is_written_as_sent():
+    """The line is the event's format (no field lookup): braces from a next hop's reply are kept."""
+    from twisted.logger import formatEvent, globalLogPublisher
+    from mta.maillog import MailLog, lines
+    from mta.smtp.reply import Reply
+    seen: list[dict] = []
+    globalLogPublisher.addObserver(seen.append)
+    try:
+        MailLog().write(lines.delivery("Q5", "a@b.test", "none", 0, (0, 0, 0, 0),
+                                       Reply(451, "4.3.0", "queue {full} }{"), "deferred"))
+    finally:
+        globalLogPublisher.removeObserver(seen.append)
+    [event] = [e for e in seen if e.get("mail_event") == "delivery"]
+    assert formatEvent(event).endswith("status=deferred (451 4.3.0 queue {full} }{)")
+    assert event["mail_line"].record(0)["reply"] == "451 4.3.0 queue {full} }{"

@@ -1,6 +1,7 @@
 """Writes mail log lines through ``twisted.logger``: namespace ``smtpgw.mail``, level info, to the
-daemon's log (twistd ``--logfile`` or ``--syslog``), with the line's fields in the event for other
-observers (``mail_event``, ``mail_fields``). Text by default; JSON objects when asked for
+daemon's log (twistd ``--logfile`` or ``--syslog``), with the line in the event for other observers
+(``mail_event``: its kind; ``mail_line``: the :class:`~mta.maillog.lines.MailLine`, whose
+``record(time)`` gives its fields). Text by default; JSON objects when asked for
 (``plugins.diag_logging.format: json`` sets it through the gateway's ``mail_log``).
 
 Nothing here depends on a plugin being enabled: these are the gateway's own log lines.
@@ -36,9 +37,12 @@ class MailLog:
         return seconds() if seconds is not None else time.time()
 
     def write(self, line: MailLine) -> None:
-        when = self.now()
-        text = line.json(when) if self.format == "json" else line.text()
-        log.info("{mail_line}", mail_line=text, mail_event=line.event, mail_fields=line.record(when))
+        """One event per line; its format is the line itself (braces doubled), which twisted.logger
+        renders without a field lookup: a few lines per message are on the hot path."""
+        text = line.json(self.now()) if self.format == "json" else line.text()
+        if "{" in text or "}" in text:
+            text = text.replace("{", "{{").replace("}", "}}")
+        log.info(text, mail_event=line.event, mail_line=line)
 
 
 _DEFAULT = MailLog()
