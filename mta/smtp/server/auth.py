@@ -255,7 +255,7 @@ class _Exchange:
         protocol = self.protocol
         protocol.auth_failures += 1
         limit = self.auth.vs.auth.max_failures
-        protocol._event("authentication", "minimum", "authentication failed", mechanism=self.mechanism,
+        protocol._event("authentication", "medium", "authentication failed", mechanism=self.mechanism,
                         why=why, failures=protocol.auth_failures, peer=protocol.session.peer_host)
         maillog.of(protocol.gateway).write(mail_lines.auth_failed(protocol.session, self.mechanism, why))
         if protocol.auth_failures >= limit and not reply.disconnect:

@@ -496,7 +496,7 @@ class SMTPServerProtocol(Protocol):
         if not name:
             return R.syntax("EHLO hostname" if esmtp else "HELO hostname")
         if not address.is_helo_name(name):     # it goes into Received: as is (RFC 5321 4.1.1.1, 4.4)
-            self._event("smtp_protocol", "minimum", "bad HELO/EHLO argument", name=name)
+            self._event("smtp_protocol", "medium", "bad HELO/EHLO argument", name=name)
             return R.BAD_HELO
         return self._ask("smtpgw_helo", partial(self._hello_answered, name, esmtp),
                          session=self.session, name=name)
@@ -648,7 +648,7 @@ class SMTPServerProtocol(Protocol):
             limit = self.vs.limits.max_message_size
             message = self._chunked or ChunkedMessage(limit)
             if message.size + size > limit:     # refused before a byte is stored
-                self._event("smtp_protocol", "minimum", "message refused", envelope=self.envelope.id,
+                self._event("smtp_protocol", "medium", "message refused", envelope=self.envelope.id,
                             problem=Problem.TOO_BIG.value)
                 self._reset_transaction()
                 refusal, message = R.MESSAGE_TOO_BIG, None
@@ -754,7 +754,7 @@ class SMTPServerProtocol(Protocol):
         self._reset_transaction()
         if reader.problem is not None:
             self._memory.release(held)
-            self._event("smtp_protocol", "minimum", "message refused", envelope=envelope.id,
+            self._event("smtp_protocol", "medium", "message refused", envelope=envelope.id,
                         problem=reader.problem.value)
             return R.DATA_PROBLEMS[reader.problem]
         message = MessageData(reader.chunks, reader.size)
