@@ -15,7 +15,9 @@ from mta.config import (Config, GatewayConfig, Limits, ListenAddress, LocalDomai
 from mta.delivery.recipients import LocalRecipients
 from mta.policy.core import CorePolicy
 from mta.plugin.manager import Hooks
+from mta.smtp.server.message_memory import MessageMemory
 from mta.smtp.server.session import SMTPServerFactory
+from mta.workers.identity import SINGLE
 
 HOSTNAME = "mx.example.test"
 CLIENT_IP = "192.0.2.7"
@@ -84,6 +86,8 @@ class FakeGateway:
             self.hooks.register(CorePolicy(self), name="core")
         self.recipients = LocalRecipients(self.config, self.reactor)
         self.queue = FakeQueue()
+        self.worker = SINGLE
+        self.message_memory = MessageMemory(self.config.gateway.message_memory)
 
 
 @dataclass

@@ -15,7 +15,7 @@ from hypothesis import given, settings, strategies as st
 
 from mta.cli import main as cli
 from mta.config import (
-    AddressSpace, Config, ConfigError, ListenAddress, LocalDomain, load_config, parse_config,
+    AddressSpace, Config, ConfigError, ListenAddress, LocalDomain, LocalHook, load_config, parse_config,
 )
 from mta.config.loader import ConfigFileError, build, load
 from mta.config.schedules import Schedule
@@ -183,7 +183,7 @@ def test_full_example_loads_into_the_expected_objects(tmp_path):
     assert dialup.bridgeheads == ("Inbound", "Clients")            # default: every virtual server
 
     p = config.plugins
-    assert p.enabled == ("relay_acl", "diag_logging") and p.local == (str(hook),)
+    assert p.enabled == ("relay_acl", "diag_logging") and p.local == (LocalHook(str(hook)),)
     levels = p.settings["diag_logging"]["levels"]
     assert levels["smtp_protocol"] == "maximum" and levels["ndr"] == "none" and levels["routing_engine"] == "minimum"
     assert p.settings["smart_host"] == {"note": "kept as written"}

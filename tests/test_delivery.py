@@ -27,8 +27,10 @@ from mta.plugin.hookspecs import hookimpl
 from mta.plugin.manager import Hooks
 from mta.model.nexthop import Hop, HostUnusable, RecipientResult
 from mta.model.queue_entry import QueueEntry, RecipientState
+from mta.model.window import Hold
 from mta.smtp.reply import Reply
 from mta.delivery.nexthops import DNSError, Resolver
+from mta.workers.identity import SINGLE
 
 DNS_IP = "127.0.0.57"
 MESSAGE = b"Subject: test\r\n\r\nhello\r\n"
@@ -84,6 +86,7 @@ class FakeGateway:
         self.reactor = reactor
         self.client = client
         self.resolver = resolver or Resolver(config.gateway.dns.nameservers, timeout=1.0)
+        self.worker = SINGLE
         self.hooks = Hooks()
         self.hooks.register(CorePolicy(self), name="core")
         self.recipients = LocalRecipients(self.config, self.reactor)
@@ -127,7 +130,7 @@ def hooks_pass_dns_errors() -> bool:
 
     hooks = Hooks()
     hooks.register(Raiser(), name="probe")
-    answer = hooks.first("smtpgw_next_hops", envelope=None, domain="x", connector=None)
+    answer = hooks.next_hops(None, "x", None)
     return isinstance(answer, Reply) and answer.code == 550
 
 
@@ -270,7 +273,7 @@ class DelivererTests(unittest.TestCase):
         class Closed:
             @hookimpl
             def smtpgw_delivery_window(self, connector):
-                return until
+                return Hold(until)
 
         gw = self.gateway(client=ScriptedClient({"127.0.0.41": OK}))
         gw.hooks.register(Closed(), name="schedule")

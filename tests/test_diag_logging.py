@@ -229,13 +229,13 @@ def test_reload_changes_levels_without_restart(tmp_path):
     site.session()
     assert site.records() == []
     louder = with_diag(diag_settings("maximum", tmp_path / "diag.log"))
-    site.gateway.hooks.notify("smtpgw_reload", config=louder)
+    site.gateway.hooks.reload(louder)
     site.session()
     records = site.records()
     assert (records[0]["category"], records[0]["message"]) == ("diag_logging", "levels changed")
     assert records[0]["smtp_protocol"] == "maximum"
     assert [(r["category"], r["level"], r["message"]) for r in records[1:]] == MAXIMUM
-    site.gateway.hooks.notify("smtpgw_reload", config=louder)        # no change: no line
+    site.gateway.hooks.reload(louder)        # no change: no line
     site.diag.sink.flush()
     assert len(site.records()) == len(records)
 

@@ -112,7 +112,7 @@ def test_hold_for_remote_triggered_connectors_only(plugin):
     entry = QueueEntry(id="e1", sender="a@x.test", rcpts=[RecipientState("b@site.test")], received_at=0)
     now = plugin.services.reactor.seconds()
     hold = plugin.smtpgw_delivery_window(site, entry, "site.test")
-    assert hold > now + 86400 and "waiting for ETRN/ATRN for site.test" in hold.reason
+    assert hold.until > now + 86400 and "waiting for ETRN/ATRN for site.test" in hold.reason
     assert plugin.smtpgw_delivery_window(internet, entry, "site.test") is None
 
 

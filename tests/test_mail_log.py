@@ -205,7 +205,7 @@ def test_orig_to_only_when_rewritten_and_the_null_sender_in_brackets():
 
 
 def test_an_alias_copy_names_the_alias_as_orig_to_and_delays_add_up():
-    from mta.model.nexthop import RecipientResult
+    from mta.model.nexthop import Outcome, RecipientResult
     from mta.model.queue_entry import QueueEntry, RecipientState
     from mta.queue import mail_lines
     from mta.smtp.reply import Reply
@@ -213,10 +213,10 @@ def test_an_alias_copy_names_the_alias_as_orig_to_and_delays_add_up():
                        arrived_at=100.0, extra={mail_lines.FORWARDED_FOR: "sales@example.test"})
     result = RecipientResult("x@remote.test", Reply(250, "2.0.0", "Ok"), "mx.remote.test[192.0.2.9]:25",
                              started=103.0, finished=104.5)
-    line = mail_lines.outcome(entry, "smtpgw_delivered", "x@remote.test", result.reply, result, 101.5, 105.0)
+    line = mail_lines.outcome(entry, Outcome.DELIVERED, "x@remote.test", result.reply, result, 101.5, 105.0)
     assert line.text() == ("Q4: to=<x@remote.test>, orig_to=<sales@example.test>, relay=mx.remote.test[192.0.2.9]:25, "
                            "delay=4.5, delays=0.5/1/1.5/1.5, dsn=2.0.0, status=sent (250 2.0.0 Ok)")
-    expired = mail_lines.outcome(entry, "smtpgw_bounced", "x@remote.test", Reply(451, "4.4.7", "expired"), None,
+    expired = mail_lines.outcome(entry, Outcome.FAILED, "x@remote.test", Reply(451, "4.4.7", "expired"), None,
                                  200.0, 200.0)
     assert "relay=none, delay=100, delays=0.5/100/0/0, dsn=4.4.7, status=expired (451 4.4.7 expired)" in expired.text()
 

@@ -9,7 +9,7 @@ import pytest
 
 from gwprocess import base_config, wait_until
 from mta.plugin.hookspecs import hookimpl
-from mta.smtp.server.message_memory import MessageMemory, for_gateway, recipient_cost
+from mta.smtp.server.message_memory import MessageMemory, recipient_cost
 from mta.smtp.reply import Reply
 from mta.smtp.server.session import SMTPServerFactory
 from server_fakes import Code, Dialog, FakeGateway
@@ -71,9 +71,8 @@ def test_release_never_goes_negative():
 
 def test_one_budget_per_gateway_from_the_configuration():
     gw = FakeGateway()
-    memory = for_gateway(gw)
+    memory = gw.message_memory
     assert memory.limit == gw.config.gateway.message_memory == 256 * KB * KB
-    assert for_gateway(gw) is memory
     a = SMTPServerFactory(gw, gw.config.virtual_servers[0])
     b = SMTPServerFactory(gw, gw.config.virtual_servers[0])
     assert a.memory is b.memory is memory
@@ -83,8 +82,8 @@ def test_with_several_workers_each_takes_its_share():
     from mta.workers.identity import WorkerInfo
 
     gw = FakeGateway()
-    gw.worker = WorkerInfo(index=1, count=3)
-    assert for_gateway(gw).limit == -(-256 * KB * KB // 3)
+    assert MessageMemory.for_worker(gw.config.gateway.message_memory, WorkerInfo(index=1, count=3)).limit \
+        == -(-256 * KB * KB // 3)
 
 
 # -- DATA ----------------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ from mta.config import parse_config
 from mta.ops.metrics import GatewayMetrics
 from mta.model.queue_entry import QueueEntry, RecipientState
 from mta.smtp.reply import Reply
+from mta.smtp.server.message_memory import MessageMemory
 
 GW_HOST, GW_PORT = "127.0.0.113", 2525
 METRICS = ("127.0.0.113", 9125)
@@ -89,7 +90,7 @@ def test_recorder_counts_hooks_and_reads_the_queue():
     queue = SimpleNamespace(stats=lambda: {"messages": 3, "held": 1, "recipients": 4, "active": 2,
                                            "oldest_age": 42.0})
     factory = SimpleNamespace(vs=SimpleNamespace(name="VS"), active=5)
-    gw = SimpleNamespace(queue=queue, reactor=SimpleNamespace(seconds=lambda: 130.0))
+    gw = SimpleNamespace(queue=queue, reactor=SimpleNamespace(seconds=lambda: 130.0), message_memory=MessageMemory(100))
     m = GatewayMetrics(gw, [factory])
     m.hooks.smtpgw_connect(session=SimpleNamespace(virtual_server="VS"))
     m.hooks.smtpgw_queued(envelope=entry)

@@ -24,6 +24,7 @@ from mta.queue.manager import QueueManager
 from mta.model.queue_entry import QueueEntry, RecipientState
 from mta.smtp.reply import Reply
 from mta.spool.store import MemorySpool, Spool
+from mta.workers.identity import SINGLE
 
 OK = Reply(250, "2.0.0", "Ok: queued")
 TEMP = Reply(451, "4.4.1", "Connection timed out")
@@ -118,6 +119,7 @@ class FakeGateway:
         self.reactor.advance(START)
         self.config = config or make_config()
         self.spool = spool if spool is not None else MemorySpool()
+        self.worker = SINGLE
         self.hooks = Hooks()
         self.deliverer = FakeDeliverer(self.reactor)
         self.recorder = Recorder(self.spool)

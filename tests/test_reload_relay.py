@@ -35,13 +35,13 @@ def test_new_sessions_get_the_new_relay_list_and_old_ones_keep_theirs():
     before = Client(gw, UNTRUSTED_V4)
     assert before.rcpt(RELAYED)[0] == 550
 
-    gw.hooks.notify("smtpgw_reload", config=allowing(f"{UNTRUSTED_V4}/32"))
+    gw.hooks.reload(allowing(f"{UNTRUSTED_V4}/32"))
     assert before.rcpt(RELAYED)[0] == 550                   # began under the old list
     after = Client(gw, UNTRUSTED_V4)
     assert after.rcpt(RELAYED)[0] == 250
     assert Client(gw, TRUSTED_V4).rcpt(RELAYED)[0] == 550   # dropped from the list
 
-    gw.hooks.notify("smtpgw_reload", config=allowing())
+    gw.hooks.reload(allowing())
     assert after.rcpt(RELAYED)[0] == 250                    # still its own settings
     assert Client(gw, UNTRUSTED_V4).rcpt(RELAYED)[0] == 550
     assert after.protocol.session.extra[POLICY_KEY] is not plugin.policy
@@ -51,7 +51,7 @@ def test_connector_restrictions_follow_the_reload():
     gw, plugin, _ = make_gateway()
     old = Client(gw, TRUSTED_V4)
     assert old.rcpt(RELAYED, mail_params=" SIZE=5000")[0] == 250
-    gw.hooks.notify("smtpgw_reload", config=allowing(
+    gw.hooks.reload(allowing(
         f"{TRUSTED_V4}/32", content_restrictions={"max_message_size": 1000},
         delivery_restrictions={"default": "accept", "except": ["@spam.test"]}))
     new = Client(gw, TRUSTED_V4)

@@ -15,7 +15,8 @@ import pytest
 from mta.config import (ConfigError, Connector, DeliveryConfig, OversizeConfig,
                         parse_config)
 from mta.config.schedules import parse_schedule
-from mta.delivery.windows import NEVER_RECHECK, Hold, delivery_window
+from mta.delivery.windows import NEVER_RECHECK, delivery_window
+from mta.model.window import Hold
 
 
 def at(text: str, zone: str = "UTC") -> float:
@@ -39,44 +40,44 @@ def test_always_open_and_never_rechecked_hourly():
     now = at("2026-11-30 03:00:00")
     assert delivery_window(connector("always"), message(), now) is None
     hold = delivery_window(connector("never"), message(), now)
-    assert isinstance(hold, Hold) and hold == now + NEVER_RECHECK
+    assert isinstance(hold, Hold) and hold.until == now + NEVER_RECHECK
     assert hold.reason == "held: connector 'ISP' schedule is never open"
 
 
 def test_closed_grid_holds_until_the_exact_opening_with_a_reason():
     hold = delivery_window(connector(WORKDAY), message(), at("2026-11-30 07:59:59"))
-    assert isinstance(hold, float) and hold == at("2026-11-30 08:00:00")
+    assert isinstance(hold, Hold) and hold.until == at("2026-11-30 08:00:00")
     assert hold.reason == "held: connector 'ISP' schedule, opens at 2026-11-30 08:00 UTC"
     assert delivery_window(connector(WORKDAY), message(), at("2026-11-30 08:00:00")) is None
     assert delivery_window(connector(WORKDAY), message(), at("2026-11-30 17:59:59")) is None
     # closing time: the next opening is a week later
-    assert delivery_window(connector(WORKDAY), message(), at("2026-11-30 18:00:00")) == at("2026-12-07 08:00:00")
+    assert delivery_window(connector(WORKDAY), message(), at("2026-11-30 18:00:00")).until == at("2026-12-07 08:00:00")
 
 
 def test_quarter_hour_boundary():
     c = connector({"mon": ["08:15-08:30"]})
-    assert delivery_window(c, message(), at("2026-11-30 08:14:59")) == at("2026-11-30 08:15:00")
+    assert delivery_window(c, message(), at("2026-11-30 08:14:59")).until == at("2026-11-30 08:15:00")
     assert delivery_window(c, message(), at("2026-11-30 08:15:00")) is None
     assert delivery_window(c, message(), at("2026-11-30 08:29:59")) is None
-    assert delivery_window(c, message(), at("2026-11-30 08:30:00")) == at("2026-12-07 08:15:00")
+    assert delivery_window(c, message(), at("2026-11-30 08:30:00")).until == at("2026-12-07 08:15:00")
 
 
 def test_window_across_midnight_sunday_into_monday():
     c = connector({"sun": ["22:00-02:00"]})
-    assert delivery_window(c, message(), at("2026-11-29 21:59:59")) == at("2026-11-29 22:00:00")
+    assert delivery_window(c, message(), at("2026-11-29 21:59:59")).until == at("2026-11-29 22:00:00")
     assert delivery_window(c, message(), at("2026-11-29 23:59:59")) is None
     assert delivery_window(c, message(), at("2026-11-30 00:00:00")) is None      # Monday, still open
     assert delivery_window(c, message(), at("2026-11-30 01:59:59")) is None
-    assert delivery_window(c, message(), at("2026-11-30 02:00:00")) == at("2026-12-06 22:00:00")
+    assert delivery_window(c, message(), at("2026-11-30 02:00:00")).until == at("2026-12-06 22:00:00")
 
 
 def test_grid_is_read_in_the_connector_time_zone():
     paris = connector(WORKDAY, tz="Europe/Paris")
     # 07:30 UTC is 08:30 in Paris: open there, closed in UTC
     assert delivery_window(paris, message(), at("2026-11-30 07:30:00")) is None
-    assert delivery_window(connector(WORKDAY), message(), at("2026-11-30 07:30:00")) == at("2026-11-30 08:00:00")
+    assert delivery_window(connector(WORKDAY), message(), at("2026-11-30 07:30:00")).until == at("2026-11-30 08:00:00")
     hold = delivery_window(paris, message(), at("2026-11-30 06:30:00"))
-    assert hold == at("2026-11-30 07:00:00") == at("2026-11-30 08:00:00", "Europe/Paris")
+    assert hold.until == at("2026-11-30 07:00:00") == at("2026-11-30 08:00:00", "Europe/Paris")
     assert hold.reason.endswith("opens at 2026-11-30 08:00 Europe/Paris")
 
 
@@ -84,14 +85,14 @@ def test_grid_follows_the_wall_clock_across_a_dst_change():
     # Sunday 2026-03-29 Europe/Paris goes from UTC+1 to UTC+2; Monday's 08:00 is 06:00 UTC
     paris = connector(WORKDAY, tz="Europe/Paris")
     hold = delivery_window(paris, message(), at("2026-03-28 12:00:00"))
-    assert hold == at("2026-03-30 08:00:00", "Europe/Paris") == at("2026-03-30 06:00:00")
+    assert hold.until == at("2026-03-30 08:00:00", "Europe/Paris") == at("2026-03-30 06:00:00")
 
 
 def test_every_two_hours():
     c = connector("every 2h")
-    assert delivery_window(c, message(), at("2026-11-30 01:00:00")) == at("2026-11-30 02:00:00")
+    assert delivery_window(c, message(), at("2026-11-30 01:00:00")).until == at("2026-11-30 02:00:00")
     assert delivery_window(c, message(), at("2026-11-30 02:10:00")) is None
-    assert delivery_window(c, message(), at("2026-11-30 02:15:00")) == at("2026-11-30 04:00:00")
+    assert delivery_window(c, message(), at("2026-11-30 02:15:00")).until == at("2026-11-30 04:00:00")
 
 
 def test_oversize_mail_waits_for_its_own_window_while_small_mail_flows():
@@ -100,7 +101,7 @@ def test_oversize_mail_waits_for_its_own_window_while_small_mail_flows():
     assert delivery_window(c, message(1024 * 1024), now) is None          # at the threshold: not above it
     assert delivery_window(c, message(100), now) is None
     hold = delivery_window(c, message(2 * 1024 * 1024), now)
-    assert hold == at("2026-11-30 20:00:00")
+    assert hold.until == at("2026-11-30 20:00:00")
     assert hold.reason == ("held: connector 'ISP' oversize schedule (message 2MB > 1MB), "
                            "opens at 2026-11-30 20:00 UTC")
     assert delivery_window(c, message(2 * 1024 * 1024), at("2026-11-30 20:00:00")) is None
@@ -110,7 +111,7 @@ def test_oversize_window_replaces_the_normal_schedule_for_large_mail():
     c = connector(WORKDAY, threshold=1000, oversize="always")
     night = at("2026-11-30 23:00:00")
     assert delivery_window(c, message(5000), night) is None
-    assert delivery_window(c, message(500), night) == at("2026-12-07 08:00:00")
+    assert delivery_window(c, message(500), night).until == at("2026-12-07 08:00:00")
 
 
 def test_core_policy_answers_the_hook_and_a_site_hook_can_add_a_rule():
@@ -122,8 +123,8 @@ def test_core_policy_answers_the_hook_and_a_site_hook_can_add_a_rule():
     hooks = Hooks()
     hooks.register(CorePolicy(gateway), name="core")
     c = connector(WORKDAY)
-    assert hooks.first("smtpgw_delivery_window", connector=c, envelope=message()) == at("2026-11-30 08:00:00")
-    assert hooks.first("smtpgw_delivery_window", connector=connector(), envelope=message()) is None
+    assert hooks.delivery_window(c, message()).until == at("2026-11-30 08:00:00")
+    assert hooks.delivery_window(connector(), message()) is None
 
     class Freeze:
         @hookimpl
@@ -131,9 +132,9 @@ def test_core_policy_answers_the_hook_and_a_site_hook_can_add_a_rule():
             return Hold(at("2026-12-01 00:00:00"), "held: change freeze") if envelope.size > 10 else None
 
     hooks.register(Freeze(), name="local:freeze")
-    assert hooks.first("smtpgw_delivery_window", connector=connector(), envelope=message(20)).reason == \
+    assert hooks.delivery_window(connector(), message(20)).reason == \
         "held: change freeze"
-    assert hooks.first("smtpgw_delivery_window", connector=c, envelope=message(5)) == at("2026-11-30 08:00:00")
+    assert hooks.delivery_window(c, message(5)).until == at("2026-11-30 08:00:00")
 
 
 # -- configuration -------------------------------------------------------------------------------

@@ -12,9 +12,9 @@ from twisted.internet.testing import StringTransport
 
 from gwprocess import base_config, wait_until
 from mta.smtp import replies as R
-from mta.workers import identity as workers
 from mta.config import parse_config
 from mta.delivery.attempt import Deliverer
+from mta.smtp.server.message_memory import MessageMemory
 from mta.smtp.server.session import SMTPServerFactory, SMTPServerProtocol
 from mta.workers.counts import FILE_NAME, SharedConnectionLimit, WorkerCounts
 from mta.workers.identity import WorkerInfo
@@ -73,11 +73,11 @@ def _gateway(tmp_path: Path, index: int, count: int = 2, max_connections: int = 
     cfg = base_config(tmp_path, listen=f"{GW_HOST}:{GW_PORT}")
     cfg["virtual_servers"][0]["limits"]["max_connections"] = max_connections
     events = []
-    no_listeners = SimpleNamespace(get_hookimpls=lambda: [])
-    hooks = SimpleNamespace(event=lambda *a, **kw: events.append(a),
-                            pm=SimpleNamespace(hook=SimpleNamespace(smtpgw_event=no_listeners)))
-    return SimpleNamespace(config=parse_config(cfg), reactor=Clock(), hooks=hooks, events=events,
-                           worker=WorkerInfo(index, count))
+    hooks = SimpleNamespace(event=lambda *a, **kw: events.append(a), listening=lambda: False)
+    config = parse_config(cfg)
+    worker = WorkerInfo(index, count)
+    return SimpleNamespace(config=config, reactor=Clock(), hooks=hooks, events=events, worker=worker,
+                           message_memory=MessageMemory.for_worker(config.gateway.message_memory, worker))
 
 
 def test_a_connection_limit_is_the_total_of_every_worker(tmp_path):
@@ -131,7 +131,7 @@ def test_each_worker_takes_its_share_of_a_connectors_limits(tmp_path):
     connector = config.connectors[0]
     split = Deliverer(SimpleNamespace(config=config, worker=WorkerInfo(1, 2)))._policy(connector)
     assert (split.max_connections, split.max_connections_per_host) == (5, 2)
-    whole = Deliverer(SimpleNamespace(config=config))._policy(connector)
+    whole = Deliverer(SimpleNamespace(config=config, worker=WorkerInfo()))._policy(connector)
     assert (whole.max_connections, whole.max_connections_per_host) == (10, 3)
 
 

@@ -44,7 +44,8 @@ def test_each_worker_makes_ids_it_owns():
         ids = {workers.queue_id(gateway) for _ in range(50)}
         assert len(ids) == 50 and all(info.owns(i) for i in ids)
         assert all(not WorkerInfo((index + 1) % 3, 3).owns(i) for i in ids)
-    assert "-" not in workers.queue_id(object())              # a single process keeps plain ids
+    single = type("G", (), {"worker": workers.SINGLE})()
+    assert "-" not in workers.queue_id(single)                # a single process keeps plain ids
 
 
 def test_worker_identity_comes_from_the_supervisor_environment():

@@ -13,13 +13,12 @@ from twisted.application.internet import StreamServerEndpointService
 from mta.ops.control import ControlService
 from mta.ops.fanout import FanOutControl, ask_worker, worker_socket
 from mta.ops.metrics import gateway_metrics, metrics_service
-from mta.workers import identity as workers
 
 
 def add_operator_services(top: service.MultiService, gateway: Any, reactor: Any) -> None:
     """What ``mta.app.tap`` adds for the operator's tools: the control socket (always) and the
     Prometheus endpoint (``gateway.metrics.enabled``), fed by the SMTP listeners already in ``top``."""
-    worker = workers.of(gateway)        # several workers: worker i > 0 on <socket>.<i>, 0 answers for all
+    worker = gateway.worker        # several workers: worker i > 0 on <socket>.<i>, 0 answers for all
     control = ControlService(gateway, worker_socket(gateway.config.gateway.control_socket_path, worker.index))
     if worker.supervisor:
         control.control_class = FanOutControl

@@ -99,7 +99,7 @@ class ConfigReload:
             log.warn("SIGHUP: needs a restart: {key}", key=change.path)
         log.info("SIGHUP: {path} read again and valid: {applied} change(s) applied, {kept} need a restart",
                  path=config.path, applied=len(live), kept=len(kept))
-        self.gateway.hooks.notify("smtpgw_reload", config=effective)
+        self.gateway.hooks.reload(effective)
         return effective
 
     def is_live(self, change: Change) -> bool:

@@ -53,7 +53,7 @@ class GatewayService(service.Service):
     def startService(self) -> None:
         super().startService()
 
-        worker = identity.of(self.gateway)
+        worker = self.gateway.worker
         if not worker.many:
             self.gateway.start()
             return
@@ -111,12 +111,10 @@ def makeService(options: Options) -> service.MultiService:
 
 
     config = options.parsed
-    gateway = Gateway(config, reactor)
+    worker = identity.current(config)       # gateway.workers: which process this is
+    gateway = Gateway(config, reactor, worker=worker)
     tune_gc(reactor)
     lean_poll(reactor)
-    worker = gateway.worker = identity.current(config)     # gateway.workers: which process this is
-    if worker.many:
-        gateway.spool.owns = worker.owns
     top = service.MultiService()
     GatewayService(gateway).setServiceParent(top)
     tls_contexts = []

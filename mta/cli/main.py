@@ -155,7 +155,7 @@ def summarize(config: Config) -> list[str]:
                      f"bridgeheads {', '.join(c.bridgeheads)}")
     lines.append(f"plugins: {', '.join(config.plugins.enabled) or 'none'}")
     if config.plugins.local:
-        lines.append(f"local hook modules: {', '.join(config.plugins.local)}")
+        lines.append(f"local hook modules: {', '.join(h.path for h in config.plugins.local)}")
     return lines
 
 
@@ -163,8 +163,7 @@ def hook_lines(config: Config) -> list[str]:
     """The plugin manager as the gateway builds it (core policy, enabled plugins, local hook files,
     the metrics recorder), not started: each plugin's hooks, and each hook's call order."""
     from mta.policy import core as defaults
-    from mta.plugin import hookspecs
-    from mta.plugin.manager import Hooks
+    from mta.plugin.manager import HOOK_NAMES, Hooks
 
     hooks = Hooks()
     hooks.register(defaults.CorePolicy(None), name="core")
@@ -172,7 +171,7 @@ def hook_lines(config: Config) -> list[str]:
     if config.gateway.metrics.enabled:
         from mta.ops.metrics import _MetricsHooks
         hooks.register(_MetricsHooks(None), name="metrics")
-    names = [n for n in vars(hookspecs) if n.startswith("smtpgw_")]
+    names = HOOK_NAMES
     order = {n: [impl.plugin_name for impl in hooks.implementations(n)] for n in names}
     lines = ["plugins and the hooks they implement:"]
     for plugin in [name for name, _ in hooks.pm.list_name_plugin()]:

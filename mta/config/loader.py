@@ -32,7 +32,7 @@ from mta.config.errors import ConfigError, ConfigFileError
 from mta.config.model import (
     AddressSpace, AuthConfig, Config, Connector, ContentRestrictions, DeliveryConfig,
     DeliveryRestrictions, DnsConfig, EtrnRequest, TriggerAuthorization, GatewayConfig, Limits, ListenAddress, LocalDomain, OutboundAuth,
-    OutboundConfig, OversizeConfig, PluginsConfig, ProtocolLogConfig, QueueConfig, RelayConfig, TlsConfig, VirtualServer,
+    LocalHook, OutboundConfig, OversizeConfig, PluginsConfig, ProtocolLogConfig, QueueConfig, RelayConfig, TlsConfig, VirtualServer,
 )
 from mta.config.model import PROTOCOL_LOG_FIELDS, MetricsConfig
 from mta.config.workers import check_workers, resolve_count
@@ -799,6 +799,34 @@ def installed_plugins() -> list[str]:
     return sorted(available_plugins())
 
 
+def local_hook(value: Any, path: str) -> LocalHook:
+    """``FILE``, or ``{path: FILE, settings: {...}}`` for a hook file with settings of its own."""
+    settings: dict[str, Any] = {}
+    if isinstance(value, dict):
+        check_known(value, ["path", "settings"], path)
+        if value.get("path") is None:
+            raise ConfigError(join(path, "path"), "required: the hook file")
+        if value.get("settings") is not None:
+            settings = dict(expect_mapping(value["settings"], join(path, "settings")))
+        name = file_path(value["path"], join(path, "path"))
+    else:
+        name = file_path(value, path)
+    if not os.path.isfile(name):
+        raise ConfigError(path, f"no such file {name!r} (relative paths are resolved against "
+                                f"the working directory, {os.getcwd()})")
+    return LocalHook(name, settings)
+
+
+def local_hooks(value: Any, path: str) -> tuple[LocalHook, ...]:
+    hooks = list_of(local_hook)(value, path)
+    seen: set[str] = set()
+    for i, hook in enumerate(hooks):
+        if hook.path in seen:
+            raise ConfigError(f"{path}[{i}]", f"{hook.path!r} is listed twice")
+        seen.add(hook.path)
+    return hooks
+
+
 def plugins_section(value: Any, path: str) -> PluginsConfig:
     """``enabled`` (installed plugin names), ``local`` (hook files) and one section per plugin."""
     installed = installed_plugins()
@@ -813,13 +841,7 @@ def plugins_section(value: Any, path: str) -> PluginsConfig:
             return raw
         kwargs["enabled"] = list_of(plugin_name, unique=True)(data["enabled"], join(path, "enabled"))
     if data.get("local") is not None:
-        def hook_file(raw: Any, key: str) -> str:
-            name = file_path(raw, key)
-            if not os.path.isfile(name):
-                raise ConfigError(key, f"no such file {name!r} (relative paths are resolved against "
-                                       f"the working directory, {os.getcwd()})")
-            return name
-        kwargs["local"] = list_of(hook_file, unique=True)(data["local"], join(path, "local"))
+        kwargs["local"] = local_hooks(data["local"], join(path, "local"))
     settings: dict[str, dict[str, Any]] = {}
     for name in installed:
         key = join(path, name)

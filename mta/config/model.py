@@ -257,9 +257,18 @@ class Connector:
 
 
 @dataclass(frozen=True)
+class LocalHook:
+    """A site's hook file (``plugins.local``) and its own settings, handed to it as ``settings`` in
+    ``smtpgw_configure`` and ``smtpgw_reload`` (the plain path form has none)."""
+
+    path: str
+    settings: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class PluginsConfig:
     enabled: tuple[str, ...] = ("relay_acl", "smart_host", "etrn_dequeue", "diag_logging")
-    local: tuple[str, ...] = ()
+    local: tuple[LocalHook, ...] = ()
     settings: dict[str, dict[str, Any]] = field(default_factory=dict)   # per-plugin sections, raw
 
 

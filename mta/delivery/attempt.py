@@ -30,24 +30,21 @@ from mta.config import Connector
 from mta.smtp.address import domain_of
 from mta.queue import mail_lines
 from mta.dsn.params import OutboundDSN
-from mta.model.nexthop import Hop, HostUnusable, RecipientResult
+from mta.model.nexthop import Hop, HostUnusable, Outcome, RecipientResult
 from mta.smtp.client.policy import OutboundPolicy
 from mta.model.queue_entry import QueueEntry, RecipientState
+from mta.model.window import Hold
+from mta.smtp import replies as R
 from mta.smtp.reply import Reply
-from mta.delivery.nexthops import PermanentDNSError, TemporaryDNSError
 from mta.delivery.connectors import connectors_for, source_address, usable_source
 from mta.smtp.client import smtputf8
 from mta.delivery.maildir import already_delivered_to, deliver_to_maildir, delivery_headers
 from mta.delivery.recipients import Expansion, RecipientTable
-from mta.workers import identity as workers
 
 log = Logger(namespace="smtpgw.delivery")
 
 MAX_RCPTS_PER_TRANSACTION = 100     # RFC 5321 4.5.3.1.8: servers must take at least 100
 MAX_BATCHES_IN_FLIGHT = 20          # per message and domain (Postfix's default_destination_concurrency_limit)
-HELD = Reply(451, "4.4.5", "held: outside the connector's schedule")
-LOCAL_ERROR = Reply(451, "4.3.0", "local error in delivery, try again later")
-DELIVERED_LOCALLY = Reply(250, "2.0.0", "delivered to maildir")
 
 Data = bytes | list[bytes]
 
@@ -57,17 +54,12 @@ def _all(recipients: Sequence[str], reply: Reply, hop: str = "",
     return [RecipientResult(r, reply, hop, held_until) for r in recipients]
 
 
-async def _answer(hooks: Any, hook_name: str, **kwargs: Any) -> Any:
-    """``hooks.first``, waiting only when an implementation answers later (most answer at once, and
-    a Deferred per hook per message is measurable)."""
-    result = hooks.first(hook_name, **kwargs)
+async def _answer(result: Any) -> Any:
+    """A verdict hook's answer, waiting only when an implementation answers later (most answer at
+    once, and a Deferred per hook per message is measurable)."""
     if isinstance(result, defer.Deferred):
         result = await result
     return result
-
-
-def _is_time(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 class Deliverer:
@@ -126,7 +118,7 @@ class Deliverer:
     def _crashed(self, failure: Any, entry: QueueEntry, domain: str,
                  recipients: list[str]) -> list[RecipientResult]:
         log.failure("delivery of {id} to {domain} failed", failure, id=entry.id, domain=domain)
-        return _all(recipients, LOCAL_ERROR)
+        return _all(recipients, R.DELIVERY_ERROR)
 
     def _event(self, entry: QueueEntry, message: str, level: str = "medium", **fields: Any) -> None:
         self.gateway.hooks.event("routing_engine", level, message, id=entry.id, **fields)
@@ -134,7 +126,7 @@ class Deliverer:
     async def _deliver_domain(self, entry: QueueEntry, domain: str, recipients: list[str],
                               data: Data) -> list[RecipientResult]:
         if not domain:
-            return _all(recipients, Reply(550, "5.1.3", "recipient address has no domain"))
+            return _all(recipients, R.NO_DOMAIN)
         local = self.gateway.config.is_local_domain(domain)
         self.gateway.hooks.event("categorizer", "medium", f"{domain}: {'local' if local else 'remote'} domain",
                                  id=entry.id, domain=domain, recipients=len(recipients))
@@ -169,9 +161,9 @@ class Deliverer:
         local = rcpt.rpartition("@")[0]
         expansion = table.expand(local) if table is not None else Expansion((local.lower(),))
         if expansion.unknown:
-            return Reply(550, "5.1.1", f"<{rcpt}>: user unknown")
+            return R.local_user_unknown(rcpt)
         if already_delivered_to(data, rcpt):
-            return Reply(554, "5.4.6", f"<{rcpt}>: mail forwarding loop (Delivered-To: already names it)")
+            return R.forwarding_loop(rcpt)
         jobs = [deferToThreadPool(reactor, reactor.getThreadPool(), deliver_to_maildir, root, box, data,
                                   config.gateway.hostname, delivery_headers(entry.sender, rcpt))
                 for box in expansion.mailboxes]
@@ -184,12 +176,12 @@ class Deliverer:
             if ok:
                 continue
             if value.check(ValueError):
-                return Reply(550, "5.1.1", f"mailbox unavailable: {value.value}")
+                return R.mailbox_unavailable(value.value)
             if value.check(OSError):
-                return Reply(451, "4.3.0", f"local delivery failed: {value.value}")
+                return R.local_delivery_failed(value.value)
             log.failure("local delivery of {id} to {rcpt}", value, id=entry.id, rcpt=rcpt)
-            return LOCAL_ERROR
-        return DELIVERED_LOCALLY
+            return R.DELIVERY_ERROR
+        return R.DELIVERED_LOCALLY
 
     # -- remote -------------------------------------------------------------------------------
 
@@ -197,22 +189,21 @@ class Deliverer:
                               data: Data) -> list[RecipientResult]:
         hooks = self.gateway.hooks
         candidates = connectors_for(self.gateway.config, domain)
-        routed = await _answer(hooks, "smtpgw_route", envelope=entry, recipient=recipients[0],
-                                            connectors=candidates)
+        routed = await _answer(hooks.route(entry, recipients[0], candidates))
         if isinstance(routed, Reply):
             self._event(entry, f"{domain}: routing hook failed: {routed}", "minimum", domain=domain)
             return _all(recipients, routed)
         connectors: list[Connector] = list(routed) if routed is not None else candidates
         if not connectors:
             self._event(entry, f"{domain}: no connector matches", "minimum", domain=domain)
-            return _all(recipients, Reply(550, "5.4.4", f"no route to domain {domain}"))
+            return _all(recipients, R.no_route(domain))
         self._event(entry, f"{domain}: connectors {', '.join(c.name for c in connectors)}", domain=domain)
 
         # results[i] settles recipients[i]; tentative[i] is its last 4xx answer, used only if no
         # later hop or connector settles it
         results: list[RecipientResult | None] = [None] * len(recipients)
         tentative: list[RecipientResult | None] = [None] * len(recipients)
-        last = Reply(451, "4.4.1", f"no connector could deliver to {domain}")
+        last = R.no_connector_delivered(domain)
         last_hop = ""
         for n, connector in enumerate(connectors, 1):
             last, last_hop = await self._try_connector(entry, domain, recipients, data, connector,
@@ -234,7 +225,7 @@ class Deliverer:
             from dataclasses import replace
 
             policy = OutboundPolicy.for_connector(connector)
-            worker = workers.of(self.gateway)
+            worker = self.gateway.worker
             if worker.many:
                 policy = replace(policy, max_connections=worker.share(policy.max_connections),
                                  max_connections_per_host=worker.share(policy.max_connections_per_host))
@@ -254,26 +245,18 @@ class Deliverer:
         hooks = self.gateway.hooks
         name = connector.name
         todo = [i for i, r in enumerate(results) if r is None]
-        window = await _answer(hooks, "smtpgw_delivery_window", connector=connector, envelope=entry,
-                                            domain=domain)
+        window = await _answer(hooks.delivery_window(connector, entry, domain))
         if isinstance(window, Reply):
             return window, ""
-        # a time already past means the window has just opened: go
-        if _is_time(window) and window > self.gateway.reactor.seconds():
-            reason = getattr(window, "reason", "") or f"held: connector '{name}' schedule until {window:.0f}"
+        if isinstance(window, Hold) and not window.is_over(self.gateway.reactor.seconds()):
+            reason = window.reason or f"held: connector '{name}' schedule until {window.until:.0f}"
             self._event(entry, f"{domain}: {reason}", domain=domain, connector=name)
-            held = Reply(HELD.code, HELD.status, reason)
+            held = R.held(reason)
             for i in todo:
-                results[i] = RecipientResult(recipients[i], held, "", float(window))
+                results[i] = RecipientResult(recipients[i], held, "", window.until)
             return held, ""
 
-        try:
-            hops = await _answer(hooks, "smtpgw_next_hops", envelope=entry, domain=domain,
-                                              connector=connector)
-        except PermanentDNSError as e:
-            hops = e.reply
-        except TemporaryDNSError as e:
-            hops = e.reply
+        hops = await _answer(hooks.next_hops(entry, domain, connector))    # a DNS error is its Reply
         if isinstance(hops, Reply):
             if hops.is_permanent:
                 self._event(entry, f"{domain}: {hops}", "minimum", domain=domain, connector=name)
@@ -282,7 +265,7 @@ class Deliverer:
             return hops, ""
         hops = list(hops or [])
         if not hops:
-            return Reply(451, "4.4.4", f"no next hop for {domain} via {name}"), ""
+            return R.no_next_hop(domain, name), ""
         self._event(entry, f"{domain}: via {name}: hops {', '.join(map(str, hops))}",
                     domain=domain, connector=name)
 
@@ -292,7 +275,7 @@ class Deliverer:
         send_options: dict[str, Any] = {"dsn": dsn} if dsn is not None else {}
         if smtputf8.requested(entry):           # RFC 6531: the client decides per hop (mta.smtp.client.smtputf8)
             send_options["smtputf8"] = True
-        last = Reply(451, "4.4.1", f"no hop of {name} answered")
+        last = R.no_hop_answered(name)
         last_hop = ""
         for hop in hops:
             if not todo:
@@ -313,12 +296,12 @@ class Deliverer:
                 continue
             except Exception as e:
                 log.failure("client error sending {id} to {hop}", id=entry.id, hop=str(hop))
-                last, last_hop = Reply(451, "4.4.0", f"error talking to {hop}: {e!r}"), str(hop)
+                last, last_hop = R.hop_error(str(hop), e), str(hop)
                 continue
             self._event(entry, f"{domain}: {hop} answered", domain=domain, connector=name, hop=str(hop))
             still = []
             for i, result in zip(todo, self._match(batch, answers, hop)):
-                if result.outcome == "deferred":
+                if result.outcome is Outcome.DEFERRED:
                     tentative[i] = result
                     last, last_hop = result.reply, result.hop
                     still.append(i)
@@ -342,6 +325,6 @@ class Deliverer:
                     result = RecipientResult(result.recipient, result.reply, str(hop), result.held_until)
                 out.append(result)
             else:
-                out.append(RecipientResult(rcpt, Reply(451, "4.4.0", f"no answer for recipient from {hop}"),
+                out.append(RecipientResult(rcpt, R.no_recipient_answer(str(hop)),
                                            str(hop)))
         return out

@@ -25,6 +25,7 @@ from twisted.internet import defer
 from twisted.internet.threads import deferToThreadPool
 
 from mta.model.nexthop import Hop
+from mta.smtp import replies as R
 from mta.smtp.reply import Reply
 
 MAX_TTL = 3600.0          # never trust an answer longer than this
@@ -52,7 +53,7 @@ class TemporaryDNSError(DNSError):
 
 
 def _temporary(what: str) -> TemporaryDNSError:
-    return TemporaryDNSError(Reply(451, "4.4.3", f"DNS lookup failed: {what}"))
+    return TemporaryDNSError(R.dns_failed(what))
 
 
 def ip_literal(name: str) -> str | None:
@@ -285,7 +286,7 @@ class Resolver:
         if not ok:
             if temporary:
                 raise _temporary(f"{name!r}: not a valid host name")
-            raise PermanentDNSError(Reply(550, "5.1.2", f"bad destination domain {name!r}"))
+            raise PermanentDNSError(R.bad_destination(f"bad destination domain {name!r}"))
 
     def _order(self, records: list[tuple[int, str]]) -> list[tuple[int, str]]:
         """Lowest preference first; equal preferences in random order (RFC 5321 5.1) to spread load."""
@@ -310,11 +311,11 @@ class Resolver:
         if literal is not None:
             return [Hop(literal, port, literal, 0)]
         if name.startswith("["):
-            raise PermanentDNSError(Reply(550, "5.1.2", f"bad address literal {domain!r}"))
+            raise PermanentDNSError(R.bad_destination(f"bad address literal {domain!r}"))
         self._check_name(name)
         answer = await self._lookup(name, "MX")
         if answer.kind == "nxdomain":
-            raise PermanentDNSError(Reply(550, "5.1.2", f"domain not found: {name}"))
+            raise PermanentDNSError(R.bad_destination(f"domain not found: {name}"))
         if answer.kind == "nodata":
             # implicit MX: the domain itself, preference 0 (RFC 5321 5.1)
             hops, error = await self._addresses(name, port, 0, name)
@@ -322,16 +323,16 @@ class Resolver:
                 return hops
             if error is not None:
                 raise error
-            raise PermanentDNSError(Reply(550, "5.1.2", f"domain has no MX or address records: {name}"))
+            raise PermanentDNSError(R.bad_destination(f"domain has no MX or address records: {name}"))
         records = list(answer.values)
         real = [(p, h) for p, h in records if h not in ("", ".")]
         if not real:
-            raise PermanentDNSError(Reply(556, "5.1.10", f"domain does not accept mail (null MX): {name}"))
+            raise PermanentDNSError(R.null_mx(name))
         mine = [p for p, h in real if h in self.local_names]
         if mine:
             real = [(p, h) for p, h in real if p < min(mine)]
             if not real:
-                raise PermanentDNSError(Reply(550, "5.4.6", f"mail for {name} loops back to myself"))
+                raise PermanentDNSError(R.loops_back(name))
         ordered = self._order(real)
         found = await defer.DeferredList(
             [defer.Deferred.fromCoroutine(self._addresses(h, port, p, h)) for p, h in ordered],

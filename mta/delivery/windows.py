@@ -2,10 +2,10 @@
 Options tab).
 
 :class:`mta.policy.core.CorePolicy` answers ``smtpgw_delivery_window`` with :func:`delivery_window`.
-When the window is closed the answer is a :class:`Hold`: a float (the hook's contract: the Unix time
-at which the window next opens) that also carries the reason a queue listing shows. The queue keeps
-the recipients until exactly that time -- no attempt is counted -- so mail goes the moment the window
-opens, not at the next retry tick.
+When the window is closed the answer is a :class:`mta.model.window.Hold`: the Unix time at which the
+window next opens, and the reason a queue listing shows. The queue keeps the recipients until exactly
+that time -- no attempt is counted -- so mail goes the moment the window opens, not at the next retry
+tick.
 
 Weekly grids are read on the wall clock of the connector's ``delivery.timezone`` (default UTC);
 ``every D`` windows are zone-independent (see :mod:`mta.config.schedules`).
@@ -19,20 +19,9 @@ from zoneinfo import ZoneInfo
 from mta.config import Connector
 from mta.config.schedules import Schedule
 from mta.config.values import format_size
+from mta.model.window import Hold
 
 NEVER_RECHECK = 3600.0      # a "never" schedule has no opening: look again after this many seconds
-
-
-class Hold(float):
-    """A closed window: hold until this Unix time. ``reason`` is what ``RecipientState.held_reason``
-    shows, e.g. ``held: connector 'ISP' schedule, opens at 2026-11-30 08:00 Europe/Paris``."""
-
-    reason: str
-
-    def __new__(cls, until: float, reason: str = "") -> "Hold":
-        value = super().__new__(cls, until)
-        value.reason = reason
-        return value
 
 
 def format_opening(when: float, zone_name: str) -> str:
@@ -77,4 +66,4 @@ def delivery_window(connector: Connector, envelope: Any, now: float) -> Hold | N
     return schedule_hold(delivery.schedule, now, zone_name, f"connector '{connector.name}' schedule")
 
 
-__all__ = ["Hold", "delivery_window", "schedule_hold", "format_opening", "NEVER_RECHECK"]
+__all__ = ["delivery_window", "schedule_hold", "format_opening", "NEVER_RECHECK"]

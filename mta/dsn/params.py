@@ -22,21 +22,14 @@ from typing import Any, Iterable
 from mta.dsn.reports import DELIVERED as DELIVERED_ACTION, LOCAL_HOP, RELAYED as RELAYED_ACTION
 from mta.model.nexthop import RecipientResult
 from mta.model.queue_entry import DELIVERED, QueueEntry, RecipientState
+from mta.smtp.replies import (BAD_ENVID, BAD_NOTIFY, BAD_ORCPT, BAD_RET, ENVID_TOO_LONG, MAX_ENVID, MAX_ORCPT,
+                              ORCPT_TOO_LONG, duplicate_dsn_param)
 from mta.smtp.reply import Reply
 
 MAIL_KEYWORDS = frozenset({"RET", "ENVID"})
 RCPT_KEYWORDS = frozenset({"NOTIFY", "ORCPT"})
 RET_VALUES = frozenset({"FULL", "HDRS"})
 NOTIFY_VALUES = frozenset({"SUCCESS", "FAILURE", "DELAY"})
-MAX_ENVID = 100          # characters of the xtext as sent (RFC 3461 4.4)
-MAX_ORCPT = 500          # characters of the whole value, "type;xtext" (RFC 3461 4.2)
-
-BAD_RET = Reply(501, "5.5.4", "Bad RET parameter (FULL or HDRS)")
-BAD_ENVID = Reply(501, "5.5.4", "Bad ENVID parameter (xtext of printable US-ASCII)")
-ENVID_TOO_LONG = Reply(501, "5.5.4", f"ENVID parameter longer than {MAX_ENVID} characters")
-BAD_NOTIFY = Reply(501, "5.5.4", "Bad NOTIFY parameter (NEVER, or SUCCESS, FAILURE, DELAY)")
-BAD_ORCPT = Reply(501, "5.5.4", "Bad ORCPT parameter (addr-type;xtext)")
-ORCPT_TOO_LONG = Reply(501, "5.5.4", f"ORCPT parameter longer than {MAX_ORCPT} characters")
 
 _ATOM = re.compile(r"[A-Za-z0-9!#$%&'*/=?^_`{|}~+-]+")     # RFC 5322 atext: the addr-type
 _XTEXT = re.compile(r"(?:[\x21-\x2a\x2c-\x3c\x3e-\x7e]|\+[0-9A-Fa-f]{2})*")
@@ -122,7 +115,7 @@ def duplicate_refusal(text: str) -> Reply | None:
         key = word.partition("=")[0].upper()
         if key in MAIL_KEYWORDS or key in RCPT_KEYWORDS:
             if key in seen:
-                return Reply(501, "5.5.4", f"Duplicate {key} parameter")
+                return duplicate_dsn_param(key)
             seen.add(key)
     return None
 

@@ -45,9 +45,6 @@ class MailLog:
         log.info(text, mail_event=line.event, mail_line=line)
 
 
-_DEFAULT = MailLog()
-
-
 def of(gateway: Any) -> MailLog:
-    """The gateway's mail log (a shared text one for gateways built without one, e.g. in tests)."""
-    return getattr(gateway, "mail_log", None) or _DEFAULT
+    """The gateway's mail log (``Gateway.mail_log``)."""
+    return gateway.mail_log

@@ -2,6 +2,7 @@
 smart_host plugin, the SMTP client, Maildir delivery and the queue manager."""
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass
 
 from mta.smtp.reply import Reply
@@ -22,9 +23,20 @@ class Hop:
         return f"{label}[{self.host}]:{self.port}" if self.name and self.name != self.host else f"[{self.host}]:{self.port}"
 
 
+class Outcome(enum.StrEnum):
+    """What became of a recipient after an attempt; the queue fires the matching hook
+    (``smtpgw_delivered``, ``smtpgw_deferred``, ``smtpgw_bounced``; none for a hold)."""
+
+    DELIVERED = "delivered"     # 2xx: done
+    DEFERRED = "deferred"       # 4xx: retried later, an attempt counted
+    FAILED = "failed"           # 5xx (or expired): a DSN goes to the sender
+    HELD = "held"               # a delivery window or remote trigger holds it: not an attempt
+
+
 @dataclass(frozen=True)
 class RecipientResult:
-    """The outcome for one recipient: ``reply.code`` 2xx delivered, 4xx deferred, 5xx failed."""
+    """The outcome for one recipient: ``reply.code`` 2xx delivered, 4xx deferred, 5xx failed, unless
+    ``held_until`` says it was held."""
 
     recipient: str
     reply: Reply
@@ -36,14 +48,14 @@ class RecipientResult:
                                       # delays=c/d (connection set-up / transmission)
 
     @property
-    def outcome(self) -> str:
+    def outcome(self) -> Outcome:
         if self.held_until is not None:
-            return "held"
+            return Outcome.HELD
         if self.reply.code < 400:
-            return "delivered"
+            return Outcome.DELIVERED
         if self.reply.code < 500:
-            return "deferred"
-        return "failed"
+            return Outcome.DEFERRED
+        return Outcome.FAILED
 
 
 class HostUnusable(Exception):

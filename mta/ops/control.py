@@ -201,7 +201,7 @@ class QueueControl:
 
     def op_metrics(self, request: dict) -> dict[str, Any]:
         """This process's figures (mta.ops.metrics), for worker 0's page on a gateway of several workers."""
-        metrics = getattr(self.gateway, "metrics", None)
+        metrics = self.gateway.metrics
         if metrics is None:
             return {"ok": False, "error": "metrics are not enabled (gateway.metrics.enabled)"}
         return {"ok": True, "families": metrics.snapshot()}

@@ -228,8 +228,7 @@ class _Gauges:
         for factory in self.m.factories:
             active.add_metric([factory.vs.name], getattr(factory, "active", 0))
         yield active
-        queue = getattr(self.m.gateway, "queue", None)
-        stats = queue.stats() if queue is not None else {}
+        stats = self.m.gateway.queue.stats()
         for name, key, text in (
                 ("smtpgw_queue_messages", "messages", "Messages in the queue"),
                 ("smtpgw_queue_recipients", "recipients", "Recipients still pending"),
@@ -237,14 +236,13 @@ class _Gauges:
                 ("smtpgw_queue_active_deliveries", "active", "Messages being delivered now"),
                 ("smtpgw_queue_oldest_age_seconds", "oldest_age", "Age of the oldest queued message")):
             yield GaugeMetricFamily(name, text, value=float(stats.get(key, 0)))
-        memory = getattr(self.m.gateway, "message_memory", None)     # mta.smtp.server.message_memory
-        if memory is not None:
-            yield GaugeMetricFamily("smtpgw_message_memory_bytes", "Bytes of messages being received, "
-                                    "held in memory", value=float(memory.held))
-            yield GaugeMetricFamily("smtpgw_message_memory_limit_bytes", "This process's budget for "
-                                    "messages being received (gateway.message_memory)", value=float(memory.limit))
-            yield CounterMetricFamily("smtpgw_message_memory_refusals", "Messages refused 452 4.3.1 "
-                                      "for want of message memory", value=float(memory.refusals))
+        memory = self.m.gateway.message_memory     # mta.smtp.server.message_memory
+        yield GaugeMetricFamily("smtpgw_message_memory_bytes", "Bytes of messages being received, "
+                                "held in memory", value=float(memory.held))
+        yield GaugeMetricFamily("smtpgw_message_memory_limit_bytes", "This process's budget for "
+                                "messages being received (gateway.message_memory)", value=float(memory.limit))
+        yield CounterMetricFamily("smtpgw_message_memory_refusals", "Messages refused 452 4.3.1 "
+                                  "for want of message memory", value=float(memory.refusals))
 
 
 class MetricsPage(Resource):

@@ -1,179 +1,375 @@
-"""Every hook smtpgw fires, grouped by stage of a message's life.
+"""Every hook smtpgw fires, grouped by stage of a message's life (the contract plugins are written to).
 
-Verdict hooks are ``firstresult``: plugins are called in pluggy's order (tryfirst, then the most
-recently registered, ..., trylast) and the first one that returns something other than ``None``
-decides. A verdict is an :class:`mta.smtp.reply.Reply`. Any hook may return a Deferred or a coroutine where
-it needs I/O; the core waits for it without blocking other sessions. An exception raised by a hook is
-logged and answered as ``451 4.3.0`` -- it never kills a session.
+Kinds of hook (each fired by one helper of :class:`mta.plugin.manager.Hooks`):
 
-The core's own behaviour (local domains accepted, others refused; MX next hops; always-open delivery
-window) is registered as the ``core`` plugin with ``trylast``, so a site hook adds to it and can still
-override it by answering first.
+* **verdict** hooks (``firstresult``): implementations are asked in pluggy's order (tryfirst, then the
+  most recently registered, ..., trylast) and the first answer other than ``None`` decides; the later
+  ones are not asked. An answer may come later: a verdict hook may return a Deferred or be
+  ``async`` where it needs I/O, and the core waits for it without blocking other sessions. An
+  exception raised by a verdict hook is logged and answered ``451 4.3.0`` -- it never kills a session
+  -- unless it carries a ``reply`` attribute holding a Reply, which is then the answer. An answer of the
+  wrong type is logged and treated as that same ``451 4.3.0``.
+* **notification** hooks: every implementation is called; results are ignored, exceptions logged.
+* **collect** hooks: every implementation is asked and all their answers are used.
 
-Implementations may take any subset of the arguments, so hooks can grow new arguments later.
+The core's own behaviour (local domains accepted, others refused; MX next hops; connector schedules)
+is registered as the ``core`` plugin with ``trylast`` (:mod:`mta.policy.core`), so a site hook adds to
+it and can still override it by answering first.
+
+Implementations may take any subset of a hook's arguments, so hooks can grow new arguments later.
+A function named ``smtpgw_...`` that is not a hook below (``smtpgw_rcpt`` for ``smtpgw_rcpt_to``) stops
+the gateway at startup, and ``smtpgw check-config``, with one line naming it and its file.
+
+Addresses, as every hook sees them
+----------------------------------
+
+One rule, made by :func:`mta.smtp.address.parse_path` when the client's command is read and kept
+unchanged through the queue:
+
+* ``sender`` and ``recipient`` are ``str`` mailboxes ``local@domain``: the client's path without the
+  angle brackets and without a source route. The **local part keeps its case** (it is the final
+  host's to interpret), with needless quotes removed (``"joe"@x`` is ``joe@x``). The **domain keeps the
+  case the client sent** but never a trailing dot (``Example.ORG.`` arrives as ``Example.ORG``);
+  address literals are canonical (``[192.0.2.1]``, ``[IPv6:2001:db8::1]``).
+* The null sender ``<>`` is ``""``. A bare ``RCPT TO:<Postmaster>`` arrives as ``gateway.postmaster``.
+* Delivery-side hooks get the same strings as the SMTP-side ones: the recipient that
+  ``smtpgw_rcpt_to`` accepted is the one ``smtpgw_delivered`` reports.
+* Every ``domain`` argument (``smtpgw_next_hops``, ``smtpgw_delivery_window``) is normalised:
+  lower-case, no trailing dot -- what :func:`mta.smtp.address.domain_of` gives for an address. Compare
+  a hook's address against a domain with ``domain_of(address)``, never with the address's raw suffix.
+* ``name`` in ``smtpgw_helo`` is the HELO/EHLO argument as sent (case kept, surrounding spaces
+  removed): a domain name, perhaps with a trailing dot, or an address literal.
+* ESMTP ``params`` have upper-case keys (``SIZE``, ``NOTIFY``) and values as sent (``None`` for a
+  keyword without ``=``).
+
+Settings and logging for a plugin
+---------------------------------
+
+``smtpgw_configure`` and ``smtpgw_reload`` get ``settings``: the plugin's own section of the
+configuration -- ``plugins.<name>`` for an installed plugin, the ``settings`` mapping of its
+``plugins.local`` entry for a local hook file::
+
+    plugins:
+      local:
+        - path: /etc/smtpgw/local_policy.py
+          settings: {blocked_domains: [spam.example]}
+
+A local hook logs through diag_logging's categories (smtp_protocol, connection_manager,
+queuing_engine, routing_engine, categorizer, ndr, authentication, transport_security) with
+``services.hooks.event(category, level, message, **fields)``, ``services`` being what
+``smtpgw_configure`` received; ``level`` is minimum, medium or maximum. The line is written when
+diag_logging's setting for that category is at least that verbose.
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any, Awaitable, Mapping, Sequence, Union
+
 import pluggy
+
+if TYPE_CHECKING:
+    from twisted.internet.defer import Deferred
+
+    from mta.config import Config, Connector
+    from mta.model.envelope import Envelope, Session
+    from mta.model.message import MessageData
+    from mta.model.nexthop import Hop
+    from mta.model.queue_entry import QueueEntry
+    from mta.model.window import Go, Hold
+    from mta.plugin.manager import Services
+    from mta.smtp.reply import Reply
 
 hookspec = pluggy.HookspecMarker("smtpgw")
 hookimpl = pluggy.HookimplMarker("smtpgw")
+
+#: What a verdict hook that may answer later returns: the answer, a Deferred of it, or a coroutine.
+Later = Union["Deferred[Any]", Awaitable[Any]]
 
 
 # -- configuration -------------------------------------------------------------------------------
 
 @hookspec
-def smtpgw_configure(config, services):
-    """Called once the configuration is loaded, before anything listens.
+def smtpgw_configure(config: Config, services: Services, settings: Mapping[str, Any]) -> None:
+    """The configuration is loaded and the gateway built; nothing listens yet. Notification.
 
-    :param config: the validated :class:`mta.config.Config`.
-    :param services: the gateway's :class:`mta.app.gateway.Gateway` (spool, queue, resolver, hooks).
+    :param config: the validated configuration (:class:`mta.config.Config`).
+    :param services: the running gateway (:class:`mta.app.gateway.Gateway`): ``hooks`` (to log through
+        ``hooks.event``), ``reactor``, ``spool``, ``queue``, ``resolver``, ``client``.
+    :param settings: this plugin's own section (``plugins.<name>``, or a local hook's ``settings``);
+        empty when the file has none.
 
-    Use in plugins: read your own section (``config.plugins.settings['<name>']``) and keep references.
+    Use in plugins: read your settings, keep ``services``, register helper plugins.
+    The core answers: nothing; an exception here stops the gateway from starting.
     """
 
 
 @hookspec
-def smtpgw_reload(config):
-    """The process got SIGHUP and the configuration file was read again and found valid.
+def smtpgw_reload(config: Config, settings: Mapping[str, Any]) -> None:
+    """SIGHUP: the configuration file was read again and found valid. Notification.
 
     :param config: the configuration the gateway now runs on: the file's values for every key applied
         live, the values it started with for the keys that need a restart (the core has logged
         ``SIGHUP: applied: <key>`` or ``SIGHUP: needs a restart: <key>`` for each changed key).
+    :param settings: this plugin's section of ``config`` (as in ``smtpgw_configure``); for a local hook
+        file, the ``settings`` of its ``plugins.local`` entry as the file now has them.
+
+    Your own section's keys are applied live only where your plugin object says so with
+    ``live_settings``, a tuple of key patterns under ``plugins.<name>`` (``("levels", "levels.*")``;
+    ``*`` matches anything); the core reports every other change to your section as needing a restart
+    and keeps its old value in ``config``.
 
     Use in plugins: take from it what you apply live (relay_acl: the relay settings and the connectors'
-    restrictions, for new connections; diag_logging: its levels). Your own section's keys are applied
-    live only where your plugin object says so with ``live_settings``, a tuple of key patterns under
-    ``plugins.<name>`` (``("levels", "levels.*")``; ``*`` matches anything); the core reports every other
-    change to your section as needing a restart and keeps its old value in ``config``.
+    restrictions, for new connections; diag_logging: its levels).
+    The core answers: nothing (it applies its own live keys and re-reads certificates first).
     """
 
 
 # -- the SMTP session ----------------------------------------------------------------------------
 
 @hookspec(firstresult=True)
-def smtpgw_connect(session):
-    """A client connected. Return a Reply to refuse it (a 5xx or 421 closes the connection).
+def smtpgw_connect(session: Session) -> Reply | Later | None:
+    """A client connected; the banner has not been sent. Verdict.
 
-    :param session: the :class:`mta.model.envelope.Session`.
+    :param session: the connection (:class:`mta.model.envelope.Session`): client and local address,
+        virtual server, TLS state (implicit TLS listeners).
+    :returns: a Reply to answer instead of the banner (a 4xx or 5xx closes the connection), or None.
+
+    Use in plugins: connection control by client address (relay_acl's connection restrictions).
+    The core answers: ``220 <hostname> ESMTP smtpgw ready at <date>``.
     """
 
 
 @hookspec(firstresult=True)
-def smtpgw_helo(session, name):
-    """HELO/EHLO with ``name``. Return a Reply to refuse the greeting."""
+def smtpgw_helo(session: Session, name: str) -> Reply | Later | None:
+    """HELO or EHLO ``name``. Verdict.
 
+    :param session: the connection; ``session.esmtp`` and ``session.helo`` still hold the previous
+        greeting, if any.
+    :param name: the argument as sent: a domain name or address literal (anything else, or nothing,
+        is refused with 501 before the hook is asked).
+    :returns: a negative Reply to refuse the greeting, or None.
 
-@hookspec(firstresult=True)
-def smtpgw_auth(session, mechanism, username):
-    """Credentials for ``username`` checked good with ``mechanism``. Return a Reply to refuse anyway."""
-
-
-@hookspec(firstresult=True)
-def smtpgw_mail_from(session, envelope, sender, params):
-    """MAIL FROM:<sender> with ESMTP ``params`` (dict, upper-case keys). Return a Reply to decide.
-
-    Use in plugins: delivery restrictions (sender accept/reject lists), SIZE checks per connector.
+    Use in plugins: HELO name checks.
+    The core answers: 250 with its EHLO keywords (``smtpgw_ehlo_keywords`` adds to them).
     """
 
 
 @hookspec(firstresult=True)
-def smtpgw_rcpt_to(session, envelope, recipient, params):
-    """RCPT TO:<recipient>. Return a Reply to decide; the core answers for local domains
-    (250) and refuses everything else with ``550 5.7.1 Relaying denied`` unless a plugin accepts it first.
+def smtpgw_auth(session: Session, mechanism: str, username: str) -> Reply | Later | None:
+    """AUTH: the credentials of ``username`` were checked good with ``mechanism``. Verdict.
 
-    Use in plugins: relay control (relay_acl), per-recipient policy.
+    :param session: the connection; ``session.authenticated_user`` is set only after this hook agrees.
+    :param mechanism: the SASL mechanism, upper-case (``PLAIN``, ``LOGIN``).
+    :param username: the user name as the users file spells it.
+    :returns: a negative Reply to refuse the login anyway (counted as a failed attempt), or None.
+
+    Use in plugins: per-user login restrictions (by client address, by time).
+    The core answers: ``235 2.7.0 Authentication successful``.
     """
 
 
 @hookspec(firstresult=True)
-def smtpgw_data(session, envelope, message):
-    """The whole message is in (``message`` is a :class:`mta.model.message.MessageData`), not yet queued.
+def smtpgw_mail_from(session: Session, envelope: Envelope, sender: str,
+                     params: Mapping[str, str | None]) -> Reply | Later | None:
+    """MAIL FROM:<sender>, its syntax and parameters already checked. Verdict.
 
-    Return a Reply to refuse it; return ``None`` to let it be queued. Header edits made through
-    ``message.prepend_header`` are kept.
+    :param session: the connection.
+    :param envelope: the new transaction (its ``id`` is the queue id it will have); ``sender`` is not
+        set on it until the command is accepted.
+    :param sender: the sender's address ('' for the null sender), in the form described above.
+    :param params: the ESMTP parameters (``SIZE``, ``BODY``, ``RET``, ``ENVID``...).
+    :returns: a Reply to decide, or None.
+
+    Use in plugins: sender accept/reject lists, SIZE limits per client.
+    The core answers: ``250 2.1.0 Sender OK``.
+    """
+
+
+@hookspec(firstresult=True)
+def smtpgw_rcpt_to(session: Session, envelope: Envelope, recipient: str,
+                   params: Mapping[str, str | None]) -> Reply | Later | None:
+    """RCPT TO:<recipient>, its syntax and parameters already checked. Verdict.
+
+    :param session: the connection: client address, HELO name, TLS state, authenticated user.
+    :param envelope: the transaction so far (sender and the recipients already accepted).
+    :param recipient: the address, in the form described above.
+    :param params: the ESMTP parameters (``NOTIFY``, ``ORCPT``).
+    :returns: a Reply to decide, or None for no opinion.
+
+    Use in plugins: relay control (relay_acl), recipient validation, per-recipient policy.
+    The core answers: ``250 2.1.5 Recipient OK`` for a local domain, else ``550 5.7.1 Relaying denied``
+    (when nobody answers at all, the session refuses the same way: never an open relay).
+    """
+
+
+@hookspec(firstresult=True)
+def smtpgw_data(session: Session, envelope: Envelope, message: MessageData) -> Reply | Later | None:
+    """The whole message is in (after DATA or the last BDAT chunk), not yet queued. Verdict.
+
+    :param session: the connection.
+    :param envelope: the transaction: sender, accepted recipients, ``size``.
+    :param message: the message as received, with the core's ``Received:`` header on top; headers
+        added with ``message.prepend_header`` are kept.
+    :returns: a negative Reply to refuse the message, or None to let it be queued.
+
+    Use in plugins: content checks, per-connector size and content restrictions (relay_acl).
+    The core answers: it queues the message (fsync'd) and replies ``250 2.0.0 Ok: queued as <id>``.
     """
 
 
 @hookspec
-def smtpgw_queued(envelope):
-    """The message is on disk (fsync'd) and the client has been told 250. Notification only."""
+def smtpgw_queued(envelope: Envelope) -> None:
+    """The message is on disk (fsync'd) and the client has been told 250. Notification.
+
+    :param envelope: the transaction as queued; ``envelope.id`` is its queue id.
+
+    Use in plugins: counting, archiving hand-offs, metrics.
+    The core answers: nothing; the queue starts delivering it.
+    """
 
 
 @hookspec(firstresult=True)
-def smtpgw_command(session, verb, argument):
-    """A verb the core does not know (ETRN, ATRN, TURN, a site DEQUEUE...).
+def smtpgw_command(session: Session, verb: str, argument: str) -> Reply | Later | None:
+    """A verb the core does not know (ETRN, ATRN, TURN, a site's DEQUEUE...). Verdict.
 
-    Return a Reply to answer it; if nobody does the client gets ``500 5.5.1``.
+    :param session: the connection.
+    :param verb: the command verb, upper-case.
+    :param argument: the rest of the line after one space, as sent.
+    :returns: a Reply to answer it, or None.
 
     A positive Reply with a ``take_over`` attribute (a callable ``take_over(transport, pending)``
     that connects a protocol to the transport and returns it) ends the SMTP session after the reply
     is sent without closing the connection: the callable gets the transport and any input already
     read, and from then on the session passes every byte and the connection's end to that protocol
     (ATRN/TURN role reversal, RFC 2645; see smtpgw_plugins.etrn_dequeue.HandOff).
+
+    Use in plugins: ETRN/ATRN (etrn_dequeue), site commands (etc/local_hooks/dequeue.py).
+    The core answers: ``500 5.5.1 Command unrecognized``.
     """
 
 
 @hookspec
-def smtpgw_ehlo_keywords(session):
-    """Extra EHLO keywords for this session: return a list of strings (``["ETRN"]``) or None.
+def smtpgw_ehlo_keywords(session: Session) -> Sequence[str] | None:
+    """Extra EHLO keywords for this session. Collect: every implementation is asked.
 
-    Every implementation is asked (not firstresult); the keywords follow the core's own.
+    :param session: the connection (after STARTTLS, a new EHLO asks again).
+    :returns: keywords to add (``["ETRN"]``), or None.
+
+    Use in plugins: announce the extension a plugin answers through ``smtpgw_command``.
+    The core answers: its own keywords (PIPELINING, SIZE, 8BITMIME, ENHANCEDSTATUSCODES, DSN,
+    SMTPUTF8, CHUNKING, STARTTLS, AUTH); plugins' keywords follow, without duplicates.
     """
 
 
 # -- routing and delivery ------------------------------------------------------------------------
 
 @hookspec(firstresult=True)
-def smtpgw_route(envelope, recipient, connectors):
-    """Choose the connectors for ``recipient``: return a list of :class:`mta.config.Connector`
-    in the order to try them. ``connectors`` is the core's choice (address space, then cost).
+def smtpgw_route(envelope: QueueEntry, recipient: str,
+                 connectors: Sequence[Connector]) -> Sequence[Connector] | Reply | Later | None:
+    """Choose the connectors for one remote domain's recipients. Verdict.
+
+    :param envelope: the queued message (:class:`mta.model.queue_entry.QueueEntry`).
+    :param recipient: the first recipient of the domain being delivered (form described above).
+    :param connectors: the core's choice, in order: most specific address space, then lowest cost.
+    :returns: the connectors to try, in order (an empty list: no route, the recipients fail
+        ``550 5.4.4``); a Reply to settle every recipient of the domain with it; or None.
+
+    Use in plugins: routing by sender or content.
+    The core answers: ``connectors`` as given.
     """
 
 
 @hookspec(firstresult=True)
-def smtpgw_next_hops(envelope, domain, connector):
-    """The hosts to try for ``domain`` through ``connector``: a list of :class:`mta.delivery.nexthops.Hop`,
-    or a Deferred firing with one. The core's default is DNS MX (implicit MX from A/AAAA).
+def smtpgw_next_hops(envelope: QueueEntry, domain: str,
+                     connector: Connector | None) -> Sequence[Hop] | Reply | Later | None:
+    """The hosts to try for ``domain`` through ``connector``. Verdict.
 
-    Use in plugins: smart_host answers for connectors with ``smart_hosts``.
+    :param envelope: the queued message.
+    :param domain: the recipients' domain, normalised (lower-case, no trailing dot).
+    :param connector: the connector being tried.
+    :returns: :class:`mta.model.nexthop.Hop` objects in the order to try them; a Reply (a 5xx fails the
+        recipients, a 4xx passes them to the next connector); or None. Raising an exception with a
+        ``reply`` attribute is the same as returning that Reply.
+
+    Use in plugins: smart hosts (smart_host), ATRN sessions (etrn_dequeue).
+    The core answers: DNS MX (implicit MX from A/AAAA; a null MX fails ``556 5.1.10``).
     """
 
 
 @hookspec(firstresult=True)
-def smtpgw_delivery_window(connector, envelope, domain):
-    """May mail for ``connector`` go now? Return ``None`` (no opinion: go), a float -- the Unix time
-    at which to try again (the message is held, not counted as a failed attempt) -- or a Reply, meaning
-    "this connector may not carry this message": the deliverer fails over to the next connector, and
-    when none is left the Reply is the recipients' outcome (a 5xx fails them with a DSN).
+def smtpgw_delivery_window(connector: Connector, envelope: QueueEntry,
+                           domain: str) -> Hold | Go | Reply | Later | None:
+    """May mail for ``domain`` go through ``connector`` now? Verdict.
 
-    ``domain`` is the recipients' domain being delivered (remote-triggered release is per domain).
+    :param connector: the connector about to be tried.
+    :param envelope: the queued message (``envelope.size`` for oversize schedules).
+    :param domain: the recipients' domain, normalised (remote-triggered release is per domain).
+    :returns: None (no opinion); :data:`mta.model.window.Go.NOW` (go now, and ask nobody after you:
+        the connector's schedule included); a :class:`mta.model.window.Hold` (keep the recipients until
+        ``hold.until``, showing ``hold.reason`` in the queue listing: not a failed attempt); or a Reply,
+        meaning "this connector may not carry this message": the next connector is tried, and when none
+        is left the Reply is the recipients' outcome (a 5xx fails them with a DSN).
+
+    Use in plugins: change freezes, remote-triggered holds (etrn_dequeue), per-connector restrictions
+    (relay_acl).
+    The core answers: the connector's schedule, or its oversize schedule for large mail
+    (:mod:`mta.delivery.windows`): None while open, else a Hold until it opens.
     """
 
 
 @hookspec
-def smtpgw_delivered(envelope, recipient, reply):
-    """``recipient`` was delivered; ``reply`` is the next hop's (or Maildir's) answer."""
+def smtpgw_delivered(envelope: QueueEntry, recipient: str, reply: Reply) -> None:
+    """``recipient`` was delivered. Notification.
+
+    :param envelope: the queued message.
+    :param recipient: the recipient, as accepted at RCPT.
+    :param reply: the next hop's answer (or the Maildir's ``250 2.0.0``).
+
+    Use in plugins: accounting, ETRN bookkeeping, metrics.
+    The core answers: nothing; a NOTIFY=SUCCESS report is queued when the sender asked.
+    """
 
 
 @hookspec
-def smtpgw_deferred(envelope, recipient, reply):
-    """``recipient`` failed temporarily and will be retried."""
+def smtpgw_deferred(envelope: QueueEntry, recipient: str, reply: Reply) -> None:
+    """``recipient`` failed temporarily and will be retried. Notification.
+
+    :param envelope: the queued message.
+    :param recipient: the recipient, as accepted at RCPT.
+    :param reply: the temporary failure (a 4xx from a next hop, or the gateway's own).
+
+    Use in plugins: alerting on a link that is down, ETRN bookkeeping.
+    The core answers: nothing; the queue schedules the retry (``gateway.queue.retry``).
+    """
 
 
 @hookspec
-def smtpgw_bounced(envelope, recipient, reply):
-    """``recipient`` failed permanently (or expired); a DSN goes to the sender."""
+def smtpgw_bounced(envelope: QueueEntry, recipient: str, reply: Reply) -> None:
+    """``recipient`` failed permanently (or its time in the queue expired). Notification.
+
+    :param envelope: the queued message.
+    :param recipient: the recipient, as accepted at RCPT.
+    :param reply: the permanent failure (for an expiry, a 4xx with status ``4.4.7``).
+
+    Use in plugins: accounting, alerting.
+    The core answers: nothing; a failure DSN goes to the sender (never to the null sender).
+    """
 
 
 # -- diagnostics ---------------------------------------------------------------------------------
 
 @hookspec
-def smtpgw_event(category, level, message, fields):
-    """A diagnostic event. ``category`` is one of smtp_protocol, connection_manager, queuing_engine,
-    routing_engine, categorizer, ndr, authentication, transport_security; ``level`` is minimum, medium
-    or maximum (how verbose a setting must be to show it); ``fields`` is a dict (session or message id...).
+def smtpgw_event(category: str, level: str, message: str, fields: Mapping[str, Any]) -> None:
+    """A diagnostic event. Notification.
+
+    :param category: smtp_protocol, connection_manager, queuing_engine, routing_engine, categorizer,
+        ndr, authentication or transport_security.
+    :param level: minimum, medium or maximum: how verbose a category's setting must be to show it.
+    :param message: one line of text.
+    :param fields: what the event is about (``session``, ``id``, ``recipient``...).
 
     A listener may also define ``wants_event(category, level) -> bool`` on its plugin object: the server
     asks it once per connection and skips the per-command events (smtp_protocol/maximum) nobody writes.
+
+    Use in plugins: writing logs (diag_logging).
+    The core answers: nothing; events are made by ``hooks.event``.
     """

@@ -1,35 +1,80 @@
-"""Loading plugins and calling hooks that may answer later.
+"""Loading plugins, checking them against the hook contract, and firing hooks.
 
-pluggy has no notion of Deferreds: a ``firstresult`` hook would take the first pending Deferred as the
-answer. So verdict hooks are walked here, one implementation at a time in pluggy's call order, waiting
-for each Deferred or coroutine before asking the next. A plugin that raises is logged and turned into
-``451 4.3.0`` rather than a broken session.
+Every hook of :mod:`mta.plugin.hookspecs` is fired through one typed method of :class:`Hooks`
+(``hooks.rcpt_to(...)``, ``hooks.queued(...)``, ``hooks.ehlo_keywords(...)``), and each method goes
+through the one helper for its kind:
+
+* verdict (``_verdict``): asked one implementation at a time, in pluggy's call order, waiting for a
+  Deferred or coroutine before asking the next (pluggy alone would take the first pending Deferred
+  as the answer). The first answer other than None wins; an answer of a type the hook does not allow,
+  or an exception, is logged and becomes ``451 4.3.0`` -- unless the exception carries a ``reply``
+  (a DNS error, a refused host), which is then the answer. Returns the answer itself when every
+  implementation answered at once (the common case, kept free of Deferreds), else a Deferred.
+* notification (``_notify``): every implementation is called; results are ignored, errors logged.
+* collect (``_collect``): every implementation is asked; all answers are returned.
+
+After loading, a function named ``smtpgw_...`` that is no hook (a misspelt ``smtpgw_rcpt``) is a
+:class:`PluginError` naming the function and its file; ``check_plugins`` turns it into the
+configuration error that stops ``twistd smtpgw`` and ``smtpgw check-config``.
 """
 from __future__ import annotations
 
+import difflib
 import importlib.util
 import inspect
 import sys
 from importlib.metadata import entry_points
 from pathlib import Path
 from types import ModuleType
-from typing import Any, Iterable
+from typing import TYPE_CHECKING, Any, Iterable, Mapping, Protocol, Sequence
 
 import pluggy
 from twisted.internet import defer
 from twisted.logger import Logger
 
+from mta.config import Config, ConfigError, Connector, LocalHook
+from mta.maillog import MailLog
+from mta.model.envelope import Envelope, Session
+from mta.model.message import MessageData
+from mta.model.nexthop import Hop, Outcome
+from mta.model.queue_entry import QueueEntry
+from mta.model.window import Go, Hold
 from mta.plugin import hookspecs
+from mta.smtp import replies as R
 from mta.smtp.reply import Reply
+
+if TYPE_CHECKING:
+    from twisted.internet.defer import Deferred
 
 log = Logger(namespace="smtpgw.hooks")
 
 ENTRY_POINT_GROUP = "smtpgw.plugins"
-PLUGIN_ERROR = Reply(451, "4.3.0", "Local error in processing, try again later")
+PREFIX = "smtpgw_"
+HOOK_NAMES = tuple(name for name in vars(hookspecs) if name.startswith(PREFIX))
+PLUGIN_ERROR = R.INTERNAL_ERROR
 
 
 class PluginError(Exception):
-    """A plugin named in the configuration cannot be loaded."""
+    """A plugin named in the configuration cannot be used; ``key`` is the configuration key naming it."""
+
+    def __init__(self, key: str, problem: str) -> None:
+        super().__init__(f"{key}: {problem}")
+        self.key = key
+        self.problem = problem
+
+
+class Services(Protocol):
+    """What ``smtpgw_configure`` hands plugins as ``services``: the running gateway
+    (``mta.app.gateway.Gateway``, which sits above this package and provides these)."""
+
+    config: Config
+    reactor: Any                # twisted's reactor: seconds(), callLater()...
+    hooks: "Hooks"              # hooks.event(category, level, message, **fields) logs through diag_logging
+    mail_log: MailLog           # the core's mail log (its format follows diag_logging's)
+    spool: Any                  # mta.spool.store.Spool
+    queue: Any                  # mta.queue.manager.QueueManager
+    resolver: Any               # mta.delivery.nexthops.Resolver
+    client: Any                 # mta.smtp.client.pool.SMTPClientPool
 
 
 def available_plugins() -> dict[str, Any]:
@@ -37,67 +82,166 @@ def available_plugins() -> dict[str, Any]:
     return {ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP)}
 
 
+_local_modules: dict[str, ModuleType] = {}
+
+
 def load_local_module(path: str) -> ModuleType:
-    """Import a site's hook module from a file path, under a private module name."""
-    p = Path(path)
-    name = f"smtpgw_local_{p.stem}_{abs(hash(str(p.resolve()))):x}"
+    """Import a site's hook module from a file path, under a private module name; once per process,
+    so the startup check (``check_plugins``) and the gateway share one import."""
+    p = Path(path).resolve()
+    module = _local_modules.get(str(p))
+    if module is not None:
+        return module
+    name = f"smtpgw_local_{p.stem}_{abs(hash(str(p))):x}"
     spec = importlib.util.spec_from_file_location(name, p)
     if spec is None or spec.loader is None:
-        raise PluginError(f"cannot load local hook module {path!r}")
+        raise ImportError(f"cannot load {path!r} as a Python module")
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module
-    spec.loader.exec_module(module)
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[name]
+        raise
+    _local_modules[str(p)] = module
     return module
 
 
+def local_name(path: str) -> str:
+    """The plugin name a local hook file is registered under (``smtpgw check-config`` shows it)."""
+    return f"local:{path}"
+
+
+def _where(function: Any) -> str:
+    """``/path/file.py:12``: where a function is defined, for one-line errors."""
+    code = getattr(inspect.unwrap(function), "__code__", None)
+    if code is None:
+        return repr(function)
+    return f"{code.co_filename}:{code.co_firstlineno}"
+
+
+def _suggestion(name: str) -> str:
+    close = difflib.get_close_matches(name, HOOK_NAMES, n=1, cutoff=0.6)
+    if not close:
+        close = [h for h in HOOK_NAMES if h.startswith(name) or name.startswith(h)][:1]
+    return f" (did you mean {close[0]}?)" if close else ""
+
+
+class _PluginManager(pluggy.PluginManager):
+    """pluggy's manager, taking every ``smtpgw_*`` function as a hook implementation even without the
+    ``@hookimpl`` marker (as pytest does for ``pytest_*``), so a misspelt one is caught, not ignored."""
+
+    def parse_hookimpl_opts(self, plugin: Any, name: str) -> Any:
+        opts = super().parse_hookimpl_opts(plugin, name)
+        if opts is None and name.startswith(PREFIX) and inspect.isroutine(getattr(plugin, name, None)):
+            opts = {"wrapper": False, "hookwrapper": False, "optionalhook": False,
+                    "tryfirst": False, "trylast": False, "specname": None}
+        return opts
+
+
 class Hooks:
-    """The gateway's plugin manager plus the Deferred-aware way to call it."""
+    """The gateway's plugin manager and the one place hooks are fired."""
 
     def __init__(self) -> None:
-        self.pm = pluggy.PluginManager("smtpgw")
+        self.pm = _PluginManager("smtpgw")
         self.pm.add_hookspecs(hookspecs)
         self._order: dict[str, list[Any]] = {}      # hook name -> implementations, in call order
+        self._keys: dict[str, str] = {}             # plugin name -> the configuration key naming it
+
+    # -- loading ---------------------------------------------------------------------------------
 
     def register(self, plugin: object, name: str | None = None) -> None:
         self.pm.register(plugin, name=name)
         self._order.clear()
 
-    def load(self, enabled: Iterable[str], local: Iterable[str] = ()) -> None:
-        """Register the named built-in/third-party plugins, then the site's local hook files."""
+    def load(self, enabled: Iterable[str], local: Iterable[LocalHook | str] = ()) -> None:
+        """Register the named built-in/third-party plugins, then the site's local hook files, and
+        check every ``smtpgw_*`` function against the hook contract.
+
+        Raises :class:`PluginError` (naming the configuration key) for a plugin that is not installed,
+        a file that does not import, or a function that is no hook.
+        """
         found = available_plugins()
-        for name in enabled:
+        for i, name in enumerate(enabled):
+            key = f"plugins.enabled[{i}]"
             if name not in found:
-                raise PluginError(
-                    f"plugins.enabled: unknown plugin {name!r} (installed: {', '.join(sorted(found)) or 'none'})")
+                raise PluginError(key, f"unknown plugin {name!r} (installed: {', '.join(sorted(found)) or 'none'})")
             plugin = found[name].load()
             if isinstance(plugin, type):
                 plugin = plugin()     # a plugin class gets one instance per gateway
-            self.pm.register(plugin, name=name)
-        for path in local:
-            self.pm.register(load_local_module(path), name=f"local:{path}")
+            self._register_checked(plugin, name, key)
+        for i, hook in enumerate(local):
+            path = hook.path if isinstance(hook, LocalHook) else hook
+            key = f"plugins.local[{i}]"
+            try:
+                module = load_local_module(path)
+            except Exception as e:
+                raise PluginError(key, f"{path} does not import: {type(e).__name__}: {e}") from None
+            self._register_checked(module, local_name(path), key)
         self._order.clear()
+        self.check()
+
+    def _register_checked(self, plugin: object, name: str, key: str) -> None:
+        self._keys[name] = key
+        try:
+            self.pm.register(plugin, name=name)
+        except pluggy.PluginValidationError as e:   # an argument the hook does not have...
+            raise PluginError(key, f"{getattr(plugin, '__file__', name)}: {e}") from None
+
+    def check(self) -> None:
+        """No ``smtpgw_*`` function without a hook of that name (``pm.check_pending``), reported as
+        one line naming the function, its file and line, and the hook it was probably meant to be."""
+        for name in HOOK_NAMES:                 # make sure every known hook has its caller
+            getattr(self.pm.hook, name)
+        for name, caller in vars(self.pm.hook).items():
+            if name.startswith("_") or caller.has_spec():
+                continue
+            for impl in caller.get_hookimpls():
+                if impl.optionalhook:
+                    continue
+                key = self._keys.get(impl.plugin_name, f"plugin {impl.plugin_name}")
+                raise PluginError(key, f"{name}() at {_where(impl.function)} is not an smtpgw hook"
+                                       f"{_suggestion(name)}")
+        self.pm.check_pending()
 
     def implementations(self, hook_name: str) -> list[Any]:
         """Implementations in call order (pluggy keeps them in reverse); asked several times for
-        every message, so kept until the next registration (register ``Hooks``, not ``pm``)."""
+        every message, so kept until the next registration (register through ``Hooks``, not ``pm``)."""
         order = self._order.get(hook_name)
         if order is None:
             order = self._order[hook_name] = list(reversed(getattr(self.pm.hook, hook_name).get_hookimpls()))
         return order
 
     @staticmethod
-    def _call_one(impl: Any, kwargs: dict[str, Any]) -> Any:
-        args = [kwargs[name] for name in impl.argnames]
-        return impl.function(*args)
+    def settings_for(plugin_name: str, config: Config) -> Mapping[str, Any]:
+        """A plugin's own section: ``plugins.<name>``, or a local hook's ``settings``."""
+        if plugin_name in config.plugins.settings:
+            return config.plugins.settings[plugin_name] or {}
+        for hook in config.plugins.local:
+            if local_name(hook.path) == plugin_name:
+                return hook.settings
+        return {}
 
-    def first(self, hook_name: str, **kwargs: Any) -> Any:
-        """Ask each implementation in order; the first non-None answer (after waiting) wins.
+    # -- the three kinds of hook -------------------------------------------------------------------
 
-        Returns the answer itself when every implementation answered at once (the common case, kept
-        free of Deferred overhead on the hot path), else a Deferred firing with it. An exception
-        becomes :data:`PLUGIN_ERROR`, so a session answers 451 rather than breaking.
-        """
-        return self._first_from(self.implementations(hook_name), 0, hook_name, kwargs)
+    @staticmethod
+    def _call_one(impl: Any, kwargs: Mapping[str, Any]) -> Any:
+        return impl.function(*[kwargs[name] for name in impl.argnames])
+
+    def _verdict(self, hook_name: str, accepts: tuple[type, ...], **kwargs: Any) -> Any:
+        """The first non-None answer, at once or as a Deferred; checked against ``accepts``."""
+        result = self._first_from(self.implementations(hook_name), 0, hook_name, kwargs)
+        if isinstance(result, defer.Deferred):
+            return result.addCallback(self._checked, hook_name, accepts)
+        return self._checked(result, hook_name, accepts)
+
+    @staticmethod
+    def _checked(answer: Any, hook_name: str, accepts: tuple[type, ...]) -> Any:
+        if answer is None or isinstance(answer, accepts):
+            return answer
+        log.error("{hook} answered {answer!r}, which it may not (expected {types})", hook=hook_name,
+                  answer=answer, types=" or ".join(t.__name__ for t in accepts))
+        return PLUGIN_ERROR
 
     def _first_from(self, impls: list[Any], index: int, hook_name: str, kwargs: dict[str, Any]) -> Any:
         while index < len(impls):
@@ -133,24 +277,8 @@ class Hooks:
         log.failure("plugin {plugin} failed in {hook}", failure, plugin=plugin, hook=hook_name)
         return PLUGIN_ERROR
 
-    def first_deferred(self, hook_name: str, **kwargs: Any) -> defer.Deferred:
-        """:meth:`first`, always as a Deferred."""
-        return defer.maybeDeferred(self.first, hook_name, **kwargs)
-
-    def first_sync(self, hook_name: str, **kwargs: Any) -> Any:
-        """Like :meth:`first` but for hooks that must answer at once (no Deferreds); errors give None."""
-        for impl in self.implementations(hook_name):
-            try:
-                result = self._call_one(impl, kwargs)
-            except Exception:
-                log.failure("plugin {plugin} failed in {hook}", plugin=impl.plugin_name, hook=hook_name)
-                continue
-            if result is not None:
-                return result
-        return None
-
-    def notify(self, hook_name: str, **kwargs: Any) -> None:
-        """Fire a notification hook; errors are logged, results and pending Deferreds ignored."""
+    def _notify(self, hook_name: str, **kwargs: Any) -> None:
+        """Call every implementation; errors are logged, results and pending Deferreds ignored."""
         for impl in self.implementations(hook_name):
             try:
                 result = self._call_one(impl, kwargs)
@@ -162,7 +290,130 @@ class Hooks:
             except Exception:
                 log.failure("plugin {plugin} failed in {hook}", plugin=impl.plugin_name, hook=hook_name)
 
+    def _collect(self, hook_name: str, **kwargs: Any) -> list[Any]:
+        """Every implementation's answer other than None, in call order (answers must come at once);
+        one that raises is logged and left out."""
+        answers = []
+        for impl in self.implementations(hook_name):
+            try:
+                result = self._call_one(impl, kwargs)
+            except Exception:
+                log.failure("plugin {plugin} failed in {hook}", plugin=impl.plugin_name, hook=hook_name)
+                continue
+            if result is not None:
+                answers.append(result)
+        return answers
+
+    # -- configuration -------------------------------------------------------------------------------
+
+    def configure(self, config: Config, services: Services) -> None:
+        """``smtpgw_configure``, each plugin with its own ``settings``. Unlike other notifications an
+        exception propagates: a plugin that cannot set itself up stops the gateway from starting."""
+        for impl in self.implementations("smtpgw_configure"):
+            self._call_one(impl, {"config": config, "services": services,
+                                  "settings": self.settings_for(impl.plugin_name, config)})
+
+    def reload(self, config: Config) -> None:
+        """``smtpgw_reload`` (SIGHUP), each plugin with its section of the new file."""
+        for impl in self.implementations("smtpgw_reload"):
+            try:
+                self._call_one(impl, {"config": config, "settings": self.settings_for(impl.plugin_name, config)})
+            except Exception:
+                log.failure("plugin {plugin} failed in {hook}", plugin=impl.plugin_name, hook="smtpgw_reload")
+
+    # -- the SMTP session: verdicts (a Reply, None, or a Deferred of either) -----------------------------
+
+    def connect(self, session: Session) -> Reply | Deferred[Reply | None] | None:
+        return self._verdict("smtpgw_connect", (Reply,), session=session)
+
+    def helo(self, session: Session, name: str) -> Reply | Deferred[Reply | None] | None:
+        return self._verdict("smtpgw_helo", (Reply,), session=session, name=name)
+
+    def auth(self, session: Session, mechanism: str, username: str) -> Reply | Deferred[Reply | None] | None:
+        return self._verdict("smtpgw_auth", (Reply,), session=session, mechanism=mechanism, username=username)
+
+    def mail_from(self, session: Session, envelope: Envelope, sender: str,
+                  params: Mapping[str, str | None]) -> Reply | Deferred[Reply | None] | None:
+        return self._verdict("smtpgw_mail_from", (Reply,), session=session, envelope=envelope, sender=sender,
+                             params=params)
+
+    def rcpt_to(self, session: Session, envelope: Envelope, recipient: str,
+                params: Mapping[str, str | None]) -> Reply | Deferred[Reply | None] | None:
+        return self._verdict("smtpgw_rcpt_to", (Reply,), session=session, envelope=envelope,
+                             recipient=recipient, params=params)
+
+    def data(self, session: Session, envelope: Envelope,
+             message: MessageData) -> Reply | Deferred[Reply | None] | None:
+        return self._verdict("smtpgw_data", (Reply,), session=session, envelope=envelope, message=message)
+
+    def command(self, session: Session, verb: str, argument: str) -> Reply | Deferred[Reply | None] | None:
+        return self._verdict("smtpgw_command", (Reply,), session=session, verb=verb, argument=argument)
+
+    def queued(self, envelope: Envelope) -> None:
+        self._notify("smtpgw_queued", envelope=envelope)
+
+    def ehlo_keywords(self, session: Session) -> list[str]:
+        """Every plugin's extra keywords, in call order."""
+        keywords: list[str] = []
+        for answer in self._collect("smtpgw_ehlo_keywords", session=session):
+            keywords.extend(k for k in answer if isinstance(k, str))
+        return keywords
+
+    # -- routing and delivery: verdicts ---------------------------------------------------------------
+
+    def route(self, envelope: QueueEntry, recipient: str, connectors: Sequence[Connector]
+              ) -> Sequence[Connector] | Reply | Deferred[Sequence[Connector] | Reply | None] | None:
+        return self._verdict("smtpgw_route", (list, tuple, Reply), envelope=envelope, recipient=recipient,
+                             connectors=connectors)
+
+    def next_hops(self, envelope: QueueEntry, domain: str, connector: Connector | None
+                  ) -> Sequence[Hop] | Reply | Deferred[Sequence[Hop] | Reply | None] | None:
+        return self._verdict("smtpgw_next_hops", (list, tuple, Reply), envelope=envelope, domain=domain,
+                             connector=connector)
+
+    def delivery_window(self, connector: Connector | None, envelope: QueueEntry, domain: str = ""
+                        ) -> Hold | Go | Reply | Deferred[Hold | Go | Reply | None] | None:
+        return self._verdict("smtpgw_delivery_window", (Hold, Go, Reply), connector=connector,
+                             envelope=envelope, domain=domain)
+
+    # -- delivery outcomes: notifications ------------------------------------------------------------
+
+    _OUTCOME_HOOKS = {Outcome.DELIVERED: "smtpgw_delivered", Outcome.DEFERRED: "smtpgw_deferred",
+                      Outcome.FAILED: "smtpgw_bounced"}
+
+    def recipient_outcome(self, outcome: Outcome, envelope: QueueEntry, recipient: str, reply: Reply) -> None:
+        """``smtpgw_delivered``, ``smtpgw_deferred`` or ``smtpgw_bounced`` as ``outcome`` says (a held
+        recipient is not an outcome: nothing is fired)."""
+        hook = self._OUTCOME_HOOKS.get(outcome)
+        if hook is not None:
+            self._notify(hook, envelope=envelope, recipient=recipient, reply=reply)
+
+    # -- diagnostics ----------------------------------------------------------------------------------
+
+    def listening(self) -> bool:
+        """Whether any plugin takes diagnostic events (cheap: ask before building one)."""
+        return bool(self.implementations("smtpgw_event"))
+
+    def wants_event(self, category: str, level: str) -> bool:
+        """Whether any listener writes events of ``category`` at ``level``: a listener may say with a
+        ``wants_event(category, level)`` method on its plugin object; one without it takes everything."""
+        for impl in self.implementations("smtpgw_event"):
+            wants = getattr(impl.plugin, "wants_event", None)
+            if wants is None or wants(category, level):
+                return True
+        return False
+
     def event(self, category: str, level: str, message: str, **fields: Any) -> None:
         """Emit a diagnostic event (cheap when no plugin listens)."""
         if self.implementations("smtpgw_event"):
-            self.notify("smtpgw_event", category=category, level=level, message=message, fields=fields)
+            self._notify("smtpgw_event", category=category, level=level, message=message, fields=fields)
+
+
+def check_plugins(config: Config) -> None:
+    """Load the enabled plugins and the local hook files as the gateway will, before anything listens
+    (``twistd smtpgw`` and ``smtpgw check-config``): a file that does not import or a function named
+    like a hook that is none is a :class:`ConfigError` naming the key, the function and the file."""
+    try:
+        Hooks().load(config.plugins.enabled, config.plugins.local)
+    except PluginError as e:
+        raise ConfigError(e.key, e.problem) from None

@@ -1,19 +1,26 @@
 """The core's own behaviour, registered as the ``core`` plugin with ``trylast``.
 
 Because the defaults are hook implementations like any other, a site plugin sits beside them and
-answers first when it has an opinion; when nobody has, these decide.
+answers first when it has an opinion; when nobody has, these decide (each hook's "The core answers"
+line in :mod:`mta.plugin.hookspecs`).
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
+from twisted.internet.defer import Deferred
+
+from mta.config import Connector
+from mta.delivery.windows import delivery_window
+from mta.model.envelope import Session
+from mta.model.nexthop import Hop
+from mta.model.queue_entry import QueueEntry
+from mta.model.window import Hold
 from mta.plugin.hookspecs import hookimpl
+from mta.policy.senders import SenderLogins
+from mta.smtp import replies as R
 from mta.smtp.address import domain_of
 from mta.smtp.reply import Reply
-from mta.delivery.windows import delivery_window
-from mta.policy.senders import SenderLogins
-
-RELAY_DENIED = Reply(550, "5.7.1", "Relaying denied")
 
 
 class CorePolicy:
@@ -30,27 +37,28 @@ class CorePolicy:
         return self._senders
 
     @hookimpl(trylast=True)
-    def smtpgw_mail_from(self, session, envelope, sender, params) -> Reply | None:
+    def smtpgw_mail_from(self, session: Session, sender: str) -> Reply | None:
         """An authenticated user may send only as the addresses ``auth.senders`` gives them."""
         return self.sender_logins().check(session.virtual_server, session.authenticated_user, sender)
 
     @hookimpl(trylast=True)
-    def smtpgw_rcpt_to(self, session, envelope, recipient, params) -> Reply:
-        """Local domains are ours; everything else is refused unless a plugin (relay_acl) accepted it."""
+    def smtpgw_rcpt_to(self, recipient: str) -> Reply:
+        """Local domains are ours (their known recipients); everything else is refused unless a plugin
+        (relay_acl) accepted it."""
         if self.gateway.config.is_local_domain(domain_of(recipient)):
             if not self.gateway.recipients.accepts(recipient):
-                return Reply(550, "5.1.1", f"<{recipient}>: Recipient address rejected: User unknown")
-            return Reply(250, "2.1.5", "Recipient OK")
-        return RELAY_DENIED
+                return R.user_unknown(recipient)
+            return R.RECIPIENT_OK
+        return R.RELAY_DENIED
 
     @hookimpl(trylast=True)
-    def smtpgw_next_hops(self, envelope, domain, connector):
+    def smtpgw_next_hops(self, domain: str, connector: Connector | None) -> Deferred[Sequence[Hop]]:
         """Route by DNS MX (implicit MX from A/AAAA when there is none), on the connector's port."""
         port = connector.outbound.port if connector is not None else 25
         return self.gateway.resolver.mx_hops(domain, port)
 
     @hookimpl(trylast=True)
-    def smtpgw_delivery_window(self, connector, envelope):
+    def smtpgw_delivery_window(self, connector: Connector | None, envelope: QueueEntry) -> Hold | None:
         """The connector's schedule, or its oversize schedule for large mail (mta.delivery.windows)."""
         if connector is None:
             return None

@@ -17,6 +17,7 @@ from twisted.logger import Logger
 
 from mta.config.loader import read_sender_file
 from mta.config.model import Config
+from mta.smtp import replies as R
 from mta.smtp.reply import Reply
 
 log = Logger(namespace="smtpgw.senders")
@@ -26,10 +27,6 @@ def owns(patterns: tuple[str, ...], sender: str) -> bool:
     sender = sender.lower()
     domain = "@" + sender.rpartition("@")[2].rstrip(".")
     return any(p == sender or p == domain for p in patterns)
-
-
-def not_owned(user: str) -> Reply:
-    return Reply(553, "5.7.1", f"Sender address rejected: not owned by user {user}")
 
 
 class SenderLogins:
@@ -50,7 +47,7 @@ class SenderLogins:
         table = self._maps.get(virtual_server)
         if table is None or not user or not sender:
             return None
-        return None if owns(table.get(user, ()), sender) else not_owned(user)
+        return None if owns(table.get(user, ()), sender) else R.sender_not_owned(user)
 
     def reload(self, reactor: Any) -> defer.Deferred:
         """SIGHUP (a ReloadService target): read the sender files again; a bad file keeps the old lists."""

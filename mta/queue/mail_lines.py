@@ -15,21 +15,21 @@ from typing import Any
 
 from mta.dsn import reports as dsn
 from mta.maillog import lines
-from mta.model.nexthop import RecipientResult
+from mta.model.nexthop import Outcome, RecipientResult
 from mta.model.queue_entry import QueueEntry, RecipientState
+from mta.smtp import replies as R
 from mta.smtp.reply import Reply
 from mta.smtp.server.mail_lines import ORIGINAL_RECIPIENTS      # what the client wrote, when rewritten
 
-EXPIRED_STATUS = "4.4.7"
 FORWARDED_FOR = "forwarded_for"        # entry.extra of an alias's copy: the local address it was sent to
 
 
-def status_of(hook: str, reply: Reply) -> str:
-    if hook == "smtpgw_delivered":
+def status_of(outcome: Outcome, reply: Reply) -> str:
+    if outcome is Outcome.DELIVERED:
         return lines.STATUS_SENT
-    if hook == "smtpgw_deferred":
+    if outcome is Outcome.DEFERRED:
         return lines.STATUS_DEFERRED
-    return lines.STATUS_EXPIRED if reply.status == EXPIRED_STATUS else lines.STATUS_BOUNCED
+    return lines.STATUS_EXPIRED if reply.status == R.EXPIRED_STATUS else lines.STATUS_BOUNCED
 
 
 def queued(entry: QueueEntry) -> lines.MailLine:
@@ -44,7 +44,7 @@ def notification(entry: QueueEntry, action: str, report_id: str) -> lines.MailLi
     return lines.notification(entry.id, action, report_id)
 
 
-def outcome(entry: QueueEntry, hook: str, address: str, reply: Reply, result: RecipientResult | None,
+def outcome(entry: QueueEntry, what: Outcome, address: str, reply: Reply, result: RecipientResult | None,
             attempt_started: float, now: float) -> lines.MailLine:
     """The line for one recipient's outcome (``result`` is None for an expiry: no attempt made)."""
     arrival = entry.arrived_at or entry.received_at
@@ -64,7 +64,7 @@ def outcome(entry: QueueEntry, hook: str, address: str, reply: Reply, result: Re
     relay = "local" if hop == dsn.LOCAL_HOP else lines.relay_name(hop)
     original = (entry.extra.get(ORIGINAL_RECIPIENTS) or {}).get(address) or entry.extra.get(FORWARDED_FOR)
     return lines.delivery(entry.id, address, relay, max(ended - arrival, 0.0),
-                          (queue_in, waited, setup, transfer), reply, status_of(hook, reply), original)
+                          (queue_in, waited, setup, transfer), reply, status_of(what, reply), original)
 
 
 def diag_fields(entry: QueueEntry, address: str, reply: Reply,

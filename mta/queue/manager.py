@@ -32,8 +32,9 @@ from mta.dsn import params as dsn_params
 from mta.workers import identity as workers
 from mta.model.envelope import Envelope, Session
 from mta.model.message import MessageData
-from mta.model.nexthop import RecipientResult
+from mta.model.nexthop import Outcome, RecipientResult
 from mta.model.queue_entry import DELIVERED, FAILED, PENDING, QueueEntry, RecipientState
+from mta.smtp import replies as R
 from mta.smtp.reply import Reply
 from mta.spool.store import CorruptFile
 from mta.queue.scheduler import Scheduler
@@ -42,9 +43,6 @@ log = Logger(namespace="smtpgw.queue")
 
 Data = bytes | list[bytes]       # what the deliverer takes: the spooled bytes, or the received chunks
 
-LOCAL_ERROR = Reply(451, "4.3.0", "Local error in delivery, will retry")
-NO_RESULT = Reply(451, "4.3.0", "Delivery agent gave no result for this recipient")
-EXPIRED_STATUS = mail_lines.EXPIRED_STATUS
 MIN_INTERVAL = 1.0               # seconds; no configuration or hold answer may make an entry spin
 
 # entry.extra keys
@@ -52,7 +50,6 @@ DSN_KIND = "dsn"                 # on a report we generated: "failed" or "delaye
 DOUBLE_BOUNCE = "double_bounce"  # on a postmaster copy: its own failure is only logged
 MAIL_PARAMS, RCPT_PARAMS = "mail_params", "rcpt_params"
 HELD = "held"                    # set by `smtpgw queue hold`: no attempt, expiry or notice until released
-DELETED = Reply(550, "5.3.0", "message deleted from the queue by the administrator")
 CORRUPT = "corrupt"              # on an entry moved to the spool's corrupt/ area: why
 
 
@@ -107,7 +104,7 @@ def deletion_report(config: Any, entry: QueueEntry, original: bytes | None,
     extra: dict[str, Any] = {DSN_KIND: dsn.FAILED, "about": entry.id}
     if not entry.sender:
         extra[DOUBLE_BOUNCE] = True
-    report = dsn.build_dsn(config, entry, [(r, DELETED) for r in entry.pending()], dsn.FAILED, original,
+    report = dsn.build_dsn(config, entry, [(r, R.DELETED) for r in entry.pending()], dsn.FAILED, original,
                            to=to, now=now)
     return to, report, extra
 
@@ -484,7 +481,7 @@ class QueueManager:
         now = self._now()
         q = self._qcfg
         failures: list[tuple[RecipientState, Reply]] = []
-        outcomes: list[tuple[str, str, Reply, RecipientResult | None]] = []
+        outcomes: list[tuple[Outcome, str, Reply, RecipientResult | None]] = []
         data: Data | None = None
         removed = False
 
@@ -494,12 +491,11 @@ class QueueManager:
             data = await self._load(entry)      # before anything changes: an unreadable message stays whole
         if expiring:
             for r in entry.pending():
-                last = dsn.reply_from_text(r.last_error, Reply(451, EXPIRED_STATUS, "no attempt made"))
-                reply = Reply(last.code if 400 <= last.code < 500 else 451, EXPIRED_STATUS,
-                              f"delivery time expired (last error: {last.text or last})")
+                last = dsn.reply_from_text(r.last_error, R.no_attempt())
+                reply = R.expired(last.code, last.text or str(last))
                 r.status, r.last_error = FAILED, str(reply)
                 failures.append((r, reply))
-                outcomes.append(("smtpgw_bounced", r.address, reply, None))
+                outcomes.append((Outcome.FAILED, r.address, reply, None))
 
         due = [r for r in entry.pending() if force or r.next_attempt <= now]
         early = {id(r): (r.attempts, r.next_attempt) for r in due if r.next_attempt > now}
@@ -514,7 +510,7 @@ class QueueManager:
 
         delayed: list[tuple[RecipientState, Reply]] = []
         if self._delay_notice_due(entry, self._now()):
-            delayed = [(r, dsn.reply_from_text(r.last_error, Reply(451, "4.0.0", r.held_reason or "delayed")))
+            delayed = [(r, dsn.reply_from_text(r.last_error, R.no_attempt(r.held_reason or "delayed", "4.0.0")))
                        for r in entry.pending()]
         if failures or delayed or successes:
             if data is None:
@@ -543,10 +539,10 @@ class QueueManager:
                 log.failure("queue {id}: could not record recipient states", id=entry.id)
         mail_log, ended = maillog.of(self.gateway), self._now()
         states = {r.address: r for r in reversed(entry.rcpts)} if outcomes else {}   # the first of duplicates
-        for hook, address, reply, result in outcomes:
-            mail_log.write(mail_lines.outcome(entry, hook, address, reply, result, now, ended))
-            self._outcome_event(entry, hook, address, reply, states.get(address))
-            self.gateway.hooks.notify(hook, envelope=entry, recipient=address, reply=reply)
+        for outcome, address, reply, result in outcomes:
+            mail_log.write(mail_lines.outcome(entry, outcome, address, reply, result, now, ended))
+            self._outcome_event(entry, outcome, address, reply, states.get(address))
+            self.gateway.hooks.recipient_outcome(outcome, entry, address, reply)
         if removed:
             mail_log.write(mail_lines.removed(entry))
         if entry.is_done():
@@ -554,11 +550,11 @@ class QueueManager:
                         delivered=sum(r.status == DELIVERED for r in entry.rcpts),
                         failed=sum(r.status == FAILED for r in entry.rcpts))
 
-    def _outcome_event(self, entry: QueueEntry, hook: str, address: str, reply: Reply,
+    def _outcome_event(self, entry: QueueEntry, outcome: Outcome, address: str, reply: Reply,
                        state: RecipientState | None) -> None:
         """queuing_engine/medium, per recipient: delivered, deferred, bounced or expired (the mail log
         has the outcome at every level; this adds the attempts and the hop's label)."""
-        status = mail_lines.status_of(hook, reply)
+        status = mail_lines.status_of(outcome, reply)
         what = "delivered" if status == "sent" else status
         self.gateway.hooks.event("queuing_engine", "medium", f"message {what}",
                                  **mail_lines.diag_fields(entry, address, reply, state))
@@ -584,7 +580,7 @@ class QueueManager:
             results = await defer.maybeDeferred(self.gateway.deliverer.deliver, entry, data, due)
         except Exception:
             log.failure("queue {id}: delivery raised", id=entry.id)
-            return [RecipientResult(r.address, LOCAL_ERROR) for r in due]
+            return [RecipientResult(r.address, R.QUEUE_ERROR) for r in due]
         return list(results or [])
 
     def _apply(self, entry: QueueEntry, due: list[RecipientState], results: list[RecipientResult],
@@ -608,28 +604,28 @@ class QueueManager:
             self._apply_one(state, result, now, failures, outcomes)
         for state in due:
             if id(state) not in settled:
-                self._apply_one(state, RecipientResult(state.address, NO_RESULT), now, failures, outcomes)
+                self._apply_one(state, RecipientResult(state.address, R.NO_RESULT), now, failures, outcomes)
 
     def _apply_one(self, r: RecipientState, result: RecipientResult, now: float,
                    failures: list, outcomes: list) -> None:
         reply = result.reply
         r.last_hop = result.hop or r.last_hop
         outcome = result.outcome
-        if outcome == "delivered":
+        if outcome is Outcome.DELIVERED:
             r.status, r.held_reason = DELIVERED, None
-            outcomes.append(("smtpgw_delivered", r.address, reply, result))
-        elif outcome == "failed":
+            outcomes.append((outcome, r.address, reply, result))
+        elif outcome is Outcome.FAILED:
             r.status, r.last_error, r.held_reason = FAILED, str(reply), None
             failures.append((r, reply))
-            outcomes.append(("smtpgw_bounced", r.address, reply, result))
-        elif outcome == "held":
+            outcomes.append((outcome, r.address, reply, result))
+        elif outcome is Outcome.HELD:
             r.next_attempt = max(float(result.held_until or 0), now + MIN_INTERVAL)
             r.held_reason = reply.text or str(reply)
         else:
             r.attempts += 1
             r.next_attempt = now + max(self._qcfg.retry_interval(r.attempts), MIN_INTERVAL)
             r.last_error, r.held_reason = str(reply), None
-            outcomes.append(("smtpgw_deferred", r.address, reply, result))
+            outcomes.append((outcome, r.address, reply, result))
 
     # -- a message the spool cannot give back -------------------------------------------------------
 
@@ -651,7 +647,7 @@ class QueueManager:
         log.error("queue {id}: {reason}; moved to {where}; {n} recipient(s) not delivered, sender <{sender}>",
                   id=entry.id, reason=reason, where=where, n=len(lost), sender=entry.sender)
         if lost and not entry.extra.get(DOUBLE_BOUNCE):
-            reply = Reply(554, "5.3.0", f"message lost in the queue: {reason}")
+            reply = R.message_lost(reason)
             results = [(r, reply) for r in lost]
             await self._report(entry, results, dsn.FAILED, None)
             if entry.sender:                    # _report told the sender; the postmaster gets a copy

@@ -12,22 +12,12 @@ from __future__ import annotations
 import ipaddress
 import re
 
+from mta.smtp import replies as R
 from mta.smtp.reply import Reply
 
 MAX_PATH = 256          # octets, brackets included (RFC 5321 4.5.3.1.3)
 MAX_LOCAL_PART = 64     # 4.5.3.1.1
 MAX_DOMAIN = 255        # 4.5.3.1.2
-
-BAD_SYNTAX = Reply(501, "5.1.3", "Bad address syntax")
-PATH_TOO_LONG = Reply(501, "5.1.3", "Path too long")
-NULL_NOT_ALLOWED = Reply(501, "5.1.3", "Null address not allowed here")
-LOCAL_TOO_LONG = Reply(553, "5.1.3", "Local part too long")
-DOMAIN_TOO_LONG = Reply(553, "5.1.3", "Domain too long")
-BAD_LITERAL = Reply(553, "5.1.3", "Unsupported address literal")
-NEEDS_SMTPUTF8 = Reply(553, "5.6.7", "Non-ASCII address needs SMTPUTF8")
-BAD_PARAMS = Reply(555, "5.5.4", "Bad MAIL FROM/RCPT TO parameter syntax")
-DUPLICATE_PARAM = Reply(555, "5.5.4", "Duplicate MAIL FROM/RCPT TO parameter")
-
 
 class AddressError(ValueError):
     """A path or parameter list the session must refuse; ``reply`` is the answer to send."""
@@ -69,18 +59,18 @@ def split_argument(argument: str, keyword: str) -> tuple[str, str]:
     """
     head = keyword + ":"
     if argument[: len(head)].upper() != head:
-        raise AddressError(BAD_SYNTAX)
+        raise AddressError(R.BAD_ADDRESS)
     rest = argument[len(head):]
     if rest.startswith(" "):
         rest = rest[1:]
     if not rest.startswith("<"):
-        raise AddressError(BAD_SYNTAX)
+        raise AddressError(R.BAD_ADDRESS)
     end = rest.find(">") if '"' not in rest else _path_end(rest)
     if end < 0:
-        raise AddressError(BAD_SYNTAX)
+        raise AddressError(R.BAD_ADDRESS)
     params = rest[end + 1:]
     if params and not params.startswith(" "):
-        raise AddressError(BAD_SYNTAX)
+        raise AddressError(R.BAD_ADDRESS)
     return rest[: end + 1], params[1:]
 
 
@@ -107,18 +97,18 @@ def parse_path(text: str, allow_null: bool, utf8: bool = False, allow_postmaster
     if text.startswith(" "):
         text = text[1:]
     if len(text) < 2 or text[0] != "<" or text[-1] != ">":
-        raise AddressError(BAD_SYNTAX)
+        raise AddressError(R.BAD_ADDRESS)
     if _octets(text) > MAX_PATH:
-        raise AddressError(PATH_TOO_LONG)
+        raise AddressError(R.PATH_TOO_LONG)
     if _CONTROL.search(text):
-        raise AddressError(BAD_SYNTAX)
+        raise AddressError(R.BAD_ADDRESS)
     if not utf8 and not text.isascii():
-        raise AddressError(NEEDS_SMTPUTF8)
+        raise AddressError(R.NEEDS_SMTPUTF8)
     inner = text[1:-1]
     if not inner:
         if allow_null:
             return ""
-        raise AddressError(NULL_NOT_ALLOWED)
+        raise AddressError(R.NULL_NOT_ALLOWED)
     grammar = _UTF8 if utf8 else _ASCII
     if inner.startswith("@"):
         inner = _strip_route(inner, grammar[2])
@@ -126,7 +116,7 @@ def parse_path(text: str, allow_null: bool, utf8: bool = False, allow_postmaster
     if not at:
         if allow_postmaster and inner.lower() == "postmaster":
             return "postmaster"
-        raise AddressError(BAD_SYNTAX)
+        raise AddressError(R.BAD_ADDRESS)
     local = _local_part(local, grammar)
     return f"{local}@{_domain(domain, grammar[2])}"
 
@@ -134,10 +124,10 @@ def parse_path(text: str, allow_null: bool, utf8: bool = False, allow_postmaster
 def _strip_route(inner: str, domain_re: re.Pattern[str]) -> str:
     route, colon, mailbox = inner.partition(":")
     if not colon:
-        raise AddressError(BAD_SYNTAX)
+        raise AddressError(R.BAD_ADDRESS)
     for hop in route.split(","):
         if not hop.startswith("@"):
-            raise AddressError(BAD_SYNTAX)
+            raise AddressError(R.BAD_ADDRESS)
         _domain(hop[1:], domain_re)
     return mailbox
 
@@ -145,11 +135,11 @@ def _strip_route(inner: str, domain_re: re.Pattern[str]) -> str:
 def _local_part(local: str, grammar: tuple[re.Pattern[str], ...]) -> str:
     dot_string, quoted, _ = grammar
     if _octets(local) > MAX_LOCAL_PART:
-        raise AddressError(LOCAL_TOO_LONG)
+        raise AddressError(R.LOCAL_PART_TOO_LONG)
     if dot_string.fullmatch(local):
         return local
     if not quoted.fullmatch(local):
-        raise AddressError(BAD_SYNTAX)
+        raise AddressError(R.BAD_ADDRESS)
     content = re.sub(r"\\(.)", r"\1", local[1:-1])
     if dot_string.fullmatch(content):
         return content
@@ -160,25 +150,25 @@ def _domain(domain: str, domain_re: re.Pattern[str]) -> str:
     if domain.startswith("["):
         return _address_literal(domain)
     if _octets(domain) > MAX_DOMAIN:
-        raise AddressError(DOMAIN_TOO_LONG)
+        raise AddressError(R.DOMAIN_TOO_LONG)
     if not domain_re.fullmatch(domain):
-        raise AddressError(BAD_SYNTAX)
+        raise AddressError(R.BAD_ADDRESS)
     return domain[:-1] if domain.endswith(".") else domain
 
 
 def _address_literal(domain: str) -> str:
     if not domain.endswith("]"):
-        raise AddressError(BAD_SYNTAX)
+        raise AddressError(R.BAD_ADDRESS)
     body = domain[1:-1]
     is_v6 = body[:5].lower() == "ipv6:"
     if not is_v6 and ":" in body:
-        raise AddressError(BAD_LITERAL)           # general address literal: nothing we can route
+        raise AddressError(R.BAD_LITERAL)           # general address literal: nothing we can route
     try:
         if is_v6:
             return f"[IPv6:{ipaddress.IPv6Address(body[5:]).compressed}]"
         return f"[{ipaddress.IPv4Address(body)}]"
     except ValueError:
-        raise AddressError(BAD_SYNTAX) from None
+        raise AddressError(R.BAD_ADDRESS) from None
 
 
 # EHLO/HELO names (RFC 5321 4.1.1.1): a domain as in paths, except that '_' is taken inside a label, as
@@ -211,10 +201,10 @@ def parse_params(text: str, utf8: bool = False) -> dict[str, str | None]:
             continue
         key, eq, value = word.partition("=")
         if not _KEYWORD.fullmatch(key) or (eq and not value_re.fullmatch(value)):
-            raise AddressError(BAD_PARAMS)
+            raise AddressError(R.BAD_PARAMS)
         key = key.upper()
         if key in params:
-            raise AddressError(DUPLICATE_PARAM)
+            raise AddressError(R.DUPLICATE_PARAM)
         params[key] = value if eq else None
     return params
 

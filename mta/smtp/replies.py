@@ -66,3 +66,238 @@ DATA_PROBLEMS = {
     Problem.TOO_BIG: MESSAGE_TOO_BIG,
     Problem.NO_MEMORY: INSUFFICIENT_STORAGE,
 }
+
+
+# -- the session's composed replies ----------------------------------------------------------------
+
+IN_TRANSACTION = Reply(503, "5.5.1", "Error: MAIL transaction in progress")
+
+
+def banner(hostname: str, date: str) -> Reply:
+    return Reply(220, "", f"{hostname} ESMTP smtpgw ready at {date}")
+
+
+def idle_timeout(hostname: str) -> Reply:
+    return Reply(421, "4.4.2", f"{hostname} Error: timeout exceeded", disconnect=True)
+
+
+def hello(text: str) -> Reply:
+    """HELO/EHLO's 250: no enhanced status code on it (RFC 2034)."""
+    return Reply(250, "", text)
+
+
+def queued(queue_id: str) -> Reply:
+    return Reply(250, "2.0.0", f"Ok: queued as {queue_id}")
+
+
+def user_unknown(recipient: str) -> Reply:
+    """RCPT for a local domain's address that no recipient list, alias or catch-all knows."""
+    return Reply(550, "5.1.1", f"<{recipient}>: Recipient address rejected: User unknown")
+
+
+def sender_not_owned(user: str) -> Reply:
+    """MAIL FROM an address ``auth.senders`` does not give the authenticated user."""
+    return Reply(553, "5.7.1", f"Sender address rejected: not owned by user {user}")
+
+
+# -- addresses and ESMTP parameters (mta.smtp.address, mta.dsn.params) ------------------------------
+
+BAD_ADDRESS = Reply(501, "5.1.3", "Bad address syntax")
+PATH_TOO_LONG = Reply(501, "5.1.3", "Path too long")
+NULL_NOT_ALLOWED = Reply(501, "5.1.3", "Null address not allowed here")
+LOCAL_PART_TOO_LONG = Reply(553, "5.1.3", "Local part too long")
+DOMAIN_TOO_LONG = Reply(553, "5.1.3", "Domain too long")
+BAD_LITERAL = Reply(553, "5.1.3", "Unsupported address literal")
+NEEDS_SMTPUTF8 = Reply(553, "5.6.7", "Non-ASCII address needs SMTPUTF8")
+BAD_PARAMS = Reply(555, "5.5.4", "Bad MAIL FROM/RCPT TO parameter syntax")
+DUPLICATE_PARAM = Reply(555, "5.5.4", "Duplicate MAIL FROM/RCPT TO parameter")
+MAILBOX_NAME_REFUSED = Reply(553, "5.1.3", "Mailbox name not allowed")
+ROUTING_REFUSED = Reply(550, "5.7.1", "Relaying denied: sender-specified routing (%, ! or @ in the "
+                        "local part) is not accepted")
+
+MAX_ENVID = 100          # characters of the xtext as sent (RFC 3461 4.4)
+MAX_ORCPT = 500          # characters of the whole value, "type;xtext" (RFC 3461 4.2)
+BAD_RET = Reply(501, "5.5.4", "Bad RET parameter (FULL or HDRS)")
+BAD_ENVID = Reply(501, "5.5.4", "Bad ENVID parameter (xtext of printable US-ASCII)")
+ENVID_TOO_LONG = Reply(501, "5.5.4", f"ENVID parameter longer than {MAX_ENVID} characters")
+BAD_NOTIFY = Reply(501, "5.5.4", "Bad NOTIFY parameter (NEVER, or SUCCESS, FAILURE, DELAY)")
+BAD_ORCPT = Reply(501, "5.5.4", "Bad ORCPT parameter (addr-type;xtext)")
+ORCPT_TOO_LONG = Reply(501, "5.5.4", f"ORCPT parameter longer than {MAX_ORCPT} characters")
+
+
+def duplicate_dsn_param(keyword: str) -> Reply:
+    return Reply(501, "5.5.4", f"Duplicate {keyword} parameter")
+
+
+# -- AUTH (mta.smtp.server.auth) ---------------------------------------------------------------------
+
+AUTH_OK = Reply(235, "2.7.0", "Authentication successful")
+AUTH_FAILED = Reply(535, "5.7.8", "Authentication credentials invalid")
+AUTH_TOO_MANY_FAILURES = Reply(421, "4.7.0", "Too many failed authentication attempts, closing connection",
+                               disconnect=True)
+AUTH_CANCELLED = Reply(501, "5.0.0", "Authentication cancelled")
+AUTH_BAD_RESPONSE = Reply(501, "5.5.2", "Cannot decode the response")
+AUTH_SYNTAX = Reply(501, "5.5.4", "Syntax: AUTH mechanism [initial-response]")
+AUTH_UNKNOWN_MECHANISM = Reply(504, "5.5.4", "Unrecognized authentication type")
+AUTH_ALREADY = Reply(503, "5.5.1", "Error: already authenticated")
+AUTH_NOT_ENABLED = Reply(503, "5.5.1", "Error: authentication not enabled")
+AUTH_ENCRYPTION_REQUIRED = Reply(538, "5.7.11", "Encryption required for requested authentication mechanism")
+AUTH_TEMPORARY_FAILURE = Reply(454, "4.7.0", "Temporary authentication failure")
+AUTH_REQUIRED = Reply(530, "5.7.0", "Authentication required")
+
+
+# -- BDAT (mta.smtp.server.bdat) ---------------------------------------------------------------------
+
+BDAT_SYNTAX = Reply(501, "5.5.4", "Syntax: BDAT chunk-size [LAST]")
+NEED_RCPT = Reply(503, "5.5.1", "Error: need RCPT command")
+DATA_AFTER_BDAT = Reply(503, "5.5.1", "Error: DATA not allowed after BDAT in the same transaction")
+BDAT_IN_PROGRESS = Reply(503, "5.5.1", "Error: BDAT transfer in progress")
+
+
+def chunk_received(size: int) -> Reply:
+    return Reply(250, "2.0.0", f"{size} octets received")
+
+
+# -- ETRN, ATRN and TURN (RFC 1985, RFC 2645; the etrn_dequeue plugin) ------------------------------
+
+ETRN_SYNTAX = Reply(501, "5.5.4", "Syntax: ETRN domain | ETRN @domain | ETRN #queue")
+ATRN_SYNTAX = Reply(501, "5.5.4", "Syntax: ATRN [domain[,domain...]]")
+TURN_SYNTAX = Reply(501, "5.5.4", "Syntax: TURN")
+TURN_REFUSED = Reply(502, "5.5.1", "TURN is not supported: use ETRN or ATRN (RFC 2645)")
+NOT_ODMR = Reply(502, "5.5.1", "ATRN is only offered on the On-Demand Mail Relay listener")
+ODMR_ONLY = Reply(502, "5.5.1", "This is an On-Demand Mail Relay listener: EHLO, STARTTLS, AUTH, ATRN, QUIT")
+NO_MAIL_HELD = Reply(453, "4.3.0", "You have no mail")
+
+
+def dequeue_syntax(verb: str) -> Reply:
+    return Reply(501, "5.5.4", f"Syntax: {verb} domain")
+
+
+def node_rate_limited(node: str, why: str) -> Reply:
+    return Reply(458, "4.7.0", f"Unable to queue messages for node {node}: {why}")
+
+
+def node_not_allowed(node: str, why: str) -> Reply:
+    return Reply(459, "5.7.1", f"Node {node} not allowed: {why}")
+
+
+def node_empty(node: str) -> Reply:
+    return Reply(251, "2.0.0", f"OK, no messages waiting for node {node}")
+
+
+def node_started(node: str) -> Reply:
+    return Reply(250, "2.0.0", f"Queuing for node {node} started")
+
+
+def turn_refused(text: str) -> Reply:
+    return Reply(450, "4.7.1", text)
+
+
+# -- connector restrictions (relay_acl) ---------------------------------------------------------------
+
+def sender_not_allowed(sender: str, connector: str) -> Reply:
+    return Reply(550, "5.7.1", f"Sender <{sender}> may not send through connector {connector}")
+
+
+def type_not_carried(connector: str, kind: str) -> Reply:
+    return Reply(550, "5.7.1", f"Connector {connector} does not carry {kind} messages")
+
+
+def too_big_for_connector(connector: str, limit: int) -> Reply:
+    return Reply(552, "5.3.4", f"Message too big for connector {connector} (limit {limit} bytes)")
+
+
+def priority_not_carried(connector: str, priority: str) -> Reply:
+    return Reply(550, "5.7.1", f"Connector {connector} does not carry {priority}-priority messages")
+
+
+# -- delivery outcomes (mta.delivery, mta.queue) -------------------------------------------------------
+
+DELIVERED_LOCALLY = Reply(250, "2.0.0", "delivered to maildir")
+DELIVERY_ERROR = Reply(451, "4.3.0", "local error in delivery, try again later")
+QUEUE_ERROR = Reply(451, "4.3.0", "Local error in delivery, will retry")
+NO_RESULT = Reply(451, "4.3.0", "Delivery agent gave no result for this recipient")
+NO_DOMAIN = Reply(550, "5.1.3", "recipient address has no domain")
+DELETED = Reply(550, "5.3.0", "message deleted from the queue by the administrator")
+EXPIRED_STATUS = "4.4.7"
+
+
+def local_user_unknown(recipient: str) -> Reply:
+    """At delivery: the local part is in no recipient list, alias or catch-all any more."""
+    return Reply(550, "5.1.1", f"<{recipient}>: user unknown")
+
+
+def forwarding_loop(recipient: str) -> Reply:
+    return Reply(554, "5.4.6", f"<{recipient}>: mail forwarding loop (Delivered-To: already names it)")
+
+
+def held(reason: str) -> Reply:
+    """A recipient held by a delivery window (not an attempt); ``reason`` is the hold's."""
+    return Reply(451, "4.4.5", reason)
+
+
+def mailbox_unavailable(why: object) -> Reply:
+    return Reply(550, "5.1.1", f"mailbox unavailable: {why}")
+
+
+def local_delivery_failed(why: object) -> Reply:
+    return Reply(451, "4.3.0", f"local delivery failed: {why}")
+
+
+def no_route(domain: str) -> Reply:
+    return Reply(550, "5.4.4", f"no route to domain {domain}")
+
+
+def no_connector_delivered(domain: str) -> Reply:
+    return Reply(451, "4.4.1", f"no connector could deliver to {domain}")
+
+
+def no_next_hop(domain: str, connector: str) -> Reply:
+    return Reply(451, "4.4.4", f"no next hop for {domain} via {connector}")
+
+
+def no_hop_answered(connector: str) -> Reply:
+    return Reply(451, "4.4.1", f"no hop of {connector} answered")
+
+
+def hop_error(hop: str, error: BaseException) -> Reply:
+    return Reply(451, "4.4.0", f"error talking to {hop}: {error!r}")
+
+
+def no_recipient_answer(hop: str) -> Reply:
+    return Reply(451, "4.4.0", f"no answer for recipient from {hop}")
+
+
+def message_lost(reason: str) -> Reply:
+    """The spool cannot give a queued message back (moved to ``corrupt/``)."""
+    return Reply(554, "5.3.0", f"message lost in the queue: {reason}")
+
+
+def expired(code: int, last_error: str) -> Reply:
+    """The queue's lifetime ran out (``gateway.queue.expire``): the last temporary code, status 4.4.7."""
+    return Reply(code if 400 <= code < 500 else 451, EXPIRED_STATUS,
+                 f"delivery time expired (last error: {last_error})")
+
+
+def no_attempt(text: str = "no attempt made", status: str = EXPIRED_STATUS) -> Reply:
+    """What a recipient never tried stands on in a report (expiry, delay notice)."""
+    return Reply(451, status, text)
+
+
+# -- DNS (mta.delivery.nexthops) ----------------------------------------------------------------------
+
+def dns_failed(what: str) -> Reply:
+    return Reply(451, "4.4.3", f"DNS lookup failed: {what}")
+
+
+def bad_destination(text: str) -> Reply:
+    """The domain cannot receive mail: not found, no records, a bad name or literal."""
+    return Reply(550, "5.1.2", text)
+
+
+def null_mx(name: str) -> Reply:
+    return Reply(556, "5.1.10", f"domain does not accept mail (null MX): {name}")
+
+
+def loops_back(name: str) -> Reply:
+    return Reply(550, "5.4.6", f"mail for {name} loops back to myself")

@@ -112,7 +112,7 @@ _open: dict[tuple[str, int], WorkerCounts] = {}
 
 def for_gateway(gateway: Any) -> WorkerCounts:
     """This process's one mapping (one claim, so one zeroing of its slots) for every virtual server."""
-    worker = workers.of(gateway)
+    worker = gateway.worker
     spool = os.path.abspath(gateway.config.gateway.spool)
     key = (spool, worker.index)
     counts = _open.get(key)
@@ -135,14 +135,15 @@ class SharedConnectionLimit:
         self.counter = counter
         self._counts: WorkerCounts | None = None
         self._failed = False
-        when_running = getattr(gateway.reactor, "callWhenRunning", None)
+        reactor = gateway.reactor
+        when_running = getattr(reactor, "callWhenRunning", None)     # task.Clock in tests has none
         if when_running is not None:
             when_running(self.counts)
 
     @classmethod
     def for_factory(cls, gateway: Any, vs: Any) -> "SharedConnectionLimit | None":
         """None for a single-process gateway (or a virtual server not in the configuration)."""
-        if not workers.of(gateway).many:
+        if not gateway.worker.many:
             return None
         for counter, candidate in enumerate(gateway.config.virtual_servers):
             if candidate is vs:

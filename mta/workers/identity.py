@@ -63,11 +63,6 @@ class WorkerInfo:
 SINGLE = WorkerInfo()
 
 
-def of(gateway: Any) -> WorkerInfo:
-    """The gateway's worker identity (``SINGLE`` for gateways built without one, e.g. in tests)."""
-    return getattr(gateway, "worker", None) or SINGLE
-
-
 _random = random.Random()      # seeded from os.urandom
 
 
@@ -79,7 +74,7 @@ def fresh_id() -> str:
 
 def queue_id(gateway: Any) -> str:
     """A new queue id owned by this worker."""
-    return of(gateway).tag(fresh_id())
+    return gateway.worker.tag(fresh_id())
 
 
 def current(config: Any, environ: dict[str, str] | None = None) -> WorkerInfo:

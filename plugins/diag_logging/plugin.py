@@ -42,9 +42,7 @@ class DiagLogging:
         self.levels = levels_of(config)
         self.reactor = services.reactor
         self.sink = make_sink(self.settings, self.reactor)
-        mail_log = getattr(services, "mail_log", None)     # the core's mail log follows our format
-        if mail_log is not None:
-            mail_log.set_format(self.settings.get("format") or "text")
+        services.mail_log.set_format(self.settings.get("format") or "text")     # the core's mail log too
         trigger = getattr(self.reactor, "addSystemEventTrigger", None)
         if trigger is not None and not isinstance(self.sink, TwistdLogSink):
             trigger("before", "shutdown", self.sink.close)     # the last lines are written, not lost

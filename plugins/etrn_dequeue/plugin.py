@@ -22,10 +22,10 @@ from twisted.logger import Logger
 
 from mta.smtp.address import domain_of
 from mta.plugin.hookspecs import hookimpl
+from mta.smtp import replies as R
 from mta.smtp.reply import Reply
 from mta.delivery.connectors import connectors_for
-from mta.smtp.server.auth import AUTH_REQUIRED
-from mta.delivery.windows import Hold
+from mta.model.window import Go, Hold
 from smtpgw_plugins.etrn_dequeue import nodes
 from smtpgw_plugins.etrn_dequeue.atrn import AtrnRoutes, AtrnSession, RoutingPool
 from smtpgw_plugins.etrn_dequeue.nodes import Node
@@ -36,13 +36,6 @@ log = Logger(namespace="smtpgw.etrn_dequeue")
 HOLD_SECONDS = 7 * 86400.0        # a held recipient looks again this late (expiry comes first anyway)
 RELEASE_SECONDS = 600.0           # a release nobody used (a refused connector...) is forgotten after this
 
-NEED_HELO = Reply(503, "5.5.1", "Error: send HELO/EHLO first")
-ETRN_SYNTAX = Reply(501, "5.5.4", "Syntax: ETRN domain | ETRN @domain | ETRN #queue")
-ATRN_SYNTAX = Reply(501, "5.5.4", "Syntax: ATRN [domain[,domain...]]")
-TURN_REFUSED = Reply(502, "5.5.1", "TURN is not supported: use ETRN or ATRN (RFC 2645)")
-NOT_ODMR = Reply(502, "5.5.1", "ATRN is only offered on the On-Demand Mail Relay listener")
-ODMR_ONLY = Reply(502, "5.5.1", "This is an On-Demand Mail Relay listener: EHLO, STARTTLS, AUTH, ATRN, QUIT")
-IN_TRANSACTION = Reply(503, "5.5.1", "Error: MAIL transaction in progress")
 
 
 @dataclass(frozen=True)
@@ -99,7 +92,7 @@ class EtrnDequeue:
         now = self._now()
         release = self.releases.get((getattr(envelope, "id", ""), domain))
         if release is not None and release.until >= now:
-            return float(now)           # released: go now, whatever the connector's schedule says
+            return Go.NOW               # released: go now, whatever the connector's schedule says
         return Hold(now + HOLD_SECONDS, f"held: connector '{connector.name}' is remote-triggered; "
                                         f"waiting for ETRN/ATRN for {domain}")
 
@@ -201,7 +194,7 @@ class EtrnDequeue:
     @hookimpl
     def smtpgw_mail_from(self, session, envelope, sender, params):
         vs = self._virtual_server(session)
-        return ODMR_ONLY if vs is not None and vs.odmr else None
+        return R.ODMR_ONLY if vs is not None and vs.odmr else None
 
     def _virtual_server(self, session: Any) -> Any:
         try:
@@ -213,27 +206,26 @@ class EtrnDequeue:
         """ETRN (RFC 1985), and the same for a site's own command (etc/local_hooks/dequeue.py):
         check, authorize, rate-limit, release, and answer 250/251 or 458/459."""
         if session.helo is None:
-            return NEED_HELO
+            return R.NEED_HELO
         node = nodes.parse_node(argument)
         if node is None:
-            return ETRN_SYNTAX if verb == "ETRN" else Reply(501, "5.5.4", f"Syntax: {verb} domain")
+            return R.ETRN_SYNTAX if verb == "ETRN" else R.dequeue_syntax(verb)
         if not self.limiter.allow(session.peer_host, self._now()):
             self.event("minimum", f"{verb} {node.text} from {session.peer_host}: rate limited")
-            return Reply(458, "4.7.0", f"Unable to queue messages for node {node.text}: "
-                                       "too many requests, try again later")
+            return R.node_rate_limited(node.text, "too many requests, try again later")
         held_by = [c for c in nodes.remote_triggered(self.config) if node.matches_connector(c)]
         if not held_by:
-            return Reply(459, "5.7.1", f"Node {node.text} not allowed: no mail is held here for it")
+            return R.node_not_allowed(node.text, "no mail is held here for it")
         allowed = [c for c in held_by if nodes.is_authorized(c, session)]
         if not allowed:
             self.event("minimum", f"{verb} {node.text} refused: {session.peer_host} "
                                   f"({session.authenticated_user or 'not authenticated'}) is not authorized")
-            return Reply(459, "5.7.1", f"Node {node.text} not allowed: client not authorized")
+            return R.node_not_allowed(node.text, "client not authorized")
         moved = self.release(self._wanted(node), allowed)
         self.event("minimum", f"{verb} {node.text} from {session.peer_host}: {moved} message(s) released")
         if not moved:
-            return Reply(251, "2.0.0", f"OK, no messages waiting for node {node.text}")
-        return Reply(250, "2.0.0", f"Queuing for node {node.text} started")
+            return R.node_empty(node.text)
+        return R.node_started(node.text)
 
     @staticmethod
     def _wanted(node: Node) -> Any:
@@ -246,27 +238,27 @@ class EtrnDequeue:
     def atrn(self, session: Any, argument: str) -> Reply:
         vs = self._virtual_server(session)
         if vs is None or not vs.odmr:
-            return NOT_ODMR
+            return R.NOT_ODMR
         return self._reverse(session, argument, "ATRN")
 
     def turn(self, session: Any, argument: str) -> Reply:
         if not self.turn_enabled:
-            return TURN_REFUSED
+            return R.TURN_REFUSED
         if argument.strip():
-            return Reply(501, "5.5.4", "Syntax: TURN")
+            return R.TURN_SYNTAX
         return self._reverse(session, "", "TURN")
 
     def _reverse(self, session: Any, argument: str, verb: str) -> Reply:
         if session.helo is None:
-            return NEED_HELO
+            return R.NEED_HELO
         if not session.authenticated_user:
-            return AUTH_REQUIRED
+            return R.AUTH_REQUIRED
         domains = nodes.parse_domain_list(argument)
         if domains is None:
-            return ATRN_SYNTAX
+            return R.ATRN_SYNTAX
         mine = nodes.account_connectors(self.config, session.authenticated_user)
         if not mine:
-            return Reply(450, "4.7.1", f"{verb} request refused: no mail is held for this account")
+            return R.turn_refused(f"{verb} request refused: no mail is held for this account")
         if not domains:
             wanted = None
             domains = nodes.collectable_domains(mine)
@@ -274,14 +266,14 @@ class EtrnDequeue:
             refused = [d for d in domains if not any(Node("domain", d, d).matches_connector(c) for c in mine)]
             if refused:
                 self.event("minimum", f"{verb} by {session.authenticated_user} refused for {', '.join(refused)}")
-                return Reply(450, "4.7.1", f"{verb} request refused for {', '.join(refused)}")
+                return R.turn_refused(f"{verb} request refused for {', '.join(refused)}")
             wanted = set(domains)
         atrn = AtrnSession(self, session, domains)
         moved = self.release((lambda d: True) if wanted is None else (lambda d: d in wanted), mine, via=atrn)
         if not moved:
             for key in [k for k, r in self.releases.items() if r.via is atrn]:
                 del self.releases[key]
-            return Reply(453, "4.3.0", "You have no mail")
+            return R.NO_MAIL_HELD
         self.atrn_sessions[session.id] = atrn
         self.event("minimum", f"{verb} by {session.authenticated_user} for {', '.join(domains)}: "
                               f"{moved} message(s), reversing the connection")

@@ -11,12 +11,10 @@ from __future__ import annotations
 
 from mta.smtp.address import split_address
 from mta.delivery.maildir import safe_mailbox_name
+from mta.smtp import replies as R
 from mta.smtp.reply import Reply
 
 ROUTING_CHARACTERS = "%!@"
-ROUTING_REFUSED = Reply(550, "5.7.1", "Relaying denied: sender-specified routing (%, ! or @ in the "
-                                      "local part) is not accepted")
-MAILBOX_NAME_REFUSED = Reply(553, "5.1.3", "Mailbox name not allowed")
 
 
 def local_part_refusal(recipient: str) -> tuple[Reply, str] | None:
@@ -24,9 +22,9 @@ def local_part_refusal(recipient: str) -> tuple[Reply, str] | None:
     local, _ = split_address(recipient)
     found = sorted({c for c in local if c in ROUTING_CHARACTERS})
     if found:
-        return ROUTING_REFUSED, f"local part holds routing character(s) {' '.join(found)}"
+        return R.ROUTING_REFUSED, f"local part holds routing character(s) {' '.join(found)}"
     try:
         safe_mailbox_name(local)
     except ValueError:
-        return MAILBOX_NAME_REFUSED, "local part is not a safe Maildir name"
+        return R.MAILBOX_NAME_REFUSED, "local part is not a safe Maildir name"
     return None

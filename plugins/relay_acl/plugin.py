@@ -9,8 +9,9 @@ from typing import Any
 from twisted.logger import Logger
 
 from mta.config import Config, Connector, RelayConfig
-from mta.policy.core import domain_of
+from mta.smtp.address import domain_of
 from mta.plugin.hookspecs import hookimpl
+from mta.smtp import replies as R
 from mta.smtp.reply import Reply
 from mta.delivery.connectors import connectors_for
 from mta.model.netaddr import client_ip
@@ -21,8 +22,6 @@ from smtpgw_plugins.relay_acl.restrictions import Facts, Refusal
 
 log = Logger(namespace="smtpgw.relay_acl")
 
-RELAY_DENIED = Reply(550, "5.7.1", "Relaying denied")
-RECIPIENT_OK = Reply(250, "2.1.5", "Recipient OK")
 PRIORITY_KEY = "relay_acl.priority"     # envelope.extra -> queue entry extra: the priority seen at DATA
 POLICY_KEY = "relay_acl.policy"         # session.extra: the relay settings the session started with
 
@@ -92,9 +91,8 @@ class RelayACL:
     # -- diagnostics ----------------------------------------------------------------------------
 
     def _decision(self, session: Any, recipient: str, decision: str, reason: str, **more: Any) -> None:
-        hooks = getattr(self.services, "hooks", None)
-        if hooks is not None:
-            hooks.event("smtp_protocol", "minimum", "relay decision", session=session.id,
+        if self.services is not None:
+            self.services.hooks.event("smtp_protocol", "minimum", "relay decision", session=session.id,
                         recipient=recipient, decision=decision, reason=reason, **more)
 
     def _choose(self, domain: str, facts: Facts, policy: Policy) -> tuple[Connector | None, Refusal | None]:
@@ -124,7 +122,7 @@ class RelayACL:
                            f"{domain} is not a local domain; client {session.peer_host} not in relay.allow "
                            f"and not authenticated" + ("" if relay.allow_authenticated
                                                        else " (relay.allow_authenticated is off)"))
-            return RELAY_DENIED
+            return R.RELAY_DENIED
         facts = Facts(envelope.sender, envelope.declared_size)
         connector, refusal = self._choose(domain, facts, policy)
         if refusal is not None:
@@ -132,7 +130,7 @@ class RelayACL:
             return refusal.reply
         via = f"; via connector {connector.name}" if connector is not None else "; no connector matches"
         self._decision(session, recipient, "accept", reason + via)
-        return RECIPIENT_OK
+        return R.RECIPIENT_OK
 
     # -- end of DATA ----------------------------------------------------------------------------
 
@@ -188,8 +186,7 @@ class RelayACL:
         refusal = restrictions.check(policy.connector(connector), facts, policy.entries.get(connector.name))
         if refusal is None:
             return None
-        hooks = getattr(self.services, "hooks", None)
-        if hooks is not None:
-            hooks.event("routing_engine", "minimum", "relay decision", id=envelope.id,
+        if self.services is not None:
+            self.services.hooks.event("routing_engine", "minimum", "relay decision", id=envelope.id,
                         connector=connector.name, decision="skip connector", reason=refusal.reason)
         return refusal.reply

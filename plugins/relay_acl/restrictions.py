@@ -20,6 +20,7 @@ from typing import Iterable, Sequence
 
 from mta.smtp import address
 from mta.config import Connector, DeliveryRestrictions
+from mta.smtp import replies as R
 from mta.smtp.reply import Reply
 
 SYSTEM, NON_SYSTEM = "system", "non-system"
@@ -136,22 +137,19 @@ def check(connector: Connector, facts: Facts, entries: Iterable[str] | None = No
     """Why ``connector`` may not carry the message described by ``facts``, or None if it may."""
     name = connector.name
     if not sender_allowed(connector.delivery_restrictions, facts.sender, entries):
-        return Refusal(name, Reply(550, "5.7.1", f"Sender <{facts.sender}> may not send through "
-                                                 f"connector {name}"),
+        return Refusal(name, R.sender_not_allowed(facts.sender, name),
                        f"delivery_restrictions of connector {name} refuse sender <{facts.sender}>")
     content = connector.content_restrictions
     if facts.kind not in content.allowed_types:
-        return Refusal(name, Reply(550, "5.7.1", f"Connector {name} does not carry {facts.kind} messages"),
+        return Refusal(name, R.type_not_carried(name, facts.kind),
                        f"content_restrictions.allowed_types of connector {name} exclude {facts.kind}")
     limit = content.max_message_size
     if limit is not None and facts.size is not None and facts.size > limit:
-        return Refusal(name, Reply(552, "5.3.4", f"Message too big for connector {name} "
-                                                 f"(limit {limit} bytes)"),
+        return Refusal(name, R.too_big_for_connector(name, limit),
                        f"size {facts.size} over content_restrictions.max_message_size {limit} "
                        f"of connector {name}")
     if facts.priority is not None and facts.priority not in content.allowed_priorities:
-        return Refusal(name, Reply(550, "5.7.1", f"Connector {name} does not carry {facts.priority}-"
-                                                 f"priority messages"),
+        return Refusal(name, R.priority_not_carried(name, facts.priority),
                        f"content_restrictions.allowed_priorities of connector {name} exclude "
                        f"{facts.priority}")
     return None

@@ -30,24 +30,13 @@ from mta.smtp.server import mail_lines
 from mta.smtp.server.users import UsersFileChecker, UsersFileError, thread_runner
 from mta.config import VirtualServer
 from mta.smtp.lines import Problem
+from mta.smtp import replies as R
 from mta.smtp.reply import Reply
 
 log = Logger(namespace="smtpgw.auth")
 
 MECHANISMS = ("PLAIN", "LOGIN")
 
-AUTH_OK = Reply(235, "2.7.0", "Authentication successful")
-AUTH_FAILED = Reply(535, "5.7.8", "Authentication credentials invalid")
-TOO_MANY_FAILURES = Reply(421, "4.7.0", "Too many failed authentication attempts, closing connection",
-                          disconnect=True)
-CANCELLED = Reply(501, "5.0.0", "Authentication cancelled")
-BAD_RESPONSE = Reply(501, "5.5.2", "Cannot decode the response")
-UNKNOWN_MECHANISM = Reply(504, "5.5.4", "Unrecognized authentication type")
-ALREADY_AUTHENTICATED = Reply(503, "5.5.1", "Error: already authenticated")
-NOT_ENABLED = Reply(503, "5.5.1", "Error: authentication not enabled")
-ENCRYPTION_REQUIRED = Reply(538, "5.7.11", "Encryption required for requested authentication mechanism")
-TEMPORARY_FAILURE = Reply(454, "4.7.0", "Temporary authentication failure")
-AUTH_REQUIRED = Reply(530, "5.7.0", "Authentication required")
 
 
 @dataclass(frozen=True)
@@ -91,31 +80,31 @@ class Refused(Exception):
 def decode_response(item: bytes | str | Problem) -> bytes:
     """A client's SASL response line: base64, ``=`` for empty, ``*`` to cancel (RFC 4954 4)."""
     if isinstance(item, Problem):
-        raise Refused(BAD_RESPONSE)
+        raise Refused(R.AUTH_BAD_RESPONSE)
     text = item.decode("ascii", "replace") if isinstance(item, bytes) else item
     text = text.strip()
     if text == "*":
-        raise Refused(CANCELLED)
+        raise Refused(R.AUTH_CANCELLED)
     if text == "=":
         return b""
     try:
         return base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError):
-        raise Refused(BAD_RESPONSE) from None
+        raise Refused(R.AUTH_BAD_RESPONSE) from None
 
 
 def utf8(data: bytes) -> str:
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError:
-        raise Refused(BAD_RESPONSE) from None
+        raise Refused(R.AUTH_BAD_RESPONSE) from None
 
 
 def parse_plain(message: bytes) -> tuple[str, str, str]:
     """``(authzid, authcid, password)`` from a PLAIN message ``[authzid] NUL authcid NUL passwd``."""
     parts = message.split(b"\0")
     if len(parts) != 3 or not parts[1]:
-        raise Refused(BAD_RESPONSE)
+        raise Refused(R.AUTH_BAD_RESPONSE)
     authzid, authcid, password = (utf8(p) for p in parts)
     return authzid, authcid, password
 
@@ -164,15 +153,15 @@ class ServerAuth:
         """``AUTH <mechanism> [initial-response]``."""
         session = protocol.session
         if not self.offered(session):
-            return ENCRYPTION_REQUIRED
+            return R.AUTH_ENCRYPTION_REQUIRED
         if session.authenticated_user:
-            return ALREADY_AUTHENTICATED
+            return R.AUTH_ALREADY
         mechanism, _, initial = argument.strip().partition(" ")
         mechanism, initial = mechanism.upper(), initial.strip()
         if not mechanism:
-            return Reply(501, "5.5.4", "Syntax: AUTH mechanism [initial-response]")
+            return R.AUTH_SYNTAX
         if mechanism not in MECHANISMS:
-            return UNKNOWN_MECHANISM
+            return R.AUTH_UNKNOWN_MECHANISM
         return _Exchange(self, protocol, mechanism).begin(initial or None)
 
 
@@ -214,7 +203,7 @@ class _Exchange:
     def _login_user(self, item: Any) -> Reply:
         self.username = utf8(decode_response(item))
         if not self.username:
-            raise Refused(BAD_RESPONSE)
+            raise Refused(R.AUTH_BAD_RESPONSE)
         return self._step(self._login_password, None, PASSWORD_CHALLENGE)
 
     def _login_password(self, item: Any) -> Reply | defer.Deferred:
@@ -229,8 +218,8 @@ class _Exchange:
 
     def _checked_good(self, login: tuple[Any, str, Callable[[], None]]) -> Reply | defer.Deferred:
         _, user, _ = login
-        return self.protocol._ask("smtpgw_auth", self._hook_answered, session=self.protocol.session,
-                                  mechanism=self.mechanism, username=user)
+        protocol = self.protocol
+        return protocol._ask(protocol.hooks.auth(protocol.session, self.mechanism, user), self._hook_answered)
 
     def _hook_answered(self, verdict: Reply | None) -> Reply:
         if verdict is not None and not verdict.is_positive:
@@ -238,7 +227,7 @@ class _Exchange:
         self.protocol.session.authenticated_user = self.username
         self.protocol._event("authentication", "minimum", "authenticated", mechanism=self.mechanism,
                              user=self.username, peer=self.protocol.session.peer_host)
-        return verdict or AUTH_OK
+        return verdict or R.AUTH_OK
 
     def _checked_bad(self, failure: Any) -> Reply:
         if failure.check(cred_error.UnauthorizedLogin):
@@ -249,9 +238,9 @@ class _Exchange:
             log.failure("AUTH: checking credentials failed", failure)
         self.protocol._event("authentication", "minimum", "authentication unavailable",
                              mechanism=self.mechanism)
-        return TEMPORARY_FAILURE
+        return R.AUTH_TEMPORARY_FAILURE
 
-    def _failed(self, why: str, reply: Reply = AUTH_FAILED) -> Reply:
+    def _failed(self, why: str, reply: Reply = R.AUTH_FAILED) -> Reply:
         protocol = self.protocol
         protocol.auth_failures += 1
         limit = self.auth.vs.auth.max_failures
@@ -259,5 +248,5 @@ class _Exchange:
                         why=why, failures=protocol.auth_failures, peer=protocol.session.peer_host)
         maillog.of(protocol.gateway).write(mail_lines.auth_failed(protocol.session, self.mechanism, why))
         if protocol.auth_failures >= limit and not reply.disconnect:
-            protocol._after_send.append(lambda: protocol._send(TOO_MANY_FAILURES))
+            protocol._after_send.append(lambda: protocol._send(R.AUTH_TOO_MANY_FAILURES))
         return reply

@@ -15,10 +15,6 @@ from mta.smtp.reply import Reply
 
 MAX_SIZE_DIGITS = 20        # as for SIZE=: a longer number is not a size anybody can send
 
-BAD_ARGUMENT = Reply(501, "5.5.4", "Syntax: BDAT chunk-size [LAST]")
-NEED_RCPT = Reply(503, "5.5.1", "Error: need RCPT command")
-DATA_AFTER_BDAT = Reply(503, "5.5.1", "Error: DATA not allowed after BDAT in the same transaction")
-BDAT_IN_PROGRESS = Reply(503, "5.5.1", "Error: BDAT transfer in progress")
 
 
 def parse_argument(argument: str) -> tuple[int | None, bool, bool]:
@@ -35,10 +31,6 @@ def parse_argument(argument: str) -> tuple[int | None, bool, bool]:
     if len(rest) == 1 and rest[0].upper() == "LAST":
         return size, True, True
     return size, False, False
-
-
-def chunk_received(size: int) -> Reply:
-    return Reply(250, "2.0.0", f"{size} octets received")
 
 
 class Chunk:

@@ -24,9 +24,7 @@ the outbound connection limits are split. The queue's copy of a message for its 
 """
 from __future__ import annotations
 
-from typing import Any
-
-from mta.workers import identity as workers
+from mta.workers.identity import WorkerInfo
 
 
 RECIPIENT_OVERHEAD = 192       # bytes one accepted recipient costs beyond its text (list slot, dict entries, objects)
@@ -68,21 +66,14 @@ class MessageMemory:
         self.held = held
         return True
 
+    @classmethod
+    def for_worker(cls, total: int, worker: WorkerInfo) -> "MessageMemory":
+        """This process's budget: its worker's share of the gateway's ``total``."""
+        return cls(worker.share(total) or 0)
+
     def release(self, n: int) -> None:
         """Give back ``n`` bytes reserved earlier."""
         self.held -= n
         if self.held < 0:           # a release without its reservation: a bug, but never a negative budget
             self.held = 0
 
-
-def for_gateway(gateway: Any) -> MessageMemory:
-    """The gateway's budget (``gateway.message_memory``), made on first use by the first listener.
-
-    Made there rather than in ``Gateway()`` because a worker learns its share only once ``gateway.worker``
-    is set (mta/app/tap.py), which is after the gateway is built and before the listeners are.
-    """
-    memory = getattr(gateway, "message_memory", None)
-    if memory is None:
-        limit = workers.of(gateway).share(gateway.config.gateway.message_memory)
-        memory = gateway.message_memory = MessageMemory(limit)
-    return memory

@@ -26,8 +26,8 @@ from twisted.logger import Logger
 from mta.smtp import address
 from mta.dsn import params as dsn_params
 from mta.workers import identity as workers
-from mta.smtp.server import message_memory
 from mta.smtp.server import bdat as server_bdat
+from mta.smtp.server import message_memory
 from mta.smtp import replies as R
 from mta.smtp.address import AddressError
 from mta.config import VirtualServer
@@ -36,7 +36,7 @@ from mta.io.fastpath import send_now
 from mta.smtp.lines import ChunkedMessage, CommandSplitter, DataReader, Problem
 from mta.model.message import MessageData
 from mta.smtp.reply import Reply
-from mta.smtp.server.auth import AUTH_REQUIRED, NOT_ENABLED, ServerAuth, mask_auth_command
+from mta.smtp.server.auth import ServerAuth, mask_auth_command
 from mta.workers.counts import SharedConnectionLimit
 from mta.smtp.server.tls import ServerTLS
 from mta.smtp.server.protocol_log import ProtocolLog
@@ -83,27 +83,26 @@ class Command:
 # MAIL FROM parameters taken (see mail_parameters); RET/ENVID are RFC 3461's (mta/dsn/params.py)
 _MAIL_PARAMETERS = frozenset({"SIZE", "BODY", "SMTPUTF8"}) | dsn_params.MAIL_KEYWORDS
 _MAIL_PARAMETERS_AUTH = _MAIL_PARAMETERS | {"AUTH"}
-_IN_TRANSACTION = Reply(503, "5.5.1", "Error: MAIL transaction in progress")
 COMMANDS: dict[str, Command] = {
     "EHLO": Command("smtp_EHLO", {}),
     "HELO": Command("smtp_HELO", {}),
     "MAIL": Command("smtp_MAIL", {State.CONNECTED: R.NEED_HELO, State.MAIL: R.NESTED_MAIL,
                                   State.RCPT: R.NESTED_MAIL, State.CHUNKING: R.NESTED_MAIL}),
     "RCPT": Command("smtp_RCPT", {State.CONNECTED: R.NEED_MAIL, State.GREETED: R.NEED_MAIL,
-                                  State.CHUNKING: server_bdat.BDAT_IN_PROGRESS}),
+                                  State.CHUNKING: R.BDAT_IN_PROGRESS}),
     "DATA": Command("smtp_DATA", {State.CONNECTED: R.NEED_MAIL, State.GREETED: R.NEED_MAIL,
                                   State.MAIL: R.NO_VALID_RECIPIENTS,
-                                  State.CHUNKING: server_bdat.DATA_AFTER_BDAT}),
+                                  State.CHUNKING: R.DATA_AFTER_BDAT}),
     "BDAT": Command("smtp_BDAT", {}),       # refuses in smtp_BDAT, after the octets are skipped
     "RSET": Command("smtp_RSET", {}),
     "NOOP": Command("smtp_NOOP", {}),
     "QUIT": Command("smtp_QUIT", {}),
     "VRFY": Command("smtp_VRFY", {}),
     "HELP": Command("smtp_HELP", {}),
-    "STARTTLS": Command("smtp_STARTTLS", {State.MAIL: _IN_TRANSACTION, State.RCPT: _IN_TRANSACTION,
-                                          State.CHUNKING: _IN_TRANSACTION}),
-    "AUTH": Command("smtp_AUTH", {State.CONNECTED: R.NEED_HELO, State.MAIL: _IN_TRANSACTION,
-                                  State.RCPT: _IN_TRANSACTION, State.CHUNKING: _IN_TRANSACTION}),
+    "STARTTLS": Command("smtp_STARTTLS", {State.MAIL: R.IN_TRANSACTION, State.RCPT: R.IN_TRANSACTION,
+                                          State.CHUNKING: R.IN_TRANSACTION}),
+    "AUTH": Command("smtp_AUTH", {State.CONNECTED: R.NEED_HELO, State.MAIL: R.IN_TRANSACTION,
+                                  State.RCPT: R.IN_TRANSACTION, State.CHUNKING: R.IN_TRANSACTION}),
 }
 
 
@@ -153,7 +152,7 @@ class SMTPServerProtocol(Protocol):
         self.sasl_continuation: Any = None
         self.auth_failures = 0
         # Diagnostics listeners are looked up once per connection: events stay free when nobody listens.
-        self._diagnostics = bool(self.hooks.pm.hook.smtpgw_event.get_hookimpls())
+        self._diagnostics = self.hooks.listening()
         self._detail: bool | None = None    # does anyone write smtp_protocol/maximum? (asked once)
         # W3C protocol log (mta/smtp/server/protocol_log.py): the command waiting for the reply that settles it
         self._plog = factory.protocol_log
@@ -176,7 +175,7 @@ class SMTPServerProtocol(Protocol):
         self._event("connection_manager", "medium", "connect", peer=self.session.peer_host,
                     virtual_server=self.vs.name)
         self._stage = (mail_lines.CONNECT, "", None)
-        self._respond(self._ask("smtpgw_connect", self._greeting, session=self.session))
+        self._respond(self._ask(self.hooks.connect(self.session), self._greeting))
 
     def connectionLost(self, reason: Any = None) -> None:
         if self._delegate is not None:
@@ -195,7 +194,7 @@ class SMTPServerProtocol(Protocol):
     def _greeting(self, verdict: Reply | None) -> Reply:
         if verdict is None or verdict.is_positive:
             self._enter(State.CONNECTED, "greeted client")
-            return verdict or Reply(220, "", f"{self.hostname} ESMTP smtpgw ready at {self._date()}")
+            return verdict or R.banner(self.hostname, self._date())
         return replace(verdict, disconnect=True)
 
     def _check_timeout(self) -> None:
@@ -208,7 +207,7 @@ class SMTPServerProtocol(Protocol):
             self._timer = self.reactor.callLater(limit - idle if idle < limit else limit,
                                                  self._check_timeout)
             return
-        self._send(Reply(421, "4.4.2", f"{self.hostname} Error: timeout exceeded", disconnect=True))
+        self._send(R.idle_timeout(self.hostname))
 
     # -- input -----------------------------------------------------------------------------------
 
@@ -307,8 +306,7 @@ class SMTPServerProtocol(Protocol):
             return self._improper_pipelining()
         command = COMMANDS.get(verb)
         if command is None:
-            return self._ask("smtpgw_command", self._unknown_answered,
-                             session=self.session, verb=verb, argument=argument)
+            return self._ask(self.hooks.command(self.session, verb, argument), self._unknown_answered)
         refusal = command.refusals.get(self.state)
         if refusal is not None:
             return refusal
@@ -422,18 +420,13 @@ class SMTPServerProtocol(Protocol):
         if self.state in (State.MAIL, State.RCPT, State.DATA, State.BDAT, State.CHUNKING):
             self._enter(State.GREETED, "transaction reset")
 
-    def _ask(self, hook: str, then: Any, **kwargs: Any) -> Reply | defer.Deferred:
-        """Ask a verdict hook and continue with ``then(verdict)``, at once when the answer is at hand."""
-        result = self.hooks.first(hook, **kwargs)
-        if isinstance(result, defer.Deferred):
-            return result.addCallback(self._checked, hook).addCallback(then)
-        return then(self._checked(result, hook))
-
-    def _checked(self, verdict: Any, hook: str) -> Reply | None:
-        if verdict is None or isinstance(verdict, Reply):
-            return verdict
-        log.error("{hook} answered {verdict!r}, not a Reply", hook=hook, verdict=verdict)
-        return R.INTERNAL_ERROR
+    @staticmethod
+    def _ask(verdict: Reply | defer.Deferred | None, then: Any) -> Reply | defer.Deferred:
+        """Continue with ``then(verdict)`` once a verdict hook (``self.hooks.<hook>(...)``) has
+        answered: at once when the answer is at hand."""
+        if isinstance(verdict, defer.Deferred):
+            return verdict.addCallback(then)
+        return then(verdict)
 
     def _date(self) -> str:
         return rfc5322_date(self.reactor.seconds())
@@ -444,12 +437,7 @@ class SMTPServerProtocol(Protocol):
         it gets everything. Asked once per connection, so SIGHUP'd levels apply to new connections."""
         if self._detail is not None:
             return self._detail
-        self._detail = False
-        for impl in self.hooks.pm.hook.smtpgw_event.get_hookimpls():
-            wants = getattr(impl.plugin, "wants_event", None)
-            if wants is None or wants("smtp_protocol", "maximum"):
-                self._detail = True
-                break
+        self._detail = self.hooks.wants_event("smtp_protocol", "maximum")
         return self._detail
 
     def _event(self, category: str, level: str, message: str, **fields: Any) -> None:
@@ -468,11 +456,7 @@ class SMTPServerProtocol(Protocol):
             auth = self.factory.auth.keyword(self.session)
             if auth:
                 keywords.append(auth)
-        try:
-            for more in self.hooks.pm.hook.smtpgw_ehlo_keywords(session=self.session):
-                keywords.extend(k for k in (more or ()) if k not in keywords)
-        except Exception:
-            log.failure("smtpgw_ehlo_keywords failed")
+        keywords.extend(k for k in self.hooks.ehlo_keywords(self.session) if k not in keywords)
         return keywords
 
     def mail_parameters(self) -> frozenset[str]:
@@ -498,8 +482,7 @@ class SMTPServerProtocol(Protocol):
         if not address.is_helo_name(name):     # it goes into Received: as is (RFC 5321 4.1.1.1, 4.4)
             self._event("smtp_protocol", "medium", "bad HELO/EHLO argument", name=name)
             return R.BAD_HELO
-        return self._ask("smtpgw_helo", partial(self._hello_answered, name, esmtp),
-                         session=self.session, name=name)
+        return self._ask(self.hooks.helo(self.session, name), partial(self._hello_answered, name, esmtp))
 
     def _hello_answered(self, name: str, esmtp: bool, verdict: Reply | None) -> Reply:
         if verdict is not None and not verdict.is_positive:
@@ -509,9 +492,9 @@ class SMTPServerProtocol(Protocol):
         if self.state is State.CONNECTED:
             self._enter(State.GREETED, "HELO/EHLO")
         if not esmtp:
-            return Reply(250, "", self.hostname)        # no enhanced codes on HELO/EHLO (RFC 2034)
+            return R.hello(self.hostname)
         lines = [f"{self.hostname} Hello {name} [{self.session.peer_host}]", *self.extensions()]
-        return Reply(250, "", "\n".join(lines))
+        return R.hello("\n".join(lines))
 
     def smtp_MAIL(self, argument: str) -> Reply | defer.Deferred:
         if argument[:5].upper() != "FROM:":
@@ -519,7 +502,7 @@ class SMTPServerProtocol(Protocol):
         if self.vs.tls.required and not self.session.tls:
             return R.TLS_REQUIRED
         if self.vs.auth.required and not self.session.authenticated_user:
-            return AUTH_REQUIRED
+            return R.AUTH_REQUIRED
         rest = ""
         try:
             path, rest = address.split_argument(argument, "FROM")
@@ -531,8 +514,8 @@ class SMTPServerProtocol(Protocol):
         if refusal is not None:
             return refusal
         envelope = Envelope(id=workers.queue_id(self.gateway))     # owned by this worker (mta/workers/identity.py)
-        return self._ask("smtpgw_mail_from", partial(self._mail_answered, envelope, sender, params),
-                         session=self.session, envelope=envelope, sender=sender, params=params)
+        return self._ask(self.hooks.mail_from(self.session, envelope, sender, params),
+                         partial(self._mail_answered, envelope, sender, params))
 
     def _check_mail_params(self, params: dict[str, str | None], text: str) -> Reply | None:
         if not params:
@@ -542,7 +525,7 @@ class SMTPServerProtocol(Protocol):
         if not params.keys() <= self.mail_parameters():
             return R.UNSUPPORTED_PARAM
         if "SMTPUTF8" not in params and not text.isascii():
-            return address.BAD_PARAMS
+            return R.BAD_PARAMS
         if "SIZE" in params:
             size = params["SIZE"]
             if size is None or not (size.isascii() and size.isdigit()) or len(size) > 20:
@@ -592,8 +575,8 @@ class SMTPServerProtocol(Protocol):
             self._event("categorizer", "medium", "postmaster resolved", recipient=recipient)
         mail_lines.note_rewrite(envelope, recipient, mail_lines.path_in(path))
         cost = message_memory.recipient_cost(argument, len(params))
-        return self._ask("smtpgw_rcpt_to", partial(self._rcpt_answered, envelope, recipient, params, cost),
-                         session=self.session, envelope=envelope, recipient=recipient, params=params)
+        return self._ask(self.hooks.rcpt_to(self.session, envelope, recipient, params),
+                         partial(self._rcpt_answered, envelope, recipient, params, cost))
 
     def _check_rcpt_params(self, params: dict[str, str | None]) -> Reply | None:
         if not self.session.esmtp:
@@ -634,14 +617,14 @@ class SMTPServerProtocol(Protocol):
         is refused at MAIL, and content follows the line rules in ``mta.smtp.lines.ChunkedMessage``."""
         size, last, valid = server_bdat.parse_argument(argument)
         if size is None:
-            return server_bdat.BAD_ARGUMENT
+            return R.BDAT_SYNTAX
         refusal, message = None, None
         if not valid:
-            refusal = server_bdat.BAD_ARGUMENT
+            refusal = R.BDAT_SYNTAX
         elif self.state in (State.CONNECTED, State.GREETED):
             refusal = R.NEED_MAIL
         elif self.state is State.MAIL:
-            refusal = server_bdat.NEED_RCPT
+            refusal = R.NEED_RCPT
         elif self._chunked is None and self._no_room_for_declared_size():
             refusal = R.INSUFFICIENT_STORAGE
         else:
@@ -673,7 +656,7 @@ class SMTPServerProtocol(Protocol):
         if chunk.last or message.problem is not None:
             return self._end_of_data(message)       # resets the transaction, refuses a problem
         self._enter(State.CHUNKING, "chunk received")
-        return server_bdat.chunk_received(chunk.size)
+        return R.chunk_received(chunk.size)
 
     def smtp_RSET(self, argument: str) -> Reply:
         if argument.strip():
@@ -720,7 +703,7 @@ class SMTPServerProtocol(Protocol):
 
     def smtp_AUTH(self, argument: str) -> Reply | defer.Deferred:
         if self.factory.auth is None:
-            return NOT_ENABLED
+            return R.AUTH_NOT_ENABLED
         return self.factory.auth.command(self, argument)
 
     def _unknown_answered(self, verdict: Reply | None) -> Reply:
@@ -763,8 +746,8 @@ class SMTPServerProtocol(Protocol):
             return R.TOO_MANY_HOPS
         message.prepend_header("Received", self._received(envelope))
         envelope.size = message.size
-        result = self._ask("smtpgw_data", partial(self._data_answered, envelope, message),
-                           session=self.session, envelope=envelope, message=message)
+        result = self._ask(self.hooks.data(self.session, envelope, message),
+                           partial(self._data_answered, envelope, message))
         if not held:
             return result
         if isinstance(result, defer.Deferred):
@@ -842,8 +825,8 @@ class SMTPServerProtocol(Protocol):
             self._plog_cmd.line = f"{self._plog_cmd.verb} <{queue_id}>"
         self._event("smtp_protocol", "medium", "message accepted", id=queue_id, sender=envelope.sender or "<>",
                     recipients=len(envelope.recipients), size=envelope.size)
-        self._after_send.append(partial(self.hooks.notify, "smtpgw_queued", envelope=envelope))
-        return Reply(250, "2.0.0", f"Ok: queued as {queue_id}")
+        self._after_send.append(partial(self.hooks.queued, envelope))
+        return R.queued(queue_id)
 
     def _queue_failed(self, envelope: Envelope, failure: Any) -> Reply:
         log.failure("session {session}: queueing {envelope} failed", failure,
@@ -866,7 +849,7 @@ class SMTPServerProtocol(Protocol):
 
 def _param_error(error: AddressError, params_text: str) -> Reply:
     """A repeated DSN parameter is a 501 (RFC 3461, as Postfix answers); other repeats keep the 555."""
-    if error.reply is address.DUPLICATE_PARAM:
+    if error.reply is R.DUPLICATE_PARAM:
         return dsn_params.duplicate_refusal(params_text) or error.reply
     return error.reply
 
@@ -895,7 +878,7 @@ class SMTPServerFactory(ServerFactory):
         # With several workers, max_connections is the gateway's total, counted in a file they all
         # map (gateway.worker is set before tap builds the factories); None: this process is all.
         self.shared = SharedConnectionLimit.for_factory(gateway, vs)
-        self.memory = message_memory.for_gateway(gateway)   # one per process, shared by the virtual servers
+        self.memory = gateway.message_memory     # one per process, shared by the virtual servers
         self.tls_context = None         # mta.smtp.server.tls.ServerTLS: re-read on SIGHUP
         if vs.tls.certificate and vs.tls.key:
             self.tls_context = ServerTLS(vs.tls.certificate, vs.tls.key, name=vs.name)
