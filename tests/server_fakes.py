@@ -18,6 +18,7 @@ from mta.plugin.manager import Hooks
 from mta.smtp.server.message_memory import MessageMemory
 from mta.smtp.server.session import SMTPServerFactory
 from mta.workers.identity import SINGLE
+from mta.maillog import MailLog
 
 HOSTNAME = "mx.example.test"
 CLIENT_IP = "192.0.2.7"
@@ -87,6 +88,7 @@ class FakeGateway:
         self.recipients = LocalRecipients(self.config, self.reactor)
         self.queue = FakeQueue()
         self.worker = SINGLE
+        self.mail_log = MailLog(self.reactor)
         self.message_memory = MessageMemory(self.config.gateway.message_memory)
 
 

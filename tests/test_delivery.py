@@ -31,6 +31,7 @@ from mta.model.window import Hold
 from mta.smtp.reply import Reply
 from mta.delivery.nexthops import DNSError, Resolver
 from mta.workers.identity import SINGLE
+from mta.maillog import MailLog
 
 DNS_IP = "127.0.0.57"
 MESSAGE = b"Subject: test\r\n\r\nhello\r\n"
@@ -87,6 +88,7 @@ class FakeGateway:
         self.client = client
         self.resolver = resolver or Resolver(config.gateway.dns.nameservers, timeout=1.0)
         self.worker = SINGLE
+        self.mail_log = MailLog(reactor)
         self.hooks = Hooks()
         self.hooks.register(CorePolicy(self), name="core")
         self.recipients = LocalRecipients(self.config, self.reactor)

@@ -156,7 +156,8 @@ def recorder(messages: int, oldest: float, connections: int) -> GatewayMetrics:
     """One worker's counters, as its hooks would have left them."""
     queue = SimpleNamespace(stats=lambda: {"messages": messages, "oldest_age": oldest})
     factory = SimpleNamespace(vs=SimpleNamespace(name="VS"), active=connections)
-    m = GatewayMetrics(SimpleNamespace(queue=queue, reactor=SimpleNamespace(seconds=lambda: 0.0)), [factory])
+    m = GatewayMetrics(SimpleNamespace(queue=queue, reactor=SimpleNamespace(seconds=lambda: 0.0),
+                                       message_memory=MessageMemory(100)), [factory])
     for _ in range(messages):
         m.hooks.smtpgw_queued(envelope=None)
         m.hooks.smtpgw_connect(session=SimpleNamespace(virtual_server="VS"))

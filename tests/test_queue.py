@@ -25,6 +25,7 @@ from mta.model.queue_entry import QueueEntry, RecipientState
 from mta.smtp.reply import Reply
 from mta.spool.store import MemorySpool, Spool
 from mta.workers.identity import SINGLE
+from mta.maillog import MailLog
 
 OK = Reply(250, "2.0.0", "Ok: queued")
 TEMP = Reply(451, "4.4.1", "Connection timed out")
@@ -120,6 +121,7 @@ class FakeGateway:
         self.config = config or make_config()
         self.spool = spool if spool is not None else MemorySpool()
         self.worker = SINGLE
+        self.mail_log = MailLog(self.reactor)
         self.hooks = Hooks()
         self.deliverer = FakeDeliverer(self.reactor)
         self.recorder = Recorder(self.spool)
