@@ -15,6 +15,7 @@ from mta.smtp import replies as R
 from mta.config import parse_config
 from mta.delivery.attempt import Deliverer
 from mta.smtp.server.message_memory import MessageMemory
+from mta.maillog import MailLog
 from mta.smtp.server.session import SMTPServerFactory, SMTPServerProtocol
 from mta.workers.counts import FILE_NAME, SharedConnectionLimit, WorkerCounts
 from mta.workers.identity import WorkerInfo
@@ -76,8 +77,10 @@ def _gateway(tmp_path: Path, index: int, count: int = 2, max_connections: int = 
     hooks = SimpleNamespace(event=lambda *a, **kw: events.append(a), listening=lambda: False)
     config = parse_config(cfg)
     worker = WorkerInfo(index, count)
-    return SimpleNamespace(config=config, reactor=Clock(), hooks=hooks, events=events, worker=worker,
-                           message_memory=MessageMemory.for_worker(config.gateway.message_memory, worker))
+    reactor = Clock()
+    return SimpleNamespace(config=config, reactor=reactor, hooks=hooks, events=events, worker=worker,
+                           message_memory=MessageMemory.for_worker(config.gateway.message_memory, worker),
+                           mail_log=MailLog(reactor))
 
 
 def test_a_connection_limit_is_the_total_of_every_worker(tmp_path):
