@@ -154,3 +154,47 @@ def test_the_envelope_counts_against_message_memory(gateway, peers, tmp_path):
     client.close()
     assert peer.wait_until(lambda: sum(len(m.recipients) for m in peer.messages) >= len(recipients), 60)
     assert sorted(r for m in peer.messages for r in m.recipients) == sorted(recipients)
+
+
+# -- item 4: nothing accepted is lost for its size -----------------------------------------------------
+
+def longest_address(i: int) -> str:
+    """A distinct address of the longest length a path allows (254 octets: 64 + 1 + 189)."""
+    local = f"{i:05d}" + "x" * 59
+    domain = "a" * 63 + "." + "b" * 63 + "." + "c" * 56 + ".test"
+    return f"{local}@{domain}"
+
+
+def test_the_largest_envelope_the_limits_allow_survives_a_restart(gateway, peers, tmp_path):
+    """F3: every recipient as long as a path may be, with every DSN parameter at its longest; the
+    gateway is killed before it could deliver, and the next one reads the envelope back and delivers."""
+    later = "127.0.0.234"                       # nothing listens there until the restart
+    cfg = relay_config(tmp_path, max_recipients=1000)
+    cfg["connectors"][0]["smart_hosts"] = [f"[{later}]"]
+    first = gateway(cfg)
+    recipients = [longest_address(i) for i in range(1000)]
+    orcpt = "rfc822;" + "o" * (500 - len("rfc822;"))
+    client = Client()
+    client.send(pipelined_envelope(recipients, f" NOTIFY=SUCCESS,FAILURE,DELAY ORCPT={orcpt}",
+                                   mail_params=" RET=FULL ENVID=" + "e" * 100))
+    answers = client.replies(2 + len(recipients))
+    assert all(code == 250 for code, _ in answers), [a for a in answers if a[0] != 250][:3]
+    client.send(b"DATA\r\n")
+    assert client.reply()[0] == 354
+    client.send(MSG + b".\r\nQUIT\r\n")
+    code, line = client.reply()
+    client.close()
+    assert code == 250, line
+    queue = tmp_path / "spool" / "queue"
+    [spooled] = [p for p in queue.iterdir() if not p.name.endswith(".st")]
+    with spooled.open("rb") as f:
+        assert len(f.readline()) > 1000 * 1000          # the envelope: over a megabyte of header
+    first.kill9()
+
+    peer = peers(later, extensions=DEFAULT_EXTENSIONS + ("DSN",))
+    second = gateway(cfg)
+    assert peer.wait_until(lambda: sum(len(m.recipients) for m in peer.messages) >= len(recipients), 60)
+    assert sorted(r for m in peer.messages for r in m.recipients) == sorted(recipients)
+    assert "ENVID=" + "e" * 100 in peer.messages[0].mail_params
+    assert not list((tmp_path / "spool" / "corrupt").iterdir())
+    assert "corrupt" not in second.log()
