@@ -371,6 +371,10 @@ ERRORS = [
      "plugins.diag_logging.levels.smtp_protocol: expected one of none, minimum, medium, maximum, got 'loud'"),
     ("plugins.diag_logging", {"levels": ["maximum"]}, "plugins.diag_logging.levels: expected a mapping, got a list"),
     ("plugins.relay_acl", "on", "plugins.relay_acl: expected a mapping, got 'on'"),
+    ("virtual_servers[0].dsn", {"untrusted": "sometimes"},
+     "virtual_servers[0].dsn.untrusted: expected one of headers, off, full, got 'sometimes'"),
+    ("gateway.local_domains", {"example.test": {"max_new_mailboxes_per_message": -1}},
+     "gateway.local_domains.example.test.max_new_mailboxes_per_message: expected an integer at least 0, got -1"),
 ]
 
 

@@ -10,7 +10,7 @@ import socket
 import threading
 import time
 
-from gwprocess import base_config
+from gwprocess import base_config, wait_until
 from peers import DEFAULT_EXTENSIONS
 
 GW_HOST, GW_PORT = "127.0.0.230", 2525
@@ -64,6 +64,18 @@ class Client:
     def close(self) -> None:
         self.sock.close()
 
+    def again(self, recipients: list[str], params: str = "", sender: str = "s@remote.test") -> list[int]:
+        """Another transaction on this connection (no EHLO): the codes of MAIL and every RCPT."""
+        self.send(pipelined_envelope(recipients, params, sender)[len(b"EHLO client.test\r\n"):])
+        return [code for code, _ in self.replies(1 + len(recipients))]
+
+    def data(self, message: bytes = MSG, quit: bool = False) -> tuple[int, str]:
+        """DATA, its 354 awaited (no pipelining across it), then the message: the reply to its end."""
+        self.send(b"DATA\r\n")
+        assert self.reply()[0] == 354
+        self.send(message + b".\r\n" + (b"QUIT\r\n" if quit else b""))
+        return self.reply()
+
 
 def banner_latency(host: str = GW_HOST, port: int = GW_PORT) -> float:
     """Seconds from connect to the whole 220 line, from the probe's own address."""
@@ -108,10 +120,7 @@ def test_a_message_to_4000_recipients_leaves_other_clients_served(gateway, peers
     assert all(code == 250 for code, _ in answers), [a for a in answers if a[0] != 250][:3]
     sampler = LatencySampler()
     sampler.start()
-    client.send(b"DATA\r\n")
-    assert client.reply()[0] == 354
-    client.send(MSG + b".\r\nQUIT\r\n")
-    assert client.reply()[0] == 250
+    assert client.data(quit=True)[0] == 250
     delivered = peer.wait_until(lambda: sum(len(m.recipients) for m in peer.messages) >= len(recipients), 120)
     samples = sampler.stop()
     client.close()
@@ -140,17 +149,10 @@ def test_the_envelope_counts_against_message_memory(gateway, peers, tmp_path):
     assert 50 < len(accepted) < len(recipients)
     assert accepted == recipients[:len(accepted)]
     assert all(line == "452 4.3.1 Insufficient system storage" for _, line in refused)
-    client.send(b"DATA\r\n")
-    assert client.reply()[0] == 354
-    client.send(MSG + b".\r\n")
-    assert client.reply()[0] == 250
+    assert client.data()[0] == 250
     rest = [r for r, _ in refused]
-    client.send(pipelined_envelope(rest, params)[len(b"EHLO client.test\r\n"):])
-    assert all(code == 250 for code, _ in client.replies(1 + len(rest)))
-    client.send(b"DATA\r\n")
-    assert client.reply()[0] == 354
-    client.send(MSG + b".\r\nQUIT\r\n")
-    assert client.reply()[0] == 250
+    assert set(client.again(rest, params)) == {250}
+    assert client.data(quit=True)[0] == 250
     client.close()
     assert peer.wait_until(lambda: sum(len(m.recipients) for m in peer.messages) >= len(recipients), 60)
     assert sorted(r for m in peer.messages for r in m.recipients) == sorted(recipients)
@@ -179,10 +181,7 @@ def test_the_largest_envelope_the_limits_allow_survives_a_restart(gateway, peers
                                    mail_params=" RET=FULL ENVID=" + "e" * 100))
     answers = client.replies(2 + len(recipients))
     assert all(code == 250 for code, _ in answers), [a for a in answers if a[0] != 250][:3]
-    client.send(b"DATA\r\n")
-    assert client.reply()[0] == 354
-    client.send(MSG + b".\r\nQUIT\r\n")
-    code, line = client.reply()
+    code, line = client.data(quit=True)
     client.close()
     assert code == 250, line
     queue = tmp_path / "spool" / "queue"
@@ -198,3 +197,41 @@ def test_the_largest_envelope_the_limits_allow_survives_a_restart(gateway, peers
     assert "ENVID=" + "e" * 100 in peer.messages[0].mail_params
     assert not list((tmp_path / "spool" / "corrupt").iterdir())
     assert "corrupt" not in second.log()
+
+
+# -- item 6: disk amplification bounded ----------------------------------------------------------------
+
+def files_in(mail, box: str) -> list:
+    new = mail / box / "new"
+    return list(new.iterdir()) if new.is_dir() else []
+
+
+def test_one_message_creates_at_most_50_new_mailboxes_and_writes_one_file_each(gateway, tmp_path):
+    """F5: past local_domains.<d>.max_new_mailboxes_per_message (50) a new mailbox gets 452 4.5.3 and
+    the client sends it later; mailboxes that exist are always taken; a mailbox gets one copy however
+    many recipients stand for it (case, +tags)."""
+    cfg = relay_config(tmp_path)
+    cfg["gateway"]["recipient_delimiter"] = "+"
+    gateway(cfg)
+    mail = tmp_path / "mail"
+    for box in ("bob", "carol"):
+        (mail / box / "new").mkdir(parents=True)
+    new = [f"new{i}@example.test" for i in range(60)]
+    same_box = [f"new0+tag{i}@example.test" for i in range(20)] + ["NEW0@example.test"]
+    recipients = new[:30] + same_box + ["bob@example.test"] + new[30:] + ["carol@example.test"]
+    client = Client()
+    client.send(pipelined_envelope(recipients, sender="a@remote.test"))
+    answers = dict(zip(recipients, client.replies(2 + len(recipients))[2:]))
+    refused = [r for r, (code, _) in answers.items() if code != 250]
+    assert refused == new[50:]
+    assert {answers[r][1] for r in refused} == {"452 4.5.3 Too many new mailboxes for one message, send the rest later"}
+    assert client.data()[0] == 250
+    boxes = [f"new{i}" for i in range(50)] + ["bob", "carol"]
+    assert wait_until(lambda: all(files_in(mail, b) for b in boxes))
+    assert sorted(p.name for p in mail.iterdir()) == sorted(boxes)
+    assert len(files_in(mail, "new0")) == 1                 # 22 recipients, one file
+
+    assert set(client.again(refused, sender="a@remote.test")) == {250}
+    assert client.data(quit=True)[0] == 250
+    client.close()
+    assert wait_until(lambda: all(files_in(mail, r.partition("@")[0]) for r in refused))

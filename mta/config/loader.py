@@ -31,7 +31,7 @@ import yaml
 from mta.config.errors import ConfigError, ConfigFileError
 from mta.config.model import (
     AddressSpace, AuthConfig, Config, Connector, ContentRestrictions, DeliveryConfig,
-    DeliveryRestrictions, DnsConfig, EtrnRequest, TriggerAuthorization, GatewayConfig, Limits, ListenAddress, LocalDomain, OutboundAuth,
+    DeliveryRestrictions, DnsConfig, DsnConfig, EtrnRequest, TriggerAuthorization, GatewayConfig, Limits, ListenAddress, LocalDomain, OutboundAuth,
     LocalHook, OutboundConfig, OversizeConfig, PluginsConfig, ProtocolLogConfig, QueueConfig, RelayConfig, TlsConfig, VirtualServer,
 )
 from mta.config.model import PROTOCOL_LOG_FIELDS, MetricsConfig
@@ -458,6 +458,7 @@ LOCAL_DOMAIN_KEYS = {
     "recipients": Key(recipient_list),        # mta/delivery/recipients.py
     "aliases": Key(aliases),
     "catch_all": Key(local_part),
+    "max_new_mailboxes_per_message": Key(integer(0)),     # mta/delivery/recipients.py NewMailboxes
 }
 
 DNS = Section(DnsConfig, {
@@ -573,6 +574,10 @@ PROTOCOL_LOG = Section(ProtocolLogConfig, {
     "fields": Key(list_of(choice(*PROTOCOL_LOG_FIELDS), min_len=1, unique=True)),
 })
 
+DSN = Section(DsnConfig, {                  # mta/dsn/params.py limit_untrusted
+    "untrusted": Key(choice("headers", "off", "full")),
+})
+
 VIRTUAL_SERVER = Section(VirtualServer, {
     "name": Key(string, REQUIRED),
     "listen": Key(list_of(listen_address, min_len=1, unique=True), REQUIRED),
@@ -581,6 +586,7 @@ VIRTUAL_SERVER = Section(VirtualServer, {
     "tls": Key(TLS),
     "auth": Key(AUTH),
     "protocol_log": Key(PROTOCOL_LOG),
+    "dsn": Key(DSN),
     "smart_host": Key(smart_host),
     "odmr": Key(boolean),
 })

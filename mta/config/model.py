@@ -25,11 +25,19 @@ class LocalDomain:
     recipients: tuple[str, ...] | str | None = None
     aliases: dict[str, tuple[str, ...]] = field(default_factory=dict)    # local part -> targets
     catch_all: str | None = None    # local part that gets the mail of unknown recipients
+    # With neither recipients nor aliases, any local part makes a Maildir: how many that do not exist
+    # yet one message may ask for (more get 452 4.5.3 at RCPT; mta/delivery/recipients.py NewMailboxes)
+    max_new_mailboxes_per_message: int = 50
 
     @property
     def restricted(self) -> bool:
         """Whether unknown local parts are refused at RCPT time."""
         return (self.recipients is not None or bool(self.aliases)) and self.catch_all is None
+
+    @property
+    def any_local_part(self) -> bool:
+        """Whether every local part gets a mailbox of its own (no recipient list, no aliases)."""
+        return self.recipients is None and not self.aliases
 
 
 @dataclass(frozen=True)
@@ -133,6 +141,14 @@ class ProtocolLogConfig:
 
 
 @dataclass(frozen=True)
+class DsnConfig:
+    """``virtual_servers[].dsn``: what a client neither relay-allowed nor authenticated may ask of
+    success and delay notices (mta/dsn/params.py limit_untrusted): ``headers`` returns headers only,
+    ``off`` ignores NOTIFY=SUCCESS,DELAY, ``full`` takes RET and NOTIFY as given."""
+    untrusted: str = "headers"
+
+
+@dataclass(frozen=True)
 class VirtualServer:
     name: str
     listen: tuple[ListenAddress, ...]
@@ -141,6 +157,7 @@ class VirtualServer:
     tls: TlsConfig = field(default_factory=TlsConfig)
     auth: AuthConfig = field(default_factory=AuthConfig)
     protocol_log: ProtocolLogConfig = field(default_factory=ProtocolLogConfig)
+    dsn: DsnConfig = field(default_factory=DsnConfig)
     smart_host: str | None = None   # the virtual server's own smart host; a connector's overrides it
     odmr: bool = False              # an On-Demand Mail Relay listener (RFC 2645, port 366): ATRN only
 

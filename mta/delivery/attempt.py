@@ -25,6 +25,7 @@ from typing import Any, Sequence
 from twisted.internet import defer, task
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from mta.config import Connector
 from mta.smtp.address import domain_of
@@ -60,6 +61,38 @@ async def _answer(result: Any) -> Any:
     if isinstance(result, defer.Deferred):
         result = await result
     return result
+
+
+class Shared:
+    """One Deferred's outcome for any number of waiters, before or after it fired."""
+
+    def __init__(self, d: defer.Deferred) -> None:
+        self._result: Any = _UNSET
+        self._waiters: list[defer.Deferred] = []
+        d.addBoth(self._settle)
+
+    def _settle(self, result: Any) -> None:
+        self._result = result
+        waiters, self._waiters = self._waiters, []
+        for w in waiters:
+            self._fire(w)
+
+    def _fire(self, w: defer.Deferred) -> None:
+        if isinstance(self._result, Failure):
+            w.errback(self._result)
+        else:
+            w.callback(self._result)
+
+    def outcome(self) -> defer.Deferred:
+        w: defer.Deferred = defer.Deferred()
+        if self._result is _UNSET:
+            self._waiters.append(w)
+        else:
+            self._fire(w)
+        return w
+
+
+_UNSET = object()
 
 
 class Deliverer:
@@ -143,8 +176,9 @@ class Deliverer:
         table = self.gateway.recipients.table(domain)
         chunks = [data] if isinstance(data, (bytes, bytearray, memoryview)) else data
         started = self.gateway.reactor.seconds()
+        written: dict[str, Shared] = {}     # mailbox -> its one write in this attempt
         replies = await defer.gatherResults(
-            [defer.Deferred.fromCoroutine(self._deliver_one_local(entry, domain, rcpt, chunks, table))
+            [defer.Deferred.fromCoroutine(self._deliver_one_local(entry, domain, rcpt, chunks, table, written))
              for rcpt in recipients], consumeErrors=True)
         finished = self.gateway.reactor.seconds()
         results = []
@@ -154,7 +188,11 @@ class Deliverer:
         return results
 
     async def _deliver_one_local(self, entry: QueueEntry, domain: str, rcpt: str, data: list[bytes],
-                                 table: RecipientTable | None) -> Reply:
+                                 table: RecipientTable | None, written: dict[str, "Shared"]) -> Reply:
+        """One recipient's mailboxes and forwards. A mailbox gets one copy per attempt however many
+        recipients stand for it (``alice``, ``Alice``, ``alice+news``: one file, as Postfix's
+        duplicate filter does), so one message to 10,000 tags of an address writes one file, not
+        10,000; the copy carries the first such recipient's Delivered-To."""
         config = self.gateway.config
         root = config.gateway.local_domains[domain].maildir
         reactor = self.gateway.reactor
@@ -164,9 +202,13 @@ class Deliverer:
             return R.local_user_unknown(rcpt)
         if already_delivered_to(data, rcpt):
             return R.forwarding_loop(rcpt)
-        jobs = [deferToThreadPool(reactor, reactor.getThreadPool(), deliver_to_maildir, root, box, data,
-                                  config.gateway.hostname, delivery_headers(entry.sender, rcpt))
-                for box in expansion.mailboxes]
+        jobs = []
+        for box in expansion.mailboxes:
+            if box not in written:
+                written[box] = Shared(deferToThreadPool(reactor, reactor.getThreadPool(), deliver_to_maildir, root,
+                                                        box, data, config.gateway.hostname,
+                                                        delivery_headers(entry.sender, rcpt)))
+            jobs.append(written[box].outcome())
         if expansion.forward:
             copy = [f"Delivered-To: {rcpt}\r\n".encode("utf-8", "surrogateescape"), *data]
             jobs.append(self.gateway.queue.inject(entry.sender, list(expansion.forward), b"".join(copy),

@@ -19,7 +19,8 @@ import weakref
 from dataclasses import dataclass
 from typing import Any, Iterable
 
-from mta.dsn.reports import DELIVERED as DELIVERED_ACTION, LOCAL_HOP, RELAYED as RELAYED_ACTION
+from mta.dsn.reports import DELIVERED as DELIVERED_ACTION, LOCAL_HOP, NOTICES_HEADERS_ONLY, RELAYED as RELAYED_ACTION
+from mta.model.envelope import Envelope
 from mta.model.nexthop import RecipientResult
 from mta.model.queue_entry import DELIVERED, QueueEntry, RecipientState
 from mta.smtp.replies import (BAD_ENVID, BAD_NOTIFY, BAD_ORCPT, BAD_RET, ENVID_TOO_LONG, MAX_ENVID, MAX_ORCPT,
@@ -149,6 +150,32 @@ def _check_text(params: dict[str, str | None], key: str, limit: int, parse: Any,
     if value is not None and len(value) > limit:
         return too_long
     return bad if parse(value) is None else None
+
+
+def limit_untrusted(envelope: Envelope, mode: str) -> None:
+    """``virtual_servers[].dsn.untrusted`` for a message from a client that is neither relay-allowed
+    nor authenticated, applied once at the end of DATA.
+
+    Such a client can name anyone as the sender, so ``MAIL FROM:<victim> RET=FULL`` with
+    ``NOTIFY=SUCCESS`` would make us mail its whole message to the victim. ``headers`` (the default)
+    makes success and delay notices return the headers only (RET is ignored for them); ``off``
+    drops SUCCESS and DELAY from every NOTIFY (NEVER when nothing is left, so a recipient that did
+    not ask for failures still gets none); ``full`` leaves everything as asked. Failure notices are
+    never changed.
+    """
+    if mode == "full":
+        return
+    if mode == "headers":
+        if str(envelope.mail_params.get("RET") or "").upper() == "FULL":
+            envelope.extra[NOTICES_HEADERS_ONLY] = True
+        return
+    for params in envelope.rcpt_params.values():
+        notify = parse_notify(params.get("NOTIFY")) if params else None
+        if notify and notify & _UNTRUSTED_NOTICES:
+            params["NOTIFY"] = "FAILURE" if "FAILURE" in notify else "NEVER"
+
+
+_UNTRUSTED_NOTICES = frozenset({"SUCCESS", "DELAY"})
 
 
 # -- the client side ---------------------------------------------------------------------------------

@@ -46,6 +46,9 @@ MAX_FIELD = 900
 MAX_HEADERS = 256 * 1024
 RETURN_LIMIT = 50_000            # bytes of original returned whole at most (Postfix bounce_size_limit)
 FULL, HEADERS = "full", "headers"
+# entry.extra: the client was neither relay-allowed nor authenticated (virtual_servers[].dsn.untrusted:
+# headers), so success and delay notices return the headers whatever RET asked (mta.dsn.params)
+NOTICES_HEADERS_ONLY = "dsn.notices_headers_only"
 _STATUS_RE = re.compile(r"^[245]\.\d{1,3}\.\d{1,3}$")
 _UNICODE_ESCAPE = re.compile(r"\\x\{([0-9A-Fa-f]{1,6})\}")
 _REPLY_RE = re.compile(r"^(\d{3})[ -](?:([245]\.\d{1,3}\.\d{1,3}) )?(.*)$", re.S)
@@ -150,12 +153,13 @@ def header_block(original: bytes | None, limit: int = MAX_HEADERS) -> bytes:
 
 def requested_return(entry: QueueEntry, action: str) -> str:
     """What the report should return: ``full`` or ``headers`` (RFC 3461 RET, else Postfix's default;
-    a success report returns the whole message only when RET=FULL asked for it)."""
+    a success report returns the whole message only when RET=FULL asked for it, and never for a
+    message marked :data:`NOTICES_HEADERS_ONLY`)."""
     if action == DELAYED:
         return HEADERS
     ret = str((entry.extra.get("mail_params") or {}).get("RET") or "").strip().upper()
     if action in SUCCESS_ACTIONS:
-        return FULL if ret == "FULL" else HEADERS
+        return FULL if ret == "FULL" and not entry.extra.get(NOTICES_HEADERS_ONLY) else HEADERS
     return HEADERS if ret == "HDRS" else FULL
 
 

@@ -27,6 +27,10 @@ class Session:
     esmtp: bool = False
     tls: bool = False
     authenticated_user: str | None = None
+    # Set by the plugin that decides who may relay (relay_acl, at connect): the client's address may
+    # relay. The core trusts the DSN requests of such a client, or of an authenticated one, in full
+    # (``virtual_servers[].dsn.untrusted``); it never decides relaying from this.
+    relay_allowed: bool = False
     started_at: float = field(default_factory=time.time)
     extra: dict[str, Any] = field(default_factory=dict)   # free room for plugins' per-session state
 

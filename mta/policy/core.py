@@ -11,8 +11,9 @@ from typing import Any, Sequence
 from twisted.internet.defer import Deferred
 
 from mta.config import Connector
+from mta.delivery.recipients import NewMailboxes
 from mta.delivery.windows import delivery_window
-from mta.model.envelope import Session
+from mta.model.envelope import Envelope, Session
 from mta.model.nexthop import Hop
 from mta.model.queue_entry import QueueEntry
 from mta.model.window import Hold
@@ -42,14 +43,25 @@ class CorePolicy:
         return self.sender_logins().check(session.virtual_server, session.authenticated_user, sender)
 
     @hookimpl(trylast=True)
-    def smtpgw_rcpt_to(self, recipient: str) -> Reply:
+    def smtpgw_rcpt_to(self, envelope: Envelope, recipient: str) -> Reply | Deferred:
         """Local domains are ours (their known recipients); everything else is refused unless a plugin
         (relay_acl) accepted it."""
         if self.gateway.config.is_local_domain(domain_of(recipient)):
             if not self.gateway.recipients.accepts(recipient):
                 return R.user_unknown(recipient)
-            return R.RECIPIENT_OK
+            refusal = self._new_mailbox_refusal(envelope, recipient)
+            if isinstance(refusal, Deferred):
+                return refusal.addCallback(lambda r: r or R.RECIPIENT_OK)
+            return refusal or R.RECIPIENT_OK
         return R.RELAY_DENIED
+
+    def _new_mailbox_refusal(self, envelope: Envelope, recipient: str) -> Reply | None | Deferred:
+        """``max_new_mailboxes_per_message`` where any local part makes a mailbox (mta.delivery.recipients)."""
+        local, _, domain = recipient.rpartition("@")
+        table = self.gateway.recipients.table(domain)
+        if table is None or not table.domain.any_local_part:
+            return None
+        return NewMailboxes.of(envelope).admit(table.domain, table.expand(local).mailboxes, self.gateway.reactor)
 
     @hookimpl(trylast=True)
     def smtpgw_next_hops(self, domain: str, connector: Connector | None) -> Deferred[Sequence[Hop]]:

@@ -80,9 +80,13 @@ class RelayACL:
 
     @hookimpl(tryfirst=True)
     def smtpgw_connect(self, session) -> None:
-        """Pin the current settings to the session (``postfix reload``: a session ends as it began)."""
+        """Pin the current settings to the session (``postfix reload``: a session ends as it began),
+        and say on the session whether its address may relay (``session.relay_allowed``: the core
+        trusts such a client's DSN requests)."""
         if self.policy is not None:
             session.extra[POLICY_KEY] = self.policy
+            relay = self.policy.relay_for(session.virtual_server)
+            session.relay_allowed = relay_reason(relay, session.peer_host, None) is not None
         return None
 
     def _policy(self, session: Any) -> Policy:

@@ -817,6 +817,8 @@ class SMTPServerProtocol(Protocol):
                        verdict: Reply | None) -> Reply | defer.Deferred:
         if verdict is not None and not verdict.is_positive:
             return verdict
+        if not (self.session.relay_allowed or self.session.authenticated_user):
+            dsn_params.limit_untrusted(envelope, self.vs.dsn.untrusted)    # F4: no DSN reflection
         d = defer.maybeDeferred(self.gateway.queue.submit, self.session, envelope, message)
         return d.addCallbacks(partial(self._queued, envelope), partial(self._queue_failed, envelope))
 
