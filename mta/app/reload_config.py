@@ -41,6 +41,7 @@ LIVE = (
     "gateway.queue.*",                                  # retry, delay_notification, expire, max_hops
     "virtual_servers[].limits.*",
     "virtual_servers[].relay.*",
+    "virtual_servers[].dsn.*",                          # read by a session at the end of DATA
     "virtual_servers[].tls.required",
     "virtual_servers[].smart_host",
     "connectors[].smart_hosts",
