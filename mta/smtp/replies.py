@@ -1,4 +1,12 @@
-"""The replies the ESMTP server gives on its own, by name, so code and tests say what they mean."""
+"""The reply catalogue: every reply smtpgw gives or records on its own, defined once, by name.
+
+Fixed replies are constants (``RELAY_DENIED``); replies that name an address, a hop or a connector are
+functions whose code and enhanced status are fixed here and whose argument is only the detail
+(``no_route(domain)``, ``link_failed(text)``). The server answers with them, delivery and the queue record
+them as recipients' outcomes, and plugins answer with them too (``R.RELAY_DENIED`` in relay_acl), so a
+code, a status or a text never drifts between two places. A plugin's own refusal with its own text is
+built with ``mta.smtp.reply.reject``/``tempfail``.
+"""
 from __future__ import annotations
 
 from mta.smtp.lines import Problem
@@ -301,3 +309,78 @@ def null_mx(name: str) -> Reply:
 
 def loops_back(name: str) -> Reply:
     return Reply(550, "5.4.6", f"mail for {name} loops back to myself")
+
+
+# -- the next hop (mta.smtp.client): why a hop could not take the message ---------------------------
+# The text names the hop or connector; the code and status say what kind of failure it is.
+
+CLIENT_SHUTTING_DOWN = Reply(421, "4.3.2", "shutting down")
+SENDER_UNUSABLE = Reply(553, "5.1.7", "sender address not usable in SMTP")
+RECIPIENT_UNUSABLE = Reply(553, "5.1.3", "recipient address not usable in SMTP")
+
+
+def link_failed(text: str) -> Reply:
+    """The connection to the next hop broke, timed out or closed (451 4.4.2)."""
+    return Reply(451, "4.4.2", text)
+
+
+def connect_failed(text: str) -> Reply:
+    return Reply(451, "4.4.1", text)
+
+
+def protocol_error(text: str) -> Reply:
+    """The next hop said something SMTP does not allow there (451 4.5.0)."""
+    return Reply(451, "4.5.0", text)
+
+
+def local_failure(text: str) -> Reply:
+    """Our side failed (451 4.3.0): a connection discarded, a trigger command that could not run."""
+    return Reply(451, "4.3.0", text)
+
+
+def tls_unavailable(text: str) -> Reply:
+    """TLS is required and the hop does not offer it or refused STARTTLS (451 4.7.10)."""
+    return Reply(451, "4.7.10", text)
+
+
+def tls_check_failed(text: str) -> Reply:
+    """The TLS handshake or certificate check failed, or the trust store cannot be read (451 4.7.5)."""
+    return Reply(451, "4.7.5", text)
+
+
+def credentials_withheld(text: str) -> Reply:
+    """Credentials are not sent without TLS (451 4.7.11)."""
+    return Reply(451, "4.7.11", text)
+
+
+def auth_mechanism_unavailable(text: str) -> Reply:
+    return Reply(451, "4.7.0", text)
+
+
+def auth_refused(text: str) -> Reply:
+    """The hop refused our login or offers no mechanism we use (451 4.7.8): deferred, never bounced."""
+    return Reply(451, "4.7.8", text)
+
+
+def next_hop_unresolved(text: str) -> Reply:
+    """A smart host's name could not be resolved now (451 4.4.3)."""
+    return Reply(451, "4.4.3", text)
+
+
+def too_big_for_hop(size: int, limit: int, hop: str) -> Reply:
+    return Reply(552, "5.3.4", f"message size {size} exceeds the limit {limit} of {hop}")
+
+
+def smtputf8_not_offered(hop: str) -> Reply:
+    """The permanent failure for a message that needs SMTPUTF8 at a hop that does not offer it."""
+    return Reply(550, "5.6.7", f"SMTPUTF8 is required, but was not offered by host {hop}")
+
+
+def maybe_delivered(broken: Reply) -> Reply:
+    """The connection broke after the message was handed over: 4xx, the outcome unknown."""
+    return Reply(451, broken.status or "4.4.2", f"{broken.text}; the message may or may not have been delivered")
+
+
+def trigger_done(text: str) -> Reply:
+    """A dequeue trigger (ETRN request or command) that did what was asked."""
+    return Reply(250, "2.0.0", text)

@@ -19,7 +19,7 @@ from twisted.logger import Logger
 from mta.smtp.client.session import SMTPClientProtocol
 from mta.plugin.hookspecs import hookimpl
 from mta.model.nexthop import Hop, HostUnusable
-from mta.smtp.reply import Reply
+from mta.smtp import replies as R
 
 log = Logger(namespace="smtpgw.etrn_dequeue")
 
@@ -64,7 +64,7 @@ class AtrnSession:
         self._check_done()
 
     def _setup_failed(self, failure: Any) -> None:
-        reply = getattr(failure.value, "reply", None) or Reply(451, "4.4.2", str(failure.value))
+        reply = getattr(failure.value, "reply", None) or R.link_failed(str(failure.value))
         self.plugin.event("minimum", f"ATRN session {self.session_id}: customer refused: {reply}",
                           account=self.account)
         self.open = False
@@ -92,7 +92,7 @@ class AtrnSession:
         await self.lock.acquire()
         try:
             if not self.open or self.conn is None or not self.conn.usable:
-                raise HostUnusable(Reply(451, "4.4.2", f"{self.hop}: the customer's connection is gone"))
+                raise HostUnusable(R.link_failed(f"{self.hop}: the customer's connection is gone"))
             self._touch()
             return await self.conn.deliver(sender, recipients, chunks, str(self.hop), dsn=dsn, smtputf8=smtputf8)
         finally:
@@ -137,7 +137,7 @@ class RoutingPool:
         if hop.host.startswith(HOP_PREFIX):
             session = self._plugin.atrn_sessions.get(hop.host[len(HOP_PREFIX):])
             if session is None:
-                return defer.fail(HostUnusable(Reply(451, "4.4.2", f"{hop}: the ATRN session has ended")))
+                return defer.fail(HostUnusable(R.link_failed(f"{hop}: the ATRN session has ended")))
             chunks = [bytes(data)] if isinstance(data, (bytes, bytearray, memoryview)) else list(data)
             return defer.Deferred.fromCoroutine(session.send(sender, list(recipients), chunks, kw.get("dsn"),
                                                              kw.get("smtputf8", False)))

@@ -16,7 +16,7 @@ from twisted.internet import defer
 
 from mta.plugin.hookspecs import hookimpl
 from mta.model.nexthop import Hop
-from mta.smtp.reply import Reply
+from mta.smtp import replies as R
 from mta.delivery.nexthops import DNSError, TemporaryDNSError
 from mta.config.values import parse_smart_host
 
@@ -89,7 +89,7 @@ class SmartHost:
                     found = [Hop(h.host, h.port, h.name, pref) for h in found]
             except DNSError as e:
                 last_error = e if isinstance(e, TemporaryDNSError) else TemporaryDNSError(
-                    Reply(451, "4.4.3", f"smart host {text}: {e.reply.text}"))
+                    R.next_hop_unresolved(f"smart host {text}: {e.reply.text}"))
                 continue
             except Exception as e:      # noqa: BLE001 - lookup failures are reported per host
                 last_error = e

@@ -26,6 +26,7 @@ from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint
 from twisted.internet.protocol import Factory, ProcessProtocol, Protocol
 
 from mta.smtp.client.wire import MAX_REPLY_LINE, ProtocolError, ReplyParser
+from mta.smtp import replies as R
 from mta.smtp.reply import Reply
 from mta.smtp.client.pool import default_tls_options
 
@@ -108,12 +109,12 @@ class DequeueClient(Protocol):
             if len(self._buf) > MAX_REPLY_LINE:
                 raise ProtocolError("reply line too long")
         except ProtocolError as e:
-            self._fail(Reply(451, "4.5.0", f"protocol error: {e}"))
+            self._fail(R.protocol_error(f"protocol error: {e}"))
 
     def connectionLost(self, reason: Any = None) -> None:
         if self.delegate is not None:
             self.delegate.connectionLost(reason)
-        self._fail(Reply(451, "4.4.2", "connection closed"))
+        self._fail(R.link_failed("connection closed"))
         if not self._closed.called:
             self._closed.callback(None)
 
@@ -144,7 +145,7 @@ class DequeueClient(Protocol):
         self._waiting.append(d)
         self._stop_timer()
         self._timer = self.clock.callLater(self.timeout, self._fail,
-                                           Reply(451, "4.4.2", "timeout waiting for a reply"))
+                                           R.link_failed("timeout waiting for a reply"))
         return d
 
     async def command(self, line: str) -> Reply:
@@ -176,15 +177,15 @@ async def _setup(conn: DequeueClient, req: DequeueRequest, tls_options: Any) -> 
             extensions = await _hello(conn, req.helo)
             conn.tls = True
         elif req.tls == "required":
-            raise DequeueError(Reply(451, "4.7.10", f"STARTTLS refused: {reply}"))
+            raise DequeueError(R.tls_unavailable(f"STARTTLS refused: {reply}"))
     elif req.tls == "required":
-        raise DequeueError(Reply(451, "4.7.10", "TLS is required but the server does not offer STARTTLS"))
+        raise DequeueError(R.tls_unavailable("TLS is required but the server does not offer STARTTLS"))
     if req.username is not None:
         if not getattr(conn, "tls", False) and not req.allow_plaintext_auth:
-            raise DequeueError(Reply(451, "4.7.10", "credentials are only sent over TLS"))
+            raise DequeueError(R.tls_unavailable("credentials are only sent over TLS"))
         offered = extensions.get("AUTH", "").upper().split()
         if "PLAIN" not in offered:
-            raise DequeueError(Reply(451, "4.7.8", f"the server does not offer AUTH PLAIN ({offered})"))
+            raise DequeueError(R.auth_refused(f"the server does not offer AUTH PLAIN ({offered})"))
         blob = b"\0" + req.username.encode() + b"\0" + (req.password or "").encode()
         reply = await conn.command("AUTH PLAIN " + _b64(blob))
         if reply.code != 235:
@@ -225,7 +226,7 @@ async def request_dequeue(reactor: Any, req: DequeueRequest, receiver: Callable[
     try:
         conn: DequeueClient = await endpoint.connect(factory)
     except Exception as e:
-        raise DequeueError(Reply(451, "4.4.1", f"connection to {req.host}:{req.port} failed: {e}")) from e
+        raise DequeueError(R.connect_failed(f"connection to {req.host}:{req.port} failed: {e}")) from e
     conn.tls = False
     try:
         await _setup(conn, req, tls_options)
@@ -304,15 +305,15 @@ async def run_trigger(reactor: Any, req: DequeueRequest) -> list[tuple[str, Repl
         try:
             reactor.spawnProcess(collect, argv[0], argv, env=dict(os.environ))
         except OSError as e:
-            results.append((domain, Reply(451, "4.3.0", f"{req.label}: cannot run {argv[0]}: {e}")))
+            results.append((domain, R.local_failure(f"{req.label}: cannot run {argv[0]}: {e}")))
             continue
         status = await collect.ended
         lines = bytes(collect.output).decode("utf-8", "replace").strip().splitlines()
         said = f": {lines[-1].strip()}" if lines else ""
         if status == 0:
-            results.append((domain, Reply(250, "2.0.0", f"{req.label} exited 0{said}")))
+            results.append((domain, R.trigger_done(f"{req.label} exited 0{said}")))
         elif collect.killed:
-            results.append((domain, Reply(451, "4.4.2", f"{req.label} killed after {req.timeout:g}s{said}")))
+            results.append((domain, R.link_failed(f"{req.label} killed after {req.timeout:g}s{said}")))
         else:
-            results.append((domain, Reply(451, "4.3.0", f"{req.label} exited {status}{said}")))
+            results.append((domain, R.local_failure(f"{req.label} exited {status}{said}")))
     return results

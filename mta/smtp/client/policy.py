@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from mta.config import Connector, OutboundAuth
+from mta.smtp import replies as R
 from mta.smtp.reply import Reply
 
 TLS_MODES = ("none", "opportunistic", "required", "verify")
@@ -63,12 +64,12 @@ class OutboundPolicy:
 # -- replies for hops that cannot be used under a policy (all temporary: the site's problem) -------
 
 def no_starttls(policy: OutboundPolicy, hop: str) -> Reply:
-    return Reply(451, "4.7.10", f"TLS is required by {policy.label()} (tls: {policy.tls}) "
-                                f"but {hop} does not offer STARTTLS")
+    return R.tls_unavailable(f"TLS is required by {policy.label()} (tls: {policy.tls}) "
+                             f"but {hop} does not offer STARTTLS")
 
 
 def starttls_refused(policy: OutboundPolicy, hop: str, reply: Reply) -> Reply:
-    return Reply(451, "4.7.10", f"TLS is required by {policy.label()} but {hop} refused STARTTLS: {reply}")
+    return R.tls_unavailable(f"TLS is required by {policy.label()} but {hop} refused STARTTLS: {reply}")
 
 
 def tls_failed(policy: OutboundPolicy, hop: str, why: str) -> Reply:
@@ -78,23 +79,23 @@ def tls_failed(policy: OutboundPolicy, hop: str, why: str) -> Reply:
     elif "certificate verify failed" in why:
         trusted = f"ca_file {policy.ca_file}" if policy.ca_file else "the system trust store"
         why = f"the certificate does not chain to {trusted}; {why}"
-    return Reply(451, "4.7.5", f"{check} with {hop} failed ({why}); {policy.label()} requires tls: {policy.tls}")
+    return R.tls_check_failed(f"{check} with {hop} failed ({why}); {policy.label()} requires tls: {policy.tls}")
 
 
 def auth_needs_tls(policy: OutboundPolicy, hop: str) -> Reply:
-    return Reply(451, "4.7.11", f"not sending credentials of {policy.label()} to {hop} without TLS "
-                                "(set outbound.allow_plaintext_auth to allow it)")
+    return R.credentials_withheld(f"not sending credentials of {policy.label()} to {hop} without TLS "
+                                  "(set outbound.allow_plaintext_auth to allow it)")
 
 
 def auth_not_offered(policy: OutboundPolicy, hop: str, mechanism: str, offered: str) -> Reply:
     what = f"offers only AUTH {offered}" if offered else "does not offer AUTH"
-    return Reply(451, "4.7.0", f"{policy.label()} authenticates with {mechanism} but {hop} {what}")
+    return R.auth_mechanism_unavailable(f"{policy.label()} authenticates with {mechanism} but {hop} {what}")
 
 
 def auth_failed(policy: OutboundPolicy, hop: str, reply: Reply) -> Reply:
     """A refused login defers (never bounces): wrong credentials are the site's problem, as with
     Postfix's default ``smtp_sasl_auth_soft_bounce``."""
-    return Reply(451, "4.7.8", f"authentication of {policy.label()} to {hop} failed: {reply}")
+    return R.auth_refused(f"authentication of {policy.label()} to {hop} failed: {reply}")
 
 
 # -- TLS contexts ----------------------------------------------------------------------------------

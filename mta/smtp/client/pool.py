@@ -30,7 +30,7 @@ from mta.smtp.client.session import ConnectionBroken, SMTPClientProtocol
 from mta.dsn.params import OutboundDSN
 from mta.model.nexthop import Hop, HostUnusable, RecipientResult
 from mta.smtp.client.policy import OutboundPolicy
-from mta.smtp.reply import Reply
+from mta.smtp import replies as R
 
 __all__ = ["SMTPClientPool", "SMTPClientProtocol", "ConnectionBroken"]
 
@@ -191,7 +191,7 @@ class SMTPClientPool:
         """An idle connection (True: reused) or a new one, waiting while the host is at its limit."""
         while True:
             if self._closing:
-                raise HostUnusable(Reply(421, "4.3.2", "shutting down"))
+                raise HostUnusable(R.CLIENT_SHUTTING_DOWN)
             while slot.idle:
                 conn = slot.idle.pop()              # the most recently used is the least likely dead
                 self._cancel_idle_timer(conn)
@@ -302,8 +302,8 @@ class SMTPClientPool:
                 try:
                     self._trust_roots[policy.ca_file] = outbound.load_trust_root(policy.ca_file)
                 except (OSError, ValueError) as e:
-                    raise HostUnusable(Reply(451, "4.7.5", f"{policy.label()}: cannot use ca_file "
-                                                           f"{policy.ca_file!r}: {_why(e)}")) from e
+                    raise HostUnusable(R.tls_check_failed(
+                        f"{policy.label()}: cannot use ca_file {policy.ca_file!r}: {_why(e)}")) from e
             options = self._verifying[key] = outbound.verifying_options(name, self._trust_roots[policy.ca_file])
         return options
 
@@ -348,7 +348,7 @@ class SMTPClientPool:
         try:
             conn = await self._endpoint(hop, key[2], key[3]).connect(factory)
         except Exception as e:
-            raise HostUnusable(Reply(451, "4.4.1", f"connection to {label} failed: {_why(e)}")) from e
+            raise HostUnusable(R.connect_failed(f"connection to {label} failed: {_why(e)}")) from e
         conn.on_close = lambda c: self._lost(slot, c)
         try:
             await conn.setup()

@@ -28,6 +28,7 @@ from mta.dsn.params import OutboundDSN, RelayedResult
 from mta.io.fastpath import send_now
 from mta.model.nexthop import HostUnusable, RecipientResult
 from mta.smtp.client.policy import OutboundPolicy
+from mta.smtp import replies as R
 from mta.smtp.reply import Reply
 from mta.smtp.client import smtputf8 as utf8
 
@@ -88,7 +89,7 @@ class _DataProducer:
             self.stopped = True
             d, self.done = self.done, None
             if d is not None:
-                d.errback(ConnectionBroken(Reply(451, "4.4.2", "connection lost while sending the message"),
+                d.errback(ConnectionBroken(R.link_failed("connection lost while sending the message"),
                                            "lost"))
 
 
@@ -143,7 +144,7 @@ class SMTPClientProtocol(Protocol):
             if len(replies) == expected and (self._buf or self._parser.partial):
                 raise ProtocolError("data received when no reply was expected")
         except ProtocolError as e:
-            self._break(Reply(451, "4.5.0", f"protocol error from {self.hop_label}: {e}"), "protocol")
+            self._break(R.protocol_error(f"protocol error from {self.hop_label}: {e}"), "protocol")
             return
         self._touch()
         for reply in replies:
@@ -189,7 +190,7 @@ class SMTPClientProtocol(Protocol):
     def _timed_out(self) -> None:
         self._timer = None
         label = self._waiters[0][1] if self._waiters else "DATA content"
-        self._break(Reply(451, "4.4.2", f"timeout waiting for {self.hop_label} ({label})"), "timeout")
+        self._break(R.link_failed(f"timeout waiting for {self.hop_label} ({label})"), "timeout")
 
     def _break(self, reply: Reply, kind: str) -> None:
         """Give up on the connection: fail everyone waiting, drop it without a goodbye."""
@@ -214,9 +215,9 @@ class SMTPClientProtocol(Protocol):
         kind = "lost"
         if self._failure is None and (self._waiters or self._streaming):
             why = reason.getErrorMessage() if reason is not None else "closed"
-            self._failure = ConnectionBroken(Reply(451, "4.4.2", f"connection to {self.hop_label} lost: {why}"),
+            self._failure = ConnectionBroken(R.link_failed(f"connection to {self.hop_label} lost: {why}"),
                                              kind)
-        self._break(self._failure.reply if self._failure else Reply(451, "4.4.2", "closed"),
+        self._break(self._failure.reply if self._failure else R.link_failed("closed"),
                     self._failure.kind if self._failure else kind)
         callback, self.on_close = self.on_close, None
         if callback is not None:
@@ -248,7 +249,7 @@ class SMTPClientProtocol(Protocol):
 
     def discard(self) -> None:
         """Drop the connection now: its state is unknown (a cancelled or crashed transaction)."""
-        self._break(Reply(451, "4.3.0", "connection discarded"), "lost")
+        self._break(R.local_failure("connection discarded"), "lost")
 
     @property
     def usable(self) -> bool:
@@ -381,11 +382,11 @@ class SMTPClientProtocol(Protocol):
             return [RecipientResult(r, reply, hop_label) for r in recipients]
 
         if not _address_ok(sender):
-            return each(Reply(553, "5.1.7", "sender address not usable in SMTP"))
+            return each(R.SENDER_UNUSABLE)
         size = sum(len(c) for c in chunks)
         limit = self.size_limit
         if limit and size > limit:
-            return each(Reply(552, "5.3.4", f"message size {size} exceeds the limit {limit} of {hop_label}"))
+            return each(R.too_big_for_hop(size, limit, hop_label))
 
         mail = b"MAIL FROM:" + _path_bytes(sender)
         if self.esmtp:
@@ -409,7 +410,7 @@ class SMTPClientProtocol(Protocol):
             if _address_ok(rcpt):
                 to_send.append(i)
             else:
-                results[i] = Reply(553, "5.1.3", "recipient address not usable in SMTP")
+                results[i] = R.RECIPIENT_UNUSABLE
         if not to_send:
             return [RecipientResult(r, results[i], hop_label) for i, r in enumerate(recipients)]
 
@@ -440,7 +441,7 @@ class SMTPClientProtocol(Protocol):
                         break
         self.transactions += 1
         if rset_reply is not None and not rset_reply.is_positive:
-            self._break(Reply(451, "4.5.0", f"RSET refused by {hop_label}: {rset_reply}"), "lost")
+            self._break(R.protocol_error(f"RSET refused by {hop_label}: {rset_reply}"), "lost")
             raise self._failure  # type: ignore[misc]
         self.needs_rset = True
         for i, reply in zip(to_send, rcpt_replies):
@@ -473,8 +474,7 @@ class SMTPClientProtocol(Protocol):
         try:
             final = await self._send_data(chunks, size)
         except ConnectionBroken as e:
-            final = Reply(451, e.reply.status or "4.4.2",
-                          f"{e.reply.text}; the message may or may not have been delivered")
+            final = R.maybe_delivered(e.reply)
         else:
             self.needs_rset = False
         for i in accepted:

@@ -19,6 +19,7 @@ from __future__ import annotations
 from typing import Iterable
 
 from mta.model.queue_entry import QueueEntry
+from mta.smtp import replies as R
 from mta.smtp.reply import Reply
 
 KEYWORD = "SMTPUTF8"
@@ -62,4 +63,4 @@ def needs(sender: str, recipients: list[str], chunks: Iterable[bytes], asked: bo
 
 def not_offered(hop_label: str) -> Reply:
     """The permanent failure for a message that needs SMTPUTF8 at a hop that does not offer it."""
-    return Reply(550, "5.6.7", f"SMTPUTF8 is required, but was not offered by host {hop_label}")
+    return R.smtputf8_not_offered(hop_label)
