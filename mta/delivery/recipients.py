@@ -24,13 +24,13 @@ from twisted.logger import Logger
 
 from mta.config.model import Config, LocalDomain
 from mta.delivery.maildir import safe_mailbox_name
+from mta.smtp import replies as R
 from mta.smtp.reply import Reply
 
 log = Logger(namespace="smtpgw.recipients")
 
 CHECK_INTERVAL = 5.0        # seconds between looks at a recipient file's modification time
 MAX_ALIAS_DEPTH = 10        # aliases of aliases; deeper is a loop in the configuration
-TOO_MANY_NEW_MAILBOXES = Reply(452, "4.5.3", "Too many new mailboxes for one message, send the rest later")
 
 
 @dataclass(frozen=True)
@@ -263,4 +263,4 @@ class NewMailboxes:
         for m in fresh:                 # refused: not part of this message after all
             if not known.pop(m):
                 self._maybe_new[domain.name] -= 1
-        return TOO_MANY_NEW_MAILBOXES
+        return R.TOO_MANY_NEW_MAILBOXES

@@ -23,6 +23,7 @@ START_TLS = Reply(220, "2.0.0", "Ready to start TLS")
 TOO_MANY_CONNECTIONS = Reply(421, "4.7.0", "Too many connections", disconnect=True)
 INTERNAL_ERROR = Reply(451, "4.3.0", "Local error in processing, try again later")
 TOO_MANY_RECIPIENTS = Reply(452, "4.5.3", "Too many recipients")
+TOO_MANY_NEW_MAILBOXES = Reply(452, "4.5.3", "Too many new mailboxes for one message, send the rest later")
 INSUFFICIENT_STORAGE = Reply(452, "4.3.1", "Insufficient system storage")     # message memory full
 
 UNKNOWN_COMMAND = Reply(500, "5.5.1", "Command unrecognized")
