@@ -76,6 +76,7 @@ class DNSServer:
         self._hosts: dict[str, list[str]] = {}
         self._cnames: list[str] = []
         self._ptrs: list[str] = []
+        self._txts: list[str] = []
         self._proc: subprocess.Popen | None = None
         self._log = None
 
@@ -103,6 +104,19 @@ class DNSServer:
         self._hosts.setdefault(self._name(name), []).append(ip)
         return self
 
+    def add_txt(self, name: str, *strings: str) -> "DNSServer":
+        """A TXT record of one or more character-strings (each at most 255 octets; dnsmasq's command
+        line separates strings with commas and takes no quoting, so none may hold a comma)."""
+        if any("," in t for t in strings):
+            raise ValueError("dnsmasq cannot serve a TXT string with a comma from its command line")
+        self._txts.append(f"--txt-record={self._name(name)},{','.join(strings)}")
+        return self
+
+    def remove_txt(self, name: str) -> "DNSServer":
+        prefix = f"--txt-record={self._name(name)},"
+        self._txts[:] = [t for t in self._txts if not t.startswith(prefix)]
+        return self
+
     def add_cname(self, name: str, target: str) -> "DNSServer":
         self._cnames.append(f"--cname={self._name(name)},{self._name(target)}")
         return self
@@ -118,6 +132,7 @@ class DNSServer:
         self._hosts.clear()
         self._cnames.clear()
         self._ptrs.clear()
+        self._txts.clear()
         return self
 
     # -- process ----------------------------------------------------------------------------
@@ -143,7 +158,7 @@ class DNSServer:
             args.append(f"--local=/{zone}/")
         args += self._mx
         args += [f"--host-record={name},{ip}" for name, ips in self._hosts.items() for ip in ips]
-        args += self._cnames + self._ptrs
+        args += self._cnames + self._ptrs + self._txts
         return args
 
     def start(self) -> "DNSServer":

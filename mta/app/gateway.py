@@ -16,6 +16,7 @@ from twisted.internet import defer
 from mta.config import Config
 from mta.delivery.attempt import Deliverer
 from mta.delivery.nexthops import Resolver
+from mta.delivery.mta_sts import MtaSts
 from mta.delivery.recipients import LocalRecipients
 from mta.maillog import MailLog
 from mta.ops.metrics import GatewayMetrics
@@ -67,6 +68,8 @@ class Gateway:
         self.resolver = Resolver(config.gateway.dns.nameservers, timeout=config.gateway.dns.timeout,
                                  reactor=reactor, local_names=[config.gateway.hostname])
         self.client = SMTPClientPool(reactor, helo_name=config.gateway.hostname)
+        # destinations' MTA-STS policies (RFC 8461), for MX delivery (mta.delivery.tls_policy)
+        self.mta_sts = MtaSts(reactor, self.resolver, config.gateway.mta_sts_cache, config.gateway.mta_sts.ca_file)
         self.deliverer = Deliverer(self)
         self.queue = QueueManager(self)
         self.recipients = LocalRecipients(config, reactor)

@@ -34,7 +34,7 @@ from mta.config.model import (
     DeliveryRestrictions, DnsConfig, DsnConfig, EtrnRequest, TriggerAuthorization, GatewayConfig, Limits, ListenAddress, LocalDomain, OutboundAuth,
     LocalHook, OutboundConfig, OversizeConfig, PluginsConfig, ProtocolLogConfig, QueueConfig, RelayConfig, TlsConfig, VirtualServer,
 )
-from mta.config.model import PROTOCOL_LOG_FIELDS, MetricsConfig
+from mta.config.model import PROTOCOL_LOG_FIELDS, MetricsConfig, MtaStsConfig
 from mta.config.workers import check_workers, resolve_count
 from mta.config.schedules import parse_schedule
 from mta.config.values import (
@@ -478,6 +478,11 @@ METRICS = Section(MetricsConfig, {          # the Prometheus endpoint (mta/ops/m
     "listen": Key(lambda v, p: parse_hostport(v, p, default_port=9125, allow_zero_port=True)),
 })
 
+MTA_STS = Section(MtaStsConfig, {          # outbound MTA-STS (mta/delivery/mta_sts.py)
+    "ca_file": Key(existing_file),
+    "cache": Key(file_path),
+})
+
 GATEWAY = Section(GatewayConfig, {
     "hostname": Key(lambda v, p: parse_domain(v, p), REQUIRED),
     "spool": Key(file_path, "var/spool"),
@@ -490,6 +495,7 @@ GATEWAY = Section(GatewayConfig, {
     "workers": Key(lambda v, p: worker_count(v, p), 1),     # mta/workers/identity.py
     "message_memory": Key(size),              # mta/smtp/server/message_memory.py
     "recipient_delimiter": Key(delimiter, "+", null_means=None),    # null: off
+    "mta_sts": Key(MTA_STS),
 }, finish=_finish_gateway)
 
 LIMITS = Section(Limits, {
@@ -675,6 +681,7 @@ OUTBOUND = Section(OutboundConfig, {
     "helo": Key(choice("ehlo", "helo")),
     "port": Key(integer(1, 65535)),
     "connect_timeout": Key(duration),
+    "mta_sts": Key(boolean),
 }, finish=_finish_outbound)
 
 

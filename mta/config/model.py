@@ -67,6 +67,13 @@ class MetricsConfig:
 
 
 @dataclass(frozen=True)
+class MtaStsConfig:
+    """``gateway.mta_sts``: where MTA-STS (RFC 8461) policies are trusted from and kept."""
+    ca_file: str | None = None      # extra CAs for policy hosts and MX certificates; None: the system store
+    cache: str | None = None        # the durable policy cache; None: <spool>/mta-sts
+
+
+@dataclass(frozen=True)
 class GatewayConfig:
     hostname: str
     spool: str
@@ -79,6 +86,12 @@ class GatewayConfig:
     workers: int | str = 1                  # processes sharing the listeners (mta/workers/identity.py); "auto": one per CPU
     message_memory: int = 256 * 1024 * 1024     # bytes of messages being received (mta/smtp/server/message_memory.py)
     recipient_delimiter: str | None = "+"   # alice+news@ -> alice's mailbox; None: off
+    mta_sts: MtaStsConfig = field(default_factory=MtaStsConfig)
+
+    @property
+    def mta_sts_cache(self) -> str:
+        import os
+        return self.mta_sts.cache or os.path.join(self.spool, "mta-sts")
 
     @property
     def control_socket_path(self) -> str:
@@ -234,6 +247,7 @@ class OutboundConfig:
     helo: str = "ehlo"              # ehlo | helo
     port: int = 25                  # for MX hosts and smart hosts written without a port
     connect_timeout: float = 30.0
+    mta_sts: bool = True            # honour the destination's MTA-STS policy (MX delivery only)
 
 
 @dataclass(frozen=True)

@@ -38,6 +38,7 @@ from mta.model.window import Hold
 from mta.smtp import replies as R
 from mta.smtp.reply import Reply
 from mta.delivery.connectors import connectors_for, source_address, usable_source
+from mta.delivery import tls_policy
 from mta.smtp.client import smtputf8
 from mta.delivery.maildir import already_delivered_to, deliver_to_maildir, delivery_headers
 from mta.delivery.recipients import Expansion, RecipientTable
@@ -317,16 +318,19 @@ class Deliverer:
         send_options: dict[str, Any] = {"dsn": dsn} if dsn is not None else {}
         if smtputf8.requested(entry):           # RFC 6531: the client decides per hop (mta.smtp.client.smtputf8)
             send_options["smtputf8"] = True
+        route = await self._route(domain, connector, hops, policy)
+        if route.refusal is not None:
+            self._event(entry, f"{domain}: {route.refusal}", domain=domain, connector=name)
+            return route.refusal, str(route.skipped[0]) if route.skipped else ""
         last = R.no_hop_answered(name)
         last_hop = ""
-        for hop in hops:
+        for hop in route.hops:
             if not todo:
                 break
             batch = [recipients[i] for i in todo]
             try:
-                answers = await self.gateway.client.send(hop, entry.sender, batch, data,
-                                                         source_address=usable_source(source, hop.host),
-                                                         policy=policy, **send_options)
+                answers = await route.send(self.gateway.client, hop, entry.sender, batch, data,
+                                           source_address=usable_source(source, hop.host), **send_options)
             except HostUnusable as e:
                 self._event(entry, f"{domain}: {hop} unusable: {e.reply}", domain=domain,
                             connector=name, hop=str(hop))
@@ -351,6 +355,14 @@ class Deliverer:
                     results[i] = result
             todo = still
         return last, last_hop
+
+    async def _route(self, domain: str, connector: Connector, hops: list[Hop],
+                     policy: OutboundPolicy) -> tls_policy.Route:
+        """The hops to try and the TLS each needs: the destination's MTA-STS policy over the
+        connector's settings (mta.delivery.tls_policy)."""
+        mta_sts = getattr(self.gateway, "mta_sts", None)
+        sts = await mta_sts.policy(domain) if mta_sts is not None and tls_policy.subject_to_sts(connector) else None
+        return tls_policy.plan(domain, hops, policy, sts, self.gateway.config.gateway.mta_sts.ca_file)
 
     @staticmethod
     def _match(recipients: list[str], results: Sequence[RecipientResult], hop: Hop) -> list[RecipientResult]:

@@ -196,6 +196,8 @@ class Resolver:
         ttl = min([rrset.ttl for rrset in answer.response.answer] or [0])
         if rdtype == "MX":
             values = tuple((r.preference, r.exchange.to_text(omit_final_dot=True).lower()) for r in answer)
+        elif rdtype == "TXT":       # one string per record, its character-strings joined (RFC 7208 3.3)
+            values = tuple(b"".join(r.strings).decode("utf-8", "replace") for r in answer)
         else:
             values = tuple(r.address for r in answer)
         return _Answer("ok", values, min(float(ttl), self.max_ttl))
@@ -274,6 +276,13 @@ class Resolver:
         if hops:
             return hops
         raise error or _temporary(f"{host}: no A or AAAA record")
+
+    def txt(self, name: str) -> defer.Deferred:
+        """The TXT records of ``name`` (each record's strings joined), cached like any answer; an
+        empty list when there are none (NXDOMAIN, NODATA); fails with :class:`TemporaryDNSError`."""
+        d = self._lookup(name.strip().lower().rstrip("."), "TXT")
+        d.addCallback(lambda answer: list(answer.values) if answer.kind == "ok" else [])
+        return d
 
     # -- MX -----------------------------------------------------------------------------------
 

@@ -40,6 +40,9 @@ class OutboundPolicy:
     connect_timeout: float | None = None    # None: the pool's default
     max_connections: int | None = None      # None: no limit for the connector as a whole
     max_connections_per_host: int | None = None   # None: the pool's default
+    required_by: str = ""                   # who made TLS mandatory, when not the connector
+                                            # (the destination's MTA-STS policy): named in replies
+    ca_with_system: bool = False            # ca_file adds to the system trust store (gateway.mta_sts)
 
     def __post_init__(self) -> None:
         if self.tls not in TLS_MODES:
@@ -58,6 +61,8 @@ class OutboundPolicy:
         return self.tls in ("required", "verify")
 
     def label(self) -> str:
+        if self.required_by:
+            return self.required_by
         return f"connector '{self.connector}'" if self.connector else "this gateway"
 
 
@@ -114,8 +119,9 @@ def _pem_blocks(data: bytes) -> list[bytes]:
         pos = stop + len(end)
 
 
-def load_trust_root(ca_file: str | None) -> Any:
-    """The trust root for ``tls: verify``: every certificate in the PEM file, or the platform's.
+def load_trust_root(ca_file: str | None, with_system: bool = False) -> Any:
+    """The trust root for ``tls: verify``: every certificate in the PEM file (with ``with_system``,
+    added to the platform's store), or the platform's.
 
     Read once per file by the pool (a small local file), not per connection.
     """
@@ -126,7 +132,25 @@ def load_trust_root(ca_file: str | None) -> Any:
         blocks = _pem_blocks(f.read())
     if not blocks:
         raise ValueError(f"no PEM certificate in {ca_file}")
-    return ssl.trustRootFromCertificates([ssl.Certificate.loadPEM(b) for b in blocks])
+    root = ssl.trustRootFromCertificates([ssl.Certificate.loadPEM(b) for b in blocks])
+    if with_system:         # Twisted offers the platform's store or given CAs, not both
+        root.__class__ = _system_plus(type(root))
+    return root
+
+
+_SYSTEM_PLUS: dict[type, type] = {}
+
+
+def _system_plus(base: type) -> type:
+    """A subclass of Twisted's given-CAs trust root that also loads the platform's store."""
+    cls = _SYSTEM_PLUS.get(base)
+    if cls is None:
+        class SystemPlus(base):  # type: ignore[misc, valid-type]
+            def _addCACertsToContext(self, context: Any) -> None:
+                context.set_default_verify_paths()
+                super()._addCACertsToContext(context)
+        cls = _SYSTEM_PLUS[base] = SystemPlus
+    return cls
 
 
 def verifying_options(hostname: str, trust_root: Any) -> Any:

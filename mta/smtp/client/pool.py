@@ -65,6 +65,12 @@ class _HostSlot:
     plaintext_until: float = 0.0
 
 
+def _group_key(policy: OutboundPolicy) -> OutboundPolicy:
+    """A connector's connections form one group whatever TLS each needs: a destination's MTA-STS
+    policy raises the TLS mode of some of them (:mod:`mta.delivery.tls_policy`), not the total."""
+    return replace(policy, tls="none", ca_file=None, required_by="", ca_with_system=False)
+
+
 def default_tls_options() -> Any:
     """Opportunistic TLS: encrypt when we can, verify nothing (RFC 7435), as MTAs do by default."""
     from twisted.internet import ssl
@@ -87,9 +93,9 @@ class SMTPClientPool:
         self.starttls = starttls
         self._tls_options = tls_options
         self._slots: dict[Key, _HostSlot] = {}
-        self._groups: dict[OutboundPolicy, _Group] = {}
-        self._verifying: dict[tuple[str | None, str], Any] = {}    # (ca_file, host name) -> options
-        self._trust_roots: dict[str | None, Any] = {}
+        self._groups: dict[OutboundPolicy, _Group] = {}     # _group_key(policy) -> its connections
+        self._verifying: dict[tuple[str | None, bool, str], Any] = {}  # (ca_file, +system, name) -> options
+        self._trust_roots: dict[tuple[str | None, bool], Any] = {}
         self._idle_timers: dict[SMTPClientProtocol, Any] = {}
         self._counted: set[SMTPClientProtocol] = set()
         self._closing = False
@@ -135,7 +141,7 @@ class SMTPClientPool:
         if host is not None:
             slot = self._slots.get((host, port, source_address, policy))
             return slot.open if slot else 0
-        group = self._groups.get(policy) if policy is not None else None
+        group = self._groups.get(_group_key(policy)) if policy is not None else None
         if group is not None:
             return group.open
         return sum(s.open for k, s in self._slots.items() if k[3] == policy)
@@ -146,9 +152,9 @@ class SMTPClientPool:
             policy = key[3]
             group = None
             if policy is not None and policy.max_connections is not None:
-                group = self._groups.get(policy)
+                group = self._groups.get(_group_key(policy))
                 if group is None:
-                    group = self._groups[policy] = _Group(policy.max_connections)
+                    group = self._groups[_group_key(policy)] = _Group(policy.max_connections)
             limit = (policy.max_connections_per_host if policy is not None
                      and policy.max_connections_per_host is not None else self.max_per_host)
             slot = self._slots[key] = _HostSlot(limit=limit, group=group)
@@ -295,16 +301,17 @@ class SMTPClientPool:
         """Options checking the chain against ``ca_file`` and the name against the hop's name: the
         smart host or MX name it came from, or its IP address for an ``[IP]`` smart host."""
         name = (hop.name or hop.host).strip("[]").rstrip(".").lower()
-        key = (policy.ca_file, name)
+        trust = (policy.ca_file, policy.ca_with_system)
+        key = (*trust, name)
         options = self._verifying.get(key)
         if options is None:
-            if policy.ca_file not in self._trust_roots:
+            if trust not in self._trust_roots:
                 try:
-                    self._trust_roots[policy.ca_file] = outbound.load_trust_root(policy.ca_file)
+                    self._trust_roots[trust] = outbound.load_trust_root(*trust)
                 except (OSError, ValueError) as e:
                     raise HostUnusable(R.tls_check_failed(
                         f"{policy.label()}: cannot use ca_file {policy.ca_file!r}: {_why(e)}")) from e
-            options = self._verifying[key] = outbound.verifying_options(name, self._trust_roots[policy.ca_file])
+            options = self._verifying[key] = outbound.verifying_options(name, self._trust_roots[trust])
         return options
 
     def _tls_options_for(self, slot: _HostSlot, hop: Hop | None = None,

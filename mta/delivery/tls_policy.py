@@ -1,0 +1,105 @@
+"""What TLS a delivery to a destination must have: the destination's published policy on top of the
+connector's own ``outbound.tls``.
+
+For MX delivery through a connector with ``outbound.mta_sts: true`` (the default), the domain's
+MTA-STS policy (:mod:`mta.delivery.mta_sts`) decides:
+
+* ``enforce``: only MX hosts matching an ``mx:`` pattern are tried, each with TLS mandatory and its
+  certificate verified for the MX name (chain: ``gateway.mta_sts.ca_file`` plus the system store).
+  No matching MX, no STARTTLS or a bad certificate is a temporary failure naming MTA-STS: the mail
+  waits and retries, as for any unusable hop.
+* ``testing``: delivery goes on as before; what enforce would have refused is logged
+  (``MTA-STS testing: ...``), and a hop whose TLS would fail is tried again as the connector says.
+* ``none`` or no policy: the connector's settings alone.
+
+Smart-host connectors are not subject: the smart host is the site's own choice, not the
+destination's MX. A connector's ``tls: verify`` is already stricter than any published policy
+regarding certificates; MTA-STS then only narrows the MX hosts.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from twisted.logger import Logger
+
+from mta.config import Connector
+from mta.model.nexthop import Hop, HostUnusable
+from mta.smtp.client.policy import OutboundPolicy
+from mta.smtp.reply import Reply
+from mta.delivery.sts_policy import Policy
+
+log = Logger(namespace="smtpgw.mta-sts")
+
+REQUIRED_BY = "the destination's MTA-STS policy"
+
+
+@dataclass
+class Route:
+    """The hops to try for one domain through one connector, and the client policy for each."""
+
+    hops: list[Hop]
+    policy: OutboundPolicy                          # for every hop
+    fallback: OutboundPolicy | None = None          # testing mode: retry a TLS failure with this
+    refusal: Reply | None = None                    # set when no hop may be tried at all
+    domain: str = ""
+    sts: Policy | None = None
+    skipped: list[Hop] = field(default_factory=list)
+
+    @property
+    def tls(self) -> str:
+        """What the route guarantees, for logs: ``mta-sts`` when the policy enforces it."""
+        if self.sts is not None and self.sts.mode == "enforce" and self.fallback is None:
+            return "mta-sts"
+        return ""
+
+    async def send(self, client: Any, hop: Hop, sender: str, recipients: list[str], data: Any,
+                   **options: Any) -> Any:
+        """``client.send`` under this route's policy; in testing mode a TLS failure is reported and
+        the hop tried again under the connector's own settings."""
+        try:
+            return await client.send(hop, sender, recipients, data, policy=self.policy, **options)
+        except HostUnusable as e:
+            if self.fallback is None or not e.reply.status.startswith("4.7."):
+                raise
+            log.warn("MTA-STS testing: {domain}: enforce would refuse {hop}: {why}",
+                     domain=self.domain, hop=str(hop), why=e.reply.text)
+        return await client.send(hop, sender, recipients, data, policy=self.fallback, **options)
+
+
+def subject_to_sts(connector: Connector | None) -> bool:
+    """MX delivery through a connector that honours MTA-STS (smart hosts are the site's own)."""
+    return connector is not None and connector.outbound.mta_sts and not connector.smart_hosts
+
+
+def sts_policy(policy: OutboundPolicy, ca_file: str | None) -> OutboundPolicy:
+    """The connector's client policy raised to verified TLS for the destination's MTA-STS policy."""
+    if policy.tls == "verify":          # the connector's own CAs and check already apply
+        return replace(policy, required_by=REQUIRED_BY)
+    return replace(policy, tls="verify", ca_file=ca_file, ca_with_system=True, required_by=REQUIRED_BY)
+
+
+def plan(domain: str, hops: list[Hop], policy: OutboundPolicy, sts: Policy | None,
+         ca_file: str | None) -> Route:
+    """The route for ``domain`` given its MTA-STS policy in force (None: none)."""
+    if sts is None or sts.mode == "none":
+        return Route(list(hops), policy, domain=domain)
+    allowed = [h for h in hops if sts.matches(h.name or h.host)]
+    skipped = [h for h in hops if h not in allowed]
+    names = ", ".join(dict.fromkeys(h.name or h.host for h in skipped))
+    if sts.mode == "testing":
+        if skipped:
+            log.warn("MTA-STS testing: {domain}: enforce would not use {names} (policy mx: {mx})",
+                     domain=domain, names=names, mx=" ".join(sts.mx))
+        return Route(list(hops), sts_policy(policy, ca_file), fallback=policy, domain=domain, sts=sts)
+    route = Route(allowed, sts_policy(policy, ca_file), domain=domain, sts=sts, skipped=skipped)
+    if not allowed:
+        route.refusal = Reply(451, "4.7.5", f"MTA-STS policy of {domain} (id {sts.id}, enforce) allows "
+                                            f"no MX host: {names} match none of {' '.join(sts.mx)}")
+    elif skipped:
+        log.info("MTA-STS: {domain}: not using {names}: no match in the policy's mx", domain=domain,
+                 names=names)
+    return route
+
+
+__all__ = ["REQUIRED_BY", "Route", "plan", "sts_policy", "subject_to_sts"]
