@@ -40,6 +40,7 @@ class Gateway:
     spool: Spool
     resolver: Resolver
     client: Any                         # SMTPClientPool, or a plugin's wrapper around it (etrn_dequeue)
+    mta_sts: MtaSts                     # destinations' MTA-STS policies, for MX delivery (mta.delivery.tls_policy)
     deliverer: Deliverer
     queue: QueueManager
     recipients: LocalRecipients         # local domains' recipients and aliases
@@ -68,7 +69,6 @@ class Gateway:
         self.resolver = Resolver(config.gateway.dns.nameservers, timeout=config.gateway.dns.timeout,
                                  reactor=reactor, local_names=[config.gateway.hostname])
         self.client = SMTPClientPool(reactor, helo_name=config.gateway.hostname)
-        # destinations' MTA-STS policies (RFC 8461), for MX delivery (mta.delivery.tls_policy)
         self.mta_sts = MtaSts(reactor, self.resolver, config.gateway.mta_sts_cache, config.gateway.mta_sts.ca_file)
         self.deliverer = Deliverer(self)
         self.queue = QueueManager(self)
