@@ -26,6 +26,7 @@ from twisted.logger import Logger
 from mta.config import Connector
 from mta.model.nexthop import Hop, HostUnusable
 from mta.smtp.client.policy import OutboundPolicy
+from mta.smtp import replies as R
 from mta.smtp.reply import Reply
 from mta.delivery.sts_policy import Policy
 
@@ -94,8 +95,8 @@ def plan(domain: str, hops: list[Hop], policy: OutboundPolicy, sts: Policy | Non
         return Route(list(hops), sts_policy(policy, ca_file), fallback=policy, domain=domain, sts=sts)
     route = Route(allowed, sts_policy(policy, ca_file), domain=domain, sts=sts, skipped=skipped)
     if not allowed:
-        route.refusal = Reply(451, "4.7.5", f"MTA-STS policy of {domain} (id {sts.id}, enforce) allows "
-                                            f"no MX host: {names} match none of {' '.join(sts.mx)}")
+        route.refusal = R.tls_check_failed(f"MTA-STS policy of {domain} (id {sts.id}, enforce) allows "
+                                           f"no MX host: {names} match none of {' '.join(sts.mx)}")
     elif skipped:
         log.info("MTA-STS: {domain}: not using {names}: no match in the policy's mx", domain=domain,
                  names=names)
