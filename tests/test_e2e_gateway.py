@@ -45,7 +45,7 @@ def subjects(peer) -> list[str]:
 def spool_empty(tmp_path) -> bool:
     """No queued message left (only the spool's own bookkeeping folders)."""
     root = tmp_path / "spool"
-    return not any(p.is_file() and p.parent.name not in ("tmp", "corrupt") for p in root.rglob("*"))
+    return not any(p.is_file() and p.parent.name not in ("tmp", "corrupt") and p.suffix != ".lock" for p in root.rglob("*"))
 
 
 # -- receiving -----------------------------------------------------------------------------------

@@ -90,7 +90,7 @@ class Site:
 
     def spool_empty(self) -> bool:
         root = self.tmp / "spool"
-        return not any(p.is_file() and p.parent.name not in ("tmp", "corrupt") for p in root.rglob("*"))
+        return not any(p.is_file() and p.parent.name not in ("tmp", "corrupt") and p.suffix != ".lock" for p in root.rglob("*"))
 
     def assert_nothing_relayed(self) -> None:
         self.barrier()

@@ -80,7 +80,7 @@ class Site:
         assert self.send("alice@example.test", [name], SMALL)[2][0] == 250
         assert wait_until(lambda: self.received(CATCH_ALL, name))
         root = self.tmp / "spool"
-        assert wait_until(lambda: not any(p.is_file() and p.parent.name not in ("tmp", "corrupt")
+        assert wait_until(lambda: not any(p.is_file() and p.parent.name not in ("tmp", "corrupt") and p.suffix != ".lock"
                                           for p in root.rglob("*")))
 
     def mailbox(self, name: str) -> list[bytes]:

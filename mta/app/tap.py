@@ -1,21 +1,23 @@
 """``twistd smtpgw``: command-line options and the service tree.
 
-``makeService`` only builds objects: listeners bind in ``privilegedStartService`` (so ``twistd -u/-g``
-can drop root after taking port 25), and the spool scan and queue start happen in ``startService``.
+``makeService`` builds objects, and does the part of start-up that can fail before anything runs
+(:mod:`mta.app.startup`: the spool made ready and locked, every listener bound, still as root so that
+``twistd -u/-g`` can drop it after taking port 25); a failure is one line and a non-zero exit. The
+spool scan and queue start happen in ``startService``.
 """
 from __future__ import annotations
 
-import ipaddress
 from typing import Any
 
 from twisted.application import internet, service
 from twisted.python import usage
 
+from mta.app import startup
 from mta.app.preflight import load_checked
 from mta.config import Config, ConfigError, ListenAddress, default_path, format_config_error
 from mta.workers import identity
-from mta.workers.endpoint import SharedEndpoint
-from mta.workers.lock import OwnerLock
+from mta.workers.endpoint import PreboundEndpoint
+from mta.workers.lock import OwnerLock, SpoolLock, workers_running
 from mta.workers.supervisor import ParentWatch, WorkerSupervisor
 from mta.app.gateway import Gateway
 from mta.app.reload_config import ConfigReload
@@ -35,11 +37,13 @@ class Options(usage.Options):
                       "etc/gateway.yaml)"]]
 
     def postOptions(self) -> None:
-        """Validate the whole file before anything listens; the error names the key."""
+        """Validate the whole file before anything listens; the error names the key (one line, as
+        ``smtpgw check-config`` prints it, not after twistd's usage text: nothing is wrong with the
+        command line)."""
         try:
-            self.parsed: Config = load_checked(self["config"])
+            self.parsed: Config = load_checked(self["config"], gateway=True)
         except ConfigError as e:
-            raise usage.UsageError(format_config_error(self["config"], e)) from None
+            startup.fail(format_config_error(self["config"], e), startup.EXIT_CONFIG)
 
 
 class GatewayService(service.Service):
@@ -47,11 +51,14 @@ class GatewayService(service.Service):
 
     name = "smtpgw-gateway"
 
-    def __init__(self, gateway: Any) -> None:
+    def __init__(self, gateway: Any, spool_lock: SpoolLock | None = None) -> None:
         self.gateway = gateway
+        self.spool_lock = spool_lock        # held since makeService; None in workers 1..N-1
 
     def startService(self) -> None:
         super().startService()
+        if self.spool_lock is not None:
+            self.spool_lock.record_pid()    # twistd may have become a daemon since: a new pid
 
         worker = self.gateway.worker
         if not worker.many:
@@ -76,22 +83,14 @@ class GatewayService(service.Service):
         return d
 
 
-def endpoint_for(reactor: Any, listen: ListenAddress, tls_context: Any = None, worker: Any = None) -> Any:
-    """A TCP endpoint; for a ``tls: true`` entry (implicit TLS, port 465) a TLS one whose sessions start
-    encrypted, with the virtual server's context (``mta.smtp.server.tls.ServerTLS``, so SIGHUP reaches it).
-    With several workers, a socket they share (``mta.workers.endpoint.SharedEndpoint``)."""
-    from twisted.internet.endpoints import SSL4ServerEndpoint, TCP4ServerEndpoint, TCP6ServerEndpoint
-
-    if worker is not None and worker.many:
-        return SharedEndpoint(reactor, listen, tls_context, worker)
-    host = listen.host or "0.0.0.0"
-    if listen.tls:
-        if tls_context is None:
-            raise ValueError(f"{host}:{listen.port}: implicit TLS without a certificate")
-        return SSL4ServerEndpoint(reactor, listen.port, tls_context, backlog=1024, interface=host)
-    if ipaddress.ip_address(host).version == 6:
-        return TCP6ServerEndpoint(reactor, listen.port, backlog=1024, interface=host)
-    return TCP4ServerEndpoint(reactor, listen.port, backlog=1024, interface=host)
+def endpoint_for(reactor: Any, listen: ListenAddress, tls_context: Any, worker: Any, key: str,
+                 spool: str) -> PreboundEndpoint:
+    """The endpoint of one ``virtual_servers[].listen`` entry (``key``), bound by makeService; for a
+    ``tls: true`` entry (implicit TLS, port 465) its sessions start encrypted, with the virtual
+    server's context (``mta.smtp.server.tls.ServerTLS``, so SIGHUP reaches it). With several workers
+    the socket is theirs to share; binding waits only while a previous run's workers hold it."""
+    return PreboundEndpoint(reactor, listen, tls_context, worker, key=key,
+                            earlier_run=lambda: bool(workers_running(spool)))
 
 
 def tune_gc(reactor: Any) -> None:
@@ -112,11 +111,14 @@ def makeService(options: Options) -> service.MultiService:
 
     config = options.parsed
     worker = identity.current(config)       # gateway.workers: which process this is
+    spool_lock = None
+    if worker.index == 0:                   # the spool is the first process's (workers share it)
+        spool_lock = startup.claim_spool(options["config"], config, *startup.service_user(options))
     gateway = Gateway(config, reactor, worker=worker)
     tune_gc(reactor)
     lean_poll(reactor)
     top = service.MultiService()
-    GatewayService(gateway).setServiceParent(top)
+    GatewayService(gateway, spool_lock).setServiceParent(top)
     tls_contexts = []
     endpoints = []
     for connector in config.connectors:          # outbound W3C logs (connectors[].protocol_log)
@@ -125,18 +127,19 @@ def makeService(options: Options) -> service.MultiService:
             gateway.client.protocol_logs[connector.name] = outbound_log
             ProtocolLogService(outbound_log).setServiceParent(top)
     factories = []
-    for vs in config.virtual_servers:
+    for i, vs in enumerate(config.virtual_servers):
         factory = SMTPServerFactory(gateway, vs)
         factories.append(factory)
         if factory.tls_context is not None:
             tls_contexts.append(factory.tls_context)
         if factory.protocol_log is not None:     # its last lines are written when twistd stops
             ProtocolLogService(factory.protocol_log).setServiceParent(top)
-        for listen in vs.listen:
-            endpoint = endpoint_for(reactor, listen, factory.tls_context, worker)
+        for j, listen in enumerate(vs.listen):
+            endpoint = endpoint_for(reactor, listen, factory.tls_context, worker,
+                                    f"virtual_servers[{i}].listen[{j}]", config.gateway.spool)
             endpoints.append(endpoint)
             svc = internet.StreamServerEndpointService(endpoint, factory)
-            svc._raiseSynchronously = True       # a port in use stops startup with a clear error
+            svc._raiseSynchronously = True
             svc.setName(f"{vs.name} {listen.host}:{listen.port}")
             svc.setServiceParent(top)
     reload_targets = [*tls_contexts, ConfigReload(gateway, factories), gateway.recipients,
@@ -151,4 +154,5 @@ def makeService(options: Options) -> service.MultiService:
     add_operator_services(top, gateway, reactor)        # control socket (smtpgw queue), metrics endpoint
     if worker.supervisor:
         supervisor.setServiceParent(top)
+    startup.bind_listeners(options["config"], top)      # last: every check that needs no address first
     return top

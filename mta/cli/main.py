@@ -190,7 +190,7 @@ def hook_lines(config: Config) -> list[str]:
 
 @command("check-config", "validate the configuration file and summarize it", add_config_option)
 def check_config(args: argparse.Namespace) -> int:
-    config = load_config(args)
+    config = load_checked(args.config, gateway=True)
     try:
         extra = hook_lines(config)
     except Exception as e:                       # a plugin or local hook file that does not import

@@ -51,6 +51,8 @@ from twisted.logger import Logger
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
+from mta.config import ListenAddress
+from mta.workers.endpoint import PreboundEndpoint
 from mta.plugin.hookspecs import hookimpl
 
 log = Logger(namespace="smtpgw.metrics")
@@ -294,21 +296,18 @@ def metrics_service(metrics: GatewayMetrics, reactor: Any, workers: int = 1,
                     ask: Callable[[int, dict[str, Any]], defer.Deferred] | None = None) -> service.Service:
     """The listening service for ``gateway.metrics`` (worker 0 only); with ``workers`` > 1 the page
     adds up every worker's figures, asked with ``ask`` (see :class:`WorkersMetrics`)."""
-    import ipaddress
-
     from twisted.application import internet
-    from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint
     from twisted.web.server import Site
 
     gateway = metrics.gateway
     host, port = gateway.config.gateway.metrics.listen
-    endpoint_cls = TCP6ServerEndpoint if ipaddress.ip_address(host).version == 6 else TCP4ServerEndpoint
+    endpoint = PreboundEndpoint(reactor, ListenAddress(host, port), key="gateway.metrics.listen")
     page = WorkersMetrics(metrics, workers, ask) if workers > 1 and ask is not None else metrics
     site = Site(MetricsPage(page))
     site.noisy = False
     site.log = lambda request: None            # a scrape every 15 s is not worth a log line
-    svc = internet.StreamServerEndpointService(endpoint_cls(reactor, port, interface=host), site)
-    svc._raiseSynchronously = True            # a port in use stops startup with a clear error
+    svc = internet.StreamServerEndpointService(endpoint, site)      # bound by mta.app.startup
+    svc._raiseSynchronously = True
     svc.setName(f"metrics {host}:{port}")
     svc.metrics = metrics
     return svc

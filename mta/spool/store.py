@@ -76,6 +76,54 @@ class CorruptFile(Exception):
     """A spool file that does not parse; scan() moves it to ``corrupt/``."""
 
 
+def spool_problem(directory: str) -> str | None:
+    """Why a gateway could not use ``directory`` as its spool, found without changing anything
+    (``smtpgw check-config``); None when it can, a missing spool that can be created included."""
+    path = os.path.abspath(directory)
+    if os.path.lexists(path) and not os.path.isdir(path):
+        return f"{path} is not a directory"
+    if not os.path.exists(path):
+        parent = os.path.dirname(path)
+        while not os.path.lexists(parent):
+            parent = os.path.dirname(parent)
+        if not os.path.isdir(parent):
+            return f"{path} cannot be created: {parent} is not a directory"
+        if not os.access(parent, os.W_OK | os.X_OK):
+            return f"{path} does not exist and cannot be created: {parent} is not writable"
+        return None
+    for sub in ("", "tmp", "queue", "corrupt"):
+        folder = os.path.join(path, sub) if sub else path
+        if os.path.lexists(folder) and not os.path.isdir(folder):
+            return f"{folder} is not a directory"
+        if os.path.isdir(folder) and not os.access(folder, os.W_OK | os.X_OK):
+            return f"{folder} is not writable" + (" (read-only file system)" if _read_only(folder) else "")
+    return None
+
+
+def _read_only(path: str) -> bool:
+    try:
+        return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False
+
+
+def prepare_spool(directory: str) -> None:
+    """Create the spool's folders and prove that a file can be written there; at start-up, as the
+    user the gateway runs as. Raises SpoolError with the reason."""
+    path = os.path.abspath(directory)
+    if os.path.lexists(path) and not os.path.isdir(path):
+        raise SpoolError(f"{path} is not a directory")
+    tmp = os.path.join(path, "tmp")
+    try:
+        for folder in (path, tmp, os.path.join(path, "queue"), os.path.join(path, "corrupt")):
+            os.makedirs(folder, mode=0o700, exist_ok=True)
+        probe = os.path.join(tmp, f"probe.{os.getpid()}")
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600))
+        os.unlink(probe)
+    except OSError as e:
+        raise SpoolError(f"{e.filename or path}: {e.strerror or e}") from None
+
+
 def check_id(entry_id: str) -> str:
     """Ids become file names, so only a safe alphabet is allowed."""
     if not _ID_RE.match(entry_id) or entry_id.endswith(STATE_SUFFIX):

@@ -1,16 +1,24 @@
-"""Listening sockets bound once by worker 0 and shared with the other workers."""
+"""Listening sockets bound before anything starts, and shared with the other workers.
+
+Every listener of ``twistd smtpgw`` (the virtual servers' and the metrics endpoint) is bound by
+:meth:`PreboundEndpoint.bind` while twistd builds the service tree, before it logs, becomes a daemon or
+writes its pid file: an address that cannot be had stops start-up with one line naming the key, and
+nothing else has started. (Still as root, so ``twistd -u`` can listen on port 25.) The reactor adopts
+the socket when the service starts; with ``gateway.workers``, worker 0 keeps it for the workers it
+starts, and a worker adopts the copy it inherited.
+"""
 from __future__ import annotations
 
 import errno
 import os
 import socket
 import time
-from typing import Any
+from typing import Any, Callable
 
 from twisted.internet import defer
 from twisted.logger import Logger
 
-from mta.workers.identity import WorkerInfo
+from mta.workers.identity import SINGLE, WorkerInfo
 
 
 log = Logger(namespace="smtpgw.workers")
@@ -20,56 +28,82 @@ def listen_key(listen: Any) -> str:
     return f"{listen.host or '0.0.0.0'}:{listen.port}:{int(bool(listen.tls))}"
 
 
-# -- listening sockets shared by the workers ---------------------------------------------------------
+class CannotListen(Exception):
+    """A listening address that cannot be had; ``key`` is its configuration key."""
 
-class SharedEndpoint:
-    """A stream server endpoint on a socket the workers share.
+    def __init__(self, key: str, address: str, problem: str) -> None:
+        super().__init__(f"{key}: cannot listen on {address}: {problem}")
+        self.key, self.address, self.problem = key, address, problem
 
-    In the supervisor it creates and binds the socket (in ``privilegedStartService``, so port 25
-    works with ``twistd -u``) and keeps it for the workers it starts; in a worker it adopts the
-    socket inherited from the supervisor. Implicit TLS wraps the factory the way ``SSL4ServerEndpoint``
-    does, with the virtual server's context (so SIGHUP reaches it).
+
+class PreboundEndpoint:
+    """A stream server endpoint on a socket bound ahead of time (see the module docstring).
+
+    ``listen`` is a ``ListenAddress`` (host, port, tls); ``key`` names it in the configuration for
+    error messages. Implicit TLS wraps the factory the way ``SSL4ServerEndpoint`` does, with the
+    virtual server's context (so SIGHUP reaches it). ``earlier_run`` says whether a previous run's
+    workers may still hold the address (then binding waits up to ``bind_wait`` for them to finish).
     """
 
-    def __init__(self, reactor: Any, listen: Any, tls_context: Any, worker: WorkerInfo,
-                 backlog: int = 1024, bind_wait: float = 10.0) -> None:
+    def __init__(self, reactor: Any, listen: Any, tls_context: Any = None, worker: WorkerInfo = SINGLE,
+                 key: str = "listen", backlog: int = 1024, bind_wait: float = 10.0,
+                 earlier_run: Callable[[], bool] = lambda: False) -> None:
         self.reactor = reactor
         self.listen_address = listen
         self.tls_context = tls_context
         self.worker = worker
+        self.config_key = key
         self.backlog = backlog
         self.bind_wait = bind_wait
+        self.earlier_run = earlier_run
         self.key = listen_key(listen)
         self.socket: socket.socket | None = None
+
+    @property
+    def address(self) -> str:
+        host = self.listen_address.host or "0.0.0.0"
+        return f"[{host}]:{self.listen_address.port}" if ":" in host else f"{host}:{self.listen_address.port}"
 
     def _family(self) -> int:
         host = self.listen_address.host or "0.0.0.0"
         return socket.AF_INET6 if ":" in host else socket.AF_INET
 
-    def _bind(self) -> socket.socket:
+    def bind(self) -> None:
+        """Bind and listen now (worker 0 only; idempotent); raises :class:`CannotListen`."""
+        if self.socket is not None or self.worker.index != 0:
+            return
         host = self.listen_address.host or "0.0.0.0"
         sock = socket.socket(self._family(), socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        # A worker of the previous run may still hold the address for a moment after its supervisor
-        # was killed (it closes its copy as soon as it notices): wait for it rather than fail.
         deadline = time.monotonic() + self.bind_wait
-        while True:
-            try:
-                sock.bind((host, self.listen_address.port))
-                break
-            except OSError as e:
-                if e.errno != errno.EADDRINUSE or time.monotonic() >= deadline:
-                    sock.close()
-                    raise
-                time.sleep(0.2)
-        sock.listen(self.backlog)
+        told = False
+        try:
+            while True:
+                try:
+                    sock.bind((host, self.listen_address.port))
+                    break
+                except OSError as e:
+                    # a worker of the previous run may hold the address for a moment after its
+                    # supervisor was killed (it closes its copy as soon as it notices): wait for it,
+                    # and only for it
+                    if e.errno != errno.EADDRINUSE or time.monotonic() >= deadline or not self.earlier_run():
+                        raise CannotListen(self.config_key, self.address, _reason(e)) from None
+                    if not told:
+                        told = True
+                        log.warn("{address} is still held by a worker of the previous run; waiting for it",
+                                 address=self.address)
+                    time.sleep(0.2)
+            sock.listen(self.backlog)
+        except BaseException:
+            sock.close()
+            raise
         sock.setblocking(False)
-        return sock
+        self.socket = sock
 
     def listen(self, factory: Any) -> defer.Deferred:
         try:
             if self.worker.index == 0:
-                self.socket = self._bind()
+                self.bind()
                 fd = self.socket.fileno()
             else:
                 fd = self.worker.listen_fds[self.key]
@@ -81,9 +115,19 @@ class SharedEndpoint:
             port = self.reactor.adoptStreamPort(fd, self._family(), factory)
             if self.worker.index != 0:
                 os.close(fd)                 # adoptStreamPort keeps its own duplicate
+            elif not self.worker.many:
+                self.socket.close()          # nobody else needs it: stopListening really closes it
+                self.socket = None
         except Exception:
             return defer.fail()
         return defer.succeed(port)
 
 
-# -- the supervisor (worker 0) -----------------------------------------------------------------------
+def _reason(error: OSError) -> str:
+    if error.errno == errno.EADDRINUSE:
+        return "address already in use (is another gateway or mail server running?)"
+    if error.errno == errno.EACCES:
+        return "permission denied (ports below 1024 need root: start twistd as root with -u/-g)"
+    if error.errno == errno.EADDRNOTAVAIL:
+        return "no such local address on this host"
+    return error.strerror or str(error)

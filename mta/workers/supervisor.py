@@ -16,7 +16,7 @@ from twisted.application import service
 from twisted.internet import defer
 from twisted.logger import Logger
 
-from mta.workers.endpoint import SharedEndpoint
+from mta.workers.endpoint import PreboundEndpoint
 from mta.workers.identity import ENV_COUNT, ENV_FDS, ENV_INDEX, WorkerInfo
 
 
@@ -108,7 +108,7 @@ class WorkerSupervisor(service.Service):
     name = "smtpgw-workers"
 
     def __init__(self, reactor: Any, worker: WorkerInfo, config_path: str,
-                 endpoints: list[SharedEndpoint], stop_timeout: float = 40.0) -> None:
+                 endpoints: list[PreboundEndpoint], stop_timeout: float = 40.0) -> None:
         self.reactor = reactor
         self.worker = worker
         self.config_path = os.path.abspath(config_path)
