@@ -127,8 +127,19 @@ class DNSServer:
         self._ptrs.append(f"--ptr-record={rev},{self._name(name)}")
         return self
 
+    def add_txt(self, name: str, text: str) -> "DNSServer":
+        """A TXT record (SPF, DKIM key, DMARC policy); text longer than 255 octets is split into
+        several strings of one record, as a zone file would (RFC 1035 3.3.14, RFC 6376 3.6.2.2)."""
+        parts = [text[i:i + 255] for i in range(0, len(text), 255)] or [""]
+        for part in parts:
+            if any(c in part for c in ',"\\'):
+                raise ValueError(f"dnsfixture cannot serve a TXT string with commas, quotes or backslashes: {part!r}")
+        self._txts.append(f"--txt-record={self._name(name)}," + ",".join(parts))
+        return self
+
     def clear(self) -> "DNSServer":
         self._mx.clear()
+        self._txts.clear()
         self._hosts.clear()
         self._cnames.clear()
         self._ptrs.clear()

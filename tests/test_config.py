@@ -17,12 +17,12 @@ from mta.cli import main as cli
 from mta.config import (
     AddressSpace, Config, ConfigError, ListenAddress, LocalDomain, LocalHook, load_config, parse_config,
 )
-from mta.config.loader import ConfigFileError, build, load
+from mta.config.loader import ConfigFileError, build, installed_plugins, load
 from mta.config.schedules import Schedule
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_FILE = ROOT / "etc" / "gateway.yaml"
-INSTALLED = "diag_logging, etrn_dequeue, relay_acl, smart_host"
+INSTALLED = ", ".join(installed_plugins())        # what this checkout registers (setup.cfg entry points)
 DELETE = object()
 
 
@@ -366,7 +366,17 @@ ERRORS = [
     ("plugins.enabled", ["relay_acl", "foo"], f"plugins.enabled[1]: unknown plugin 'foo' (installed: {INSTALLED})"),
     ("plugins.enabled", ["relay_acl", "relay_acl"], "plugins.enabled[1]: 'relay_acl' is listed twice"),
     ("plugins.local", ["/nonexistent/site_hooks.py"], "plugins.local[0]: no such file '/nonexistent/site_hooks.py'"),
-    ("plugins.foo", {}, "plugins.foo: unknown key (known: diag_logging, enabled, etrn_dequeue, local, relay_acl, smart_host)"),
+    ("plugins.dkim_sign", {"sign": "sometimes"}, "plugins.dkim_sign.sign: expected one of relayed, all"),
+    ("plugins.dkim_sign", {"headers": ["subject"]}, "plugins.dkim_sign.headers: must include from"),
+    ("plugins.dkim_sign", {"headers": ["from", "received"]}, "plugins.dkim_sign.headers[1]: received must not be signed"),
+    ("plugins.dkim_sign", {"keys": [{"domain": "example.test", "selector": "s1", "key": "k", "algorithm": "rsa"}]},
+     "plugins.dkim_sign.keys[0].algorithm: expected one of rsa-sha256, ed25519-sha256"),
+    ("plugins.dkim_sign", {"keys": [{"domain": "example.test", "key": "k"}]},
+     "plugins.dkim_sign.keys[0].selector: required key is missing"),
+    ("plugins.sender_auth", {"reject": {"dmarc": True}}, "plugins.sender_auth.reject.dmarc: unknown key"),
+    ("plugins.sender_auth", {"trusted_networks": ["exchange"]}, "plugins.sender_auth.trusted_networks[0]: expected an IP address or CIDR"),
+    ("plugins.sender_auth", {"spf": "yes"}, "plugins.sender_auth.spf: expected true or false"),
+    ("plugins.foo", {}, "plugins.foo: unknown key (known: " + ", ".join(sorted([*installed_plugins(), "enabled", "local"])) + ")"),
     ("plugins.diag_logging", {"levels": {"smtp_protocol": "loud"}},
      "plugins.diag_logging.levels.smtp_protocol: expected one of none, minimum, medium, maximum, got 'loud'"),
     ("plugins.diag_logging", {"levels": ["maximum"]}, "plugins.diag_logging.levels: expected a mapping, got a list"),

@@ -32,7 +32,10 @@ import dns.nameserver
 import dns.resolver
 import dns.reversename
 
+from mta.cli.dkim import check_published
 from mta.cli.main import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, add_config_option, command, load_config
+from mta.config.values import parse_domain, parse_hostport
+from mta.delivery.nexthops import dns_resolver
 from mta.config import ConfigError
 
 
@@ -86,13 +89,7 @@ class Lookup:
     """Blocking dnspython queries (a CLI may block), errors sorted into kinds."""
 
     def __init__(self, nameservers: Sequence[tuple[str, int]], timeout: float) -> None:
-        if nameservers:
-            self.resolver = dns.resolver.Resolver(configure=False)
-            self.resolver.nameservers = [dns.nameserver.Do53Nameserver(ip, int(port)) for ip, port in nameservers]
-        else:
-            self.resolver = dns.resolver.Resolver(configure=True)
-        self.resolver.lifetime = timeout
-        self.resolver.timeout = min(timeout, 2.0)
+        self.resolver = dns_resolver(nameservers, timeout)
 
     def query(self, name: str | dns.name.Name, rdtype: str) -> tuple[str, Any]:
         """``("ok", answer)``, ``("nxdomain", None)``, ``("nodata", None)`` or ``("error", text)``."""
@@ -270,7 +267,9 @@ def format_report(report: Report) -> list[str]:
 
 def _arguments(parser: argparse.ArgumentParser) -> None:
     add_config_option(parser)
-    parser.add_argument("domain", metavar="DOMAIN", help="the mail domain to check (example.com)")
+    parser.add_argument("domain", metavar="DOMAIN", nargs="?", help="the mail domain to check (example.com)")
+    parser.add_argument("--dkim", metavar="DOMAIN:SELECTOR", action="append",
+                        help="compare the published DKIM record with plugins.dkim_sign's key (repeatable)")
     parser.add_argument("--server", metavar="IP[:PORT]", action="append",
                         help="ask this DNS server instead of gateway.dns.nameservers (repeatable; "
                              "no configuration file is needed then)")
@@ -281,8 +280,11 @@ def _arguments(parser: argparse.ArgumentParser) -> None:
 
 @command("dns-check", "check a domain's MX, A/AAAA and PTR records with the gateway's DNS servers", _arguments)
 def dns_check(args: argparse.Namespace) -> int:
-    from mta.config.values import parse_domain, parse_hostport
-
+    if args.dkim:
+        return dkim_check(args)
+    if args.domain is None:
+        print("smtpgw dns-check: name a DOMAIN, or --dkim DOMAIN:SELECTOR", file=sys.stderr)
+        return EXIT_USAGE
     try:
         domain = parse_domain(args.domain, "DOMAIN")
     except ConfigError:
@@ -290,19 +292,14 @@ def dns_check(args: argparse.Namespace) -> int:
     if not domain or _is_ip(domain):
         print(f"smtpgw dns-check: {args.domain!r} is not a domain name", file=sys.stderr)
         return EXIT_USAGE
-    timeout = 5.0
-    if args.server:
-        try:
-            servers = [parse_hostport(s, "--server", default_port=53) for s in args.server]
-        except ConfigError as e:
-            print(f"smtpgw dns-check: {e}", file=sys.stderr)
-            return EXIT_USAGE
-    else:
-        config = load_config(args)
-        servers = list(config.gateway.dns.nameservers)
-        timeout = config.gateway.dns.timeout
+    config = None if args.server else load_config(args)
+    servers = _servers(args, config)
+    if servers is None:
+        return EXIT_USAGE
     if args.timeout is not None:
         timeout = args.timeout
+    else:
+        timeout = config.gateway.dns.timeout if config is not None else 5.0
     shown = [f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}" for ip, port in servers]
     report = check_domain(domain, Lookup(servers, timeout), shown)
     if args.json:
@@ -312,3 +309,27 @@ def dns_check(args: argparse.Namespace) -> int:
     if not report.deliverable or (args.strict and report.warnings):
         return EXIT_FAILURE
     return EXIT_OK
+
+
+def _servers(args: argparse.Namespace, config: Any) -> list[tuple[str, int]] | None:
+    """``--server`` (repeatable) or else the configuration's ``gateway.dns.nameservers``; None (said on
+    stderr) for a --server that is not IP[:PORT]."""
+    if not args.server:
+        return list(config.gateway.dns.nameservers)
+    try:
+        return [parse_hostport(s, "--server", default_port=53) for s in args.server]
+    except ConfigError as e:
+        print(f"smtpgw dns-check: {e}", file=sys.stderr)
+        return None
+
+
+def dkim_check(args: argparse.Namespace) -> int:
+    """``--dkim D:S``: the configuration names the key; its DNS servers (or ``--server``) are asked."""
+    config = load_config(args)
+    servers = _servers(args, config)
+    if servers is None:
+        return EXIT_USAGE
+    lookup = Lookup(servers, args.timeout if args.timeout is not None else config.gateway.dns.timeout)
+    lines, ok = check_published(config, args.dkim, lambda name: lookup.query(name, "TXT"))
+    print("\n".join(lines))
+    return EXIT_OK if ok else EXIT_FAILURE

@@ -50,6 +50,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "mta.cli.dns",              # smtpgw dns-check
     "mta.cli.etrn",             # smtpgw etrn
     "mta.cli.sendmail",         # smtpgw sendmail
+    "mta.cli.dkim",             # smtpgw dkim keygen
 )
 
 

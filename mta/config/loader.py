@@ -792,11 +792,90 @@ def _etrn_dequeue_settings(data: dict[str, Any], path: str) -> dict[str, Any]:
             if data.get("turn") is not None else False}
 
 
+DKIM_ALGORITHMS = ("rsa-sha256", "ed25519-sha256")
+DKIM_DEFAULT_HEADERS = ("from", "to", "cc", "subject", "date", "message-id", "reply-to", "mime-version",
+                        "content-type", "content-transfer-encoding", "in-reply-to", "references")
+DKIM_NEVER_SIGNED = ("received", "return-path", "dkim-signature", "bcc", "resent-bcc", "comments", "keywords")
+
+
+def header_name(value: Any, path: str) -> str:
+    text = string(value, path).lower()
+    if not all(33 <= ord(c) <= 126 and c != ":" for c in text):
+        raise ConfigError(path, f"expected a header field name (subject, message-id...), got {describe(value)}")
+    return text
+
+
+def dkim_selector(value: Any, path: str) -> str:
+    """A selector is one or more DNS labels (RFC 6376 3.1), placed before ``._domainkey.``."""
+    text = string(value, path).lower()
+    if not all(label and len(label) <= 63 and label.replace("-", "").replace("_", "").isalnum()
+               and label.isascii() for label in text.split(".")):
+        raise ConfigError(path, f"expected a DNS label such as s2026, got {describe(value)}")
+    return text
+
+
+DKIM_KEY = {
+    "domain": Key(lambda v, p: parse_domain(v, p), REQUIRED),
+    "selector": Key(dkim_selector, REQUIRED),
+    "key": Key(file_path, REQUIRED),          # read and checked by the plugin (dkim_sign.check_config)
+    "algorithm": Key(choice(*DKIM_ALGORITHMS), "rsa-sha256"),
+}
+
+
+def _dkim_sign_settings(data: dict[str, Any], path: str) -> dict[str, Any]:
+    """``keys: [{domain, selector, key, algorithm}]``, ``headers`` (From is always among them),
+    ``sign: relayed|all``."""
+    check_known(data, ("keys", "headers", "sign"), path)
+    keys = list_of(lambda v, p: read_keys(v, p, DKIM_KEY))(data.get("keys") or [], join(path, "keys"))
+    seen: dict[tuple[str, str], int] = {}
+    for i, key in enumerate(keys):
+        pair = (key["domain"], key["selector"])
+        if pair in seen:
+            raise ConfigError(f"{join(path, 'keys')}[{i}]",
+                              f"selector {pair[1]!r} of {pair[0]!r} is listed twice (also keys[{seen[pair]}])")
+        seen[pair] = i
+    headers = DKIM_DEFAULT_HEADERS
+    if data.get("headers") is not None:
+        headers = list_of(header_name, min_len=1, unique=True)(data["headers"], join(path, "headers"))
+        for i, name in enumerate(headers):
+            if name in DKIM_NEVER_SIGNED:
+                raise ConfigError(f"{join(path, 'headers')}[{i}]", f"{name} must not be signed (RFC 6376 5.4)")
+        if "from" not in headers:
+            raise ConfigError(join(path, "headers"), "must include from (RFC 6376 5.4: From is always signed)")
+    sign = "relayed" if data.get("sign") is None else choice("relayed", "all")(data["sign"], join(path, "sign"))
+    return {"keys": keys, "headers": tuple(headers), "sign": sign}
+
+
+def _sender_auth_settings(data: dict[str, Any], path: str) -> dict[str, Any]:
+    """``authserv_id`` (default gateway.hostname), ``spf``/``dkim``/``dmarc`` (true), ``arc: {verify,
+    seal}``, ``reject: {spf_fail, dmarc_reject}`` (false), ``trusted_networks`` (none)."""
+    out = read_keys(data, path, {
+        "authserv_id": Key(lambda v, p: parse_domain(v, p)),
+        "spf": Key(boolean, True),
+        "dkim": Key(boolean, True),
+        "dmarc": Key(boolean, True),
+        "arc": Key(lambda v, p: read_keys(v, p, {
+            "verify": Key(boolean, True),
+            "seal": Key(lambda v2, p2: read_keys(v2, p2, {k: DKIM_KEY[k] for k in ("domain", "selector", "key")})),
+        })),
+        "reject": Key(lambda v, p: read_keys(v, p, {"spf_fail": Key(boolean, False),
+                                                    "dmarc_reject": Key(boolean, False)})),
+        "trusted_networks": Key(list_of(network)),
+    })
+    out.setdefault("authserv_id", None)
+    out["arc"] = {"verify": True, "seal": None, **out.get("arc", {})}
+    out["reject"] = {"spf_fail": False, "dmarc_reject": False, **out.get("reject", {})}
+    out.setdefault("trusted_networks", ())
+    return out
+
+
 # plugin name -> validator of its section (raw dict in, settings dict out). A plugin with no entry
 # gets its section as written. Sections listed here are filled in even when the file leaves them out.
 PLUGIN_SETTINGS: dict[str, Callable[[dict[str, Any], str], dict[str, Any]]] = {
     "diag_logging": _diag_logging_settings,
     "etrn_dequeue": _etrn_dequeue_settings,
+    "dkim_sign": _dkim_sign_settings,
+    "sender_auth": _sender_auth_settings,
 }
 
 

@@ -33,7 +33,7 @@ NEGATIVE_TTL = 60.0       # NXDOMAIN / NODATA are kept at most this long (a new 
 MAX_CACHE_ENTRIES = 20000
 MAX_THREADS = 10          # concurrent lookups; more wait their turn
 
-__all__ = ["Hop", "PermanentDNSError", "TemporaryDNSError", "Resolver", "ip_literal"]
+__all__ = ["Hop", "PermanentDNSError", "TemporaryDNSError", "Resolver", "dns_resolver", "ip_literal"]
 
 
 class DNSError(Exception):
@@ -102,6 +102,21 @@ def _negative_ttl(exc: dns.exception.DNSException, cap: float) -> float:
     return cap
 
 
+def dns_resolver(nameservers: Sequence[tuple[str, int]], timeout: float) -> dns.resolver.Resolver:
+    """A blocking dnspython resolver asking ``gateway.dns.nameservers`` (``(ip, port)`` pairs; empty:
+    the system's), ``timeout`` seconds for a whole lookup. Shared by delivery and by the plugins whose
+    libraries need a blocking lookup function (sender_auth's SPF and DKIM), so that every query goes
+    to the configured servers."""
+    if nameservers:
+        resolver = dns.resolver.Resolver(configure=False)
+        resolver.nameservers = [dns.nameserver.Do53Nameserver(ip, int(port)) for ip, port in nameservers]
+    else:
+        resolver = dns.resolver.Resolver(configure=True)
+    resolver.lifetime = timeout
+    resolver.timeout = min(timeout, 2.0)       # per try; several tries fit in the lifetime
+    return resolver
+
+
 class Resolver:
     """MX / address lookups for delivery; one per gateway, shared by every delivery.
 
@@ -127,13 +142,7 @@ class Resolver:
         self._clock = clock
         self.max_ttl = max_ttl
         self.negative_ttl = negative_ttl
-        if nameservers:
-            self._dns = dns.resolver.Resolver(configure=False)
-            self._dns.nameservers = [dns.nameserver.Do53Nameserver(ip, int(port)) for ip, port in nameservers]
-        else:
-            self._dns = dns.resolver.Resolver(configure=True)
-        self._dns.lifetime = self.timeout
-        self._dns.timeout = min(self.timeout, 2.0)   # per try; several tries fit in the lifetime
+        self._dns = dns_resolver(nameservers, self.timeout)
         self._cache: dict[tuple[str, str], tuple[float, _Answer]] = {}
         self._inflight: dict[tuple[str, str], list[defer.Deferred]] = {}
         self._threadpool: Any = None

@@ -13,6 +13,11 @@ def new_id() -> str:
     return f"{int(time.time() * 1000):012x}{uuid.uuid4().hex[:12]}"
 
 
+# ``envelope.extra[LOG_FIELDS]``: short ``{name: text}`` fields a plugin wants on the message's
+# per-recipient outcome log lines (delivered, deferred, bounced), such as sender_auth's verdicts.
+LOG_FIELDS = "log_fields"
+
+
 @dataclass
 class Session:
     """One client connection, as plugins see it."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 import email.parser
 import email.policy
 from email.message import Message
+from typing import Callable
 
 
 class MessageData:
@@ -53,6 +54,45 @@ class MessageData:
     def prepend_header(self, name: str, value: str) -> None:
         """Add a header on top (trace headers go first, RFC 5321 4.4)."""
         self._prepended.insert(0, f"{name}: {value}\r\n".encode("utf-8"))
+
+    def remove_headers(self, drop: Callable[[str, str], bool]) -> int:
+        """Remove the original header fields for which ``drop(name, value)`` is true (``value``
+        unfolded, as text); returns how many went. Used to take out what a sender may not say about
+        itself, such as an Authentication-Results header naming this gateway (RFC 8601 5)."""
+        block = self.header_block()
+        block = block[: block.rfind(b"\r\n") + 2]       # whole lines only (a capped block may end mid-line)
+        fields: list[bytes] = []
+        for line in block.split(b"\r\n")[:-1]:
+            if fields and line[:1] in (b" ", b"\t"):
+                fields[-1] += line + b"\r\n"
+            else:
+                fields.append(line + b"\r\n")
+        kept = []
+        for field in fields:
+            name, _, value = field.partition(b":")
+            text = value.decode("utf-8", "replace").replace("\r\n", "").strip()
+            if not drop(name.decode("utf-8", "replace").strip(), text):
+                kept.append(field)
+        removed = len(fields) - len(kept)
+        if removed:
+            self._replace_start(len(block), b"".join(kept))
+        return removed
+
+    def _replace_start(self, length: int, new: bytes) -> None:
+        """Put ``new`` in place of the first ``length`` bytes of the original chunks."""
+        rest, chunks, i = length, self._chunks, 0
+        while i < len(chunks) and len(chunks[i]) <= rest:
+            rest -= len(chunks[i])
+            i += 1
+        tail = [chunks[i][rest:]] if i < len(chunks) else []
+        self._chunks = [new, *tail, *chunks[i + 1:]]
+        self._size += len(new) - length
+        self._headers = None
+
+    def original(self) -> list[bytes]:
+        """The message as the client sent it, without the headers prepended here (what a sender's
+        DKIM signature covers)."""
+        return list(self._chunks)
 
     def chunks(self) -> list[bytes]:
         """The message to spool, prepended headers first."""

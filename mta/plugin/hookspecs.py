@@ -11,6 +11,8 @@ Kinds of hook (each fired by one helper of :class:`mta.plugin.manager.Hooks`):
   wrong type is logged and treated as that same ``451 4.3.0``.
 * **notification** hooks: every implementation is called; results are ignored, exceptions logged.
 * **collect** hooks: every implementation is asked and all their answers are used.
+* **edit** hooks: every implementation is called, in call order, and each Deferred or coroutine is
+  waited for before the next is called; results are ignored and an exception is logged and skipped.
 
 The core's own behaviour (local domains accepted, others refused; MX next hops; connector schedules)
 is registered as the ``core`` plugin with ``trylast`` (:mod:`mta.policy.core`), so a site hook adds to
@@ -213,6 +215,28 @@ def smtpgw_data(session: Session, envelope: Envelope, message: MessageData) -> R
 
     Use in plugins: content checks, per-connector size and content restrictions (relay_acl).
     The core answers: it queues the message (fsync'd) and replies ``250 2.0.0 Ok: queued as <id>``.
+    """
+
+
+@hookspec
+def smtpgw_before_queue(session: Session | None, envelope: Envelope, message: MessageData) -> Later | None:
+    """The message is accepted and about to be written to the spool: the last moment to change it. Edit.
+
+    :param session: the connection, or ``None`` for a message queued without one: a report the
+        gateway wrote (a DSN, a delay notice; null sender), mail a local program handed to
+        ``smtpgw sendmail`` (``envelope.extra["submitted_by"]`` names its user), an alias's copy for
+        remote addresses.
+    :param envelope: the transaction as it will be queued (sender, recipients).
+    :param message: what will be spooled; edits made with ``message.prepend_header`` and
+        ``message.remove_headers`` are what is queued, so every delivery attempt sends the same bytes.
+    :returns: None, or a Deferred/coroutine the core waits for before calling the next plugin.
+
+    An implementation that raises is logged and the message is queued without its change: a message
+    is never refused here (refuse in :func:`smtpgw_data`).
+
+    Use in plugins: changes that must see the final headers: a DKIM signature (dkim_sign, marked
+    ``trylast`` so that every other plugin's header edits come first), an ARC seal (sender_auth).
+    The core answers: nothing; it queues the message as the plugins left it.
     """
 
 

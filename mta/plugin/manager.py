@@ -12,6 +12,8 @@ through the one helper for its kind:
   implementation answered at once (the common case, kept free of Deferreds), else a Deferred.
 * notification (``_notify``): every implementation is called; results are ignored, errors logged.
 * collect (``_collect``): every implementation is asked; all answers are returned.
+* edit (``_edit``): every implementation is called in call order, each Deferred or coroutine waited
+  for before the next; results are ignored, errors logged and skipped.
 
 After loading, a function named ``smtpgw_...`` that is no hook (a misspelt ``smtpgw_rcpt``) is a
 :class:`PluginError` naming the function and its file; ``check_plugins`` turns it into the
@@ -290,6 +292,31 @@ class Hooks:
             except Exception:
                 log.failure("plugin {plugin} failed in {hook}", plugin=impl.plugin_name, hook=hook_name)
 
+    def _edit(self, hook_name: str, **kwargs: Any) -> Deferred[None] | None:
+        """Call every implementation in order, waiting for each Deferred or coroutine before the next;
+        an exception is logged and skipped. None when all finished at once, else a Deferred."""
+        return self._edit_from(self.implementations(hook_name), 0, hook_name, kwargs)
+
+    def _edit_from(self, impls: list[Any], index: int, hook_name: str,
+                   kwargs: dict[str, Any]) -> Deferred[None] | None:
+        while index < len(impls):
+            impl = impls[index]
+            index += 1
+            try:
+                result = self._call_one(impl, kwargs)
+            except Exception:
+                log.failure("plugin {plugin} failed in {hook}", plugin=impl.plugin_name, hook=hook_name)
+                continue
+            if inspect.iscoroutine(result):
+                result = defer.Deferred.fromCoroutine(result)
+            if isinstance(result, defer.Deferred):
+                def failed(f: Any, name: str = impl.plugin_name) -> None:
+                    log.failure("plugin {plugin} failed in {hook}", f, plugin=name, hook=hook_name)
+
+                result.addErrback(failed)
+                return result.addCallback(lambda _, i=index: self._edit_from(impls, i, hook_name, kwargs))
+        return None
+
     def _collect(self, hook_name: str, **kwargs: Any) -> list[Any]:
         """Every implementation's answer other than None, in call order (answers must come at once);
         one that raises is logged and left out."""
@@ -348,6 +375,11 @@ class Hooks:
 
     def command(self, session: Session, verb: str, argument: str) -> Reply | Deferred[Reply | None] | None:
         return self._verdict("smtpgw_command", (Reply,), session=session, verb=verb, argument=argument)
+
+    def before_queue(self, session: Session | None, envelope: Envelope,
+                     message: MessageData) -> Deferred[None] | None:
+        """``smtpgw_before_queue``: the plugins' last edits; None when there is nothing to wait for."""
+        return self._edit("smtpgw_before_queue", session=session, envelope=envelope, message=message)
 
     def queued(self, envelope: Envelope) -> None:
         self._notify("smtpgw_queued", envelope=envelope)
@@ -412,8 +444,15 @@ class Hooks:
 def check_plugins(config: Config) -> None:
     """Load the enabled plugins and the local hook files as the gateway will, before anything listens
     (``twistd smtpgw`` and ``smtpgw check-config``): a file that does not import or a function named
-    like a hook that is none is a :class:`ConfigError` naming the key, the function and the file."""
+    like a hook that is none is a :class:`ConfigError` naming the key, the function and the file. A
+    plugin object with a ``check_config(config)`` method is then asked to open what its section names,
+    raising ConfigError naming the key as the core does for its own files."""
     try:
-        Hooks().load(config.plugins.enabled, config.plugins.local)
+        hooks = Hooks()
+        hooks.load(config.plugins.enabled, config.plugins.local)
     except PluginError as e:
         raise ConfigError(e.key, e.problem) from None
+    for _, plugin in hooks.pm.list_name_plugin():
+        check = getattr(plugin, "check_config", None)
+        if check is not None:       # a plugin opens the files its section names (dkim_sign: its keys)
+            check(config)

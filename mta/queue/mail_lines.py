@@ -15,6 +15,7 @@ from typing import Any
 
 from mta.dsn import reports as dsn
 from mta.maillog import lines
+from mta.model.envelope import LOG_FIELDS
 from mta.model.nexthop import Outcome, RecipientResult
 from mta.model.queue_entry import QueueEntry, RecipientState
 from mta.smtp import replies as R
@@ -69,12 +70,16 @@ def outcome(entry: QueueEntry, what: Outcome, address: str, reply: Reply, result
 
 def diag_fields(entry: QueueEntry, address: str, reply: Reply,
                 state: RecipientState | None = None) -> dict[str, Any]:
-    """The queuing_engine diag event's fields for an outcome (attempts counts failed tries only).
+    """The queuing_engine diag event's fields for an outcome (attempts counts failed tries only),
+    then what plugins asked to see there (``envelope.extra[LOG_FIELDS]``: sender_auth's ``auth=``).
     ``state``: the recipient's, when the caller has it (a search per outcome is N² for N recipients)."""
     if state is None:
         state = next((r for r in entry.rcpts if r.address == address), None)
     fields: dict[str, Any] = {"id": entry.id, "recipient": address, "reply": str(reply),
                               "hop": getattr(state, "last_hop", None) or "-"}
+    extra = entry.extra.get(LOG_FIELDS)
+    if isinstance(extra, dict):
+        fields.update((str(k), v) for k, v in extra.items() if str(k) not in fields)
     if state is not None and state.attempts:
         fields["attempts"] = state.attempts
     return fields

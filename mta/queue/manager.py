@@ -234,12 +234,21 @@ class QueueManager:
 
     def inject(self, sender: str, recipients: list[str], data: bytes,
                extra: dict | None = None) -> defer.Deferred:
-        """Queue a locally generated message (a DSN), with the same durability as received mail."""
-        entry = QueueEntry(id=workers.queue_id(self.gateway), sender=sender,
-                           rcpts=[RecipientState(a) for a in recipients],
-                           received_at=self._now(), size=len(data), virtual_server="",
-                           peer_host="localhost", extra=dict(extra or {}))
-        return self._enqueue(entry, [data])
+        """Queue a locally generated message (a DSN, or one from the maildrop), with the same
+        durability as received mail. ``smtpgw_before_queue`` sees it first, with no session."""
+        envelope = Envelope(id=workers.queue_id(self.gateway), sender=sender, recipients=list(recipients),
+                            extra=dict(extra or {}))
+        message = MessageData([data])
+        edits = self.gateway.hooks.before_queue(None, envelope, message)
+
+        def enqueue(_: Any = None) -> defer.Deferred:
+            entry = QueueEntry(id=envelope.id, sender=sender,
+                               rcpts=[RecipientState(a) for a in recipients],
+                               received_at=self._now(), size=message.size, virtual_server="",
+                               peer_host="localhost", extra=dict(extra or {}))
+            return self._enqueue(entry, message.chunks())
+
+        return enqueue() if edits is None else edits.addCallback(enqueue)
 
     def _enqueue(self, entry: QueueEntry, chunks: list[bytes]) -> defer.Deferred:
         d = self._spool.put(entry, chunks)

@@ -819,7 +819,11 @@ class SMTPServerProtocol(Protocol):
             return verdict
         if not (self.session.relay_allowed or self.session.authenticated_user):
             dsn_params.limit_untrusted(envelope, self.vs.dsn.untrusted)    # F4: no DSN reflection
-        d = defer.maybeDeferred(self.gateway.queue.submit, self.session, envelope, message)
+        edits = self.hooks.before_queue(self.session, envelope, message)
+        if edits is None:
+            d = defer.maybeDeferred(self.gateway.queue.submit, self.session, envelope, message)
+        else:
+            d = edits.addCallback(lambda _: self.gateway.queue.submit(self.session, envelope, message))
         return d.addCallbacks(partial(self._queued, envelope), partial(self._queue_failed, envelope))
 
     def _queued(self, envelope: Envelope, queue_id: str) -> Reply:

@@ -1,0 +1,161 @@
+"""Signs accepted mail before it is spooled, so every delivery attempt sends the same signed bytes."""
+from __future__ import annotations
+
+import email.utils
+from typing import Any, Sequence
+
+import dkim
+from twisted.internet import defer
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+
+from mta.config import Config, ConfigError
+from mta.model.envelope import Envelope, Session
+from mta.model.message import MessageData
+from mta.plugin.hookspecs import hookimpl
+from smtpgw_plugins.dkim_sign import openssl_rsa
+from smtpgw_plugins.dkim_sign.keys import SigningKey, read_keys
+from smtpgw_plugins.relay_acl.plugin import relay_reason
+
+log = Logger(namespace="smtpgw.dkim_sign")
+SECTION = "plugins.dkim_sign"
+HEADER = b"DKIM-Signature: "
+
+
+def settings_of(config: Config) -> dict[str, Any]:
+    return config.plugins.settings.get("dkim_sign") or {"keys": (), "headers": (), "sign": "relayed"}
+
+
+def load_keys(config: Config) -> tuple[SigningKey, ...]:
+    """Read every configured key; a missing or unreadable one raises ConfigError naming it."""
+    return read_keys(settings_of(config)["keys"], f"{SECTION}.keys")
+
+
+def from_domain(message: MessageData) -> str | None:
+    """The RFC5322.From domain when the message has exactly one author address, else None
+    (no From, several From fields or addresses: nothing to align a signature with)."""
+    values = message.headers.get_all("From") or []
+    addresses = [a for _, a in email.utils.getaddresses([str(v) for v in values]) if a]
+    if len(values) != 1 or len(addresses) != 1 or "@" not in addresses[0]:
+        return None
+    return addresses[0].rpartition("@")[2].strip().lower().rstrip(".") or None
+
+
+def sign_message(chunks: Sequence[bytes], keys: Sequence[SigningKey], headers: Sequence[str]) -> list[bytes]:
+    """Runs in a pool thread: one DKIM-Signature field per key, relaxed/relaxed, the configured headers
+    signed once per occurrence and From once more (oversigned: a From added later breaks the signature)."""
+    data = b"".join(chunks)
+    wanted = {h.encode("ascii") for h in headers}
+    out = []
+    for key in keys:
+        signer = dkim.DKIM(data, signature_algorithm=key.algorithm.encode("ascii"), linesep=b"\r\n")
+        signer.should_sign = set(wanted)
+        signer.frozen_sign = {b"from"}
+        field = signer.sign(key.selector.encode("ascii"), key.domain.encode("ascii"), key.private,
+                            canonicalize=(b"relaxed", b"relaxed"), include_headers=signer.default_sign_headers())
+        out.append(field)
+    return out
+
+
+class DkimSign:
+    """``plugins.dkim_sign``: ``keys`` (domain, selector, key, algorithm), ``headers``, ``sign``.
+
+    A message is signed with every key whose domain is its From domain or a parent of it, when it
+    has a recipient leaving through a connector (``sign: relayed``), or also for local delivery
+    (``sign: all``; then only from clients that may relay, so mail from the Internet claiming one of
+    our domains is never signed by us). Messages queued without an SMTP session (DSNs, smtpgw
+    sendmail's, alias copies) are signed for their From domain; the gateway's reports (null sender)
+    failing that for the postmaster's. Keys are read at start and on SIGHUP.
+    """
+
+    live_settings = ("*",)          # SIGHUP applies the whole section (keys read again)
+
+    def __init__(self) -> None:
+        self.config: Config | None = None
+        self.keys: tuple[SigningKey, ...] = ()
+        self.headers: tuple[str, ...] = ()
+        self.sign = "relayed"
+        self.reactor: Any = None
+        self.services: Any = None
+
+    @staticmethod
+    def check_config(config: Config) -> None:
+        """Before anything listens (``twistd smtpgw``, ``smtpgw check-config``): every key readable."""
+        load_keys(config)
+
+    @hookimpl
+    def smtpgw_configure(self, config: Config, services: Any) -> None:
+        self.services, self.reactor = services, services.reactor
+        openssl_rsa.install()
+        self._apply(config, load_keys(config))
+
+    def _apply(self, config: Config, keys: tuple[SigningKey, ...]) -> None:
+        settings = settings_of(config)
+        self.config, self.keys = config, keys
+        self.headers, self.sign = tuple(settings["headers"]), settings["sign"]
+        log.info("dkim_sign: {n} key(s): {keys}", n=len(keys),
+                 keys=", ".join(f"{k.record_name} ({k.algorithm})" for k in keys) or "none")
+
+    @hookimpl
+    def smtpgw_reload(self, config: Config) -> defer.Deferred:
+        """SIGHUP: read the keys again (in a thread); a broken file keeps the keys in use."""
+        d = deferToThreadPool(self.reactor, self.reactor.getThreadPool(), load_keys, config)
+
+        def failed(failure: Any) -> None:
+            failure.trap(ConfigError)
+            log.error("SIGHUP: {error}; dkim_sign keeps the keys it had", error=str(failure.value))
+
+        return d.addCallbacks(lambda keys: self._apply(config, keys), failed)
+
+    # -- which messages, which keys --------------------------------------------------------------
+
+    def _wanted(self, session: Session | None, envelope: Envelope) -> bool:
+        config = self.config
+        if session is None:
+            return True                 # DSNs, local programs' mail (smtpgw sendmail), alias copies
+        if any(not config.is_local_domain(r.rpartition("@")[2]) for r in envelope.recipients):
+            return True
+        if self.sign != "all":
+            return False
+        vs = next((v for v in config.virtual_servers if v.name == session.virtual_server), None)
+        return vs is not None and relay_reason(vs.relay, session.peer_host, session.authenticated_user) is not None
+
+    def keys_for(self, domain: str | None, report: bool = False) -> list[SigningKey]:
+        """Every key whose domain is ``domain`` or a parent of it; for the gateway's own reports (no
+        session, null sender), the postmaster's domain's keys when the From domain has none."""
+        keys = [k for k in self.keys if domain and k.covers(domain)]
+        if not keys and report:
+            postmaster = self.config.gateway.postmaster.rpartition("@")[2].lower()
+            keys = [k for k in self.keys if k.covers(postmaster)]
+        return keys
+
+    @hookimpl(trylast=True)
+    def smtpgw_before_queue(self, session: Session | None, envelope: Envelope,
+                            message: MessageData) -> defer.Deferred | None:
+        if not self.keys or not self._wanted(session, envelope):
+            return None
+        domain = from_domain(message)
+        keys = self.keys_for(domain, report=session is None and not envelope.sender)
+        if not keys:
+            return None
+        d = deferToThreadPool(self.reactor, self.reactor.getThreadPool(), sign_message,
+                              message.chunks(), keys, self.headers)
+        return d.addCallbacks(self._signed, self._failed, callbackArgs=(envelope, message, keys),
+                              errbackArgs=(envelope, domain))
+
+    def _signed(self, fields: list[bytes], envelope: Envelope, message: MessageData,
+                keys: list[SigningKey]) -> None:
+        for field in reversed(fields):          # the first key's signature ends up on top
+            message.prepend_header("DKIM-Signature", field[len(HEADER):].rstrip(b"\r\n").decode("ascii"))
+        self._event("medium", "message signed", id=envelope.id,
+                    signatures=", ".join(f"d={k.domain} s={k.selector} a={k.algorithm}" for k in keys))
+
+    def _failed(self, failure: Any, envelope: Envelope, domain: str | None) -> None:
+        """A message dkimpy cannot sign (say, a header it cannot parse) is queued unsigned, not refused."""
+        failure.trap(dkim.DKIMException)
+        self._event("minimum", "message not signed", id=envelope.id, domain=domain or "",
+                    error=str(failure.value))
+
+    def _event(self, level: str, message: str, **fields: Any) -> None:
+        if self.services is not None:
+            self.services.hooks.event("categorizer", level, f"dkim_sign: {message}", **fields)

@@ -1,0 +1,123 @@
+"""Checks arriving mail at the end of DATA and says what it found in one Authentication-Results header."""
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet import defer
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+
+from mta.config import Config
+from mta.model.envelope import LOG_FIELDS, Envelope, Session
+from mta.model.message import MessageData
+from mta.model.netaddr import client_ip
+from mta.plugin.hookspecs import hookimpl
+from mta.smtp.reply import Reply
+from smtpgw_plugins.sender_auth.checks import Options, Results, check_message
+from smtpgw_plugins.sender_auth.lookups import Lookups
+
+log = Logger(namespace="smtpgw.sender_auth")
+MAX_THREADS = 8                 # messages checked at once; DNS waits, not CPU, fill them
+
+DEFAULTS = {"authserv_id": None, "spf": True, "dkim": True, "dmarc": True,
+            "arc": {"verify": True, "seal": None}, "reject": {"spf_fail": False, "dmarc_reject": False},
+            "trusted_networks": ()}
+
+
+def settings_of(config: Config) -> dict[str, Any]:
+    return config.plugins.settings.get("sender_auth") or DEFAULTS
+
+
+def claims(authserv_id: str) -> Any:
+    """A predicate for ``MessageData.remove_headers``: an Authentication-Results field whose
+    authserv-id is ours (RFC 8601 5: a forged verdict in our name never passes through)."""
+    ours = authserv_id.lower()
+    return lambda name, value: name.lower() == "authentication-results" and _authserv_id(value) == ours
+
+
+def _authserv_id(value: str) -> str:
+    first = value.split(";", 1)[0].strip().split()
+    return first[0].lower() if first else ""
+
+
+class SenderAuth:
+    """``plugins.sender_auth``: SPF, DKIM, ARC and DMARC verdicts on arriving mail; see README."""
+
+    live_settings = ("*",)          # SIGHUP applies the whole section to the next message
+
+    def __init__(self) -> None:
+        self.settings: dict[str, Any] = dict(DEFAULTS)
+        self.authserv_id = ""
+        self.lookups: Lookups | None = None
+        self.services: Any = None
+        self.reactor: Any = None
+        self._pool: Any = None
+
+    @hookimpl
+    def smtpgw_configure(self, config: Config, services: Any) -> None:
+        self.services, self.reactor = services, services.reactor
+        dns = config.gateway.dns
+        self.lookups = Lookups(dns.nameservers, dns.timeout)
+        self.lookups.install_for_spf()
+        self._apply(config)
+
+    @hookimpl
+    def smtpgw_reload(self, config: Config) -> None:
+        """SIGHUP: the checks, the refusals and the trusted networks apply to the next message."""
+        self._apply(config)
+
+    def _apply(self, config: Config) -> None:
+        self.settings = settings_of(config)
+        self.authserv_id = self.settings["authserv_id"] or config.gateway.hostname
+        self.options = Options(self.settings["spf"], self.settings["dkim"], self.settings["dmarc"],
+                               self.settings["arc"]["verify"])
+
+    def _threads(self) -> Any:
+        if self._pool is None:
+            from twisted.python.threadpool import ThreadPool
+            self._pool = ThreadPool(minthreads=0, maxthreads=MAX_THREADS, name="smtpgw-sender-auth")
+            self._pool.start()
+            self.reactor.addSystemEventTrigger("during", "shutdown", self._pool.stop)
+        return self._pool
+
+    def _trusted(self, session: Session) -> bool:
+        ip = client_ip(session.peer_host)
+        return ip is not None and any(ip.version == net.version and ip in net
+                                      for net in self.settings["trusted_networks"])
+
+    @hookimpl(tryfirst=True)
+    def smtpgw_data(self, session: Session, envelope: Envelope, message: MessageData) -> defer.Deferred | None:
+        """First of the verdict hooks, so every message is checked before anyone answers for it."""
+        original = message.original()
+        removed = message.remove_headers(claims(self.authserv_id))
+        if removed:
+            self._event("minimum", "forged Authentication-Results removed", envelope=envelope.id, count=removed)
+        if session.authenticated_user or self._trusted(session):
+            return None                 # a submission (signed, not verified) or a trusted network
+        d = deferToThreadPool(self.reactor, self._threads(), check_message, self.lookups, self.options,
+                              b"".join(original), message.headers, session.peer_host, envelope.sender,
+                              session.helo or "")
+        return d.addCallback(self._checked, envelope, message)
+
+    def _checked(self, results: Results, envelope: Envelope, message: MessageData) -> Reply | None:
+        summary = results.summary()
+        message.prepend_header("Authentication-Results", results.header_value(self.authserv_id))
+        envelope.extra.setdefault(LOG_FIELDS, {})["auth"] = summary
+        refusal = self._refusal(results)
+        self._event("minimum" if refusal else "medium", "message refused" if refusal else "results",
+                    envelope=envelope.id, sender=envelope.sender or "<>", results=summary,
+                    **({"reply": str(refusal)} if refusal else {}))
+        return refusal
+
+    def _refusal(self, results: Results) -> Reply | None:
+        reject = self.settings["reject"]
+        if reject["dmarc_reject"] and results.dmarc is not None and results.dmarc.result == "fail" \
+                and results.dmarc.policy == "reject":
+            return Reply(550, "5.7.1", f"Email rejected per DMARC policy for {results.from_domain}")
+        if reject["spf_fail"] and results.spf == "fail":
+            return Reply(550, "5.7.23", f"SPF validation failed for {results.spf_identity}")
+        return None
+
+    def _event(self, level: str, message: str, **fields: Any) -> None:
+        if self.services is not None:
+            self.services.hooks.event("categorizer", level, f"sender_auth: {message}", **fields)
