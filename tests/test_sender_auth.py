@@ -12,6 +12,8 @@ import sys
 from pathlib import Path
 
 import authres
+import dns.nameserver
+import dns.resolver
 import authres.arc
 import authres.dmarc
 import dkim
@@ -22,6 +24,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from dnsfixture import DNSServer
 from gwprocess import GatewayProcess, base_config, maildir_messages, wait_until
+from peers import SMTPPeer
 
 GW, SILENT_GW, CLIENT, TRUSTED = "127.0.0.130", "127.0.0.136", "127.0.0.131", "127.0.0.133"
 AUTHSERV = "gw.example.test"
@@ -37,6 +40,8 @@ def make_key() -> tuple[bytes, str]:
 
 
 KEY, KEY_RECORD = make_key()
+SEAL_KEY, SEAL_RECORD = make_key()           # the gateway's ARC sealing key
+PEER = "127.0.0.137"                         # the smart host relayed mail goes to
 
 
 def zones(dns: DNSServer) -> None:
@@ -47,6 +52,7 @@ def zones(dns: DNSServer) -> None:
     dns.add_txt("_dmarc.quarantine.test", "v=DMARC1; p=quarantine")
     dns.add_txt("signed.test", "v=spf1 -all").add_txt("_dmarc.signed.test", "v=DMARC1; p=reject")
     dns.add_txt("sel._domainkey.signed.test", KEY_RECORD)
+    dns.add_txt("arc._domainkey.example.test", SEAL_RECORD)
 
 
 def config(tmp: Path, listen: str, nameserver: str, **sender_auth) -> dict:
@@ -67,11 +73,18 @@ def site(tmp_path_factory):
     done = subprocess.run([sys.executable, "-m", "mta.cli.main", "passwd", "-c", "--stdin", str(users), "alice"],
                           input="secret\n", text=True, capture_output=True, env=GatewayProcess(tmp, {}).env())
     assert done.returncode == 0, done.stderr
-    cfg = config(tmp, f"{GW}:2525", f"{dns.listen}:{dns.port}", reject={"dmarc_reject": True})
+    (tmp / "seal.key").write_bytes(SEAL_KEY)
+    cfg = config(tmp, f"{GW}:2525", f"{dns.listen}:{dns.port}", reject={"dmarc_reject": True},
+                 arc={"verify": True, "seal": {"domain": "example.test", "selector": "arc", "key": str(tmp / "seal.key")}})
     cfg["virtual_servers"][0]["auth"] = {"users": str(users), "allow_plaintext": True}
+    cfg["virtual_servers"][0]["relay"]["allow"] = [f"{CLIENT}/32"]
+    cfg["connectors"][0]["smart_hosts"] = [f"[{PEER}]"]
+    peer = SMTPPeer(host=PEER, port=25).start()
     gw = GatewayProcess(tmp, cfg).start()
+    gw.peer, gw.dns = peer, dns
     yield gw, tmp
     gw.stop()
+    peer.stop()
     dns.stop()
 
 
@@ -87,13 +100,13 @@ def signed(data: bytes) -> bytes:
 
 
 def send(data: bytes, sender: str, host: str = GW, source: str = CLIENT, helo: str = "client.test",
-         login: bool = False) -> tuple:
+         login: bool = False, to: str = "bob@example.test") -> tuple:
     with smtplib.SMTP(host, 2525, timeout=30, source_address=(source, 0)) as s:
         s.ehlo(helo)
         if login:
             s.login("alice", "secret")
         try:
-            s.sendmail(sender, ["bob@example.test"], data)
+            s.sendmail(sender, [to], data)
         except smtplib.SMTPDataError as e:
             return e.smtp_code, e.smtp_error.decode()
     return 250, ""
@@ -193,6 +206,29 @@ def test_authenticated_submissions_are_not_checked(site):
     forged = f"Authentication-Results: {AUTHSERV}; dmarc=pass\r\n"
     assert send(message("reject.test", "submitted", forged), "someone@reject.test", login=True)[0] == 250
     assert b"Authentication-Results" not in delivered(tmp, "submitted")     # and the forged one is gone
+
+
+def test_relayed_mail_is_sealed_with_an_arc_set_that_verifies(site):
+    gw, tmp = site
+    data = signed(message("signed.test", "sealed"))
+    assert send(data, "someone@signed.test", to="carol@remote.test")[0] == 250
+    assert wait_until(lambda: any(b"Subject: sealed" in m.data for m in gw.peer.messages)), gw.log()
+    got = next(m.data for m in gw.peer.messages if b"Subject: sealed" in m.data)
+    names = [k for k, _ in dkim.DKIM(got).headers]
+    assert names[:4] == [b"ARC-Seal", b"ARC-Message-Signature", b"ARC-Authentication-Results",
+                         b"Authentication-Results"]
+    aar = header_fields(got, b"arc-authentication-results")[0]
+    assert b"i=1; gw.example.test" in aar and b"dkim=pass" in aar
+    lookup = dns.resolver.Resolver(configure=False)
+    lookup.nameservers = [dns.nameserver.Do53Nameserver(gw.dns.listen, gw.dns.port)]
+
+    def dnsfunc(name, timeout=5):
+        return b"".join(lookup.resolve(name.decode().rstrip("."), "TXT")[0].strings)
+    cv, _, reason = dkim.arc_verify(got, dnsfunc=dnsfunc)
+    assert cv == dkim.CV_Pass, reason
+    # local mail is not sealed: ARC is for mail we pass on
+    assert send(message("pass.test", "notsealed"), "someone@pass.test")[0] == 250
+    assert b"ARC-Seal" not in delivered(tmp, "notsealed")
 
 
 def test_reject_off_after_sighup_gives_the_verdict_only(site):

@@ -165,9 +165,11 @@ def check_arc(lookups: Lookups, data: bytes, results: Results) -> None:
         results.arc = {dkim.CV_Pass: "pass", dkim.CV_None: "none"}.get(cv, "fail")
 
 
-def check_message(lookups: Lookups, options: Options, data: bytes, headers: Message,
+def check_message(lookups: Lookups, options: Options, chunks: list[bytes], headers: Message,
                   ip: str, sender: str, helo: str) -> Results:
-    """Every enabled check on the message as the client sent it."""
+    """Every enabled check on the message as the client sent it (``chunks``, joined here, in the
+    pool thread, not in the event loop)."""
+    data = b"".join(chunks)
     results = Results(from_domain=from_domain(headers))
     if options.spf:
         check_spf(lookups, ip, sender, helo, results)

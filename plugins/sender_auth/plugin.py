@@ -7,12 +7,15 @@ from twisted.internet import defer
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 
-from mta.config import Config
+import dkim
+
+from mta.config import Config, ConfigError
 from mta.model.envelope import LOG_FIELDS, Envelope, Session
 from mta.model.message import MessageData
 from mta.model.netaddr import client_ip
 from mta.plugin.hookspecs import hookimpl
 from mta.smtp.reply import Reply
+from smtpgw_plugins.dkim_sign.keys import SigningKey, read_key
 from smtpgw_plugins.sender_auth.checks import Options, Results, check_message
 from smtpgw_plugins.sender_auth.lookups import Lookups
 
@@ -26,6 +29,21 @@ DEFAULTS = {"authserv_id": None, "spf": True, "dkim": True, "dmarc": True,
 
 def settings_of(config: Config) -> dict[str, Any]:
     return config.plugins.settings.get("sender_auth") or DEFAULTS
+
+
+def seal_key(config: Config) -> SigningKey | None:
+    """``arc.seal: {domain, selector, key}`` read (RSA: RFC 8617 defines no other), or None."""
+    seal = settings_of(config)["arc"]["seal"]
+    if not seal:
+        return None
+    return read_key({**seal, "algorithm": "rsa-sha256"}, "plugins.sender_auth.arc.seal")
+
+
+def arc_seal(chunks: list[bytes], key: SigningKey, authserv_id: str) -> list[bytes]:
+    """Runs in a pool thread: the next ARC set (ARC-Seal, ARC-Message-Signature,
+    ARC-Authentication-Results) over the message with our Authentication-Results on top."""
+    return dkim.arc_sign(b"".join(chunks), key.selector.encode("ascii"), key.domain.encode("ascii"),
+                         key.private, authserv_id.encode("ascii"))
 
 
 def claims(authserv_id: str) -> Any:
@@ -52,6 +70,13 @@ class SenderAuth:
         self.services: Any = None
         self.reactor: Any = None
         self._pool: Any = None
+        self.config: Config | None = None
+        self.seal: SigningKey | None = None
+
+    @staticmethod
+    def check_config(config: Config) -> None:
+        """Before anything listens: the ARC sealing key, when one is configured, can be read."""
+        seal_key(config)
 
     @hookimpl
     def smtpgw_configure(self, config: Config, services: Any) -> None:
@@ -59,14 +84,22 @@ class SenderAuth:
         dns = config.gateway.dns
         self.lookups = Lookups(dns.nameservers, dns.timeout)
         self.lookups.install_for_spf()
-        self._apply(config)
+        self._apply(config, seal_key(config))
 
     @hookimpl
-    def smtpgw_reload(self, config: Config) -> None:
-        """SIGHUP: the checks, the refusals and the trusted networks apply to the next message."""
-        self._apply(config)
+    def smtpgw_reload(self, config: Config) -> defer.Deferred:
+        """SIGHUP: the checks, the refusals and the trusted networks apply to the next message; the
+        sealing key is read again (in a thread), and one that cannot be read keeps the old settings."""
+        d = deferToThreadPool(self.reactor, self.reactor.getThreadPool(), seal_key, config)
 
-    def _apply(self, config: Config) -> None:
+        def failed(failure: Any) -> None:
+            failure.trap(ConfigError)
+            log.error("SIGHUP: {error}; sender_auth keeps its settings", error=str(failure.value))
+
+        return d.addCallbacks(lambda key: self._apply(config, key), failed)
+
+    def _apply(self, config: Config, seal: SigningKey | None) -> None:
+        self.config, self.seal = config, seal
         self.settings = settings_of(config)
         self.authserv_id = self.settings["authserv_id"] or config.gateway.hostname
         self.options = Options(self.settings["spf"], self.settings["dkim"], self.settings["dmarc"],
@@ -95,7 +128,7 @@ class SenderAuth:
         if session.authenticated_user or self._trusted(session):
             return None                 # a submission (signed, not verified) or a trusted network
         d = deferToThreadPool(self.reactor, self._threads(), check_message, self.lookups, self.options,
-                              b"".join(original), message.headers, session.peer_host, envelope.sender,
+                              original, message.headers, session.peer_host, envelope.sender,
                               session.helo or "")
         return d.addCallback(self._checked, envelope, message)
 
@@ -117,6 +150,31 @@ class SenderAuth:
         if reject["spf_fail"] and results.spf == "fail":
             return Reply(550, "5.7.23", f"SPF validation failed for {results.spf_identity}")
         return None
+
+    @hookimpl(trylast=True)
+    def smtpgw_before_queue(self, session: Session | None, envelope: Envelope,
+                            message: MessageData) -> defer.Deferred | None:
+        """``arc.seal``: a message we checked that leaves through a connector gets an ARC set, so the
+        next hop can trust our verdicts after a forwarding (mailing lists, aliases) broke SPF or DKIM."""
+        if self.seal is None or "auth" not in (envelope.extra.get(LOG_FIELDS) or {}):
+            return None
+        if all(self.config.is_local_domain(r.rpartition("@")[2]) for r in envelope.recipients):
+            return None
+        d = deferToThreadPool(self.reactor, self._threads(), arc_seal, message.chunks(), self.seal,
+                              self.authserv_id)
+
+        def sealed(fields: list[bytes]) -> None:
+            for field in reversed(fields):          # ARC-Seal on top
+                name, _, value = field.partition(b":")
+                message.prepend_header(name.decode("ascii"), value.strip().decode("ascii"))
+            self._event("medium", "ARC set added", envelope=envelope.id,
+                        seal=f"d={self.seal.domain} s={self.seal.selector}")
+
+        def failed(failure: Any) -> None:
+            failure.trap(dkim.DKIMException)
+            self._event("minimum", "ARC set not added", envelope=envelope.id, error=str(failure.value))
+
+        return d.addCallbacks(sealed, failed)
 
     def _event(self, level: str, message: str, **fields: Any) -> None:
         if self.services is not None:
