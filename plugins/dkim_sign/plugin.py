@@ -15,7 +15,6 @@ from mta.model.message import MessageData
 from mta.plugin.hookspecs import hookimpl
 from smtpgw_plugins.dkim_sign import openssl_rsa
 from smtpgw_plugins.dkim_sign.keys import SigningKey, read_keys
-from smtpgw_plugins.relay_acl.plugin import relay_reason
 
 log = Logger(namespace="smtpgw.dkim_sign")
 SECTION = "plugins.dkim_sign"
@@ -115,10 +114,8 @@ class DkimSign:
             return True                 # DSNs, local programs' mail (smtpgw sendmail), alias copies
         if any(not config.is_local_domain(r.rpartition("@")[2]) for r in envelope.recipients):
             return True
-        if self.sign != "all":
-            return False
-        vs = next((v for v in config.virtual_servers if v.name == session.virtual_server), None)
-        return vs is not None and relay_reason(vs.relay, session.peer_host, session.authenticated_user) is not None
+        # sign: all -- local deliveries too, from clients trusted to relay (relay_acl sets relay_allowed)
+        return self.sign == "all" and (session.relay_allowed or session.authenticated_user is not None)
 
     def keys_for(self, domain: str | None, report: bool = False) -> list[SigningKey]:
         """Every key whose domain is ``domain`` or a parent of it; for the gateway's own reports (no
