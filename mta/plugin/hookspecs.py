@@ -135,7 +135,9 @@ def smtpgw_connect(session: Session) -> Reply | Later | None:
         virtual server, TLS state (implicit TLS listeners).
     :returns: a Reply to answer instead of the banner (a 4xx or 5xx closes the connection), or None.
 
-    Use in plugins: connection control by client address (relay_acl's connection restrictions).
+    Use in plugins: connection control by client address (relay_acl's connection restrictions). The
+    plugin that decides relaying sets ``session.relay_allowed`` here when the client's address may
+    relay (relay_acl does): the core then trusts its DSN requests (``virtual_servers[].dsn.untrusted``).
     The core answers: ``220 <hostname> ESMTP smtpgw ready at <date>``.
     """
 
