@@ -293,12 +293,6 @@ class RelayedResult(RecipientResult):
 
 # -- after delivery ----------------------------------------------------------------------------------
 
-def notify_of(entry: QueueEntry, address: str) -> frozenset[str]:
-    """The NOTIFY keywords stored for ``address`` (empty when none was given)."""
-    dsn = OutboundDSN.of(entry)
-    return dsn.recipient(address).notify if dsn is not None else frozenset()
-
-
 def success_notices(entry: QueueEntry, due: Iterable[RecipientState],
                     results: Iterable[RecipientResult]) -> list[tuple[str, list[tuple[RecipientState, Reply]]]]:
     """``[(action, [(state, reply), ...]), ...]``: the success reports this attempt calls for.
@@ -308,17 +302,17 @@ def success_notices(entry: QueueEntry, due: Iterable[RecipientState],
     """
     if not entry.sender or entry.extra.get("dsn") or not entry.extra.get("rcpt_params"):
         return []
+    dsn = OutboundDSN.of(entry)
+    # the usual case first: a DSN-capable hop took every recipient, and nothing is owed (no pass over N)
+    owed = [(r, RELAYED_ACTION if isinstance(r, RelayedResult) else DELIVERED_ACTION) for r in results
+            if isinstance(r, RelayedResult) or r.hop == LOCAL_HOP]
+    if dsn is None or not owed:
+        return []
     states = {r.address.lower(): r for r in due}
     found: dict[str, list[tuple[RecipientState, Reply]]] = {}
-    for result in results:
+    for result, action in owed:
         state = states.get(result.recipient.lower())
-        if state is None or state.status != DELIVERED or "SUCCESS" not in notify_of(entry, state.address):
-            continue
-        if isinstance(result, RelayedResult):
-            action = RELAYED_ACTION
-        elif result.hop == LOCAL_HOP:
-            action = DELIVERED_ACTION
-        else:
+        if state is None or state.status != DELIVERED or not dsn.wants_success(state.address):
             continue
         found.setdefault(action, []).append((state, result.reply))
     return [(action, found[action]) for action in (DELIVERED_ACTION, RELAYED_ACTION) if action in found]

@@ -22,7 +22,7 @@ import collections
 import json
 from typing import Any, Callable
 
-from twisted.internet import defer
+from twisted.internet import defer, task
 from twisted.logger import Logger
 
 from mta.dsn import reports as dsn
@@ -43,6 +43,7 @@ log = Logger(namespace="smtpgw.queue")
 
 Data = bytes | list[bytes]       # what the deliverer takes: the spooled bytes, or the received chunks
 
+OUTCOMES_PER_TURN = 200         # recipients' outcomes told per reactor turn (a message may have 64,000)
 MIN_INTERVAL = 1.0               # seconds; no configuration or hold answer may make an entry spin
 
 # entry.extra keys
@@ -548,7 +549,9 @@ class QueueManager:
                 log.failure("queue {id}: could not record recipient states", id=entry.id)
         mail_log, ended = maillog.of(self.gateway), self._now()
         states = {r.address: r for r in reversed(entry.rcpts)} if outcomes else {}   # the first of duplicates
-        for outcome, address, reply, result in outcomes:
+        for n, (outcome, address, reply, result) in enumerate(outcomes):
+            if n and not n % OUTCOMES_PER_TURN:     # a mail log line, an event and a hook per recipient:
+                await task.deferLater(self._reactor, 0, lambda: None)   # other sessions go on between
             mail_log.write(mail_lines.outcome(entry, outcome, address, reply, result, now, ended))
             self._outcome_event(entry, outcome, address, reply, states.get(address))
             self.gateway.hooks.recipient_outcome(outcome, entry, address, reply)
