@@ -31,7 +31,7 @@ def smtpgw_configure(config, services):
 def smtpgw_command(session, verb, argument):
     if verb not in VERBS or _gateway is None:
         return None
-    etrn = _gateway.hooks.pm.get_plugin("etrn_dequeue")
+    etrn = _gateway.hooks.plugin("etrn_dequeue")
     if etrn is None:                # the plugin is not enabled: nothing is held, nothing to release
         return None
     return etrn.dequeue(session, argument, verb=verb)

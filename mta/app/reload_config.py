@@ -125,7 +125,7 @@ class ConfigReload:
         _, name, rest = pattern.split(".", 2)
         if name not in self.gateway.config.plugins.enabled:
             return True         # nothing runs it: the value is only kept (its plugin reads the file at start)
-        plugin = self.gateway.hooks.pm.get_plugin(name)
+        plugin = self.gateway.hooks.plugin(name)
         declared = getattr(plugin, "live_settings", ())
         return bool(declared) and _matcher(declared).fullmatch(rest) is not None
 

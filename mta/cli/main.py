@@ -175,7 +175,7 @@ def hook_lines(config: Config) -> list[str]:
     names = HOOK_NAMES
     order = {n: [impl.plugin_name for impl in hooks.implementations(n)] for n in names}
     lines = ["plugins and the hooks they implement:"]
-    for plugin in [name for name, _ in hooks.pm.list_name_plugin()]:
+    for plugin in hooks.plugin_names():
         implemented = [n for n in names if plugin in order[n]]
         lines.append(f"  {plugin}: {', '.join(implemented) or 'no hooks'}")
     lines.append("hooks in call order (verdict hooks: the first answer wins):")

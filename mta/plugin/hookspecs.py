@@ -35,7 +35,8 @@ unchanged through the queue:
   address literals are canonical (``[192.0.2.1]``, ``[IPv6:2001:db8::1]``).
 * The null sender ``<>`` is ``""``. A bare ``RCPT TO:<Postmaster>`` arrives as ``gateway.postmaster``.
 * Delivery-side hooks get the same strings as the SMTP-side ones: the recipient that
-  ``smtpgw_rcpt_to`` accepted is the one ``smtpgw_delivered`` reports.
+  ``smtpgw_rcpt_to`` accepted is the one ``smtpgw_delivered`` reports. (A local alias's forwarded copy
+  is a message of its own, addressed to what the alias names in the configuration.)
 * Every ``domain`` argument (``smtpgw_next_hops``, ``smtpgw_delivery_window``) is normalised:
   lower-case, no trailing dot -- what :func:`mta.smtp.address.domain_of` gives for an address. Compare
   a hook's address against a domain with ``domain_of(address)``, never with the address's raw suffix.

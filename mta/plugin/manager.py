@@ -206,6 +206,14 @@ class Hooks:
                                        f"{_suggestion(name)}")
         self.pm.check_pending()
 
+    def plugin(self, name: str) -> Any:
+        """The plugin object registered as ``name`` (``etrn_dequeue``, ``local:<path>``), or None."""
+        return self.pm.get_plugin(name)
+
+    def plugin_names(self) -> list[str]:
+        """Every registered plugin's name, in registration order (``smtpgw check-config`` lists them)."""
+        return [name for name, _ in self.pm.list_name_plugin()]
+
     def implementations(self, hook_name: str) -> list[Any]:
         """Implementations in call order (pluggy keeps them in reverse); asked several times for
         every message, so kept until the next registration (register through ``Hooks``, not ``pm``)."""
