@@ -14,7 +14,7 @@ Kinds of hook (each fired by one helper of :class:`mta.plugin.manager.Hooks`):
 * **edit** hooks: every implementation is called, in call order, and each Deferred or coroutine is
   waited for before the next is called; results are ignored and an exception is logged and skipped.
 
-The core's own behaviour (local domains accepted, others refused; MX next hops; connector schedules)
+The core's own behaviour (local recipients accepted, others refused; MX next hops; connector schedules)
 is registered as the ``core`` plugin with ``trylast`` (:mod:`mta.policy.core`), so a site hook adds to
 it and can still override it by answering first.
 
@@ -185,7 +185,8 @@ def smtpgw_mail_from(session: Session, envelope: Envelope, sender: str,
     :returns: a Reply to decide, or None.
 
     Use in plugins: sender accept/reject lists, SIZE limits per client.
-    The core answers: ``250 2.1.0 Sender OK``.
+    The core answers: ``553 5.7.1`` when an authenticated user sends as an address ``auth.senders``
+    does not give them, else ``250 2.1.0 Sender OK``.
     """
 
 
@@ -201,7 +202,8 @@ def smtpgw_rcpt_to(session: Session, envelope: Envelope, recipient: str,
     :returns: a Reply to decide, or None for no opinion.
 
     Use in plugins: relay control (relay_acl), recipient validation, per-recipient policy.
-    The core answers: ``250 2.1.5 Recipient OK`` for a local domain, else ``550 5.7.1 Relaying denied``
+    The core answers: ``250 2.1.5 Recipient OK`` for a local domain's known recipient (``550 5.1.1``
+    for one its recipient lists, aliases and catch-all do not know), else ``550 5.7.1 Relaying denied``
     (when nobody answers at all, the session refuses the same way: never an open relay).
     """
 
