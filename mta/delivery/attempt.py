@@ -360,7 +360,7 @@ class Deliverer:
                      policy: OutboundPolicy) -> tls_policy.Route:
         """The hops to try and the TLS each needs: the destination's MTA-STS policy over the
         connector's settings (mta.delivery.tls_policy)."""
-        mta_sts = getattr(self.gateway, "mta_sts", None)
+        mta_sts = self.gateway.mta_sts
         sts = await mta_sts.policy(domain) if mta_sts is not None and tls_policy.subject_to_sts(connector) else None
         return tls_policy.plan(domain, hops, policy, sts, self.gateway.config.gateway.mta_sts.ca_file)
 
