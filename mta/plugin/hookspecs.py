@@ -203,7 +203,8 @@ def smtpgw_rcpt_to(session: Session, envelope: Envelope, recipient: str,
 
     Use in plugins: relay control (relay_acl), recipient validation, per-recipient policy.
     The core answers: ``250 2.1.5 Recipient OK`` for a local domain's known recipient (``550 5.1.1``
-    for one its recipient lists, aliases and catch-all do not know), else ``550 5.7.1 Relaying denied``
+    for one its recipient lists, aliases and catch-all do not know; ``452 4.5.3`` for a new Maildir
+    past ``max_new_mailboxes_per_message`` where any local part makes one), else ``550 5.7.1 Relaying denied``
     (when nobody answers at all, the session refuses the same way: never an open relay).
     """
 
