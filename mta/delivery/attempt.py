@@ -113,11 +113,12 @@ class Deliverer:
 
     async def _deliver_all(self, entry: QueueEntry, data: Data,
                            recipients: list[RecipientState]) -> list[RecipientResult | None]:
-        """One job per (domain, batch of at most 100 remote recipients); domains run at once, and
+        """One job per (domain, batch of at most 100 recipients); domains run at once, and
         each domain has at most :data:`MAX_BATCHES_IN_FLIGHT` batches in flight (Postfix's destination
         concurrency), the next starting when one ends. The reactor gets a turn between starting two,
         since starting one runs its hooks and routing at once. So a message to 64,000 recipients
-        never has 640 batches answering in the same reactor turn while every other session waits."""
+        never has 640 batches answering in the same reactor turn while every other session waits.
+        The batches of a local domain share one record of the Maildirs written (one copy each)."""
         results: list[RecipientResult | None] = [None] * len(recipients)
         by_domain: dict[str, list[int]] = defaultdict(list)
         for i, rcpt in enumerate(recipients):
@@ -125,24 +126,25 @@ class Deliverer:
 
         jobs = []
         for domain, indexes in by_domain.items():
-            if self.gateway.config.is_local_domain(domain):
-                batches = [indexes]
-            else:
-                batches = [indexes[i:i + MAX_RCPTS_PER_TRANSACTION]
-                           for i in range(0, len(indexes), MAX_RCPTS_PER_TRANSACTION)]
+            batches = [indexes[i:i + MAX_RCPTS_PER_TRANSACTION]
+                       for i in range(0, len(indexes), MAX_RCPTS_PER_TRANSACTION)]
+            written: dict[str, Shared] = {}     # a local domain's Maildirs written in this attempt
             gate = defer.DeferredSemaphore(MAX_BATCHES_IN_FLIGHT)
             for batch in batches:
                 if jobs:
                     await task.deferLater(self.gateway.reactor, 0, lambda: None)
                 addresses = [recipients[i].address for i in batch]
-                d = gate.run(lambda domain=domain, addresses=addresses: defer.Deferred.fromCoroutine(
-                    self._deliver_domain(entry, domain, addresses, data)))
+                d = gate.run(self._batch, entry, domain, addresses, data, written)
                 d.addErrback(self._crashed, entry, domain, addresses)
                 d.addCallback(self._place, results, batch)
                 jobs.append(d)
         if jobs:
             await defer.gatherResults(jobs, consumeErrors=True)
         return results
+
+    def _batch(self, entry: QueueEntry, domain: str, addresses: list[str], data: Data,
+               written: dict[str, Shared]) -> defer.Deferred:
+        return defer.Deferred.fromCoroutine(self._deliver_domain(entry, domain, addresses, data, written))
 
     @staticmethod
     def _place(batch_results: list[RecipientResult], results: list, indexes: list[int]) -> None:
@@ -157,27 +159,26 @@ class Deliverer:
     def _event(self, entry: QueueEntry, message: str, level: str = "medium", **fields: Any) -> None:
         self.gateway.hooks.event("routing_engine", level, message, id=entry.id, **fields)
 
-    async def _deliver_domain(self, entry: QueueEntry, domain: str, recipients: list[str],
-                              data: Data) -> list[RecipientResult]:
+    async def _deliver_domain(self, entry: QueueEntry, domain: str, recipients: list[str], data: Data,
+                              written: dict[str, "Shared"] | None = None) -> list[RecipientResult]:
         if not domain:
             return _all(recipients, R.NO_DOMAIN)
         local = self.gateway.config.is_local_domain(domain)
         self.gateway.hooks.event("categorizer", "medium", f"{domain}: {'local' if local else 'remote'} domain",
                                  id=entry.id, domain=domain, recipients=len(recipients))
         if local:
-            return await self._deliver_local(entry, domain, recipients, data)
+            return await self._deliver_local(entry, domain, recipients, data, {} if written is None else written)
         return await self._deliver_remote(entry, domain, recipients, data)
 
     # -- local --------------------------------------------------------------------------------
 
-    async def _deliver_local(self, entry: QueueEntry, domain: str, recipients: list[str],
-                             data: Data) -> list[RecipientResult]:
+    async def _deliver_local(self, entry: QueueEntry, domain: str, recipients: list[str], data: Data,
+                             written: dict[str, "Shared"]) -> list[RecipientResult]:
         """Each recipient: its mailboxes (aliases and +tag resolved, mta.delivery.recipients), a copy
         queued for its addresses elsewhere; delivered only when all of them are."""
         table = self.gateway.recipients.table(domain)
         chunks = [data] if isinstance(data, (bytes, bytearray, memoryview)) else data
         started = self.gateway.reactor.seconds()
-        written: dict[str, Shared] = {}     # mailbox -> its one write in this attempt
         replies = await defer.gatherResults(
             [defer.Deferred.fromCoroutine(self._deliver_one_local(entry, domain, rcpt, chunks, table, written))
              for rcpt in recipients], consumeErrors=True)

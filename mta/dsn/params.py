@@ -19,7 +19,8 @@ import weakref
 from dataclasses import dataclass
 from typing import Any, Iterable
 
-from mta.dsn.reports import DELIVERED as DELIVERED_ACTION, LOCAL_HOP, NOTICES_HEADERS_ONLY, RELAYED as RELAYED_ACTION
+from mta.dsn.reports import (DELIVERED as DELIVERED_ACTION, LOCAL_HOP, NOTICES_HEADERS_ONLY,
+                             RELAYED as RELAYED_ACTION)
 from mta.model.envelope import Envelope
 from mta.model.nexthop import RecipientResult
 from mta.model.queue_entry import DELIVERED, QueueEntry, RecipientState
