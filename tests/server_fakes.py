@@ -90,6 +90,7 @@ class FakeGateway:
         self.worker = SINGLE
         self.mail_log = MailLog(self.reactor)
         self.message_memory = MessageMemory(self.config.gateway.message_memory)
+        self.client_counts = None           # per-client table, made at the first connection
 
 
 @dataclass

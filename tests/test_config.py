@@ -246,8 +246,8 @@ def test_load_config_and_parse_config_go_through_the_loader():
 ERRORS = [
     # unknown keys and wrong types
     ("virtual_servers[0].limits.max_recipent", 5,
-     "virtual_servers[0].limits.max_recipent: unknown key (known: max_connections, max_message_size, "
-     "max_recipients, timeout)"),
+     "virtual_servers[0].limits.max_recipent: unknown key (known: max_connection_rate, max_connections, "
+     "max_connections_per_client, max_errors, max_message_size, max_recipients, min_data_rate, timeout)"),
     ("virtual_servers[0].limits.max_recipients", "lots",
      "virtual_servers[0].limits.max_recipients: expected an integer, got 'lots'"),
     ("virtual_servers[0].limits.max_recipients", 0,

@@ -27,6 +27,7 @@ from mta.queue.pickup import Pickup
 from mta.smtp.client.pool import SMTPClientPool
 from mta.smtp.server.message_memory import MessageMemory
 from mta.spool.store import Spool
+from mta.workers.clients import ClientCounts
 from mta.workers.identity import SINGLE, WorkerInfo
 
 
@@ -47,6 +48,7 @@ class Gateway:
     pickup: Pickup                      # smtpgw sendmail's maildrop
     message_memory: MessageMemory       # bytes of messages being received: this worker's share
     metrics: GatewayMetrics | None      # set by mta.ops.metrics.gateway_metrics when gateway.metrics.enabled
+    client_counts: ClientCounts | None  # per-client figures (mta/workers/clients.py), opened at the first connection
 
     def __init__(self, config: Config, reactor: Any = None, load_plugins: bool = True,
                  worker: WorkerInfo = SINGLE) -> None:
@@ -76,6 +78,7 @@ class Gateway:
         self.pickup = Pickup(config.gateway.spool, self.queue.inject, reactor)
         self.message_memory = MessageMemory.for_worker(config.gateway.message_memory, worker)
         self.metrics = None
+        self.client_counts = None
         self.hooks.configure(config, self)
 
     def start(self) -> defer.Deferred:

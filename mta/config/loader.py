@@ -31,7 +31,7 @@ import yaml
 from mta.config.errors import ConfigError, ConfigFileError
 from mta.config.model import (
     AddressSpace, AuthConfig, Config, Connector, ContentRestrictions, DeliveryConfig,
-    DeliveryRestrictions, DnsConfig, DsnConfig, EtrnRequest, TriggerAuthorization, GatewayConfig, Limits, ListenAddress, LocalDomain, OutboundAuth,
+    DeliveryRestrictions, DnsConfig, DsnConfig, EtrnRequest, FailureLimit, TriggerAuthorization, GatewayConfig, Limits, ListenAddress, LocalDomain, OutboundAuth,
     LocalHook, OutboundConfig, OversizeConfig, PluginsConfig, ProtocolLogConfig, QueueConfig, RelayConfig, TlsConfig, VirtualServer,
 )
 from mta.config.model import PROTOCOL_LOG_FIELDS, MetricsConfig, MtaStsConfig
@@ -503,6 +503,10 @@ LIMITS = Section(Limits, {
     "max_recipients": Key(integer(1)),
     "max_connections": Key(integer(1)),
     "timeout": Key(duration),
+    "max_errors": Key(integer(1)),
+    "max_connections_per_client": Key(integer(1)),
+    "max_connection_rate": Key(integer(0)),
+    "min_data_rate": Key(parse_size),
 })
 
 RELAY = Section(RelayConfig, {
@@ -550,11 +554,17 @@ def read_sender_file(path: str) -> dict[str, tuple[str, ...]]:
     return sender_map(data or {}, path)
 
 
+FAILURE_LIMIT = Section(FailureLimit, {
+    "count": Key(integer(0)),
+    "per": Key(duration),
+})
+
 AUTH = Section(AuthConfig, {
     "senders": Key(sender_logins),          # mta/policy/senders.py
     "users": Key(file_path),
     "allow_plaintext": Key(boolean),
     "max_failures": Key(integer(1, 100)),
+    "max_failures_per_client": Key(FAILURE_LIMIT),
     "required": Key(boolean),
 })
 

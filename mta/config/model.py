@@ -111,7 +111,11 @@ class Limits:
     max_message_size: int = 10 * 1024 * 1024
     max_recipients: int = 64000
     max_connections: int = 1000
-    timeout: float = 300.0
+    timeout: float = 300.0          # a command line must be complete this long after the last one
+    max_errors: int = 20            # error replies in a session before 421 4.7.0 (Postfix smtpd_hard_error_limit)
+    max_connections_per_client: int = 50    # one address's open connections (smtpd_client_connection_count_limit)
+    max_connection_rate: int = 0    # one address's connections per minute; 0: no limit (smtpd_client_connection_rate_limit)
+    min_data_rate: int = 1024       # bytes/s DATA and BDAT must average after the first minute; 0: none (smtpd_min_data_rate)
 
 
 @dataclass(frozen=True)
@@ -128,10 +132,19 @@ class TlsConfig:
 
 
 @dataclass(frozen=True)
+class FailureLimit:
+    """``auth.max_failures_per_client``: ``count`` failed AUTH attempts from one address within ``per``
+    seconds, across connections, and AUTH answers 454 to that address until the window ends; 0: off."""
+    count: int = 10
+    per: float = 600.0
+
+
+@dataclass(frozen=True)
 class AuthConfig:
     users: str | None = None        # the users file (mta/smtp/server/users.py); AUTH is offered only when set
     allow_plaintext: bool = False   # also offer AUTH without TLS, to loopback clients only (testing)
     max_failures: int = 3           # failed AUTH attempts in one connection before 421 and close
+    max_failures_per_client: FailureLimit = field(default_factory=FailureLimit)   # across connections
     required: bool = False          # refuse MAIL before AUTH (530 5.7.0): no anonymous mail
     # the sender addresses each user may use (Postfix's smtpd_sender_login_maps): user -> addresses
     # and "@domain" patterns, or the path of a YAML file holding that mapping; None = no check

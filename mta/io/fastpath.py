@@ -3,8 +3,10 @@
 ``send_now``: a transport's ``write`` only buffers; the bytes leave at the reactor's next turn,
 after an ``epoll_ctl`` to watch for writability and before another to stop. An SMTP reply is a few
 dozen bytes that a socket with an empty buffer takes at once, so we hand it to the socket directly
-and fall back on ``write`` for anything it does not take (or when TLS, a producer or older
-buffered data is involved, so ordering and back-pressure stay Twisted's).
+and fall back on ``write`` for anything it does not take (or when TLS, a pull producer or older
+buffered data is involved, so ordering and back-pressure stay Twisted's). A streaming producer (the
+server session's backpressure) is no obstacle: what the socket takes leaves nothing buffered, and what
+it does not goes through ``write``, which pauses the producer past the transport's ``bufferSize``.
 
 ``lean_poll``: Twisted's epoll loop wraps every ready descriptor in a logging context
 (``callWithLogger``), four Python calls per event that only legacy ``log.msg`` prefixes use; we
@@ -26,7 +28,8 @@ def send_now(transport: Any, data: bytes) -> None:
     if (type(transport) in _PLAIN_TCP and not transport.TLS and transport.connected
             and not transport.disconnecting and not transport._writeDisconnected
             and not transport.dataBuffer
-            and not transport._tempDataBuffer and transport.producer is None):
+            and not transport._tempDataBuffer
+            and (transport.producer is None or transport.streamingProducer)):
         try:
             sent = transport.socket.send(data)
         except OSError:

@@ -5,6 +5,11 @@ reactor's pool, one batch at a time and in order, so a slow disk or syslog delay
 reply. ``close()`` writes what is left and is meant for shutdown: after it, a late line is written as
 soon as the batches before it are (so nothing said while stopping is lost).
 
+The buffer is bounded: ``full`` says that ``max_pending`` items wait to be written, and a producer
+that cares (an SMTP session writing its protocol log) stops producing until ``when_drained`` calls it
+back, once half of them are written. A client flooding commands faster than the disk takes their log
+lines then waits for the disk instead of growing the gateway.
+
 With a reactor that has no thread pool (``twisted.internet.task.Clock`` in tests) batches are written
 on the calling thread, which keeps tests deterministic.
 """
@@ -25,7 +30,7 @@ class LineBuffer(Generic[T]):
     """Batches items for ``write(batch)``; ``write`` runs in a thread and may raise (it is logged)."""
 
     def __init__(self, reactor: Any, write: Callable[[list[T]], None], name: str,
-                 delay: float = 0.5, batch: int = 2000) -> None:
+                 delay: float = 0.5, batch: int = 2000, max_pending: int = 20000) -> None:
         self.reactor = reactor
         self.write = write
         self.name = name
@@ -36,9 +41,25 @@ class LineBuffer(Generic[T]):
         self._tail: defer.Deferred = defer.succeed(None)     # the last batch handed out
         self._closed = False
         self._threaded = hasattr(reactor, "getThreadPool")
+        self.max_pending = max_pending
+        self.pending = 0                # items added and not yet written (or failed)
+        self._drain_waiters: list[Callable[[], None]] = []
+
+    @property
+    def full(self) -> bool:
+        return self.pending >= self.max_pending
+
+    def when_drained(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` (once, on the reactor thread) when the backlog is down to half of
+        ``max_pending``; at once if it already is."""
+        if self.pending <= self.max_pending // 2:
+            callback()
+        else:
+            self._drain_waiters.append(callback)
 
     def add(self, item: T) -> None:
         self._items.append(item)
+        self.pending += 1
         if self._closed or len(self._items) >= self.batch:
             self.flush()
         elif self._timer is None:
@@ -73,7 +94,8 @@ class LineBuffer(Generic[T]):
             self._report(self._safe_write(items), len(items))
             return None
         d = deferToThreadPool(self.reactor, self.reactor.getThreadPool(), self._safe_write, items)
-        return d.addCallbacks(self._report, self._failed, callbackArgs=(len(items),))
+        return d.addCallbacks(self._report, self._failed, callbackArgs=(len(items),),
+                              errbackArgs=(len(items),))
 
     def _safe_write(self, items: list[T]) -> BaseException | None:
         try:
@@ -86,6 +108,18 @@ class LineBuffer(Generic[T]):
         if error is not None:
             log.error("{name}: {count} line(s) could not be written: {error}", name=self.name,
                       count=count, error=error)
+        self._written(count)
 
-    def _failed(self, failure: Any) -> None:
+    def _failed(self, failure: Any, count: int) -> None:
         log.failure("{name}: writing failed", failure, name=self.name)
+        self._written(count)
+
+    def _written(self, count: int) -> None:
+        self.pending -= count
+        if self._drain_waiters and self.pending <= self.max_pending // 2:
+            waiters, self._drain_waiters = self._drain_waiters, []
+            for callback in waiters:
+                try:
+                    callback()
+                except Exception:
+                    log.failure("{name}: a producer failed to resume", name=self.name)

@@ -56,7 +56,7 @@ class CommandSplitter:
         if lf + 1 - pos > COMMAND_LIMIT:
             return Problem.TOO_LONG, lf + 1
         cr = buf.find(b"\r", pos, lf)
-        if cr != lf - 1:
+        if cr != lf - 1 or cr < 0:      # (cr < 0: an LF at the buffer's start, where lf - 1 is -1 too)
             return Problem.BARE_NEWLINE, lf + 1
         line = buf[pos:cr]
         if b"\0" in line:

@@ -21,6 +21,7 @@ VRFY_REPLY = Reply(252, "2.5.0", "Cannot VRFY user, but will accept message and 
 START_TLS = Reply(220, "2.0.0", "Ready to start TLS")
 
 TOO_MANY_CONNECTIONS = Reply(421, "4.7.0", "Too many connections", disconnect=True)
+TOO_MANY_ERRORS = Reply(421, "4.7.0", "Too many errors", disconnect=True)     # limits.max_errors
 INTERNAL_ERROR = Reply(451, "4.3.0", "Local error in processing, try again later")
 TOO_MANY_RECIPIENTS = Reply(452, "4.5.3", "Too many recipients")
 TOO_MANY_NEW_MAILBOXES = Reply(452, "4.5.3", "Too many new mailboxes for one message, send the rest later")
@@ -86,8 +87,19 @@ def banner(hostname: str, date: str) -> Reply:
     return Reply(220, "", f"{hostname} ESMTP smtpgw ready at {date}")
 
 
-def idle_timeout(hostname: str) -> Reply:
-    return Reply(421, "4.4.2", f"{hostname} Error: timeout exceeded", disconnect=True)
+def too_slow(hostname: str, why: str) -> Reply:
+    """A command line not complete within the timeout, or a message below limits.min_data_rate."""
+    return Reply(421, "4.4.2", f"{hostname} Error: {why}", disconnect=True)
+
+
+def too_many_connections_from(host: str) -> Reply:
+    """limits.max_connections_per_client (mta/smtp/server/client_limits.py)."""
+    return Reply(421, "4.7.0", f"Error: too many connections from {host}", disconnect=True)
+
+
+def connection_rate_exceeded(host: str) -> Reply:
+    """limits.max_connection_rate."""
+    return Reply(421, "4.7.0", f"Error: too many connections from {host} this minute", disconnect=True)
 
 
 def hello(text: str) -> Reply:
@@ -152,6 +164,7 @@ AUTH_ALREADY = Reply(503, "5.5.1", "Error: already authenticated")
 AUTH_NOT_ENABLED = Reply(503, "5.5.1", "Error: authentication not enabled")
 AUTH_ENCRYPTION_REQUIRED = Reply(538, "5.7.11", "Encryption required for requested authentication mechanism")
 AUTH_TEMPORARY_FAILURE = Reply(454, "4.7.0", "Temporary authentication failure")
+AUTH_LOCKED = Reply(454, "4.7.0", "Too many failed authentication attempts from your address, try again later")
 AUTH_REQUIRED = Reply(530, "5.7.0", "Authentication required")
 
 

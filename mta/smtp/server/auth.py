@@ -5,7 +5,10 @@ or, when ``auth.allow_plaintext`` is true, also in clear text to clients on loop
 for local submission programs). Credentials go through twisted.cred (a :class:`~twisted.cred.portal.Portal`
 over :class:`mta.smtp.server.users.UsersFileChecker`, whose slow hash check runs in a thread); then the
 ``smtpgw_auth`` hook may still refuse. Failures are answered ``535 5.7.8`` and counted per connection;
-the ``auth.max_failures``-th failure is followed by ``421 4.7.0`` and the connection is closed.
+the ``auth.max_failures``-th failure is followed by ``421 4.7.0`` and the connection is closed. They are
+also counted per client address across connections (``auth.max_failures_per_client``,
+mta/smtp/server/client_limits.py): past that, AUTH answers ``454 4.7.0`` to the address until its
+window ends, so reconnecting does not buy more guesses.
 
 While an exchange waits for the client's next line, the session hands that line here
 (``protocol.sasl_continuation``) instead of reading it as a command, and never logs it.
@@ -156,6 +159,9 @@ class ServerAuth:
             return R.AUTH_ENCRYPTION_REQUIRED
         if session.authenticated_user:
             return R.AUTH_ALREADY
+        if protocol.factory.client_limits.auth_locked(session.peer_host):
+            protocol._event("authentication", "minimum", "authentication locked", peer=session.peer_host)
+            return R.AUTH_LOCKED
         mechanism, _, initial = argument.strip().partition(" ")
         mechanism, initial = mechanism.upper(), initial.strip()
         if not mechanism:
@@ -243,6 +249,7 @@ class _Exchange:
     def _failed(self, why: str, reply: Reply = R.AUTH_FAILED) -> Reply:
         protocol = self.protocol
         protocol.auth_failures += 1
+        protocol.factory.client_limits.auth_failed(protocol.session.peer_host)
         limit = self.auth.vs.auth.max_failures
         protocol._event("authentication", "medium", "authentication failed", mechanism=self.mechanism,
                         why=why, failures=protocol.auth_failures, peer=protocol.session.peer_host)

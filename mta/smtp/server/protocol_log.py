@@ -18,7 +18,8 @@ from typing import Any
 
 from mta.io.w3c import ProtocolLogService, W3CFiles, W3CLog, period_file_name, software, w3c_value
 
-__all__ = ["ProtocolLog", "ProtocolLogService", "W3CFiles", "field_row", "period_file_name", "site_name",
+__all__ = ["ProtocolLog", "ProtocolLogService", "RejectedCommands", "W3CFiles", "counted", "field_row",
+           "period_file_name", "site_name",
            "w3c_value"]
 
 
@@ -37,6 +38,50 @@ def field_row(date: str, clock: str, session: Any, site: str, computer: str, ver
             verb, None, query,                                    # cs-method, cs-uri-stem, cs-uri-query
             status, 0, bytes_out, bytes_in, ms,                   # sc-status .. time-taken
             "SMTP", session.helo)                                 # cs-version, cs-host
+
+
+class RejectedCommands:
+    """One session's rejected commands, thinned out for the protocol log: at most one line per kind
+    (verb and reply code) per second, so a client sending junk cannot turn each byte it sends into
+    a hundred bytes of log. The line written when a second has passed stands for the ones left out
+    before it as well, and says how many with a ``[xN]`` suffix; what is still left out when the
+    session ends is written then as one line."""
+
+    __slots__ = ("_kinds",)
+    MAX_KINDS = 32          # unknown verbs share one kind, so this is only a backstop
+
+    def __init__(self) -> None:
+        # kind -> [time of the last line written, commands left out since, the last one left out]
+        self._kinds: dict[tuple[str, int], list[Any]] = {}
+
+    def admit(self, kind: tuple[str, int], now: float, command: Any) -> int:
+        """How many commands a line for ``command`` stands for; 0: leave it out (it is counted)."""
+        state = self._kinds.get(kind)
+        if state is None:
+            if len(self._kinds) >= self.MAX_KINDS:
+                kind = ("*", kind[1])
+                state = self._kinds.get(kind)
+            if state is None:
+                self._kinds[kind] = [now, 0, None]
+                return 1
+        if now - state[0] >= 1.0:
+            count = state[1] + 1
+            state[:] = [now, 0, None]
+            return count
+        state[1] += 1
+        state[2] = command
+        return 0
+
+    def left_out(self) -> list[tuple[Any, int]]:
+        """``(last command left out, how many)`` for each kind with some still unwritten; forgets them."""
+        out = [(state[2], state[1]) for state in self._kinds.values() if state[1]]
+        self._kinds.clear()
+        return out
+
+
+def counted(line: str, count: int) -> str:
+    """A command line standing for ``count`` rejected commands of its kind."""
+    return line if count == 1 else f"{line} [x{count}]"
 
 
 class ProtocolLog(W3CLog):

@@ -9,6 +9,12 @@ transport (``_send``).
 
 While a hook's Deferred is pending the transport is paused and buffered input is left alone, so
 pipelined replies always come back in order; a hook that answers at once costs no Deferred.
+
+Backpressure: the protocol is its transport's streaming producer. When more than the transport's
+``bufferSize`` (64 KB) of replies waits unsent -- a client that pipelines and never reads -- Twisted
+calls ``pauseProducing``: the session stops reading and stops answering buffered commands until the
+replies have drained (``resumeProducing``). So a session holds at most 64 KB of replies and one read of
+input, whatever the client sends or fails to read.
 """
 from __future__ import annotations
 
@@ -19,9 +25,10 @@ from functools import partial
 from typing import Any
 
 from twisted.internet import defer
-from twisted.internet.interfaces import ISSLTransport
+from twisted.internet.interfaces import IPushProducer, ISSLTransport
 from twisted.internet.protocol import Protocol, ServerFactory
 from twisted.logger import Logger
+from zope.interface import implementer
 
 from mta.smtp import address
 from mta.dsn import params as dsn_params
@@ -39,13 +46,18 @@ from mta.smtp.reply import Reply
 from mta.smtp.server.auth import ServerAuth, mask_auth_command
 from mta.workers.counts import SharedConnectionLimit
 from mta.smtp.server.tls import ServerTLS
-from mta.smtp.server.protocol_log import ProtocolLog
+from mta.smtp.server.client_limits import ClientLimits
+from mta.smtp.server.protocol_log import ProtocolLog, RejectedCommands, counted
 from mta.smtp.server import mail_lines
 from mta import maillog
 
 log = Logger(namespace="smtpgw.server")
 
 MAX_PENDING_INPUT = 1 << 20     # unread input kept while a hook is pending; more means a flood
+DATA_RATE_GRACE = 60.0          # seconds of a message before limits.min_data_rate applies (or timeout, if shorter)
+# Replies that say "not now" rather than "you erred": not counted against limits.max_errors (as
+# Postfix does not count 452 recipient overshoot); a local error is ours, not the client's.
+_NOT_ERRORS = frozenset({R.TOO_MANY_RECIPIENTS, R.INSUFFICIENT_STORAGE, R.INTERNAL_ERROR})
 
 # The replies sent most, already on the wire format (constants live forever, so their ids are unique).
 _WIRE = {id(r): r.to_bytes() for r in vars(R).values() if isinstance(r, Reply)}
@@ -114,14 +126,16 @@ _EXTENSION_VERBS = ("STARTTLS", "AUTH", "ETRN", "ATRN")
 class _LoggedCommand:
     """A command on its way to the protocol log: counts the bytes of every step until its final reply."""
 
-    __slots__ = ("verb", "line", "bytes_in", "bytes_out", "started")
+    __slots__ = ("verb", "line", "bytes_in", "bytes_out", "started", "reply")
 
     def __init__(self, verb: str, line: str, bytes_in: int, started: float) -> None:
         self.verb, self.line, self.bytes_in, self.bytes_out, self.started = verb, line, bytes_in, 0, started
+        self.reply: Reply | None = None
 
 
+@implementer(IPushProducer)
 class SMTPServerProtocol(Protocol):
-    """One client connection."""
+    """One client connection; also its transport's producer (backpressure, see the module's docstring)."""
 
     def __init__(self, factory: SMTPServerFactory) -> None:
         self.factory = factory
@@ -142,12 +156,20 @@ class SMTPServerProtocol(Protocol):
         self._memory = factory.memory   # the gateway's message memory (mta/smtp/server/message_memory.py)
         self._held = 0                  # bytes of it this session's message holds
         self._waiting = False           # a hook's Deferred is pending: input stays in the buffer
-        self._paused = False
+        self._paused = False            # reading is paused (a pending hook, or replies not drained)
+        self._unsent_full = False       # the transport holds more unsent replies than its bufferSize
+        self._producing = False         # registered as the transport's producer
+        self._log_behind = False        # the protocol log's writer is behind (mta/io/linebuffer.py)
+        self.errors = 0                 # error replies so far (limits.max_errors)
         self._processing = False
         self._after_send: list[Any] = []
         self._timer: Any = None
         self._delegate: Any = None      # the protocol the connection was handed to (ATRN/TURN)
+        self.client_bucket = 0          # the client's place in the per-client table (factory.client_limits)
         self._last_input = 0.0
+        self._line_started = 0.0        # when the command line now being read could start
+        self._data_started: float | None = None     # when the transaction's DATA or first BDAT began
+        self._data_bytes = 0            # message octets read since then
         # AUTH (mta/smtp/server/auth.py): the exchange waiting for the client's next line, and failures so far
         self.sasl_continuation: Any = None
         self.auth_failures = 0
@@ -157,6 +179,7 @@ class SMTPServerProtocol(Protocol):
         # W3C protocol log (mta/smtp/server/protocol_log.py): the command waiting for the reply that settles it
         self._plog = factory.protocol_log
         self._plog_cmd: _LoggedCommand | None = None
+        self._plog_rejects = RejectedCommands() if self._plog is not None else None
         # the mail log (mta/smtp/server/mail_lines.py): the command being answered, for its reject: line
         self._mail_log = maillog.of(factory.gateway)
         self._stage: tuple[str, str, Envelope | None] | None = None
@@ -170,8 +193,10 @@ class SMTPServerProtocol(Protocol):
             peer_host=getattr(peer, "host", ""), peer_port=getattr(peer, "port", 0),
             local_host=getattr(local, "host", ""), local_port=getattr(local, "port", 0),
             tls=ISSLTransport.providedBy(self.transport))
-        self._last_input = self.reactor.seconds()
+        self._last_input = self._line_started = self.reactor.seconds()
         self._timer = self.reactor.callLater(self.vs.limits.timeout, self._check_timeout)
+        self.transport.registerProducer(self, True)
+        self._producing = True
         self._event("connection_manager", "medium", "connect", peer=self.session.peer_host,
                     virtual_server=self.vs.name)
         self._stage = (mail_lines.CONNECT, "", None)
@@ -187,6 +212,8 @@ class SMTPServerProtocol(Protocol):
             self._enter(State.CLOSED, "connection lost")
         self._buf, self._pos, self._reader = b"", 0, None
         self._release_held()            # a message cut off mid-DATA/BDAT gives its memory back
+        if self._plog_rejects is not None:
+            self._plog_left_out()
         self.factory.connection_closed(self)
         if self.session is not None:
             self._event("connection_manager", "medium", "disconnect")
@@ -197,17 +224,42 @@ class SMTPServerProtocol(Protocol):
             return verdict or R.banner(self.hostname, self._date())
         return replace(verdict, disconnect=True)
 
+    def _deadline(self) -> tuple[float, str]:
+        """When the client will have been too slow, and the reply's text then. Deadlines run from
+        the last complete command line (or message, or chunk), not from the last byte: a command line
+        must be complete within ``timeout``; inside a message, no byte for ``timeout`` is too slow,
+        and so is moving less than ``min_data_rate`` bytes a second once the first minute (or
+        ``timeout``, if shorter) has passed -- Postfix's ``smtpd_per_request_deadline`` and
+        ``smtpd_min_data_rate``."""
+        limits = self.vs.limits
+        if self.state in (State.DATA, State.BDAT):
+            deadline, why = self._last_input + limits.timeout, "timeout exceeded"
+        else:
+            deadline, why = self._line_started + limits.timeout, "timeout exceeded"
+        if self._data_started is not None and limits.min_data_rate:
+            slowest = (self._data_started + min(limits.timeout, DATA_RATE_GRACE)
+                       + self._data_bytes / limits.min_data_rate)
+            if slowest < deadline:
+                deadline, why = slowest, "data rate too low"
+        return deadline, why
+
     def _check_timeout(self) -> None:
         self._timer = None
         if self.state is State.CLOSED:
             return
-        limit = self.vs.limits.timeout
-        idle = self.reactor.seconds() - self._last_input
-        if idle < limit or self._waiting:
-            self._timer = self.reactor.callLater(limit - idle if idle < limit else limit,
-                                                 self._check_timeout)
+        now = self.reactor.seconds()
+        if self._waiting or self._log_behind:       # we are the slow one
+            self._timer = self.reactor.callLater(self.vs.limits.timeout, self._check_timeout)
             return
-        self._send(R.idle_timeout(self.hostname))
+        deadline, why = self._deadline()
+        if now < deadline:
+            self._timer = self.reactor.callLater(deadline - now, self._check_timeout)
+            return
+        if self._unsent_full:           # the client has not read our replies for the whole timeout
+            self._abort("replies not read")
+            return
+        self._event("smtp_protocol", "minimum", "client too slow", why=why)
+        self._send(R.too_slow(self.hostname, why))
 
     # -- input -----------------------------------------------------------------------------------
 
@@ -223,7 +275,7 @@ class SMTPServerProtocol(Protocol):
         else:
             self._buf = self._buf[self._pos:] + data
         self._pos = 0
-        if self._waiting and len(self._buf) > MAX_PENDING_INPUT:
+        if (self._waiting or self._unsent_full) and len(self._buf) > MAX_PENDING_INPUT:
             log.warn("session {session}: input flood while waiting, dropping", session=self.session.id)
             self._enter(State.CLOSED, "input flood")
             self.transport.abortConnection()
@@ -236,7 +288,8 @@ class SMTPServerProtocol(Protocol):
             return
         self._processing = True
         try:
-            while not self._waiting and self.state is not State.CLOSED and self._pos < len(self._buf):
+            while (not (self._waiting or self._unsent_full or self._log_behind)
+                   and self.state is not State.CLOSED and self._pos < len(self._buf)):
                 try:
                     if not self._step():
                         break
@@ -256,6 +309,7 @@ class SMTPServerProtocol(Protocol):
             self._hold(reader, stored)
             moved = self._advance(pos)
             if reader.done:
+                self._line_started = self._last_input
                 self._respond(self._end_of_data(reader))
                 return True
             return moved
@@ -268,12 +322,14 @@ class SMTPServerProtocol(Protocol):
                 self._hold(message, stored)
             moved = self._advance(pos)
             if chunk.done:
+                self._line_started = self._last_input
                 self._respond(self._chunk_done(chunk))
                 return True
             return moved
         item, self._pos = self._splitter.next_line(self._buf, self._pos)
         if item is None:
             return False
+        self._line_started = self._last_input
         self._respond(self._line(item))
         return True
 
@@ -335,9 +391,7 @@ class SMTPServerProtocol(Protocol):
             return
         self._waiting = True
         result.addCallbacks(self._resume, self._resume_failed)
-        if self._waiting and self.state is not State.CLOSED:
-            self._paused = True
-            self.transport.pauseProducing()
+        self._update_reading()
 
     def _resume(self, reply: Any) -> None:
         try:
@@ -345,18 +399,15 @@ class SMTPServerProtocol(Protocol):
             if not isinstance(reply, Reply):
                 log.error("session {session}: not a Reply: {reply!r}", session=self.session.id, reply=reply)
                 reply = R.INTERNAL_ERROR
-            self._last_input = self.reactor.seconds()
+            self._last_input = self._line_started = self.reactor.seconds()
             if reply.code >= 400:
                 self._log_refusal(reply)
             self._send(reply)
-            if self._paused and self.state is not State.CLOSED:
-                self._paused = False
-                self.transport.resumeProducing()
+            self._update_reading()
             self._process()
         except Exception:
             log.failure("session {session}: resuming failed", session=self.session.id)
-            self._enter(State.CLOSED, "internal error")
-            self.transport.abortConnection()
+            self._abort("internal error")
 
     def _resume_failed(self, failure: Any) -> None:
         log.failure("session {session}: internal error", failure, session=self.session.id)
@@ -372,7 +423,10 @@ class SMTPServerProtocol(Protocol):
                 self._plog_reply(reply, len(wire))
             if reply.disconnect or reply.code == 421:
                 self._enter(State.CLOSED, f"closing after {reply.code}")
+                self._unregister()          # else a paused producer keeps the close waiting
                 self.transport.loseConnection()
+            elif reply.code >= 400 and reply not in _NOT_ERRORS:
+                self._count_error()
         if self._after_send:
             actions, self._after_send = self._after_send, []
             for action in actions:
@@ -394,8 +448,79 @@ class SMTPServerProtocol(Protocol):
         if reply.code in (334, 354):
             return
         self._plog_cmd = None
-        self._plog.command(self.session, cmd.verb, cmd.line, reply, cmd.bytes_in, cmd.bytes_out,
-                           self.reactor.seconds() - cmd.started)
+        now = self.reactor.seconds()
+        line = cmd.line
+        if reply.code >= 400:           # rejected: at most one line per kind per second
+            cmd.reply = reply
+            kind = (cmd.verb if cmd.verb in COMMANDS else "?", reply.code)
+            count = self._plog_rejects.admit(kind, now, cmd)
+            if not count:
+                return
+            line = counted(line, count)
+        self._plog.command(self.session, cmd.verb, line, reply, cmd.bytes_in, cmd.bytes_out, now - cmd.started)
+        if self._plog.buffer.full and not self._log_behind:    # wait for the disk rather than grow
+            self._log_behind = True
+            self._update_reading()
+            self._plog.buffer.when_drained(self._log_caught_up)
+
+    def _log_caught_up(self) -> None:
+        self._log_behind = False
+        self._update_reading()
+        self._process()
+
+    def _plog_left_out(self) -> None:
+        """At the end of the session: one line for each kind of rejected command still unwritten."""
+        now = self.reactor.seconds()
+        for cmd, count in self._plog_rejects.left_out():
+            self._plog.command(self.session, cmd.verb, counted(cmd.line, count), cmd.reply, cmd.bytes_in,
+                               cmd.bytes_out, now - cmd.started)
+
+    def _count_error(self) -> None:
+        """Postfix's ``smtpd_hard_error_limit``: a client that keeps getting errors is cut off, so a
+        flood of bad lines costs a bounded number of replies (and protocol log lines)."""
+        self.errors += 1
+        if self.errors >= self.vs.limits.max_errors:
+            self._event("smtp_protocol", "minimum", "too many errors", errors=self.errors)
+            self._send(R.TOO_MANY_ERRORS)
+
+    def _abort(self, why: str) -> None:
+        """Drop the connection now, unsent replies and all."""
+        self._enter(State.CLOSED, why)
+        self.transport.abortConnection()
+
+    # -- backpressure: the transport calls these (IPushProducer) ----------------------------------
+
+    def pauseProducing(self) -> None:
+        """More than the transport's bufferSize of replies waits unsent: stop reading and answering."""
+        self._unsent_full = True
+        self._update_reading()
+
+    def resumeProducing(self) -> None:
+        """The replies have drained: read and answer again."""
+        self._unsent_full = False
+        self._update_reading()
+        self._process()
+
+    def stopProducing(self) -> None:
+        """The connection is gone; ``connectionLost`` cleans up."""
+
+    def _unregister(self) -> None:
+        if self._producing:
+            self._producing = False
+            self.transport.unregisterProducer()
+
+    def _update_reading(self) -> None:
+        """Read from the client unless a hook is pending, our replies are not drained, or the
+        protocol log is behind. Over TLS, undrained replies do not stop reading: the TLS layer also
+        pauses us while its handshake holds our writes, and the handshake needs to read. There the
+        session only stops answering, and input beyond ``MAX_PENDING_INPUT`` ends the connection."""
+        stop = self._waiting or self._log_behind or (self._unsent_full and not self.session.tls)
+        if stop != self._paused and self.state is not State.CLOSED:
+            self._paused = stop
+            if stop:
+                self.transport.pauseProducing()
+            else:
+                self.transport.resumeProducing()
 
     def _internal_error(self) -> None:
         log.failure("session {session}: internal error", session=self.session.id)
@@ -414,6 +539,7 @@ class SMTPServerProtocol(Protocol):
 
     def _reset_transaction(self) -> None:
         self.envelope = None
+        self._data_started = None
         self._reader = None
         self._chunked = None
         self._release_held()
@@ -608,6 +734,7 @@ class SMTPServerProtocol(Protocol):
         if self._no_room_for_declared_size():
             return R.INSUFFICIENT_STORAGE
         self._reader = DataReader(self.vs.limits.max_message_size)
+        self._data_started, self._data_bytes = self.reactor.seconds(), 0
         self._enter(State.DATA, "DATA")
         return R.START_DATA
 
@@ -638,6 +765,8 @@ class SMTPServerProtocol(Protocol):
             else:
                 self._chunked = message
         chunk = server_bdat.Chunk(size, last, message, refusal, resume=self.state)
+        if message is not None and self._data_started is None:     # the transaction's first chunk
+            self._data_started, self._data_bytes = self.reactor.seconds(), 0
         if chunk.done:
             return self._chunk_done(chunk)
         self._chunk = chunk
@@ -723,6 +852,8 @@ class SMTPServerProtocol(Protocol):
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
+        self._unregister()                      # the new protocol may register its own
+        self._unsent_full = False
         if self._paused:
             self._paused = False
             self.transport.resumeProducing()
@@ -774,6 +905,7 @@ class SMTPServerProtocol(Protocol):
         """Move past what a message reader consumed; True if it consumed anything."""
         if self._plog_cmd is not None:
             self._plog_cmd.bytes_in += pos - self._pos
+        self._data_bytes += pos - self._pos
         moved, self._pos = pos != self._pos, pos
         return moved
 
@@ -832,6 +964,7 @@ class SMTPServerProtocol(Protocol):
         self._event("smtp_protocol", "medium", "message accepted", id=queue_id, sender=envelope.sender or "<>",
                     recipients=len(envelope.recipients), size=envelope.size)
         self._after_send.append(partial(self.hooks.queued, envelope))
+        self.errors = 0                 # as Postfix: the limit is on errors "without delivering mail"
         return R.queued(queue_id)
 
     def _queue_failed(self, envelope: Envelope, failure: Any) -> Reply:
@@ -861,15 +994,16 @@ def _param_error(error: AddressError, params_text: str) -> Reply:
 
 
 class _TooBusy(Protocol):
-    """Answers a connection over the limit and hangs up."""
+    """Answers a connection over a limit and hangs up."""
 
-    def __init__(self, hooks: Any) -> None:
+    def __init__(self, hooks: Any, reply: Reply = R.TOO_MANY_CONNECTIONS) -> None:
         self.hooks = hooks
+        self.reply = reply
 
     def connectionMade(self) -> None:
         self.hooks.event("connection_manager", "minimum", "too many connections",
-                         peer=getattr(self.transport.getPeer(), "host", ""))
-        self.transport.write(R.TOO_MANY_CONNECTIONS.to_bytes())
+                         peer=getattr(self.transport.getPeer(), "host", ""), reply=self.reply.text)
+        self.transport.write(self.reply.to_bytes())
         self.transport.loseConnection()
 
 
@@ -885,6 +1019,7 @@ class SMTPServerFactory(ServerFactory):
         # map (gateway.worker is set before tap builds the factories); None: this process is all.
         self.shared = SharedConnectionLimit.for_factory(gateway, vs)
         self.memory = gateway.message_memory     # one per process, shared by the virtual servers
+        self.client_limits = ClientLimits(gateway, vs)      # anvil-style, over every worker
         self.tls_context = None         # mta.smtp.server.tls.ServerTLS: re-read on SIGHUP
         if vs.tls.certificate and vs.tls.key:
             self.tls_context = ServerTLS(vs.tls.certificate, vs.tls.key, name=vs.name)
@@ -898,12 +1033,18 @@ class SMTPServerFactory(ServerFactory):
         total = self.active if shared is None else shared.total(self.active)
         if total >= self.vs.limits.max_connections:
             return _TooBusy(self.gateway.hooks)
+        bucket, refusal = self.client_limits.admit(getattr(addr, "host", ""))
+        if refusal is not None:
+            return _TooBusy(self.gateway.hooks, refusal)
         self.active += 1
         if shared is not None:
             shared.publish(self.active)
-        return SMTPServerProtocol(self)
+        protocol = SMTPServerProtocol(self)
+        protocol.client_bucket = bucket
+        return protocol
 
     def connection_closed(self, protocol: SMTPServerProtocol) -> None:
+        self.client_limits.closed(protocol.client_bucket)
         self.active -= 1
         if self.shared is not None:
             self.shared.publish(self.active)

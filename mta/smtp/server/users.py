@@ -10,8 +10,9 @@ A user name is 1 to 256 characters of ``A-Z a-z 0-9 . _ % + = @ -`` and is compa
 matters). Salt and hash are unpadded base64 (RFC 4648 alphabet). Two schemes, both from the standard
 library: ``scrypt`` (``ln`` is log2 of N; the default, memory-hard) and ``pbkdf2-sha256`` (``i``
 iterations). Checking a password is slow on purpose (a quarter of a second on a small machine), so it
-always runs in a thread, never in the reactor thread. Parameters are stored per line, so stronger
-settings can be introduced without invalidating the passwords already set.
+always runs in a thread, never in the reactor thread, and in a small pool of its own
+(:func:`thread_runner`), so a flood of AUTH attempts never delays a Maildir delivery. Parameters are
+stored per line, so stronger settings can be introduced without invalidating the passwords already set.
 
 ``smtpgw passwd`` (mta/cli/passwd.py) writes this file; the gateway re-reads it when it changes.
 """
@@ -263,12 +264,44 @@ class UsersFile:
 Runner = Callable[..., defer.Deferred]
 
 
+AUTH_THREADS = 2        # password checks at once; the rest wait their turn in the pool's queue
+
+
+class _AuthPool:
+    """The password checks' own small thread pool. Hashing is slow on purpose and an attacker can
+    ask for it over and over; in the reactor's shared pool it would queue ahead of Maildir
+    deliveries and log writes, here it only delays other password checks."""
+
+    def __init__(self, reactor: Any) -> None:
+        self.reactor = reactor
+        self.pool: Any = None
+
+    def get(self) -> Any:
+        if self.pool is None:
+            from twisted.python.threadpool import ThreadPool
+            self.pool = ThreadPool(minthreads=0, maxthreads=AUTH_THREADS, name="smtpgw-auth")
+            self.pool.start()
+            self.reactor.addSystemEventTrigger("during", "shutdown", self.stop)
+        return self.pool
+
+    def stop(self) -> None:
+        pool, self.pool = self.pool, None
+        if pool is not None:
+            pool.stop()
+
+
+_pools: dict[int, _AuthPool] = {}
+
+
 def thread_runner(reactor: Any) -> Runner:
-    """Run a blocking function in the reactor's thread pool and get a Deferred of its result."""
+    """Run a blocking function in the password checks' thread pool (one per reactor, made at the
+    first check) and get a Deferred of its result."""
     from twisted.internet.threads import deferToThreadPool
 
+    holder = _pools.setdefault(id(reactor), _AuthPool(reactor))
+
     def run(f: Callable[..., Any], *args: Any) -> defer.Deferred:
-        return deferToThreadPool(reactor, reactor.getThreadPool(), f, *args)
+        return deferToThreadPool(reactor, holder.get(), f, *args)
     return run
 
 

@@ -1,0 +1,61 @@
+"""A virtual server's per-client limits, Postfix anvil-style: open connections and connections per
+minute from one address (``limits.max_connections_per_client``, ``limits.max_connection_rate``), and
+failed AUTH attempts from one address across its connections (``auth.max_failures_per_client``).
+
+The figures live in the gateway's per-client table (mta/workers/clients.py), shared by the workers,
+so each limit holds for the whole gateway however the kernel spreads the connections.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from mta.smtp import replies as R
+from mta.smtp.reply import Reply
+from mta.workers import clients
+
+
+class ClientLimits:
+    """One virtual server's view of the per-client table (its position in the configuration keeps
+    its clients apart from other virtual servers')."""
+
+    def __init__(self, gateway: Any, vs: Any) -> None:
+        self.gateway = gateway
+        self.vs = vs
+        self.scope = next((i for i, v in enumerate(gateway.config.virtual_servers) if v is vs), 0)
+        self._table: clients.ClientCounts | None = None
+
+    @property
+    def table(self) -> clients.ClientCounts:
+        """Opened at the first connection: after ``twistd -u`` dropped privileges and after the
+        worker's identity is known."""
+        if self._table is None:
+            self._table = clients.for_gateway(self.gateway)
+        return self._table
+
+    def admit(self, host: str) -> tuple[int, Reply | None]:
+        """``(bucket, None)`` for a connection admitted (and counted open), or ``(bucket, refusal)``.
+        Every attempt counts towards the rate, refused ones too, as Postfix's anvil counts them."""
+        table = self.table
+        bucket = table.bucket(self.scope, host)
+        limits = self.vs.limits
+        if limits.max_connection_rate and table.attempt(bucket) > limits.max_connection_rate:
+            return bucket, R.connection_rate_exceeded(host)
+        if table.connections(bucket) >= limits.max_connections_per_client:
+            return bucket, R.too_many_connections_from(host)
+        table.opened(bucket)
+        return bucket, None
+
+    def closed(self, bucket: int) -> None:
+        self.table.closed(bucket)
+
+    def auth_locked(self, host: str) -> bool:
+        """Has ``host`` used up its failed AUTH attempts for the window?"""
+        limit = self.vs.auth.max_failures_per_client
+        if not limit.count:
+            return False
+        return self.table.auth_failures(self.table.bucket(self.scope, host), limit.per) >= limit.count
+
+    def auth_failed(self, host: str) -> None:
+        limit = self.vs.auth.max_failures_per_client
+        if limit.count:
+            self.table.auth_failed(self.table.bucket(self.scope, host), limit.per)
