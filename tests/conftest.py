@@ -10,6 +10,32 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from gwprocess import GatewayProcess, base_config  # noqa: E402
 
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _plugins_registered() -> None:
+    """Plugins are found through the installed metadata's entry points, which list what setup.cfg
+    held when ``pip install -e .`` last ran (``bash tests/run`` runs it). A plugin added since would be
+    "unknown" to the gateway under test; then this checkout's metadata is written beside it (the
+    ignored ``smtpgw.egg-info``, found first on PYTHONPATH), as ``pip install -e`` would."""
+    import configparser
+    import importlib
+    import subprocess
+    from importlib.metadata import entry_points
+
+    parser = configparser.ConfigParser()
+    parser.read(REPO / "setup.cfg")
+    declared = {line.split("=")[0].strip() for line in
+                parser.get("options.entry_points", "smtpgw.plugins", fallback="").splitlines() if "=" in line}
+    if declared <= {ep.name for ep in entry_points(group="smtpgw.plugins")}:
+        return
+    subprocess.run([sys.executable, "-c", "from setuptools import setup; setup()", "-q", "egg_info"],
+                   cwd=REPO, check=True, capture_output=True)
+    importlib.invalidate_caches()
+
+
+_plugins_registered()
+
 
 @pytest.fixture
 def gateway(tmp_path):

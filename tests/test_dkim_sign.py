@@ -19,7 +19,7 @@ import pytest
 
 from gwprocess import REPO, base_config, maildir_messages, wait_until
 
-GW, PEER, CLIENT = "127.0.0.120", "127.0.0.121", "127.0.0.122"
+GW, PEER, CLIENT, OUTSIDER = "127.0.0.120", "127.0.0.121", "127.0.0.122", "127.0.0.123"
 
 
 def smtpgw(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
@@ -129,6 +129,21 @@ def test_local_mail_and_foreign_from_domains_are_not_signed(site):
     assert wait_until(lambda: maildir_messages(tmp / "mail", "bob") and peer.messages), gw.log()
     assert b"DKIM-Signature" not in maildir_messages(tmp / "mail", "bob")[0]    # sign: relayed
     assert b"DKIM-Signature" not in peer.messages[0].data
+
+
+def test_sign_all_signs_local_mail_from_trusted_clients_only(site):
+    gw, peer, dnsfunc, tmp = site
+    gw.config["plugins"]["dkim_sign"]["sign"] = "all"
+    gw.write_config()
+    gw.proc.send_signal(signal.SIGHUP)
+    assert wait_until(lambda: "SIGHUP: applied: plugins.dkim_sign.sign" in gw.log()), gw.log()
+    send("alice@example.test", "bob@example.test", "From: alice@example.test\r\nSubject: inside\r\n")
+    with smtplib.SMTP(GW, 2525, timeout=30, source_address=(OUTSIDER, 0)) as s:     # not in relay.allow
+        s.sendmail("mallory@evil.test", ["bob@example.test"], b"From: ceo@example.test\r\nSubject: spoof\r\n\r\nx\r\n")
+    assert wait_until(lambda: len(maildir_messages(tmp / "mail", "bob")) == 2), gw.log()
+    by_subject = {b"inside" if b"Subject: inside" in m else b"spoof": m for m in maildir_messages(tmp / "mail", "bob")}
+    assert b"DKIM-Signature" in by_subject[b"inside"]
+    assert b"DKIM-Signature" not in by_subject[b"spoof"]
 
 
 def test_a_bounce_from_the_gateway_is_signed_for_its_domain(site):
