@@ -136,7 +136,8 @@ def test_sign_all_signs_local_mail_from_trusted_clients_only(site):
     gw.config["plugins"]["dkim_sign"]["sign"] = "all"
     gw.write_config()
     gw.proc.send_signal(signal.SIGHUP)
-    assert wait_until(lambda: "SIGHUP: applied: plugins.dkim_sign.sign" in gw.log()), gw.log()
+    assert wait_until(lambda: "SIGHUP: applied: plugins.dkim_sign.sign" in gw.log()
+                      and gw.log().count("dkim_sign: 2 key(s)") == 2), gw.log()      # keys read again, then applied
     send("alice@example.test", "bob@example.test", "From: alice@example.test\r\nSubject: inside\r\n")
     with smtplib.SMTP(GW, 2525, timeout=30, source_address=(OUTSIDER, 0)) as s:     # not in relay.allow
         s.sendmail("mallory@evil.test", ["bob@example.test"], b"From: ceo@example.test\r\nSubject: spoof\r\n\r\nx\r\n")

@@ -237,7 +237,8 @@ def test_reject_off_after_sighup_gives_the_verdict_only(site):
     gw.config["plugins"]["sender_auth"]["reject"] = {"dmarc_reject": False}
     gw.write_config()
     gw.proc.send_signal(signal.SIGHUP)
-    assert wait_until(lambda: "read again and valid" in gw.log())
+    assert wait_until(lambda: "read again and valid" in gw.log()
+                      and "refusing on nothing" in gw.log())          # the plugin has applied it
     assert send(message("reject.test", "reportonly"), "someone@reject.test")[0] == 250
     got = results(delivered(tmp, "reportonly"))
     assert [(r.result, r.policy) for r in got["dmarc"]] == [("fail", "reject")]

@@ -104,6 +104,13 @@ class SenderAuth:
         self.authserv_id = self.settings["authserv_id"] or config.gateway.hostname
         self.options = Options(self.settings["spf"], self.settings["dkim"], self.settings["dmarc"],
                                self.settings["arc"]["verify"])
+        checks = [name for name, on in zip(("spf", "dkim", "dmarc", "arc"), (
+            self.options.spf, self.options.dkim, self.options.dmarc, self.options.arc)) if on]
+        refusing = [name for name, on in self.settings["reject"].items() if on]
+        log.info("sender_auth: as {authserv_id}, checking {checks}; refusing on {refusing}; ARC seal {seal}",
+                 authserv_id=self.authserv_id, checks=", ".join(checks) or "nothing",
+                 refusing=", ".join(refusing) or "nothing",
+                 seal=f"d={seal.domain} s={seal.selector}" if seal else "off")
 
     def _threads(self) -> Any:
         if self._pool is None:
