@@ -11,6 +11,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from gwprocess import base_config, port_open, wait_until
 
 from mta.config import parse_config
+from mta.config.model import ShapingRule
+from mta.delivery.shaping import Shaper, Verdict
 from mta.ops.metrics import GatewayMetrics
 from mta.model.queue_entry import QueueEntry, RecipientState
 from mta.smtp.reply import Reply
@@ -90,7 +92,13 @@ def test_recorder_counts_hooks_and_reads_the_queue():
     queue = SimpleNamespace(stats=lambda: {"messages": 3, "held": 1, "recipients": 4, "active": 2,
                                            "oldest_age": 42.0})
     factory = SimpleNamespace(vs=SimpleNamespace(name="VS"), active=5)
-    gw = SimpleNamespace(queue=queue, reactor=SimpleNamespace(seconds=lambda: 130.0), message_memory=MessageMemory(100))
+    clock = SimpleNamespace(seconds=lambda: 130.0, callLater=lambda *a: None)
+    shaper = Shaper([ShapingRule("*", 4, back_off_on_421=60.0)], clock)
+    far = shaper.destination("far.test")
+    far.in_flight = 2
+    shaper.leave(far, Verdict.BUSY, Reply(421, "4.7.0", "later"))     # a 421: paused, 2 connections
+    gw = SimpleNamespace(queue=queue, reactor=clock, message_memory=MessageMemory(100),
+                         deliverer=SimpleNamespace(shaper=shaper))
     m = GatewayMetrics(gw, [factory])
     m.hooks.smtpgw_connect(session=SimpleNamespace(virtual_server="VS"))
     m.hooks.smtpgw_queued(envelope=entry)
@@ -109,6 +117,10 @@ def test_recorder_counts_hooks_and_reads_the_queue():
     assert (value(got, "smtpgw_queue_messages"), value(got, "smtpgw_queue_held_messages"),
             value(got, "smtpgw_queue_recipients"), value(got, "smtpgw_queue_active_deliveries"),
             value(got, "smtpgw_queue_oldest_age_seconds")) == (3, 1, 4, 2, 42.0)
+    assert (value(got, "smtpgw_shaping_connections_allowed", destination="far.test"),
+            value(got, "smtpgw_shaping_in_flight", destination="far.test"),
+            value(got, "smtpgw_shaping_paused", destination="far.test"),
+            value(got, "smtpgw_shaping_back_offs_total", destination="far.test")) == (2, 1, 1, 1)
 
 
 def test_listen_key_errors_name_the_key(tmp_path):
@@ -157,6 +169,7 @@ def recorder(messages: int, oldest: float, connections: int) -> GatewayMetrics:
     queue = SimpleNamespace(stats=lambda: {"messages": messages, "oldest_age": oldest})
     factory = SimpleNamespace(vs=SimpleNamespace(name="VS"), active=connections)
     m = GatewayMetrics(SimpleNamespace(queue=queue, reactor=SimpleNamespace(seconds=lambda: 0.0),
+                                       deliverer=SimpleNamespace(shaper=Shaper((), SimpleNamespace(seconds=lambda: 0.0))),
                                        message_memory=MessageMemory(100)), [factory])
     for _ in range(messages):
         m.hooks.smtpgw_queued(envelope=None)

@@ -39,6 +39,7 @@ log = Logger(namespace="smtpgw.reload")
 LIVE = (
     "gateway.postmaster",
     "gateway.queue.*",                                  # retry, delay_notification, expire, max_hops
+    "gateway.shaping",                                  # the next send to a destination (mta/delivery/shaping.py)
     "virtual_servers[].limits.*",
     "virtual_servers[].relay.*",
     "virtual_servers[].dsn.*",                          # read by a session at the end of DATA

@@ -382,7 +382,29 @@ def format_shape(s: dict[str, Any]) -> list[str]:
     lines = [" ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))).rstrip()
              for r in [header] + rows]
     lines.append("(messages by destination domain and age in minutes, as Postfix's qshape)")
+    if s.get("shaping"):
+        lines += ["", *format_shaping(s["shaping"], time.time())]
     return lines
+
+
+def format_shaping(rows: list[dict[str, Any]], now: float) -> list[str]:
+    """The destinations of ``gateway.shaping`` the running gateway has met, and how each is doing."""
+    def limit(n: Any) -> str:
+        return "-" if n is None else str(n)
+
+    header = ["destination", "rule", "state", "connections", "in flight", "per minute", "sent", "back-offs"]
+    table = [header]
+    for r in rows:
+        state = r["state"]
+        if r.get("paused_until"):
+            state += f" {max(0, r['paused_until'] - now):.0f}s"
+        table.append([r["destination"], r["match"], state, f"{limit(r['connections'])}/{limit(r['max_connections'])}",
+                      str(r["in_flight"]), limit(r["messages_per_minute"]), str(r["sent"]), str(r["back_offs"])])
+    widths = [max(len(t[i]) for t in table) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(t, widths)).rstrip() for t in table]
+    trouble = [f"  {r['destination']}: last slowed by {r['last_trouble']}" for r in rows
+               if r["state"] != "normal" and r["last_trouble"]]
+    return lines + trouble + ["(traffic shaping per destination: gateway.shaping)"]
 
 
 def resolve_ids(config: Config, request: dict[str, Any]) -> dict[str, Any] | str:
@@ -516,7 +538,8 @@ def queue(args: argparse.Namespace) -> int:
         print(f"smtpgw queue: {e}", file=sys.stderr)
         return EXIT_FAILURE
     if args.action == "summary" and reply.get("ok"):
-        reply = {"ok": True, "gateway": reply["gateway"], **shape(reply["entries"])}
+        reply = {"ok": True, "gateway": reply["gateway"], **shape(reply["entries"]),
+                 "shaping": reply.get("shaping", [])}
     if args.action == "cat" and reply.get("ok") and not args.json:
         sys.stdout.flush()
         sys.stdout.buffer.write(base64.b64decode(reply["message"]).replace(b"\r\n", b"\n"))

@@ -32,7 +32,8 @@ from mta.config.errors import ConfigError, ConfigFileError
 from mta.config.model import (
     AddressSpace, AuthConfig, Config, Connector, ContentRestrictions, DeliveryConfig,
     DeliveryRestrictions, DnsConfig, DsnConfig, EtrnRequest, FailureLimit, TriggerAuthorization, GatewayConfig, Limits, ListenAddress, LocalDomain, OutboundAuth,
-    LocalHook, OutboundConfig, OversizeConfig, PluginsConfig, ProtocolLogConfig, QueueConfig, RelayConfig, TlsConfig, VirtualServer,
+    LocalHook, OutboundConfig, OversizeConfig, PluginsConfig, ProtocolLogConfig, QueueConfig, RelayConfig, ShapingRule, TlsConfig,
+    VirtualServer,
 )
 from mta.config.model import PROTOCOL_LOG_FIELDS, MetricsConfig, MtaStsConfig
 from mta.config.workers import check_workers, resolve_count
@@ -402,6 +403,38 @@ def local_domains(value: Any, path: str) -> dict[str, LocalDomain]:
     return out
 
 
+def rate(value: Any, path: str) -> float:
+    """A positive number (messages per minute may be a fraction: 0.5 is one every two minutes)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ConfigError(path, f"expected a number more than zero, got {describe(value)}")
+    return float(value)
+
+
+def back_off(value: Any, path: str) -> float:
+    return parse_duration(value, path)      # 0 is allowed: fewer connections, no pause
+
+
+SHAPING_KEYS = {
+    "match": Key(lambda v, p: parse_domain(v, p, wildcard=True), REQUIRED),
+    "max_connections": Key(integer(1)),
+    "messages_per_minute": Key(rate),
+    "back_off_on_421": Key(back_off),
+}
+
+
+def shaping_rules(value: Any, path: str) -> tuple[ShapingRule, ...]:
+    """``gateway.shaping``: ``[{match: "gmail.com", max_connections: 20, messages_per_minute: 600}, ...]``;
+    the first rule that matches a destination applies, so a pattern listed twice is a mistake."""
+    out: list[ShapingRule] = []
+    for i, raw in enumerate(expect_list(value, path)):
+        key = f"{path}[{i}]"
+        got = read_keys(raw, key, SHAPING_KEYS)
+        if any(r.match == got["match"] for r in out):
+            raise ConfigError(join(key, "match"), f"{got['match']!r} is matched by an earlier entry already")
+        out.append(ShapingRule(**got))
+    return tuple(out)
+
+
 def local_part(value: Any, path: str) -> str:
     """A local part as the recipient table compares it: lower-case, no '@', no white space."""
     text = string(value, path).strip().lower()
@@ -496,6 +529,7 @@ GATEWAY = Section(GatewayConfig, {
     "message_memory": Key(size),              # mta/smtp/server/message_memory.py
     "recipient_delimiter": Key(delimiter, "+", null_means=None),    # null: off
     "mta_sts": Key(MTA_STS),
+    "shaping": Key(lambda v, p: shaping_rules(v, p)),          # mta/delivery/shaping.py
 }, finish=_finish_gateway)
 
 LIMITS = Section(Limits, {

@@ -74,6 +74,19 @@ class MtaStsConfig:
 
 
 @dataclass(frozen=True)
+class ShapingRule:
+    """One entry of ``gateway.shaping``: how hard to push one destination (mta/delivery/shaping.py).
+
+    ``match`` is a destination domain (``gmail.com``), a suffix of the domain or of its MX host names
+    (``*.outlook.com``: every domain whose MX hosts are outlook's shares one budget), or ``*`` (each
+    destination domain on its own)."""
+    match: str
+    max_connections: int | None = None          # transactions in flight at once; None: no limit
+    messages_per_minute: float | None = None    # None: no rate limit
+    back_off_on_421: float = 60.0               # the pause after a 421 or a burst of 4xx; 0: no pause
+
+
+@dataclass(frozen=True)
 class GatewayConfig:
     hostname: str
     spool: str
@@ -87,6 +100,7 @@ class GatewayConfig:
     message_memory: int = 256 * 1024 * 1024     # bytes of messages being received (mta/smtp/server/message_memory.py)
     recipient_delimiter: str | None = "+"   # alice+news@ -> alice's mailbox; None: off
     mta_sts: MtaStsConfig = field(default_factory=MtaStsConfig)
+    shaping: tuple[ShapingRule, ...] = ()   # per-destination traffic shaping, first match wins
 
     @property
     def mta_sts_cache(self) -> str:

@@ -42,6 +42,7 @@ from mta.delivery import tls_policy
 from mta.smtp.client import smtputf8
 from mta.delivery.maildir import already_delivered_to, deliver_to_maildir, delivery_headers
 from mta.delivery.recipients import Expansion, RecipientTable
+from mta.delivery.shaping import Shaper, Verdict, verdict_of, verdict_of_results
 
 log = Logger(namespace="smtpgw.delivery")
 
@@ -103,6 +104,19 @@ class Deliverer:
         self.gateway = gateway
         self._policies: dict[str, OutboundPolicy] = {}        # connector name -> its client options
         self._policy_source: dict[str, Connector] = {}
+        self._shaper: Shaper | None = None
+
+    @property
+    def shaper(self) -> Shaper:
+        """``gateway.shaping`` in this process (mta.delivery.shaping), following reloads."""
+        rules = self.gateway.config.gateway.shaping
+        if self._shaper is None:
+            worker = self.gateway.worker
+            self._shaper = Shaper(rules, self.gateway.reactor, share=worker.share if worker.many else (lambda n: n),
+                                  parts=worker.count if worker.many else 1)
+        elif self._shaper.rules != rules:
+            self._shaper.configure(rules)
+        return self._shaper
 
     # -- entry point --------------------------------------------------------------------------
 
@@ -325,12 +339,20 @@ class Deliverer:
             return route.refusal, str(route.skipped[0]) if route.skipped else ""
         last = R.no_hop_answered(name)
         last_hop = ""
+        shaper = self.shaper
+        paused_until: float | None = None
         for hop in route.hops:
             if not todo:
                 break
             batch = [recipients[i] for i in todo]
+            destination = shaper.destination(domain, hop) if shaper else None
+            if destination is not None:
+                paused = await shaper.enter(destination)
+                if paused is not None:
+                    paused_until = paused if paused_until is None else min(paused, paused_until)
+                    continue
             try:
-                answers = await route.send(self.gateway.client, hop, entry.sender, batch, data,
+                answers = await self._send(destination, route, hop, entry.sender, batch, data,
                                            source_address=usable_source(source, hop.host), **send_options)
             except HostUnusable as e:
                 self._event(entry, f"{domain}: {hop} unusable: {e.reply}", domain=domain,
@@ -355,6 +377,13 @@ class Deliverer:
                 else:
                     results[i] = result
             todo = still
+        if todo and paused_until is not None and last_hop == "":
+            # every hop was the paused destination's: hold the rest until the pause ends
+            held = R.held(f"held: destination {domain} paused by traffic shaping")
+            self._event(entry, f"{domain}: {held.text}", domain=domain, connector=name)
+            for i in todo:
+                results[i] = RecipientResult(recipients[i], held, "", paused_until)
+            return held, ""
         return last, last_hop
 
     async def _route(self, domain: str, connector: Connector, hops: list[Hop],
@@ -364,6 +393,24 @@ class Deliverer:
         mta_sts = self.gateway.mta_sts
         sts = await mta_sts.policy(domain) if mta_sts is not None and tls_policy.subject_to_sts(connector) else None
         return tls_policy.plan(domain, hops, policy, sts, self.gateway.config.gateway.mta_sts.ca_file)
+
+    async def _send(self, destination: Any, route: tls_policy.Route, hop: Hop, sender: str, batch: list[str],
+                    data: Data, **options: Any) -> list[RecipientResult]:
+        """The client's send, its outcome told to the destination's shaping (entered by the caller)."""
+        if destination is None:
+            return await route.send(self.gateway.client, hop, sender, batch, data, **options)
+        verdict, trouble = Verdict.NEUTRAL, None
+        try:
+            answers = await route.send(self.gateway.client, hop, sender, batch, data, **options)
+            verdict = verdict_of_results(answers)
+            trouble = next((a.reply for a in answers if a.reply.code >= 400), None)
+            return answers
+        except HostUnusable as e:
+            if e.reply is not R.CLIENT_SHUTTING_DOWN:
+                verdict, trouble = verdict_of([e.reply.code]), e.reply
+            raise
+        finally:
+            self.shaper.leave(destination, verdict, trouble)
 
     @staticmethod
     def _match(recipients: list[str], results: Sequence[RecipientResult], hop: Hop) -> list[RecipientResult]:

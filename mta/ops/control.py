@@ -215,7 +215,8 @@ class QueueControl:
         now = self._now()
         rows = [summary(e, now, self.queue.is_active(e.id)) for e in self.queue.entries()]
         corrupt = await self.gateway.spool.corrupt_messages()
-        return {"ok": True, "entries": rows + [corrupt_summary(c, now) for c in corrupt]}
+        return {"ok": True, "entries": rows + [corrupt_summary(c, now) for c in corrupt],
+                "shaping": self.gateway.deliverer.shaper.snapshot()}
 
     async def op_show(self, request: dict) -> dict[str, Any]:
         entry_id = request.get("id")

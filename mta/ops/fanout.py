@@ -17,6 +17,7 @@ from twisted.internet import defer
 from twisted.internet.protocol import Factory
 from twisted.protocols.basic import LineOnlyReceiver
 
+from mta.delivery.shaping import merge_snapshots
 from mta.ops.control import MAX_REQUEST, QueueControl
 from mta.workers.identity import owner_of
 
@@ -124,7 +125,8 @@ class FanOutControl(QueueControl):
         if op == "list":
             entries = [e for a in answers for e in a.get("entries", [])]
             entries.sort(key=lambda e: (e.get("received_at", 0), e.get("id", "")))
-            return {"ok": True, "entries": entries}
+            return {"ok": True, "entries": entries,
+                    "shaping": merge_snapshots([a.get("shaping") or [] for a in answers])}
         return {"ok": True, "results": [r for a in answers for r in a.get("results", [])]}
 
 

@@ -58,7 +58,7 @@ from mta.plugin.hookspecs import hookimpl
 log = Logger(namespace="smtpgw.metrics")
 
 # Gauges whose gateway figure is the largest worker's, not the sum.
-MAX_GAUGES = frozenset({"smtpgw_queue_oldest_age_seconds"})
+MAX_GAUGES = frozenset({"smtpgw_queue_oldest_age_seconds", "smtpgw_shaping_paused"})
 ASK_TIMEOUT = 10.0      # a worker that does not answer a scrape within this is reported down
 
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600, 4 * 3600, 86400, 2 * 86400)
@@ -238,6 +238,7 @@ class _Gauges:
                 ("smtpgw_queue_active_deliveries", "active", "Messages being delivered now"),
                 ("smtpgw_queue_oldest_age_seconds", "oldest_age", "Age of the oldest queued message")):
             yield GaugeMetricFamily(name, text, value=float(stats.get(key, 0)))
+        yield from _shaping_families(self.m.gateway.deliverer.shaper.snapshot())
         memory = self.m.gateway.message_memory     # mta.smtp.server.message_memory
         yield GaugeMetricFamily("smtpgw_message_memory_bytes", "Bytes of messages being received, "
                                 "held in memory", value=float(memory.held))
@@ -245,6 +246,27 @@ class _Gauges:
                                 "messages being received (gateway.message_memory)", value=float(memory.limit))
         yield CounterMetricFamily("smtpgw_message_memory_refusals", "Messages refused 452 4.3.1 "
                                   "for want of message memory", value=float(memory.refusals))
+
+
+def _shaping_families(rows: list[dict[str, Any]]) -> Iterable[Any]:
+    """Per destination of ``gateway.shaping`` (mta.delivery.shaping): its connections allowed now and
+    in use, whether it is paused, and how often it made us back off."""
+    allowed = GaugeMetricFamily("smtpgw_shaping_connections_allowed", "Connections a shaped destination "
+                                "may have now (less than configured after a back-off)", labels=["destination"])
+    in_flight = GaugeMetricFamily("smtpgw_shaping_in_flight", "Transactions to a shaped destination now",
+                                  labels=["destination"])
+    paused = GaugeMetricFamily("smtpgw_shaping_paused", "1 while a shaped destination is paused after a "
+                               "421 or a burst of 4xx", labels=["destination"])
+    back_offs = CounterMetricFamily("smtpgw_shaping_back_offs", "Back-offs of a shaped destination",
+                                    labels=["destination"])
+    for r in rows:
+        labels = [r["destination"]]
+        if r["connections"] is not None:
+            allowed.add_metric(labels, float(r["connections"]))
+        in_flight.add_metric(labels, float(r["in_flight"]))
+        paused.add_metric(labels, 1.0 if r["state"] == "paused" else 0.0)
+        back_offs.add_metric(labels, float(r["back_offs"]))
+    return (allowed, in_flight, paused, back_offs)
 
 
 class MetricsPage(Resource):
