@@ -63,6 +63,14 @@ def verified(data: bytes, dnsfunc) -> list[bool]:
     return [d.verify(idx=i, dnsfunc=dnsfunc) for i in range(len(signatures(data)))]
 
 
+def sighup(gw) -> None:
+    """SIGHUP once the gateway runs: its handler is set when the services start, so a session that
+    got its banner and an answer to NOOP proves it is there."""
+    with smtplib.SMTP(GW, 2525, timeout=30) as s:
+        assert s.noop()[0] == 250
+    gw.proc.send_signal(signal.SIGHUP)
+
+
 def send(sender: str, rcpt: str, headers: str, body: str = "Hello.\r\n") -> None:
     with smtplib.SMTP(GW, 2525, timeout=30, source_address=(CLIENT, 0)) as s:
         s.sendmail(sender, [rcpt], (headers + "\r\n" + body).encode())
@@ -135,7 +143,7 @@ def test_sign_all_signs_local_mail_from_trusted_clients_only(site):
     gw, peer, dnsfunc, tmp = site
     gw.config["plugins"]["dkim_sign"]["sign"] = "all"
     gw.write_config()
-    gw.proc.send_signal(signal.SIGHUP)
+    sighup(gw)
     assert wait_until(lambda: "SIGHUP: applied: plugins.dkim_sign.sign" in gw.log()
                       and gw.log().count("dkim_sign: 2 key(s)") == 2), gw.log()      # keys read again, then applied
     send("alice@example.test", "bob@example.test", "From: alice@example.test\r\nSubject: inside\r\n")
@@ -162,7 +170,7 @@ def test_sighup_reads_the_keys_again(site):
     keys = tmp / "dkim"
     (keys / "example.test.s2026.key").unlink()
     keygen(keys, "example.test", "s2026")          # a rotated key under the same name, not yet in DNS
-    gw.proc.send_signal(signal.SIGHUP)
+    sighup(gw)
     assert wait_until(lambda: gw.log().count("dkim_sign: 2 key(s)") == 2), gw.log()
     send("alice@example.test", "bob@remote.test", "From: alice@example.test\r\nSubject: rotated\r\n")
     assert wait_until(lambda: len(peer.messages) == 1), gw.log()
