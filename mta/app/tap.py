@@ -7,6 +7,7 @@ spool scan and queue start happen in ``startService``.
 """
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from twisted.application import internet, service
@@ -104,8 +105,24 @@ def tune_gc(reactor: Any) -> None:
     reactor.callWhenRunning(gc.freeze)
 
 
+# Never looser than this, whatever umask the gateway was started with: log files 0640 (they hold
+# addresses), log and mail folders 0750. The spool, Maildir folders and messages have their own
+# stricter modes; a stricter umask inherited is kept.
+UMASK = 0o027
+
+
+def restrict_umask() -> int:
+    """Add :data:`UMASK`'s bits to the process's umask (the workers and the spool writer inherit
+    it; twistd opens its log file after ``makeService``); returns the umask now in force."""
+    mask = os.umask(0) | UMASK
+    os.umask(mask)
+    return mask
+
+
 def makeService(options: Options) -> service.MultiService:
     from twisted.internet import reactor
+
+    restrict_umask()
 
 
 

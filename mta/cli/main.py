@@ -31,6 +31,7 @@ from typing import Any, Callable
 
 from mta.app.preflight import load_checked
 from mta.config import Config, ConfigError, default_path, format_config_error
+from mta.cli.output import EscapingWriter
 
 def version() -> str:
     """The installed distribution's version (what ``pip show smtpgw`` says)."""
@@ -107,6 +108,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.command:
         parser.print_help(sys.stderr)
         return EXIT_USAGE
+    stdout, stderr = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = EscapingWriter(stdout), EscapingWriter(stderr)   # untrusted text: escaped
     try:
         return COMMANDS[args.command].run(args)
     except ConfigError as e:
@@ -116,6 +119,8 @@ def main(argv: list[str] | None = None) -> int:
         import os
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_FAILURE
+    finally:
+        sys.stdout, sys.stderr = stdout, stderr
 
 
 # -- check-config --------------------------------------------------------------------------------

@@ -33,6 +33,7 @@ import time
 from datetime import datetime, timezone
 from typing import Any
 
+from mta.cli.output import escape_bytes
 from mta.cli.main import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, add_config_option, command, load_config
 from mta.config import Config
 from mta.ops.control import (
@@ -542,7 +543,8 @@ def queue(args: argparse.Namespace) -> int:
                  "shaping": reply.get("shaping", [])}
     if args.action == "cat" and reply.get("ok") and not args.json:
         sys.stdout.flush()
-        sys.stdout.buffer.write(base64.b64decode(reply["message"]).replace(b"\r\n", b"\n"))
+        message = base64.b64decode(reply["message"]).replace(b"\r\n", b"\n")
+        sys.stdout.buffer.write(escape_bytes(message) if sys.stdout.isatty() else message)
         return EXIT_OK
     if args.json:
         print(json.dumps(reply, indent=2, sort_keys=True))

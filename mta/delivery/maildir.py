@@ -81,7 +81,7 @@ def ensure_maildir(root: str, mailbox: str) -> str:
     root = os.path.abspath(root)
     created_root = False
     if not os.path.isdir(root):
-        os.makedirs(root, 0o755, exist_ok=True)
+        os.makedirs(root, 0o750, exist_ok=True)
         created_root = True
     box = os.path.join(root, safe_mailbox_name(mailbox))
     if _ensure_dir(box):

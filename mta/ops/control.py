@@ -20,7 +20,8 @@ Protocol: one JSON object per line in each direction, one reply per request, in 
     {"op": "metrics"}                               -> {"ok": true, "families": [...]} (this process's
                                                        Prometheus figures: worker 0 adds them up)
 
-An error is ``{"ok": false, "error": TEXT}``. SUMMARY and DETAIL are built by :func:`summary` and
+An error is ``{"ok": false, "error": TEXT}``, whatever the request was: bad JSON (also nested too deeply
+for the parser), a value of the wrong type, an unknown op. SUMMARY and DETAIL are built by :func:`summary` and
 :func:`detail`, which ``smtpgw queue`` also uses on a stopped gateway's spool, so the output is the
 same either way.
 """
@@ -189,8 +190,8 @@ class QueueControl:
         d = defer.maybeDeferred(op, request)
 
         def failed(f: Any) -> dict[str, Any]:
-            if f.check(ValueError, KeyError, TypeError):
-                return {"ok": False, "error": str(f.value)}
+            if f.check(ValueError, KeyError, TypeError, RecursionError):   # the request's fault
+                return {"ok": False, "error": str(f.value)[:500]}
             log.failure("control request {op} failed", f, op=request["op"])
             return {"ok": False, "error": f"internal error: {f.getErrorMessage()}"}
 
@@ -312,6 +313,10 @@ class ControlProtocol(LineOnlyReceiver):
             return
         try:
             request = json.loads(line)
+        except RecursionError:
+            answer = {"ok": False, "error": "bad JSON: nested too deeply"}
+            self._chain.addCallback(lambda _: self._reply(answer))
+            return
         except ValueError as e:
             answer = {"ok": False, "error": f"bad JSON: {e}"}     # ``e`` is unbound after the block
             self._chain.addCallback(lambda _: self._reply(answer))
@@ -321,7 +326,12 @@ class ControlProtocol(LineOnlyReceiver):
 
     def _reply(self, doc: dict[str, Any]) -> None:
         if self.transport is not None and self.connected:
-            self.sendLine(json.dumps(doc, separators=(",", ":")).encode("utf-8"))
+            try:
+                text = json.dumps(doc, separators=(",", ":"))
+            except (ValueError, TypeError, RecursionError) as e:
+                log.error("control: an answer could not be encoded: {e}", e=e)
+                text = json.dumps({"ok": False, "error": "internal error: the answer could not be encoded"})
+            self.sendLine(text.encode("utf-8"))
 
     def lineLengthExceeded(self, line: bytes) -> None:
         self._reply({"ok": False, "error": f"request longer than {MAX_REQUEST} bytes"})
