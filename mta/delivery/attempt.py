@@ -39,7 +39,7 @@ from mta.smtp import replies as R
 from mta.smtp.reply import Reply
 from mta.delivery.connectors import connectors_for, source_address, usable_source
 from mta.delivery import tls_policy
-from mta.smtp.client import smtputf8
+from mta.smtp.client import requiretls, smtputf8
 from mta.delivery.maildir import already_delivered_to, deliver_to_maildir, delivery_headers
 from mta.delivery.recipients import Expansion, RecipientTable
 from mta.delivery.shaping import Shaper, Verdict, verdict_of, verdict_of_results
@@ -333,10 +333,15 @@ class Deliverer:
         send_options: dict[str, Any] = {"dsn": dsn} if dsn is not None else {}
         if smtputf8.requested(entry):           # RFC 6531: the client decides per hop (mta.smtp.client.smtputf8)
             send_options["smtputf8"] = True
-        route = await self._route(domain, connector, hops, policy)
+        route = await self._route(entry, domain, connector, hops, policy, data)
         if route.refusal is not None:
             self._event(entry, f"{domain}: {route.refusal}", domain=domain, connector=name)
+            if route.refusal.is_permanent:
+                for i in todo:
+                    results[i] = RecipientResult(recipients[i], route.refusal)
             return route.refusal, str(route.skipped[0]) if route.skipped else ""
+        if route.requiretls:
+            send_options["requiretls"] = True
         last = R.no_hop_answered(name)
         last_hop = ""
         shaper = self.shaper
@@ -386,13 +391,18 @@ class Deliverer:
             return held, ""
         return last, last_hop
 
-    async def _route(self, domain: str, connector: Connector, hops: list[Hop],
-                     policy: OutboundPolicy) -> tls_policy.Route:
-        """The hops to try and the TLS each needs: the destination's MTA-STS policy over the
-        connector's settings (mta.delivery.tls_policy)."""
+    async def _route(self, entry: QueueEntry, domain: str, connector: Connector, hops: list[Hop],
+                     policy: OutboundPolicy, data: Data) -> tls_policy.Route:
+        """The hops to try and the TLS each needs: the destination's MTA-STS policy and the sender's
+        REQUIRETLS or ``TLS-Required: No`` over the connector's settings (mta.delivery.tls_policy)."""
+        required = requiretls.requested(entry)
+        waived = not required and requiretls.waives_policy([data] if isinstance(data, bytes) else data)
         mta_sts = self.gateway.mta_sts
-        sts = await mta_sts.policy(domain) if mta_sts is not None and tls_policy.subject_to_sts(connector) else None
-        return tls_policy.plan(domain, hops, policy, sts, self.gateway.config.gateway.mta_sts.ca_file)
+        sts = None
+        if mta_sts is not None and not waived and tls_policy.subject_to_sts(connector):
+            sts = await mta_sts.policy(domain)
+        return tls_policy.plan(domain, hops, policy, sts, self.gateway.config.gateway.mta_sts.ca_file,
+                               requiretls=required)
 
     async def _send(self, destination: Any, route: tls_policy.Route, hop: Hop, sender: str, batch: list[str],
                     data: Data, **options: Any) -> list[RecipientResult]:

@@ -12,6 +12,10 @@ MTA-STS policy (:mod:`mta.delivery.mta_sts`) decides:
   (``MTA-STS testing: ...``), and a hop whose TLS would fail is tried again as the connector says.
 * ``none`` or no policy: the connector's settings alone.
 
+A message sent with REQUIRETLS (RFC 8689, :mod:`mta.smtp.client.requiretls`) needs validated TLS:
+a testing policy counts as enforce, and with no validation at all it bounces (5.7.10). One with
+``TLS-Required: No`` (and no REQUIRETLS) is delivered as if the destination published no policy.
+
 Smart-host connectors are not subject: the smart host is the site's own choice, not the
 destination's MX. A connector's ``tls: verify`` is already stricter than any published policy
 regarding certificates; MTA-STS then only narrows the MX hosts.
@@ -27,6 +31,7 @@ from mta.config import Connector
 from mta.model.nexthop import Hop, HostUnusable
 from mta.smtp.client.policy import OutboundPolicy
 from mta.smtp import replies as R
+from mta.smtp.client import requiretls as requiretls_out
 from mta.smtp.reply import Reply
 from mta.delivery.sts_policy import Policy
 
@@ -46,6 +51,7 @@ class Route:
     domain: str = ""
     sts: Policy | None = None
     skipped: list[Hop] = field(default_factory=list)
+    requiretls: bool = False                        # the message asked for REQUIRETLS (RFC 8689)
 
     @property
     def tls(self) -> str:
@@ -81,8 +87,23 @@ def sts_policy(policy: OutboundPolicy, ca_file: str | None) -> OutboundPolicy:
 
 
 def plan(domain: str, hops: list[Hop], policy: OutboundPolicy, sts: Policy | None,
-         ca_file: str | None) -> Route:
-    """The route for ``domain`` given its MTA-STS policy in force (None: none)."""
+         ca_file: str | None, requiretls: bool = False) -> Route:
+    """The route for ``domain`` given its MTA-STS policy in force (None: none).
+
+    ``requiretls``: the message must travel over validated TLS only (RFC 8689): a policy in testing
+    mode counts as enforce (RFC 8689 4.2.1), and without any validation (no enforced policy, no
+    connector ``tls: verify``) the route is refused for good with 5.7.10."""
+    if requiretls and sts is not None and sts.mode == "testing":
+        sts = replace(sts, mode="enforce")
+    route = _plan(domain, hops, policy, sts, ca_file)
+    route.requiretls = requiretls
+    if requiretls and route.refusal is None and route.policy.tls != "verify":
+        route.refusal = requiretls_out.no_validated_tls(domain, policy.connector)
+    return route
+
+
+def _plan(domain: str, hops: list[Hop], policy: OutboundPolicy, sts: Policy | None,
+          ca_file: str | None) -> Route:
     if sts is None or sts.mode == "none":
         return Route(list(hops), policy, domain=domain)
     allowed = [h for h in hops if sts.matches(h.name or h.host)]

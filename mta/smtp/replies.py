@@ -390,6 +390,11 @@ def smtputf8_not_offered(hop: str) -> Reply:
     return Reply(550, "5.6.7", f"SMTPUTF8 is required, but was not offered by host {hop}")
 
 
+def requiretls_unmet(text: str) -> Reply:
+    """REQUIRETLS (RFC 8689 5): no validated TLS to the hop, or the hop does not offer REQUIRETLS (550 5.7.10)."""
+    return Reply(550, "5.7.10", f"REQUIRETLS: {text}")
+
+
 def maybe_delivered(broken: Reply) -> Reply:
     """The connection broke after the message was handed over: 4xx, the outcome unknown."""
     return Reply(451, broken.status or "4.4.2", f"{broken.text}; the message may or may not have been delivered")

@@ -106,16 +106,17 @@ class SMTPClientPool:
 
     def send(self, hop: Hop, sender: str, recipients: list[str], data: bytes | list[bytes],
              source_address: str | None = None, policy: OutboundPolicy | None = None,
-             dsn: OutboundDSN | None = None, smtputf8: bool = False) -> defer.Deferred:
+             dsn: OutboundDSN | None = None, smtputf8: bool = False, requiretls: bool = False) -> defer.Deferred:
         """Deliver one message to ``hop``: a Deferred firing with one RecipientResult per recipient,
         in order, or failing with :class:`HostUnusable` when the hop took nothing.
 
         ``policy``: the connector's outbound settings and limits (None: the pool's defaults).
         ``dsn``: the message's RFC 3461 parameters, or None. ``smtputf8``: the message was received
-        with SMTPUTF8 (a hop without it may then refuse it: :mod:`mta.smtp.client.smtputf8`)."""
+        with SMTPUTF8 (a hop without it may then refuse it: :mod:`mta.smtp.client.smtputf8`).
+        ``requiretls``: the message was received with REQUIRETLS (:mod:`mta.smtp.client.requiretls`)."""
         chunks = [bytes(data)] if isinstance(data, (bytes, bytearray, memoryview)) else list(data)
         return defer.Deferred.fromCoroutine(self._send(hop, sender, list(recipients), chunks, source_address,
-                                                       policy, dsn, smtputf8))
+                                                       policy, dsn, smtputf8, requiretls))
 
     def close(self) -> defer.Deferred:
         """QUIT every idle connection and stop the timers; busy ones close when their transaction ends."""
@@ -166,7 +167,8 @@ class SMTPClientPool:
 
     async def _send(self, hop: Hop, sender: str, recipients: list[str], chunks: list[bytes],
                     source_address: str | None, policy: OutboundPolicy | None,
-                    dsn: OutboundDSN | None = None, smtputf8: bool = False) -> list[RecipientResult]:
+                    dsn: OutboundDSN | None = None, smtputf8: bool = False,
+                    requiretls: bool = False) -> list[RecipientResult]:
         key: Key = (hop.host, hop.port, source_address, policy)
         slot = self._slot(key)
         retried = False
@@ -174,7 +176,8 @@ class SMTPClientPool:
             conn, reused = await self._acquire(slot, key, hop)
             started = self.clock.seconds()
             try:
-                results = await conn.deliver(sender, recipients, chunks, str(hop), dsn=dsn, smtputf8=smtputf8)
+                results = await conn.deliver(sender, recipients, chunks, str(hop), dsn=dsn, smtputf8=smtputf8,
+                                           requiretls=requiretls)
             except ConnectionBroken as e:
                 self._release(slot, conn)
                 if reused and e.kind == "lost" and not retried:

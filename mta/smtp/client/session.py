@@ -31,6 +31,7 @@ from mta.smtp.client.policy import OutboundPolicy
 from mta.smtp import replies as R
 from mta.smtp.reply import Reply
 from mta.smtp.client import smtputf8 as utf8
+from mta.smtp.client import requiretls as requiretls_out
 
 log = Logger(namespace="smtpgw.client")
 
@@ -371,13 +372,15 @@ class SMTPClientProtocol(Protocol):
 
     async def deliver(self, sender: str, recipients: list[str], chunks: list[bytes],
                       hop_label: str, dsn: OutboundDSN | None = None,
-                      smtputf8: bool = False) -> list[RecipientResult]:
+                      smtputf8: bool = False, requiretls: bool = False) -> list[RecipientResult]:
         """One transaction. Raises HostUnusable if MAIL is refused or the connection fails before the
         message was handed over; from the 354 on, failures become 4xx results (status unknown).
 
         ``dsn``: the message's RFC 3461 parameters, sent on when the hop offers DSN; when it does not,
         a recipient that asked NOTIFY=SUCCESS comes back delivered as a :class:`RelayedResult`.
-        ``smtputf8``: the message was received with SMTPUTF8 (RFC 6531); see :mod:`mta.smtp.client.smtputf8`."""
+        ``smtputf8``: the message was received with SMTPUTF8 (RFC 6531); see :mod:`mta.smtp.client.smtputf8`.
+        ``requiretls``: the sender asked for REQUIRETLS (RFC 8689): only over validated TLS (the
+        policy's ``tls: verify``) to a hop that offers it; see :mod:`mta.smtp.client.requiretls`."""
         def each(reply: Reply) -> list[RecipientResult]:
             return [RecipientResult(r, reply, hop_label) for r in recipients]
 
@@ -401,6 +404,12 @@ class SMTPClientProtocol(Protocol):
                 mail += b" SMTPUTF8"
             elif utf8.needs(sender, recipients, chunks, smtputf8):     # RFC 6531 3.4: not here at all
                 return each(utf8.not_offered(hop_label))
+        if requiretls:
+            if not (self.tls and self.policy is not None and self.policy.tls == "verify"):
+                return each(requiretls_out.not_validated(hop_label))
+            if requiretls_out.KEYWORD not in self.extensions:
+                return each(requiretls_out.not_offered(hop_label))
+            mail += b" REQUIRETLS"
         dsn_hop = dsn is not None and self.esmtp and "DSN" in self.extensions
         if dsn_hop:
             mail += dsn.mail.encode("ascii")

@@ -93,7 +93,7 @@ class Command:
 
 
 # MAIL FROM parameters taken (see mail_parameters); RET/ENVID are RFC 3461's (mta/dsn/params.py)
-_MAIL_PARAMETERS = frozenset({"SIZE", "BODY", "SMTPUTF8"}) | dsn_params.MAIL_KEYWORDS
+_MAIL_PARAMETERS = frozenset({"SIZE", "BODY", "SMTPUTF8", "REQUIRETLS"}) | dsn_params.MAIL_KEYWORDS
 _MAIL_PARAMETERS_AUTH = _MAIL_PARAMETERS | {"AUTH"}
 COMMANDS: dict[str, Command] = {
     "EHLO": Command("smtp_EHLO", {}),
@@ -578,6 +578,8 @@ class SMTPServerProtocol(Protocol):
                     "ENHANCEDSTATUSCODES", "DSN", "SMTPUTF8", "CHUNKING"]
         if self.factory.tls_context is not None and not self.session.tls:
             keywords.append("STARTTLS")
+        if self.session.tls:            # RFC 8689 4: only over TLS; kept with the message (mail_params)
+            keywords.append("REQUIRETLS")
         if self.factory.auth is not None:
             auth = self.factory.auth.keyword(self.session)
             if auth:
@@ -661,6 +663,8 @@ class SMTPServerProtocol(Protocol):
         if "BODY" in params and (params["BODY"] or "").upper() not in ("7BIT", "8BITMIME"):
             return R.BAD_BODY
         if params.get("SMTPUTF8", None) is not None:
+            return R.UNSUPPORTED_PARAM
+        if "REQUIRETLS" in params and (params["REQUIRETLS"] is not None or not self.session.tls):
             return R.UNSUPPORTED_PARAM
         if "RET" in params or "ENVID" in params:
             return dsn_params.check_mail(params)
