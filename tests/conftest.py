@@ -77,3 +77,11 @@ def dns_server():
     server = DNSServer(listen="127.0.0.54")
     yield server
     server.stop()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """``request.node.rep_call``: whether the test body failed (the browser fixture's screenshot)."""
+    outcome = yield
+    report = outcome.get_result()
+    setattr(item, "rep_" + report.when, report)

@@ -255,7 +255,7 @@ ERRORS = [
     ("virtual_servers[0].limits.max_connections", True,
      "virtual_servers[0].limits.max_connections: expected an integer, got true"),
     ("gateway.colour", "blue",
-     "gateway.colour: unknown key (known: control_socket, dns, hostname, local_domains, "),
+     "gateway.colour: unknown key (known: console, control_socket, dns, hostname, local_domains, "),
     ("extras", 1, "extras: unknown key (known: connectors, gateway, plugins, virtual_servers)"),
     ("connectors[0].delivery_restrictions.exceptions", [],
      "connectors[0].delivery_restrictions.exceptions: unknown key (known: default, except)"),
@@ -362,6 +362,12 @@ ERRORS = [
     # bridgeheads and names
     ("connectors[0].bridgeheads", ["X"], "connectors[0].bridgeheads[0]: no virtual server named 'X'"),
     ("connectors[0].bridgeheads", [], "connectors[0].bridgeheads: expected at least 1 entry"),
+    # the web console
+    ("gateway.console", {"enabled": True},
+     "gateway.console.users: the console needs a users file to log in against (make one with `smtpgw passwd"),
+    ("gateway.console.listen", "localhost:8025", "gateway.console.listen: "),
+    ("gateway.console.tls", {"certificate": "c.pem"}, "gateway.console.tls.key: required when certificate is set"),
+    ("gateway.console.tls", {"required": True}, "gateway.console.tls.required: unknown key"),
     # plugins
     ("plugins.enabled", ["relay_acl", "foo"], f"plugins.enabled[1]: unknown plugin 'foo' (installed: {INSTALLED})"),
     ("plugins.enabled", ["relay_acl", "relay_acl"], "plugins.enabled[1]: 'relay_acl' is listed twice"),

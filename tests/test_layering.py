@@ -32,6 +32,7 @@ LAYERS: list[str] = [
     "mta.policy",          # the core's own policy, as the trylast "core" plugin
     "smtpgw_plugins",      # the built-in plugins
     "mta.ops",             # control socket, worker fan-out, metrics
+    "mta.console",         # the web console, on the control interfaces of mta.ops
     "mta.app",             # twistd: composition root, services, reload, preflight checks
     "mta.cli",             # the smtpgw command
 ]

@@ -1,5 +1,5 @@
-"""The operator's services beside the listeners: the control socket (``smtpgw queue``) and the
-Prometheus endpoint. Composed here, in the application, because the control socket's fan-out to
+"""The operator's services beside the listeners: the control socket (``smtpgw queue``), the
+Prometheus endpoint and the web console. Composed here, in the application, because the control socket's fan-out to
 several workers and the metrics both sit beside the control protocol, not under it.
 """
 from __future__ import annotations
@@ -10,14 +10,17 @@ from twisted.application import service
 from twisted.internet import defer
 from twisted.application.internet import StreamServerEndpointService
 
+from mta.console.web import console_service
 from mta.ops.control import ControlService
 from mta.ops.fanout import FanOutControl, ask_worker, worker_socket
 from mta.ops.metrics import gateway_metrics, metrics_service
 
 
 def add_operator_services(top: service.MultiService, gateway: Any, reactor: Any) -> None:
-    """What ``mta.app.tap`` adds for the operator's tools: the control socket (always) and the
-    Prometheus endpoint (``gateway.metrics.enabled``), fed by the SMTP listeners already in ``top``."""
+    """What ``mta.app.tap`` adds for the operator's tools: the control socket (always), the
+    Prometheus endpoint (``gateway.metrics.enabled``), fed by the SMTP listeners already in ``top``,
+    and the web console (``gateway.console.enabled``), which acts through the same control object
+    the socket serves, so the browser and ``smtpgw queue`` take one code path."""
     worker = gateway.worker        # several workers: worker i > 0 on <socket>.<i>, 0 answers for all
     control = ControlService(gateway, worker_socket(gateway.config.gateway.control_socket_path, worker.index))
     if worker.supervisor:
@@ -31,6 +34,8 @@ def add_operator_services(top: service.MultiService, gateway: Any, reactor: Any)
         if worker.index == 0:
             ask = _asker(reactor, gateway.config.gateway.control_socket_path)
             metrics_service(metrics, reactor, worker.count, ask).setServiceParent(top)
+    if gateway.config.gateway.console.enabled and worker.index == 0:
+        console_service(gateway, control.control_class(gateway), reactor).setServiceParent(top)
 
 
 def _asker(reactor: Any, path: str) -> Callable[[int, dict[str, Any]], defer.Deferred]:

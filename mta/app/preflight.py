@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from mta.config import Config, ConfigError
 from mta.config.loader import load
+from mta.console.web import check_console_files
 from mta.plugin.manager import check_plugins
 from mta.smtp.server.tls import check_tls_files
 from mta.smtp.server.users import check_users_files
@@ -24,7 +25,7 @@ def check_spool(config: Config) -> None:
         raise ConfigError("gateway.spool", problem)
 
 
-FILE_CHECKS = (check_tls_files, check_users_files, check_plugins)
+FILE_CHECKS = (check_tls_files, check_users_files, check_plugins, check_console_files)
 GATEWAY_CHECKS = (check_spool, *FILE_CHECKS)       # the spool too: only the gateway's user need write it
 
 

@@ -36,6 +36,7 @@ from typing import Any
 from mta.cli.output import escape_bytes
 from mta.cli.main import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, add_config_option, command, load_config
 from mta.config import Config
+from mta.config.values import human_duration
 from mta.ops.control import (
     DONE, HELD_SKIPPED, NOT_FOUND, UNCHANGED, corrupt_summary, detail, encode_message, selector, summary,
 )
@@ -265,18 +266,6 @@ def _offline(config: Config, request: dict[str, Any]) -> dict[str, Any]:
 
 
 # -- text output --------------------------------------------------------------------------------------
-
-def human_duration(seconds: float) -> str:
-    """``45s``, ``12m``, ``3h05m``, ``2d04h``: short enough for a table column."""
-    s = int(max(0, seconds))
-    if s < 60:
-        return f"{s}s"
-    if s < 3600:
-        return f"{s // 60}m"
-    if s < 86400:
-        return f"{s // 3600}h{(s % 3600) // 60:02d}m"
-    return f"{s // 86400}d{(s % 86400) // 3600:02d}h"
-
 
 def when_text(t: float | None, now: float, active: bool = False) -> str:
     if active:

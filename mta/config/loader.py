@@ -35,7 +35,7 @@ from mta.config.model import (
     LocalHook, OutboundConfig, OversizeConfig, PluginsConfig, ProtocolLogConfig, QueueConfig, RelayConfig, ShapingRule, TlsConfig,
     VirtualServer,
 )
-from mta.config.model import PROTOCOL_LOG_FIELDS, MetricsConfig, MtaStsConfig
+from mta.config.model import PROTOCOL_LOG_FIELDS, ConsoleConfig, ConsoleTls, MetricsConfig, MtaStsConfig
 from mta.config.workers import check_workers, resolve_count
 from mta.config.schedules import parse_schedule
 from mta.config.values import (
@@ -516,6 +516,22 @@ MTA_STS = Section(MtaStsConfig, {          # outbound MTA-STS (mta/delivery/mta_
     "cache": Key(file_path),
 })
 
+
+def _finish_console(kwargs: dict[str, Any], path: str) -> dict[str, Any]:
+    if kwargs.get("enabled") and kwargs.get("users") is None:
+        raise ConfigError(join(path, "users"), "the console needs a users file to log in against "
+                          "(make one with `smtpgw passwd -c FILE USER`)")
+    return kwargs
+
+
+CONSOLE = Section(ConsoleConfig, {          # the web console (mta/console/)
+    "enabled": Key(boolean),
+    "listen": Key(lambda v, p: parse_hostport(v, p, default_port=8025, allow_zero_port=True)),
+    "users": Key(file_path),
+    "tls": Key(Section(ConsoleTls, {"certificate": Key(file_path), "key": Key(file_path)},
+                       finish=_both_or_neither("certificate", "key"))),
+}, finish=_finish_console)
+
 GATEWAY = Section(GatewayConfig, {
     "hostname": Key(lambda v, p: parse_domain(v, p), REQUIRED),
     "spool": Key(file_path, "var/spool"),
@@ -525,6 +541,7 @@ GATEWAY = Section(GatewayConfig, {
     "queue": Key(QUEUE),
     "control_socket": Key(file_path),         # default: <spool>/control.sock (smtpgw queue)
     "metrics": Key(METRICS),
+    "console": Key(CONSOLE),
     "workers": Key(lambda v, p: worker_count(v, p), 1),     # mta/workers/identity.py
     "message_memory": Key(size),              # mta/smtp/server/message_memory.py
     "recipient_delimiter": Key(delimiter, "+", null_means=None),    # null: off

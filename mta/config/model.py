@@ -87,6 +87,23 @@ class ShapingRule:
 
 
 @dataclass(frozen=True)
+class ConsoleTls:
+    """``gateway.console.tls``: the console's certificate and key (HTTPS when both are given)."""
+    certificate: str | None = None
+    key: str | None = None
+
+
+@dataclass(frozen=True)
+class ConsoleConfig:
+    """``gateway.console``: the web console (mta/console/); off by default, loopback by default,
+    logins from a users file written by ``smtpgw passwd``."""
+    enabled: bool = False
+    listen: tuple[str, int] = ("127.0.0.1", 8025)
+    users: str | None = None
+    tls: ConsoleTls = field(default_factory=ConsoleTls)
+
+
+@dataclass(frozen=True)
 class GatewayConfig:
     hostname: str
     spool: str
@@ -96,6 +113,7 @@ class GatewayConfig:
     queue: QueueConfig = field(default_factory=QueueConfig)
     control_socket: str | None = None       # `smtpgw queue` talks to the daemon here; None: <spool>/control.sock
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    console: ConsoleConfig = field(default_factory=ConsoleConfig)
     workers: int | str = 1                  # processes sharing the listeners (mta/workers/identity.py); "auto": one per CPU
     message_memory: int = 256 * 1024 * 1024     # bytes of messages being received (mta/smtp/server/message_memory.py)
     recipient_delimiter: str | None = "+"   # alice+news@ -> alice's mailbox; None: off

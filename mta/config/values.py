@@ -89,6 +89,19 @@ def format_size(n: int) -> str:
 
 # -- durations -----------------------------------------------------------------------------------
 
+def human_duration(seconds: float) -> str:
+    """``45s``, ``12m``, ``3h05m``, ``2d04h``: short enough for a table column (``smtpgw queue list``
+    and the console's Queues page show ages alike)."""
+    s = int(max(0, seconds))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m"
+    if s < 86400:
+        return f"{s // 3600}h{(s % 3600) // 60:02d}m"
+    return f"{s // 86400}d{(s % 86400) // 3600:02d}h"
+
+
 def parse_duration(value: Any, key: str) -> float:
     """Seconds from ``30s``, ``10m``, ``2h``, ``2d``, ``1w``, ``1h30m`` or a plain number of seconds."""
     problem = f"expected a duration like 30s, 10m, 2h, 2d or a number of seconds, got {describe(value)}"

@@ -103,7 +103,7 @@ class FanOutControl(QueueControl):
             if answer.get("ok"):
                 answer["workers"] = self.count
             return answer
-        if op == "show":
+        if op in ("show", "cat"):
             entry_id = request.get("id")
             owner = owner_of(entry_id, self.count) if isinstance(entry_id, str) else 0
             return await self._ask(owner, request)
@@ -114,7 +114,7 @@ class FanOutControl(QueueControl):
             for entry_id in ids:
                 by_owner.setdefault(owner_of(entry_id, self.count), []).append(entry_id)
             asks = {i: {**request, "ids": part} for i, part in by_owner.items()}
-        elif op in ("list", "retry", "hold", "release"):
+        elif op in ("list", "retry", "hold", "release", "requeue"):
             asks = {i: request for i in range(self.count)}
         else:
             return await super().handle(request)

@@ -1,0 +1,221 @@
+"""The web console as an administrator uses it: a real headless Chromium, driven by Selenium, against
+the gateway running as ``twistd`` with the console on loopback, real SMTP peers, a real Maildir.
+
+Log in; see held mail in its connector's row; release it and see it reach the smart host; delete a
+message with an NDR and see the report arrive; a wrong password refused; an action without the CSRF
+token refused 403.
+"""
+from __future__ import annotations
+
+import smtplib
+import subprocess
+import urllib.error
+import urllib.parse
+import urllib.request
+import uuid
+from pathlib import Path
+
+import pytest
+
+from browser import browser  # noqa: F401  (fixture)
+from gwprocess import GatewayProcess, base_config, maildir_messages, port_open, wait_until
+from test_cli_queue import entries, smtpgw_command
+
+GW_HOST, GW_PORT = "127.0.0.120", 2525
+SMART_HOST = "127.0.0.121"
+CONSOLE = f"http://{GW_HOST}:8025"
+USER, PASSWORD = "admin", "correct horse battery staple"
+
+
+def make_users(tmp_path: Path) -> Path:
+    """The users file, written by ``smtpgw passwd`` as an administrator would."""
+    users = tmp_path / "console-users"
+    r = subprocess.run([*smtpgw_command(), "passwd", "-c", "--stdin", str(users), USER],
+                       input=PASSWORD + "\n", capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    return users
+
+
+def console_config(tmp_path: Path) -> dict:
+    cfg = base_config(tmp_path, listen=f"{GW_HOST}:{GW_PORT}")
+    cfg["virtual_servers"][0]["relay"]["allow"] = ["127.0.0.0/8"]
+    cfg["gateway"]["queue"]["retry"] = ["1h"]              # deferred mail waits for the administrator
+    cfg["connectors"][0]["smart_hosts"] = [f"[{SMART_HOST}]"]
+    cfg["gateway"]["console"] = {"enabled": True, "listen": f"{GW_HOST}:8025", "users": str(make_users(tmp_path))}
+    return cfg
+
+
+def send(subject: str, rcpt: str, sender: str = "alice@example.test") -> None:
+    msg = (f"From: {sender}\r\nTo: {rcpt}\r\nSubject: {subject}\r\n"
+           f"Message-ID: <{uuid.uuid4().hex}@example.test>\r\n\r\nHello from {subject}.\r\n")
+    with smtplib.SMTP(GW_HOST, GW_PORT, timeout=30) as s:
+        s.sendmail(sender, [rcpt], msg)
+
+
+def start(gateway, tmp_path: Path) -> GatewayProcess:
+    gw = gateway(console_config(tmp_path))
+    assert wait_until(lambda: port_open(GW_HOST, 8025), 20), gw.log()
+    return gw
+
+
+def login(driver, user: str = USER, password: str = PASSWORD) -> None:
+    from selenium.webdriver.common.by import By
+
+    driver.get(CONSOLE + "/")
+    assert "/login" in driver.current_url
+    driver.find_element(By.ID, "user").send_keys(user)
+    field = driver.find_element(By.ID, "password")
+    field.send_keys(password)
+    field.submit()
+    from selenium.webdriver.support.ui import WebDriverWait     # the next page: the console, or the refusal
+    WebDriverWait(driver, 20).until(
+        lambda d: "/login" not in d.current_url or d.find_elements(By.CSS_SELECTOR, "[role=alert]"))
+
+
+def notice(driver) -> str:
+    """The result line the page shows after an action (waiting for the page that has it)."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    return WebDriverWait(driver, 20).until(lambda d: d.find_element(By.CSS_SELECTOR, ".notice")).text
+
+
+def row_of(driver, domain: str):
+    from selenium.webdriver.common.by import By
+
+    for row in driver.find_elements(By.CSS_SELECTOR, "table.queues tbody tr"):
+        if row.find_element(By.CSS_SELECTOR, 'td[data-label="Destination"]').text == domain:
+            return row
+    return None
+
+
+def act_on_row(driver, domain: str, action: str) -> None:
+    """Choose ``action`` (the option's value) in the row's menu and apply it, with the keyboard."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+
+    row = row_of(driver, domain)
+    Select(row.find_element(By.CSS_SELECTOR, "select[name=op]")).select_by_value(action)
+    row.find_element(By.CSS_SELECTOR, "button[type=submit]").click()
+
+
+def test_login_hold_release_delete_with_ndr(gateway, peers, browser, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+
+    peer = peers(SMART_HOST)
+    peer.set_reply("rcpt", "451 4.3.0 try later")
+    gw = start(gateway, tmp_path)
+    send("keep me", "bob@held.test")
+    send("bounce me", "carol@ndr.test")
+    assert wait_until(lambda: sum(1 for e in entries(gw) if e["last_error"]) == 2, 30), entries(gw)
+
+    login(browser)
+    assert browser.current_url.endswith("/queues"), browser.current_url
+    assert "admin" in browser.find_element(By.CSS_SELECTOR, "header .user").text
+    row = row_of(browser, "held.test")
+    cells = {c.get_attribute("data-label"): c.text for c in row.find_elements(By.TAG_NAME, "td")}
+    assert cells["Connector"] == "Internet SMTP connector" and cells["Messages"] == "1"
+    assert cells["State"].startswith("retrying") and "451 4.3.0 try later" in cells["State"]
+
+    act_on_row(browser, "held.test", "hold")                 # the whole destination, from its row
+    assert "Hold: 1 done." in notice(browser)
+    held = row_of(browser, "held.test").find_element(By.CSS_SELECTOR, 'td[data-label="State"]').text
+    assert held.startswith("held") and "held by the administrator" in held
+    assert "console: admin: hold domain=held.test: 1 done" in gw.log()
+    browser.save_screenshot(str(tmp_path / "queues.png"))
+
+    peer.set_reply("rcpt", None)                            # the smart host takes mail again
+    act_on_row(browser, "held.test", "release")
+    assert "Release: 1 done." in notice(browser)
+    assert peer.wait_for(1, 20)
+    assert b"Subject: keep me" in peer.messages[0].data
+    assert wait_until(lambda: (browser.refresh(), row_of(browser, "held.test") is None)[1], 20, 0.3)
+    assert row_of(browser, "ndr.test") is not None
+
+    # one message, from its own page: delete it and send the sender an NDR
+    peer.set_reply("rcpt", "451 4.3.0 try later")
+    browser.find_element(By.LINK_TEXT, "ndr.test").click()
+    browser.find_element(By.CSS_SELECTOR, "table.messages tbody a").click()
+    assert "Subject" in browser.find_element(By.CSS_SELECTOR, "table.headers").text
+    assert "carol@ndr.test" in browser.find_element(By.CSS_SELECTOR, "table.recipients").text
+    browser.find_element(By.LINK_TEXT, "Show the whole message").click()
+    assert "Hello from bounce me." in browser.find_element(By.CSS_SELECTOR, "pre.raw").text
+    Select(browser.find_element(By.ID, "msg-op")).select_by_value("delete_ndr")
+    browser.find_element(By.CSS_SELECTOR, "form.act button").click()
+    browser.switch_to.alert.accept()                          # "this cannot be undone"
+    assert "1 NDR queued to the sender" in notice(browser)
+    assert browser.current_url.endswith("/queues") and row_of(browser, "ndr.test") is None
+    assert wait_until(lambda: maildir_messages(tmp_path / "mail", "alice"), 20)
+    report = maildir_messages(tmp_path / "mail", "alice")[0]
+    assert b"deleted from the queue by the administrator" in report and b"Subject: bounce me" in report
+    assert len(peer.messages) == 1
+
+
+def test_wrong_password_and_missing_csrf_token_refused(gateway, browser, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    gw = start(gateway, tmp_path)
+    login(browser, password="not the password")
+    assert "/login" in browser.current_url
+    assert "Wrong user name or password." in browser.find_element(By.CSS_SELECTOR, "[role=alert]").text
+    assert wait_until(lambda: "console: login refused for 'admin'" in gw.log(), 10)
+    browser.get(CONSOLE + "/queues")                           # still not in
+    assert "/login" in browser.current_url
+
+    login(browser)
+    assert browser.current_url.endswith("/queues")
+    cookie = browser.get_cookie("smtpgw_console")
+    assert cookie["httpOnly"] and cookie["sameSite"] == "Strict"
+
+    # the logout form without its token (a forged form would have none): refused, still logged in
+    browser.execute_script('document.querySelector(".logout input[name=csrf]").remove()')
+    browser.find_element(By.CSS_SELECTOR, ".logout button").click()
+    assert WebDriverWait(browser, 20).until(lambda d: d.find_element(By.TAG_NAME, "h1").text == "Forbidden")
+    # an action posted with the session's cookie but no token: 403, and nothing done
+    data = urllib.parse.urlencode({"op": "delete", "domain": "remote.test", "back": "/queues"}).encode()
+    req = urllib.request.Request(CONSOLE + "/action", data=data,
+                                 headers={"Cookie": f"smtpgw_console={cookie['value']}"})
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(req, timeout=10)
+    assert refused.value.code == 403
+    assert "refused POST /action" in gw.log() and "console: admin: delete" not in gw.log()
+    browser.get(CONSOLE + "/queues")
+    assert browser.current_url.endswith("/queues")
+
+
+def test_console_over_tls_sets_a_secure_cookie(gateway, tmp_path):
+    """With a certificate and key the console speaks HTTPS only, and its cookie is Secure."""
+    import ssl
+
+    import trustme
+
+    ca = trustme.CA()
+    cert = ca.issue_cert(GW_HOST)
+    cert.cert_chain_pems[0].write_to_path(str(tmp_path / "console.crt"))
+    cert.private_key_pem.write_to_path(str(tmp_path / "console.key"))
+    cfg = console_config(tmp_path)
+    cfg["gateway"]["console"]["tls"] = {"certificate": str(tmp_path / "console.crt"),
+                                        "key": str(tmp_path / "console.key")}
+    gw = gateway(cfg)
+    assert wait_until(lambda: port_open(GW_HOST, 8025), 20), gw.log()
+    context = ssl.create_default_context()
+    ca.configure_trust(context)
+    with urllib.request.urlopen(f"https://{GW_HOST}:8025/login", context=context, timeout=10) as page:
+        assert page.status == 200 and b'name="csrf"' in page.read()
+        cookie = page.headers["Set-Cookie"]
+    assert "HttpOnly" in cookie and "SameSite=Strict" in cookie and "Secure" in cookie
+    assert f"console listening on https://{GW_HOST}:8025/" in gw.log()
+    with pytest.raises(Exception):               # no plain HTTP on the TLS port
+        urllib.request.urlopen(f"http://{GW_HOST}:8025/login", timeout=10).read()
+
+
+def test_check_config_names_a_missing_users_file(tmp_path):
+    cfg = console_config(tmp_path)
+    cfg["gateway"]["console"]["users"] = str(tmp_path / "nobody")
+    gw = GatewayProcess(tmp_path, cfg)
+    gw.write_config()
+    r = subprocess.run([*smtpgw_command(), "check-config", "-c", str(gw.config_path)], env=gw.env(),
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode != 0 and "gateway.console.users:" in (r.stdout + r.stderr), (r.stdout, r.stderr)
