@@ -58,10 +58,11 @@ def start(gateway, tmp_path: Path) -> GatewayProcess:
     return gw
 
 
-def login(driver, user: str = USER, password: str = PASSWORD) -> None:
+def login(driver, user: str = USER, password: str = PASSWORD, page: str = "/queues") -> None:
+    """Open ``page``, which sends the browser to the login form first, and log in there."""
     from selenium.webdriver.common.by import By
 
-    driver.get(CONSOLE + "/")
+    driver.get(CONSOLE + page)
     assert "/login" in driver.current_url
     driver.find_element(By.ID, "user").send_keys(user)
     field = driver.find_element(By.ID, "password")
@@ -90,18 +91,21 @@ def row_of(driver, domain: str):
 
 
 def act_on_row(driver, domain: str, action: str) -> None:
-    """Choose ``action`` (the option's value) in the row's menu and apply it, with the keyboard."""
+    """Choose ``action`` (the option's value) in the row's menu, apply it, and wait for the next page."""
     from selenium.webdriver.common.by import By
-    from selenium.webdriver.support.ui import Select
+    from selenium.webdriver.support import expected_conditions
+    from selenium.webdriver.support.ui import Select, WebDriverWait
 
     row = row_of(driver, domain)
+    old = driver.find_element(By.TAG_NAME, "html")
     Select(row.find_element(By.CSS_SELECTOR, "select[name=op]")).select_by_value(action)
-    row.find_element(By.CSS_SELECTOR, "button[type=submit]").click()
+    row.find_element(By.CSS_SELECTOR, "button[type=submit]").send_keys("\n")     # Enter, as from the keyboard
+    WebDriverWait(driver, 20).until(expected_conditions.staleness_of(old))
 
 
 def test_login_hold_release_delete_with_ndr(gateway, peers, browser, tmp_path):
     from selenium.webdriver.common.by import By
-    from selenium.webdriver.support.ui import Select
+    from selenium.webdriver.support.ui import Select, WebDriverWait
 
     peer = peers(SMART_HOST)
     peer.set_reply("rcpt", "451 4.3.0 try later")
@@ -136,10 +140,13 @@ def test_login_hold_release_delete_with_ndr(gateway, peers, browser, tmp_path):
     # one message, from its own page: delete it and send the sender an NDR
     peer.set_reply("rcpt", "451 4.3.0 try later")
     browser.find_element(By.LINK_TEXT, "ndr.test").click()
+    WebDriverWait(browser, 20).until(lambda d: "/messages?" in d.current_url)
     browser.find_element(By.CSS_SELECTOR, "table.messages tbody a").click()
+    WebDriverWait(browser, 20).until(lambda d: "/message?" in d.current_url)
     assert "Subject" in browser.find_element(By.CSS_SELECTOR, "table.headers").text
     assert "carol@ndr.test" in browser.find_element(By.CSS_SELECTOR, "table.recipients").text
     browser.find_element(By.LINK_TEXT, "Show the whole message").click()
+    WebDriverWait(browser, 20).until(lambda d: "body=1" in d.current_url)
     assert "Hello from bounce me." in browser.find_element(By.CSS_SELECTOR, "pre.raw").text
     Select(browser.find_element(By.ID, "msg-op")).select_by_value("delete_ndr")
     browser.find_element(By.CSS_SELECTOR, "form.act button").click()
@@ -183,6 +190,81 @@ def test_wrong_password_and_missing_csrf_token_refused(gateway, browser, tmp_pat
     assert "refused POST /action" in gw.log() and "console: admin: delete" not in gw.log()
     browser.get(CONSOLE + "/queues")
     assert browser.current_url.endswith("/queues")
+
+
+def figure(driver, label: str) -> str:
+    from selenium.webdriver.common.by import By
+
+    for card in driver.find_elements(By.CSS_SELECTOR, ".figure"):
+        if card.find_element(By.CSS_SELECTOR, ".label").text == label:
+            return card.find_element(By.CSS_SELECTOR, ".value").text
+    return ""
+
+
+def test_dashboard_charts_the_messages_just_sent_live(gateway, browser, tmp_path):
+    from selenium.webdriver.common.by import By
+
+    gw = start(gateway, tmp_path)
+    send("one", "bob@example.test")
+    send("two", "bob@example.test")
+    assert wait_until(lambda: len(maildir_messages(tmp_path / "mail", "bob")) == 2, 20)
+    login(browser, page="/")                                 # the dashboard is the home page
+    assert browser.current_url.endswith("/dashboard"), browser.current_url
+    # the delivery is counted once its outcome is recorded, a moment after the Maildir file appears
+    assert wait_until(lambda: (figure(browser, "received in the period"), figure(browser, "delivered in the period"))
+                      == ("2", "2") or browser.refresh(), 20, 0.5)
+    chart = browser.find_element(By.CSS_SELECTOR, "#chart-messages")
+    assert chart.get_attribute("role") == "img" and "received: 2" in chart.find_element(By.TAG_NAME, "desc").get_attribute("textContent")
+    assert browser.find_elements(By.CSS_SELECTOR, "#chart-messages polyline, #chart-messages circle")
+    assert "Default SMTP Virtual Server" in browser.find_element(By.CSS_SELECTOR, "#chart-connections + .legend").text
+    browser.save_screenshot(str(tmp_path / "dashboard.png"))
+
+    browser.execute_script("window.notReloaded = true")
+    send("three", "bob@example.test")                        # the page polls /dashboard.json and redraws
+    assert wait_until(lambda: figure(browser, "received in the period") == "3", 30, 0.5)
+    assert browser.execute_script("return window.notReloaded") is True
+
+
+def test_connectors_virtual_servers_and_diagnostics(gateway, browser, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select, WebDriverWait
+
+    cfg = console_config(tmp_path)
+    cfg["connectors"].append({
+        "name": "Branch office", "address_spaces": [{"domain": "branch.test", "cost": 5}, "*.branch.test"],
+        "smart_hosts": ["[192.0.2.25]"], "bridgeheads": ["Default SMTP Virtual Server"],
+        "delivery": {"schedule": {"mon": ["08:00-18:00"], "sat": ["22:00-24:00"]}, "timezone": "Europe/Paris",
+                     "oversize": {"threshold": "2MB", "schedule": "never"}}})
+    gw = gateway(cfg)
+    assert wait_until(lambda: port_open(GW_HOST, 8025), 20), gw.log()
+    send("to the branch", "dave@branch.test")
+    login(browser, page="/connectors")
+    branch = browser.find_element(By.ID, "connector-1")
+    text = branch.text
+    assert "Branch office" in text and "*.branch.test" in text and "[192.0.2.25]" in text
+    assert "weekly grid, 12 hours a week (Europe/Paris)" in text
+    assert "messages over 2MB: never: closed; never opens" in text
+    grid = branch.find_element(By.CSS_SELECTOR, "svg.grid7")
+    desc = grid.find_element(By.TAG_NAME, "desc").get_attribute("textContent")
+    assert desc.startswith("Mon: 08:00-18:00; Tue: closed") and "Sat: 22:00-24:00" in desc
+    assert len(grid.find_elements(By.CSS_SELECTOR, "rect")) == 7 * 96
+    assert len(grid.find_elements(By.CSS_SELECTOR, "rect.on")) == 48
+    assert "always (UTC): open now" in browser.find_element(By.ID, "connector-0").text
+    browser.save_screenshot(str(tmp_path / "connectors.png"))
+
+    browser.find_element(By.LINK_TEXT, "Virtual servers").click()
+    WebDriverWait(browser, 20).until(lambda d: d.current_url.endswith("/virtual-servers"))
+    assert f"{GW_HOST}:{GW_PORT}" in browser.find_element(By.ID, "vs-0").text
+
+    browser.find_element(By.LINK_TEXT, "Diagnostics").click()
+    WebDriverWait(browser, 20).until(lambda d: d.current_url.endswith("/diagnostics"))
+    Select(browser.find_element(By.ID, "category")).select_by_value("queuing_engine")
+    browser.find_element(By.CSS_SELECTOR, "form.act button").click()
+    WebDriverWait(browser, 20).until(lambda d: "category=queuing_engine" in d.current_url)
+    rows = browser.find_elements(By.CSS_SELECTOR, "table.events tbody tr")
+    assert rows and all(r.find_element(By.CSS_SELECTOR, 'td[data-label="Category"]').text == "queuing_engine"
+                        for r in rows)
+    assert "sender=alice@example.test" in browser.find_element(By.CSS_SELECTOR, "table.events").text
 
 
 def test_console_over_tls_sets_a_secure_cookie(gateway, tmp_path):

@@ -10,6 +10,7 @@ from twisted.application import service
 from twisted.internet import defer
 from twisted.application.internet import StreamServerEndpointService
 
+from mta.console.history import reader
 from mta.console.web import console_service
 from mta.ops.control import ControlService
 from mta.ops.fanout import FanOutControl, ask_worker, worker_socket
@@ -26,16 +27,19 @@ def add_operator_services(top: service.MultiService, gateway: Any, reactor: Any)
     if worker.supervisor:
         control.control_class = FanOutControl
     control.setServiceParent(top)
-    if gateway.config.gateway.metrics.enabled:
-        # every worker counts its share; worker 0 serves the page and asks the others at each scrape
+    settings = gateway.config.gateway
+    ask = _asker(reactor, settings.control_socket_path)
+    if settings.metrics.enabled or settings.console.enabled:
+        # every worker counts its share; worker 0 serves the page (and the console's dashboard) and
+        # asks the others at each scrape
         factories = {id(s.factory): s.factory for s in top
                      if isinstance(s, StreamServerEndpointService) and hasattr(s.factory, "vs")}
         metrics = gateway_metrics(gateway, factories.values())
-        if worker.index == 0:
-            ask = _asker(reactor, gateway.config.gateway.control_socket_path)
+        if settings.metrics.enabled and worker.index == 0:
             metrics_service(metrics, reactor, worker.count, ask).setServiceParent(top)
-    if gateway.config.gateway.console.enabled and worker.index == 0:
-        console_service(gateway, control.control_class(gateway), reactor).setServiceParent(top)
+        if settings.console.enabled and worker.index == 0:
+            read = reader(metrics, worker.count, ask, reactor.seconds)
+            console_service(gateway, control.control_class(gateway), reactor, read).setServiceParent(top)
 
 
 def _asker(reactor: Any, path: str) -> Callable[[int, dict[str, Any]], defer.Deferred]:

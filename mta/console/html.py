@@ -13,7 +13,8 @@ from typing import Iterable
 from mta.config.values import human_duration
 
 # (path, label): the navigation, in order
-NAV: list[tuple[str, str]] = [("/queues", "Queues")]
+NAV: list[tuple[str, str]] = [("/dashboard", "Dashboard"), ("/queues", "Queues"), ("/connectors", "Connectors"),
+                              ("/virtual-servers", "Virtual servers"), ("/diagnostics", "Diagnostics")]
 
 # the queue actions, as the control socket names them (``delete_ndr`` is delete with ``dsn: true``)
 ACTIONS: list[tuple[str, str]] = [

@@ -11,6 +11,7 @@ session's, is refused 403 before anything is looked at. Every action is logged w
 from __future__ import annotations
 
 import ipaddress
+import json
 import os
 from typing import Any, Awaitable, Callable
 from urllib.parse import urlencode, urlsplit
@@ -24,7 +25,8 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
 
 from mta.config import Config, ConfigError
-from mta.console import html, queue_pages
+from mta.console import dashboard, diagnostics, html, queue_pages, settings_pages
+from mta.console.history import History, Reader
 from mta.console.html import ACTIONS, esc
 from mta.console.queues import destinations, in_domain
 from mta.console.sessions import COOKIE, Session, Sessions, cookie_header
@@ -94,9 +96,12 @@ class Console:
     workers: the objects behind ``smtpgw queue``)."""
 
     def __init__(self, gateway: Any, control: Any, *, secure: bool = False,
-                 checker: Any = None) -> None:
+                 checker: Any = None, history: History | None = None,
+                 recorder: diagnostics.Recorder | None = None) -> None:
         self.gateway = gateway
         self.control = control
+        self.history = history
+        self.recorder = recorder
         self.config: Config = gateway.config
         self.reactor = gateway.reactor
         self.secure = secure
@@ -108,6 +113,12 @@ class Console:
             (b"GET", "/login"): self.login_form,
             (b"POST", "/login"): self.login,
             (b"POST", "/logout"): self.logout,
+            (b"GET", "/dashboard"): self.dashboard,
+            (b"GET", "/dashboard.json"): self.dashboard_json,
+            (b"GET", "/connectors"): self.connectors,
+            (b"GET", "/virtual-servers"): self.virtual_servers,
+            (b"GET", "/diagnostics"): self.diagnostics,
+            (b"GET", "/diagnostics.json"): self.diagnostics_json,
             (b"GET", "/queues"): self.queues,
             (b"GET", "/messages"): self.messages,
             (b"GET", "/message"): self.message,
@@ -242,6 +253,63 @@ class Console:
         request.setHeader(b"Set-Cookie", cookie_header(None, self.secure))
         return self.redirect(request, "/login")
 
+    # -- the dashboard ---------------------------------------------------------------------------
+
+    def _hours(self, request: Any) -> int:
+        try:
+            hours = int(self.arg(request, "hours") or 3)
+        except ValueError:
+            hours = 3
+        return hours if hours in dashboard.PERIODS else 3
+
+    async def _points(self, hours: int) -> list[Any]:
+        if self.history is None:
+            raise Reply(503, "No figures", "The dashboard's figures are not being collected.")
+        return await self.history.series(hours)
+
+    async def dashboard(self, request: Any, session: Session) -> bytes:
+        hours = self._hours(request)
+        body = dashboard.dashboard_body(await self._points(hours), self.now(), hours)
+        return self.render_page(request, session, "Dashboard", body, "/dashboard")
+
+    async def dashboard_json(self, request: Any, session: Session) -> bytes:
+        hours = self._hours(request)
+        return self.send_json(request, dashboard.dashboard_json(await self._points(hours), self.now(), hours))
+
+    def send_json(self, request: Any, doc: dict[str, Any]) -> bytes:
+        request.setHeader(b"Content-Type", b"application/json")
+        return json.dumps(doc, separators=(",", ":")).encode("utf-8")
+
+    # -- connectors, virtual servers, diagnostics (read-only) -------------------------------------
+
+    async def connectors(self, request: Any, session: Session) -> bytes:
+        body = settings_pages.connectors_body(self.config.connectors, self.now())
+        return self.render_page(request, session, "Connectors", body, "/connectors")
+
+    async def virtual_servers(self, request: Any, session: Session) -> bytes:
+        active = {}
+        if self.history is not None:
+            active = (await self.history.read()).active
+        body = settings_pages.virtual_servers_body(self.config.virtual_servers, active)
+        return self.render_page(request, session, "Virtual servers", body, "/virtual-servers")
+
+    def _events(self, request: Any) -> tuple[str, str, str]:
+        category = self.arg(request, "category") or ""
+        level = self.arg(request, "level") or "maximum"
+        if level not in diagnostics.LEVELS:
+            level = "maximum"
+        table = diagnostics.events_table(self.recorder, category or None, level)
+        return category, level, table
+
+    async def diagnostics(self, request: Any, session: Session) -> bytes:
+        category, level, events = self._events(request)
+        body = diagnostics.diagnostics_body(self.recorder, category, level, events, self.now())
+        return self.render_page(request, session, "Diagnostics", body, "/diagnostics")
+
+    async def diagnostics_json(self, request: Any, session: Session) -> bytes:
+        _, _, events = self._events(request)
+        return self.send_json(request, {"updated": dashboard.updated(self.now()), "charts": {"events": events}})
+
     # -- the Queue Viewer ------------------------------------------------------------------------
 
     async def home(self, request: Any, session: Session | None) -> bytes:
@@ -362,14 +430,20 @@ class ConsoleSite(Site):
         log.info("console listening on {url}", url=self.url)
 
 
-def console_service(gateway: Any, control: Any, reactor: Any) -> service.Service:
-    """The listening service for ``gateway.console`` (worker 0 only)."""
+def console_service(gateway: Any, control: Any, reactor: Any, read: Reader | None = None) -> service.Service:
+    """The console for ``gateway.console`` (worker 0 only): its listener and, given ``read`` (the
+    gateway's figures, :func:`mta.console.history.reader`), the dashboard's sampling."""
     from twisted.internet.endpoints import SSL4ServerEndpoint, TCP4ServerEndpoint, TCP6ServerEndpoint
 
     settings = gateway.config.gateway.console
     host, port = settings.listen
     tls = settings.tls.certificate is not None
-    console = Console(gateway, control, secure=tls)
+    top = service.MultiService()
+    history = None
+    if read is not None:
+        history = History(read, reactor)
+        history.setServiceParent(top)
+    console = Console(gateway, control, secure=tls, history=history, recorder=diagnostics.recorder(gateway))
     shown = f"[{host}]" if ipaddress.ip_address(host).version == 6 else host
     site = ConsoleSite(console, f"{'https' if tls else 'http'}://{shown}:{port}/")
     if tls:
@@ -382,8 +456,9 @@ def console_service(gateway: Any, control: Any, reactor: Any) -> service.Service
     svc = internet.StreamServerEndpointService(endpoint, site)
     svc._raiseSynchronously = True            # a port in use stops startup with a clear error
     svc.setName(f"console {host}:{port}")
-    svc.console = console
-    return svc
+    svc.setServiceParent(top)
+    top.console = console
+    return top
 
 
 def check_console_files(config: Config) -> None:

@@ -22,3 +22,27 @@
     });
   });
 })();
+// live pages (dashboard, diagnostics): the parts marked data-chart replaced from the page's JSON
+// (data-poll) every data-every seconds, without reloading
+(function () {
+  "use strict";
+  var board = document.querySelector("[data-poll]");
+  if (!board || !window.fetch) { return; }
+  var every = (parseInt(board.getAttribute("data-every"), 10) || 10) * 1000;
+  function refresh() {
+    fetch(board.getAttribute("data-poll"), {credentials: "same-origin", headers: {"Accept": "application/json"}})
+      .then(function (r) { if (!r.ok) { throw new Error(r.status); } return r.json(); })
+      .then(function (doc) {
+        Object.keys(doc.charts).forEach(function (name) {
+          var box = board.querySelector('[data-chart="' + name + '"]');
+          if (box) { box.innerHTML = doc.charts[name]; }
+        });
+        document.getElementById("updated").textContent = doc.updated;
+      })
+      .catch(function () {
+        document.getElementById("updated").textContent = "Not updated: the console does not answer (log in again?)";
+      })
+      .then(function () { window.setTimeout(refresh, every); });
+  }
+  window.setTimeout(refresh, every);
+})();

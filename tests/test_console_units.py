@@ -1,0 +1,88 @@
+"""The console's pure parts: the Queues page's rows and states, sessions and their tokens, the
+return path after a form, the charts' scale, the schedule grid's description."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from gwprocess import base_config
+from mta.config.loader import build
+from mta.config.schedules import parse_schedule
+from mta.console.charts import nice_ceiling
+from mta.console.queues import LOCAL, destinations
+from mta.console.sessions import IDLE_TIMEOUT, Sessions, cookie_header
+from mta.console.settings_pages import day_ranges, opening, week_slots
+from mta.console.web import outcome, safe_back
+
+
+def row(ident: str, *rcpts: str, **over) -> dict:
+    base = {"id": ident, "recipients_pending": list(rcpts), "age": 60.0, "received_at": 1.0, "held": False,
+            "why_held": None, "active": False, "last_error": None, "next_attempt": None}
+    return {**base, **over}
+
+
+def test_rows_by_connector_and_domain_with_their_state(tmp_path: Path):
+    config = build(base_config(tmp_path), "test")
+    rows = destinations(config, [
+        row("a", "x@remote.test", "y@remote.test", last_error="451 4.3.0 later", next_attempt=99.0),
+        row("b", "z@remote.test", "bob@example.test", held=True, why_held="held by the administrator", age=300.0),
+        row("c", "q@waiting.test", why_held="held: connector 'X' schedule, opens at 2026-12-03 08:00 UTC"),
+        row("d", "r@etrn.test", why_held="held: connector 'ISP' is remote-triggered; ..."),
+        row("e", "s@busy.test", active=True),
+        {**row("f"), "corrupt": True, "why_held": "corrupt: unreadable spool file"},
+    ])
+    got = {(r.connector, r.domain): (len(r.messages), r.recipients, r.state) for r in rows}
+    assert got == {
+        ("Internet SMTP connector", "remote.test"): (2, 3, "retrying"),
+        (LOCAL, "example.test"): (1, 1, "held"),
+        ("Internet SMTP connector", "waiting.test"): (1, 1, "waiting for schedule"),
+        ("Internet SMTP connector", "etrn.test"): (1, 1, "held for ETRN"),
+        ("Internet SMTP connector", "busy.test"): (1, 1, "active"),
+        ("corrupt (never attempted again)", ""): (1, 0, "corrupt"),
+    }
+    remote = next(r for r in rows if r.domain == "remote.test")
+    assert remote.why == "451 4.3.0 later" and remote.oldest_age == 300.0 and remote.next_attempt == 99.0
+    assert rows[-1].connector.startswith("corrupt")          # the damaged files last
+
+
+def test_sessions_expire_and_login_replaces_the_session():
+    now = [1000.0]
+    sessions = Sessions(lambda: now[0])
+    anonymous = sessions.new()
+    assert sessions.get(anonymous.id) is anonymous and anonymous.user is None
+    assert anonymous.token_ok(anonymous.csrf) and not anonymous.token_ok("") and not anonymous.token_ok(None)
+    user = sessions.login(anonymous, "admin")
+    assert sessions.get(anonymous.id) is None                 # no session fixation
+    assert user.id != anonymous.id and user.csrf != anonymous.csrf and not user.token_ok(anonymous.csrf)
+    now[0] += IDLE_TIMEOUT + 1
+    assert sessions.get(user.id) is None
+    assert cookie_header(user, secure=True).endswith(b"; Path=/; HttpOnly; SameSite=Strict; Secure")
+    assert b"Max-Age=0" in cookie_header(None, secure=False)
+
+
+def test_return_paths_stay_on_the_console():
+    assert safe_back("/messages?domain=x.test") == "/messages?domain=x.test"
+    for bad in ("//evil.test/", "https://evil.test/", "/\\evil.test", "", None, "queues"):
+        assert safe_back(bad) == "/queues"
+
+
+def test_outcome_lines():
+    assert outcome("hold", {"ok": True, "results": [{"result": "done"}, {"result": "done"}, {"result": "unchanged"}]}) \
+        == "2 done, 1 unchanged"
+    assert outcome("delete_ndr", {"ok": True, "results": [{"result": "done", "dsn": "X"}]}) \
+        == "1 done; 1 NDR queued to the sender"
+    assert outcome("retry", {"ok": False, "error": "worker 1 is not answering"}) == "failed: worker 1 is not answering"
+
+
+def test_chart_scale():
+    assert [nice_ceiling(v) for v in (0, 0.4, 1, 3, 7, 11, 240, 999)] == [1, 1, 1, 5, 10, 20, 250, 1000]
+
+
+def test_schedule_grid_and_opening():
+    weekly = parse_schedule({"mon": ["08:00-18:00"], "sun": ["22:00-24:00"]}, "k")
+    slots = week_slots(weekly, 0.0, "UTC")
+    assert sum(slots) == 48 and day_ranges(slots, 0) == "08:00-18:00" and day_ranges(slots, 1) == "closed"
+    assert day_ranges(slots, 6) == "22:00-24:00"
+    monday_9 = 4 * 86400 + 9 * 3600                # 1970-01-05 was a Monday
+    assert opening(weekly, monday_9, "UTC") == "open now (closes Mon 1970-01-05 18:00 UTC)"
+    assert opening(weekly, monday_9 + 10 * 3600, "UTC") == "closed; opens Sun 1970-01-11 22:00 UTC"
+    assert opening(parse_schedule("never", "k"), 0.0, "UTC") == "closed; never opens"
