@@ -1,9 +1,10 @@
 """The web console as an administrator uses it: a real headless Chromium, driven by Selenium, against
 the gateway running as ``twistd`` with the console on loopback, real SMTP peers, a real Maildir.
 
-Log in; see held mail in its connector's row; release it and see it reach the smart host; delete a
-message with an NDR and see the report arrive; a wrong password refused; an action without the CSRF
-token refused 403.
+Log in; see held mail in its connector's row; release it and see it reach the smart host; requeue a
+selection; delete a message with an NDR and see the report arrive; a wrong password refused; an action
+without the CSRF token refused 403; the dashboard charting the messages just sent, live; the connectors'
+schedule grids, the virtual servers, the diagnostic events; HTTPS; a gateway of two workers.
 """
 from __future__ import annotations
 
@@ -105,6 +106,7 @@ def act_on_row(driver, domain: str, action: str) -> None:
 
 def test_login_hold_release_delete_with_ndr(gateway, peers, browser, tmp_path):
     from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions
     from selenium.webdriver.support.ui import Select, WebDriverWait
 
     peer = peers(SMART_HOST)
@@ -141,6 +143,14 @@ def test_login_hold_release_delete_with_ndr(gateway, peers, browser, tmp_path):
     peer.set_reply("rcpt", "451 4.3.0 try later")
     browser.find_element(By.LINK_TEXT, "ndr.test").click()
     WebDriverWait(browser, 20).until(lambda d: "/messages?" in d.current_url)
+    # a selection: tick the message, requeue it (its retry schedule starts over; the peer still says 451)
+    browser.find_element(By.CSS_SELECTOR, 'table.messages input[name="id"]').send_keys(" ")
+    Select(browser.find_element(By.ID, "sel-op")).select_by_value("requeue")
+    old = browser.find_element(By.TAG_NAME, "html")
+    browser.find_element(By.CSS_SELECTOR, "#selection button").click()
+    WebDriverWait(browser, 20).until(expected_conditions.staleness_of(old))
+    assert "Requeue (the retry schedule starts over): 1 done." in notice(browser)
+    assert wait_until(lambda: "console: admin: requeue ids=" in gw.log(), 10)
     browser.find_element(By.CSS_SELECTOR, "table.messages tbody a").click()
     WebDriverWait(browser, 20).until(lambda d: "/message?" in d.current_url)
     assert "Subject" in browser.find_element(By.CSS_SELECTOR, "table.headers").text
@@ -301,3 +311,60 @@ def test_check_config_names_a_missing_users_file(tmp_path):
     r = subprocess.run([*smtpgw_command(), "check-config", "-c", str(gw.config_path)], env=gw.env(),
                        capture_output=True, text=True, timeout=60)
     assert r.returncode != 0 and "gateway.console.users:" in (r.stdout + r.stderr), (r.stdout, r.stderr)
+
+
+class Admin:
+    """The console scripted over HTTP (cookies kept), for what needs no browser."""
+
+    def __init__(self) -> None:
+        import http.cookiejar
+
+        self.opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(http.cookiejar.CookieJar()))
+
+    def get(self, path: str) -> str:
+        with self.opener.open(CONSOLE + path, timeout=30) as page:
+            return page.read().decode("utf-8")
+
+    def post(self, path: str, fields: dict) -> str:
+        import re
+
+        token = re.search(r'name="csrf" value="([^"]+)"', self.get("/login" if path == "/login" else "/queues")).group(1)
+        data = urllib.parse.urlencode({**fields, "csrf": token}, doseq=True).encode()
+        with self.opener.open(CONSOLE + path, data=data, timeout=30) as page:
+            return page.read().decode("utf-8")
+
+
+def test_two_workers_one_console(gateway, peers, tmp_path):
+    """With two workers the console (in worker 0) shows and acts on both workers' messages."""
+    from mta.workers.identity import owner_of
+
+    peer = peers(SMART_HOST)
+    peer.set_reply("rcpt", "451 4.3.0 try later")
+    cfg = console_config(tmp_path)
+    cfg["gateway"]["workers"] = 2
+    gw = gateway(cfg)
+    assert wait_until(lambda: port_open(GW_HOST, 8025), 30), gw.log()
+    for i in range(6):
+        send(f"message {i}", f"user{i}@remote.test")
+
+    def deferred() -> list[dict]:
+        from mta.cli.queue import run_request
+        from mta.config import load_config
+
+        reply = run_request(load_config(str(gw.config_path)), {"op": "list"})   # every worker answering
+        return [e for e in reply.get("entries", []) if e["last_error"]] if reply["ok"] else []
+
+    assert wait_until(lambda: len(deferred()) == 6, 30), gw.log()
+    ids = [e["id"] for e in deferred()]
+    admin = Admin()
+    assert "Wrong user name" not in admin.post("/login", {"user": USER, "password": PASSWORD, "next": "/queues"})
+    queues = admin.get("/queues")
+    assert "6 messages queued for 1 destination" in queues and ">remote.test<" in queues
+    other = next((i for i in ids if owner_of(i, 2) == 1), None)
+    if other is not None:                       # a message of worker 1: its page and its body, asked there
+        page = admin.get(f"/message?id={other}&body=1")
+        assert "Hello from message" in page and "451 4.3.0 try later" in page
+    peer.set_reply("rcpt", None)
+    done = admin.post("/action", {"op": "retry", "domain": "remote.test", "back": "/queues"})
+    assert "Retry now: 6 done." in done
+    assert peer.wait_for(6, 30)
