@@ -217,7 +217,7 @@ def test_dashboard_charts_the_messages_just_sent_live(gateway, browser, tmp_path
     gw = start(gateway, tmp_path)
     send("one", "bob@example.test")
     send("two", "bob@example.test")
-    assert wait_until(lambda: len(maildir_messages(tmp_path / "mail", "bob")) == 2, 20)
+    assert wait_until(lambda: len(maildir_messages(tmp_path / "mail", "bob")) == 2, 30)
     login(browser, page="/")                                 # the dashboard is the home page
     assert browser.current_url.endswith("/dashboard"), browser.current_url
     # the delivery is counted once its outcome is recorded, a moment after the Maildir file appears
@@ -231,7 +231,7 @@ def test_dashboard_charts_the_messages_just_sent_live(gateway, browser, tmp_path
 
     browser.execute_script("window.notReloaded = true")
     send("three", "bob@example.test")                        # the page polls /dashboard.json and redraws
-    assert wait_until(lambda: figure(browser, "received in the period") == "3", 30, 0.5)
+    assert wait_until(lambda: figure(browser, "received in the period") == "3", 60, 0.5)
     assert browser.execute_script("return window.notReloaded") is True
 
 
