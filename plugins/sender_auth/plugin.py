@@ -3,11 +3,10 @@ from __future__ import annotations
 
 from typing import Any
 
+import dkim
 from twisted.internet import defer
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
-
-import dkim
 
 from mta.config import Config, ConfigError
 from mta.model.envelope import LOG_FIELDS, Envelope, Session
