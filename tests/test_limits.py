@@ -331,3 +331,67 @@ def test_auth_failures_are_counted_per_client_across_connections(gateway, tmp_pa
     s, f = session(OTHER)
     assert auth_plain(f, s, "right").startswith(b"235 2.7.0")
     s.close()
+
+
+def test_password_checks_run_in_their_own_small_pool():
+    """F7: scrypt in the reactor's shared pool queued ahead of Maildir deliveries; the checks now
+    have a pool of their own (two threads), and the reactor's pool is never asked for."""
+    import queue
+    import threading
+
+    from mta.smtp.server import users
+
+    class Reactor:
+        def __init__(self) -> None:
+            self.calls: queue.Queue = queue.Queue()
+            self.triggers: list = []
+
+        def callFromThread(self, f, *args, **kw) -> None:
+            self.calls.put((f, args, kw))
+
+        def addSystemEventTrigger(self, *args) -> None:
+            self.triggers.append(args)
+
+        def getThreadPool(self):
+            raise AssertionError("the reactor's shared pool was used")
+
+    reactor = Reactor()
+    run = users.thread_runner(reactor)
+    names: list[str] = []
+    d = run(lambda: threading.current_thread().name)
+    d.addCallback(names.append)
+    f, args, kw = reactor.calls.get(timeout=10)
+    f(*args, **kw)
+    assert names and "smtpgw-auth" in names[0], names
+    pool = users._pools[id(reactor)].pool
+    assert pool.max == users.AUTH_THREADS == 2
+    [(phase, event, stop)] = reactor.triggers
+    stop()
+
+
+def test_two_workers_share_the_per_client_table(tmp_path):
+    """<spool>/client.counts: each worker writes its own slots, every worker reads the sum; a
+    restarted worker starts from zero; AUTH failure windows end."""
+    from mta.workers.clients import ClientCounts
+    from mta.workers.identity import WorkerInfo
+
+    now = [1_000_000.0]
+    a = ClientCounts(str(tmp_path), WorkerInfo(0, 2), pid=101, clock=lambda: now[0])
+    b = ClientCounts(str(tmp_path), WorkerInfo(1, 2), pid=102, clock=lambda: now[0])
+    bucket = a.bucket(0, "192.0.2.1")
+    assert b.bucket(0, "192.0.2.1") == bucket != a.bucket(1, "192.0.2.1")     # one secret, per virtual server
+    a.opened(bucket)
+    b.opened(bucket)
+    assert a.connections(bucket) == b.connections(bucket) == 2
+    assert (a.attempt(bucket), b.attempt(bucket)) == (1, 2)
+    now[0] += 60
+    assert a.attempt(bucket) == 1                   # a new minute
+    a.auth_failed(bucket, 600)
+    b.auth_failed(bucket, 600)
+    assert a.auth_failures(bucket, 600) == 2
+    now[0] += 601
+    assert a.auth_failures(bucket, 600) == 0        # the window has passed
+    restarted = ClientCounts(str(tmp_path), WorkerInfo(1, 2), pid=103, clock=lambda: now[0])
+    assert restarted.connections(bucket) == 1 and not b.owner
+    b.closed(bucket)                                # the old process no longer writes
+    assert a.connections(bucket) == 1
