@@ -22,6 +22,7 @@ from mta.workers.lock import OwnerLock, SpoolLock, workers_running
 from mta.workers.supervisor import ParentWatch, WorkerSupervisor
 from mta.app.gateway import Gateway
 from mta.app.reload_config import ConfigReload
+from mta.io import rendered_log
 from mta.io.fastpath import lean_poll
 from mta.smtp.client.protocol_log import OutboundProtocolLog
 from mta.smtp.server.protocol_log import ProtocolLogService
@@ -134,6 +135,7 @@ def makeService(options: Options) -> service.MultiService:
     gateway = Gateway(config, reactor, worker=worker)
     tune_gc(reactor)
     lean_poll(reactor)
+    reactor.callWhenRunning(rendered_log.install)   # twistd's log observer exists by then
     top = service.MultiService()
     GatewayService(gateway, spool_lock).setServiceParent(top)
     tls_contexts = []

@@ -16,6 +16,7 @@ from twisted.application import service
 from twisted.internet import defer
 from twisted.logger import Logger
 
+from mta.io import rendered_log
 from mta.workers.endpoint import PreboundEndpoint
 from mta.workers.identity import ENV_COUNT, ENV_FDS, ENV_INDEX, WorkerInfo
 
@@ -79,7 +80,7 @@ class _WorkerProcess:
         for line in lines:
             text = _TIMESTAMP.sub("", line.decode("utf-8", "replace").rstrip("\r"))
             if text:
-                log.info("worker {index}: {line}", index=self.index, line=text)
+                rendered_log.emit(log, f"worker {self.index}: {text}", index=self.index, line=text)
         return None
 
     def signal(self, signum: int) -> None:
