@@ -9,6 +9,7 @@ import os
 import shutil
 import signal
 import smtplib
+import socket
 import tempfile
 from dataclasses import replace
 from pathlib import Path
@@ -16,6 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 from twisted.internet import defer, reactor, task
+from twisted.logger import globalLogPublisher
 from twisted.trial import unittest as trial
 
 from mta.config import ConfigError, PluginsConfig, parse_config
@@ -178,7 +180,7 @@ def test_text_file_lines_carry_time_and_ids(tmp_path):
                                f"session={d.protocol.session.id} recipient=x@elsewhere.test decision=deny reason=")
 
 
-def test_stdout_and_syslog_targets():
+def test_stdout_target():
     clock = task.Clock()
     out = io.StringIO()
     sink = StdoutSink("text", clock, stream=out)
@@ -187,26 +189,46 @@ def test_stdout_and_syslog_targets():
     clock.advance(1)
     assert out.getvalue() == "1970-01-01T00:00:02.000Z [routing_engine/medium] hops id=Q1\n"
 
-    class FakeSyslog:
-        LOG_PID, LOG_MAIL, LOG_NOTICE, LOG_INFO, LOG_DEBUG = 1, 2 << 3, 5, 6, 7
 
-        def __init__(self) -> None:
-            self.opened, self.sent = None, []
-
-        def openlog(self, ident, option, facility):
-            self.opened = (ident, option, facility)
-
-        def syslog(self, priority, line):
-            self.sent.append((priority, line))
-
-    fake = FakeSyslog()
-    sink = SyslogSink("json", clock, syslog_module=fake)
+def test_syslog_target_writes_to_the_syslog_socket(tmp_path):
+    """A real datagram socket where the syslog daemon's /dev/log would be."""
+    address = str(tmp_path / "log")
+    receiver = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    receiver.bind(address)
+    receiver.settimeout(5)
+    sink = SyslogSink("json", task.Clock(), address)
     sink.emit(0, "ndr", "minimum", "failed report queued", {"id": "Q2"})
     sink.emit(0, "smtp_protocol", "maximum", "command", {"session": "S", "line": "NOOP"})
     sink.close()
-    assert fake.opened == ("smtpgw", 1, 16)
-    assert [p for p, _ in fake.sent] == [5, 7]
-    assert json.loads(fake.sent[0][1])["id"] == "Q2"
+    first, second = receiver.recv(4096).decode(), receiver.recv(4096).decode()
+    receiver.close()
+    prefix = f"smtpgw[{os.getpid()}]: "
+    assert first.startswith(f"<{2 * 8 + 5}>{prefix}") and second.startswith(f"<{2 * 8 + 7}>{prefix}")
+    assert json.loads(first.split(prefix, 1)[1])["id"] == "Q2"
+
+
+def test_syslog_target_without_a_syslog_daemon_says_so_once(tmp_path):
+    address = str(tmp_path / "log")                      # nobody listens there (no /dev/log)
+    seen: list[dict] = []
+    globalLogPublisher.addObserver(seen.append)
+    try:
+        clock = task.Clock()
+        sink = SyslogSink("text", clock, address)
+        for i in range(5):
+            sink.emit(0, "ndr", "minimum", f"event {i}", {})
+            clock.advance(1)
+        errors = [e for e in seen if "cannot write to syslog" in (e.get("log_format") or "")]
+        assert len(errors) == 1 and errors[0]["address"] == address and errors[0]["why"]
+        receiver = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)    # the daemon comes up
+        receiver.bind(address)
+        sink.emit(0, "ndr", "minimum", "back", {})
+        clock.advance(1)
+        assert b"back" in receiver.recv(4096)
+        assert [e for e in seen if "to syslog at {address} again" in (e.get("log_format") or "")]
+        receiver.close()
+        sink.close()
+    finally:
+        globalLogPublisher.removeObserver(seen.append)
 
 
 def test_make_sink_defaults_to_the_daemons_log(tmp_path):
@@ -349,3 +371,24 @@ def test_daemon_follows_a_transaction_and_obeys_sighup(gateway, tmp_path):
     [delivered] = [r for r in rs if r["message"] == "message delivered"]
     assert delivered["recipient"] == "bob@example.test" and delivered["level"] == "medium"
     assert os.path.getsize(log) > 0
+
+
+def test_daemon_with_syslog_target_and_no_syslog_daemon_says_so_once(gateway, tmp_path):
+    """``target: syslog`` where no syslog daemon listens (a container without /dev/log): the mail
+    still flows, and the daemon's log says once that diagnostic lines are dropped, not per line."""
+    from gwprocess import base_config, maildir_messages, wait_until
+
+    missing = tmp_path / "no-syslog" / "log"
+    cfg = base_config(tmp_path, listen=f"{E2E_IP}:25")
+    cfg["plugins"]["diag_logging"] = {"levels": {c: "maximum" for c in DIAG_CATEGORIES}, "target": "syslog",
+                                      "path": str(missing)}
+    gw = gateway(cfg)
+    for i in range(3):
+        with smtplib.SMTP(E2E_IP, 25, source_address=(CLIENT_IP, 0), timeout=10) as s:
+            s.sendmail("a@remote.test", ["bob@example.test"], f"Subject: {i}\r\n\r\nhi\r\n")
+        assert wait_until(lambda: len(maildir_messages(tmp_path / "mail", "bob")) == i + 1)
+    assert wait_until(lambda: "cannot write to syslog" in gw.log())
+    gw.stop()
+    lines = [line for line in gw.log().splitlines() if "cannot write to syslog" in line]
+    assert len(lines) == 1, lines
+    assert f"at {missing} (No such file or directory); diagnostic lines are dropped until it can" in lines[0]

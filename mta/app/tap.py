@@ -11,9 +11,12 @@ import os
 from typing import Any
 
 from twisted.application import internet, service
+from twisted.internet import defer
+from twisted.logger import Logger
 from twisted.python import usage
 
 from mta.app import startup
+from mta.app.shutdown import SESSION_GRACE, StopSignals, close_sessions
 from mta.app.preflight import load_checked
 from mta.config import Config, ConfigError, ListenAddress, default_path, format_config_error
 from mta.workers import identity
@@ -30,6 +33,8 @@ from mta.app.reload import ReloadService
 from mta.smtp.server.session import SMTPServerFactory
 from mta.app.operator import add_operator_services
 
+
+log = Logger(namespace="smtpgw")
 
 class Options(usage.Options):
     synopsis = "[-c FILE]"
@@ -49,18 +54,21 @@ class Options(usage.Options):
 
 
 class GatewayService(service.Service):
-    """Starts the queue (spool scan, scheduled retries) and stops it cleanly."""
+    """Starts the queue (spool scan, scheduled retries) and stops the gateway cleanly
+    (:mod:`mta.app.shutdown`: open sessions told 421 first, then the queue and the spool)."""
 
     name = "smtpgw-gateway"
 
-    def __init__(self, gateway: Any, spool_lock: SpoolLock | None = None) -> None:
+    def __init__(self, gateway: Any, spool_lock: SpoolLock | None = None, factories: list[Any] | None = None) -> None:
         self.gateway = gateway
         self.spool_lock = spool_lock        # held since makeService; None in workers 1..N-1
+        self.factories = factories if factories is not None else []    # SMTPServerFactory, filled by makeService
 
     def startService(self) -> None:
         super().startService()
         if self.spool_lock is not None:
             self.spool_lock.record_pid()    # twistd may have become a daemon since: a new pid
+        self.gateway.reactor.callWhenRunning(StopSignals(self.gateway.reactor).install)
 
         worker = self.gateway.worker
         if not worker.many:
@@ -71,18 +79,26 @@ class GatewayService(service.Service):
         self._lock.acquire().addCallbacks(lambda _: self.gateway.start(), self._lock_failed)
 
     def _lock_failed(self, failure: Any) -> None:
-        from twisted.logger import Logger
         Logger(namespace="smtpgw.workers").failure("cannot lock this worker's share of the spool", failure)
         from twisted.internet import reactor
         reactor.stop()
 
-    def stopService(self):
+    def stopService(self) -> defer.Deferred:
         super().stopService()
-        d = self.gateway.stop()
-        lock = getattr(self, "_lock", None)
-        if lock is not None:
-            d.addBoth(lambda r: (lock.release(), r)[1])
-        return d
+        return defer.Deferred.fromCoroutine(self._stop())
+
+    async def _stop(self) -> None:
+        told, cut = await close_sessions(self.factories, self.gateway.reactor)
+        try:
+            await self.gateway.stop()
+        finally:
+            lock = getattr(self, "_lock", None)
+            if lock is not None:
+                lock.release()
+        worker = self.gateway.worker
+        log.info("{who} stopped: {told} open session(s) told 421 4.3.2 Service shutting down{cut}; "
+                 "queue and spool closed", who=f"worker {worker.index}" if worker.index else "gateway",
+                 told=told, cut=f" ({cut} cut off after {SESSION_GRACE:.0f}s)" if cut else "")
 
 
 def endpoint_for(reactor: Any, listen: ListenAddress, tls_context: Any, worker: Any, key: str,
@@ -137,7 +153,8 @@ def makeService(options: Options) -> service.MultiService:
     lean_poll(reactor)
     reactor.callWhenRunning(rendered_log.install)   # twistd's log observer exists by then
     top = service.MultiService()
-    GatewayService(gateway, spool_lock).setServiceParent(top)
+    factories: list[SMTPServerFactory] = []
+    GatewayService(gateway, spool_lock, factories).setServiceParent(top)
     tls_contexts = []
     endpoints = []
     for connector in config.connectors:          # outbound W3C logs (connectors[].protocol_log)
@@ -145,7 +162,6 @@ def makeService(options: Options) -> service.MultiService:
             outbound_log = OutboundProtocolLog.for_connector(config, connector, reactor)
             gateway.client.protocol_logs[connector.name] = outbound_log
             ProtocolLogService(outbound_log).setServiceParent(top)
-    factories = []
     for i, vs in enumerate(config.virtual_servers):
         factory = SMTPServerFactory(gateway, vs)
         factories.append(factory)

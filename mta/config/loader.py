@@ -821,11 +821,12 @@ DIAG_CATEGORIES = ("smtp_protocol", "queuing_engine", "routing_engine", "connect
 DIAG_TARGETS = ("log", "file", "syslog", "stdout")     # log: the daemon's own (twistd) log
 DIAG_FORMATS = ("text", "json")
 DIAG_DEFAULT_PATH = "var/log/smtpgw-diag.log"
+DIAG_SYSLOG_SOCKET = "/dev/log"                             # ``path`` with ``target: syslog``
 
 
 def _diag_logging_settings(data: dict[str, Any], path: str) -> dict[str, Any]:
     """``levels: {category: none|minimum|medium|maximum}`` (every category defaults to minimum),
-    ``target: log|file|syslog|stdout``, ``path`` (for file), ``format: text|json``."""
+    ``target: log|file|syslog|stdout``, ``path`` (the file, or the syslog socket), ``format: text|json``."""
     check_known(data, ("levels", "target", "path", "format"), path)
     out = dict(data)
     raw = data.get("levels")
@@ -838,7 +839,8 @@ def _diag_logging_settings(data: dict[str, Any], path: str) -> dict[str, Any]:
             levels[str(category)] = choice(*DIAG_LEVELS)(level, key)
     out["levels"] = levels
     out["target"] = "log" if data.get("target") is None else choice(*DIAG_TARGETS)(data["target"], join(path, "target"))
-    out["path"] = DIAG_DEFAULT_PATH if data.get("path") is None else file_path(data["path"], join(path, "path"))
+    default = DIAG_SYSLOG_SOCKET if out["target"] == "syslog" else DIAG_DEFAULT_PATH
+    out["path"] = default if data.get("path") is None else file_path(data["path"], join(path, "path"))
     out["format"] = "text" if data.get("format") is None else choice(*DIAG_FORMATS)(data["format"], join(path, "format"))
     return out
 

@@ -340,6 +340,7 @@ class ControlProtocol(LineOnlyReceiver):
 
 class ControlFactory(Factory):
     protocol = ControlProtocol
+    noisy = False               # no "Starting/Stopping factory" lines
 
     def __init__(self, control: QueueControl) -> None:
         self.control = control

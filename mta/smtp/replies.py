@@ -87,6 +87,9 @@ def banner(hostname: str, date: str) -> Reply:
     return Reply(220, "", f"{hostname} ESMTP smtpgw ready at {date}")
 
 
+SHUTTING_DOWN = Reply(421, "4.3.2", "Service shutting down", disconnect=True)     # to open sessions on stop
+
+
 def too_slow(hostname: str, why: str) -> Reply:
     """A command line not complete within the timeout, or a message below limits.min_data_rate."""
     return Reply(421, "4.4.2", f"{hostname} Error: {why}", disconnect=True)

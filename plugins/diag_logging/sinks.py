@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import sys
+import threading
 from typing import Any
 
 from twisted.internet import defer
@@ -119,22 +121,73 @@ class StdoutSink(_Buffered):
 
 
 class SyslogSink(_Buffered):
-    """The local syslog, facility mail, ident ``smtpgw``; minimum is notice, medium info, maximum debug."""
+    """The local syslog daemon, through its socket (``/dev/log``, or ``path``): facility mail, ident
+    ``smtpgw``; minimum is notice, medium info, maximum debug.
+
+    Written to the socket directly rather than with the ``syslog`` module, which drops lines in
+    silence when there is no syslog daemon (a container without ``/dev/log``): here the daemon's log
+    says once that diagnostic lines are being dropped and why, and once when they go through again.
+    """
 
     timestamps = False
+    FACILITY_MAIL = 2
+    PRIORITY = {"minimum": 5, "medium": 6, "maximum": 7}       # notice, info, debug
 
-    def __init__(self, fmt: str, reactor: Any, syslog_module: Any = None) -> None:
-        super().__init__(fmt, reactor, "diagnostic log to syslog")
-        if syslog_module is None:
-            import syslog as syslog_module
-        self.syslog = syslog_module
-        self.syslog.openlog("smtpgw", self.syslog.LOG_PID, self.syslog.LOG_MAIL)
-        self.priority = {"minimum": self.syslog.LOG_NOTICE, "medium": self.syslog.LOG_INFO,
-                         "maximum": self.syslog.LOG_DEBUG}
+    def __init__(self, fmt: str, reactor: Any, address: str = "/dev/log") -> None:
+        super().__init__(fmt, reactor, f"diagnostic log to syslog ({address})")
+        self.reactor = reactor
+        self.address = address
+        self.failing: str | None = None         # why writing fails, while it does
+        self._sock: socket.socket | None = None
 
     def write(self, batch: list[tuple[str, str]]) -> None:
-        for level, line in batch:
-            self.syslog.syslog(self.priority.get(level, self.syslog.LOG_INFO), line)
+        prefix = f"smtpgw[{os.getpid()}]: "
+        try:
+            sock = self._sock or self._connect()
+            for level, line in batch:
+                priority = self.FACILITY_MAIL * 8 + self.PRIORITY.get(level, 6)
+                data = f"<{priority}>{prefix}{line}".encode("utf-8", "replace")
+                sock.sendall(data + b"\n" if sock.type == socket.SOCK_STREAM else data)
+        except OSError as e:
+            self._disconnect()
+            if self.failing is None:
+                self.failing = e.strerror or str(e)
+                self._tell(log.error, "diag_logging: cannot write to syslog at {address} ({why}); diagnostic "
+                           "lines are dropped until it can", address=self.address, why=self.failing)
+            return
+        if self.failing is not None:
+            self.failing = None
+            self._tell(log.info, "diag_logging: writing to syslog at {address} again", address=self.address)
+
+    def _connect(self) -> socket.socket:
+        last: OSError | None = None
+        for kind in (socket.SOCK_DGRAM, socket.SOCK_STREAM):       # as logging.handlers.SysLogHandler
+            sock = socket.socket(socket.AF_UNIX, kind)
+            try:
+                sock.connect(self.address)
+            except OSError as e:
+                sock.close()
+                last = e
+                continue
+            self._sock = sock
+            return sock
+        raise last if last is not None else OSError("no socket")
+
+    def _disconnect(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+
+    def _tell(self, emit: Any, text: str, **fields: Any) -> None:
+        """Log from the writer thread through the reactor thread."""
+        if threading.current_thread() is threading.main_thread():
+            emit(text, **fields)
+        else:
+            self.reactor.callFromThread(emit, text, **fields)
+
+    def close(self) -> defer.Deferred:
+        d = super().close()
+        return d.addBoth(lambda result: (self._disconnect(), result)[1])
 
 
 def make_sink(settings: dict[str, Any], reactor: Any) -> Sink:
@@ -145,5 +198,5 @@ def make_sink(settings: dict[str, Any], reactor: Any) -> Sink:
     if target == "stdout":
         return StdoutSink(fmt, reactor)
     if target == "syslog":
-        return SyslogSink(fmt, reactor)
+        return SyslogSink(fmt, reactor, settings.get("path") or "/dev/log")
     return TwistdLogSink(fmt)

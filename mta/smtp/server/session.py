@@ -218,6 +218,17 @@ class SMTPServerProtocol(Protocol):
         if self.session is not None:
             self._event("connection_manager", "medium", "disconnect")
 
+    def shut_down(self) -> None:
+        """The gateway is stopping: ``421 4.3.2`` now, or right after the reply being worked out when
+        a hook or the spool write of a message is pending (that message gets its 250 first)."""
+        if self._delegate is not None:
+            self.transport.loseConnection()
+        elif self.state is not State.CLOSED:
+            if self._waiting:
+                self._after_send.append(lambda: self._send(R.SHUTTING_DOWN))
+            else:
+                self._send(R.SHUTTING_DOWN)
+
     def _greeting(self, verdict: Reply | None) -> Reply:
         if verdict is None or verdict.is_positive:
             self._enter(State.CONNECTED, "greeted client")
@@ -1012,13 +1023,16 @@ class _TooBusy(Protocol):
 
 
 class SMTPServerFactory(ServerFactory):
-    """The listener side of one virtual server: its limits, its TLS context, its connection count."""
+    """The listener side of one virtual server: its limits, its TLS context, its connections."""
+
+    noisy = False                       # no "Starting/Stopping factory" lines: the gateway logs its stop
 
     def __init__(self, gateway: Any, vs: VirtualServer) -> None:
 
         self.gateway = gateway
         self.vs = vs
         self.active = 0                 # this process's connections (the metrics endpoint reads it)
+        self.sessions: set[SMTPServerProtocol] = set()     # open ones, told 421 when the gateway stops
         # With several workers, max_connections is the gateway's total, counted in a file they all
         # map (gateway.worker is set before tap builds the factories); None: this process is all.
         self.shared = SharedConnectionLimit.for_factory(gateway, vs)
@@ -1045,9 +1059,11 @@ class SMTPServerFactory(ServerFactory):
             shared.publish(self.active)
         protocol = SMTPServerProtocol(self)
         protocol.client_bucket = bucket
+        self.sessions.add(protocol)
         return protocol
 
     def connection_closed(self, protocol: SMTPServerProtocol) -> None:
+        self.sessions.discard(protocol)
         self.client_limits.closed(protocol.client_bucket)
         self.active -= 1
         if self.shared is not None:
