@@ -81,16 +81,16 @@ def test_delivery_deferral_bounce_and_local_lines_in_text(site):
     assert wait_until(lambda: all((line(sent, "sent"), line(local, "sent"), line(deferred, "deferred"),
                                    line(bounced, "bounced"))))
     relay = f"{SMART_HOST}[{SMART_HOST}]:25"
-    m = re.fullmatch(rf"{sent}: to=<bob@remote\.test>, relay={re.escape(relay)}, {DELAYS}, dsn=2\.0\.0, "
+    m = re.fullmatch(rf"{sent}: to=<bob@remote\.test>, relay={re.escape(relay)}, tls=none, {DELAYS}, dsn=2\.0\.0, "
                      r"status=sent \(250 .*\)", line(sent, "sent"))
     assert m, line(sent, "sent")
     parts = [float(m[k]) for k in "abcd"]
     assert float(m["delay"]) == pytest.approx(sum(parts), abs=0.05)     # Postfix rounding, two digits
     assert re.fullmatch(rf"{local}: to=<carol@example\.test>, relay=local, {DELAYS}, dsn=2\.0\.0, "
                         r"status=sent \(250 2\.0\.0 delivered to maildir\)", line(local, "sent"))
-    assert re.fullmatch(rf"{deferred}: to=<later@remote\.test>, relay={re.escape(relay)}, {DELAYS}, "
+    assert re.fullmatch(rf"{deferred}: to=<later@remote\.test>, relay={re.escape(relay)}, tls=none, {DELAYS}, "
                         r"dsn=4\.2\.0, status=deferred \(451 4\.2\.0 try again later\)", line(deferred, "deferred"))
-    assert re.fullmatch(rf"{bounced}: to=<nobody@remote\.test>, relay={re.escape(relay)}, {DELAYS}, "
+    assert re.fullmatch(rf"{bounced}: to=<nobody@remote\.test>, relay={re.escape(relay)}, tls=none, {DELAYS}, "
                         r"dsn=5\.1\.1, status=bounced \(550 5\.1\.1 no such user\)", line(bounced, "bounced"))
     lines = mail_lines(gw)
     assert f"{sent}: from=<alice@example.test>, size={size_of(lines, sent)}, nrcpt=1 (queue active)" in lines

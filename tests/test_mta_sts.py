@@ -122,6 +122,8 @@ def test_enforce_delivers_to_the_matching_mx_over_verified_tls_and_caches_the_po
     send("enforced")
     assert mx2.wait_for(1, timeout=20), gw.log()
     assert mx2.messages[0].tls
+    assert wait_until(lambda: "tls=mta-sts" in gw.log())
+    assert [x for x in gw.log().splitlines() if "status=sent" in x][0].count("relay=mx2.sts.test[127.0.0.62]:25, tls=mta-sts, ")
     assert mx1.connections == 0 and not mx1.messages
     cached = json.loads((tmp_path / "spool" / "mta-sts" / "sts.test.json").read_text())
     assert cached["id"] == "1" and "mode: enforce" in cached["policy"]
@@ -162,6 +164,7 @@ def test_testing_mode_delivers_as_before_and_reports(tmp_path, gateway, peers, d
     send("testing")
     assert mx1.wait_for(1, timeout=20), gw.log()
     assert not mx1.messages[0].tls
+    assert wait_until(lambda: "tls=none" in gw.log() and "status=sent" in gw.log())
     text = gw.log()
     assert "MTA-STS testing: sts.test: enforce would not use mx1.sts.test" in text
     assert "MTA-STS testing: sts.test: enforce would refuse mx1.sts.test" in text

@@ -82,8 +82,9 @@ def subject_to_sts(connector: Connector | None) -> bool:
 def sts_policy(policy: OutboundPolicy, ca_file: str | None) -> OutboundPolicy:
     """The connector's client policy raised to verified TLS for the destination's MTA-STS policy."""
     if policy.tls == "verify":          # the connector's own CAs and check already apply
-        return replace(policy, required_by=REQUIRED_BY)
-    return replace(policy, tls="verify", ca_file=ca_file, ca_with_system=True, required_by=REQUIRED_BY)
+        return replace(policy, required_by=REQUIRED_BY, validation="mta-sts")
+    return replace(policy, tls="verify", ca_file=ca_file, ca_with_system=True, required_by=REQUIRED_BY,
+                   validation="mta-sts")
 
 
 def plan(domain: str, hops: list[Hop], policy: OutboundPolicy, sts: Policy | None,

@@ -139,11 +139,12 @@ STATUS_SENT, STATUS_DEFERRED, STATUS_BOUNCED, STATUS_EXPIRED = "sent", "deferred
 
 
 def delivery(queue_id: str, to: str, relay: str, delay: float, delays: Sequence[float], reply: Reply,
-             status: str, orig_to: str | None = None) -> MailLine:
-    """``postfix/smtp`` (and ``local``): one recipient's outcome of one attempt."""
+             status: str, orig_to: str | None = None, tls: str | None = None) -> MailLine:
+    """``postfix/smtp`` (and ``local``): one recipient's outcome of one attempt; ``tls``: how the
+    connection that answered was protected (verified, mta-sts, dane, opportunistic, none)."""
     return MailLine(queue_id, "delivery", (
         ("to", Address(to)), ("orig_to", Address(orig_to) if orig_to and orig_to != to else None),
-        ("relay", relay), ("delay", Seconds(delay)), ("delays", Delays(delays)),
+        ("relay", relay), ("tls", tls or None), ("delay", Seconds(delay)), ("delays", Delays(delays)),
         ("dsn", dsn_status(reply)), ("status", status)), tail=reply_text(reply))
 
 

@@ -46,6 +46,8 @@ class RecipientResult:
     started: float | None = None      # when the transaction that answered began (MAIL sent, or the
     finished: float | None = None     # Maildir write), and when its answer came: the mail log's
                                       # delays=c/d (connection set-up / transmission)
+    tls: str = ""                     # the connection's TLS for the mail log's tls=: verified, mta-sts,
+                                      # dane, opportunistic or none ("" when no SMTP connection)
 
     @property
     def outcome(self) -> Outcome:

@@ -65,7 +65,8 @@ def outcome(entry: QueueEntry, what: Outcome, address: str, reply: Reply, result
     relay = "local" if hop == dsn.LOCAL_HOP else lines.relay_name(hop)
     original = (entry.extra.get(ORIGINAL_RECIPIENTS) or {}).get(address) or entry.extra.get(FORWARDED_FOR)
     return lines.delivery(entry.id, address, relay, max(ended - arrival, 0.0),
-                          (queue_in, waited, setup, transfer), reply, status_of(what, reply), original)
+                          (queue_in, waited, setup, transfer), reply, status_of(what, reply), original,
+                          result.tls if result is not None else None)
 
 
 def diag_fields(entry: QueueEntry, address: str, reply: Reply,

@@ -43,6 +43,8 @@ class OutboundPolicy:
     required_by: str = ""                   # who made TLS mandatory, when not the connector
                                             # (the destination's MTA-STS policy): named in replies
     ca_with_system: bool = False            # ca_file adds to the system trust store (gateway.mta_sts)
+    validation: str = "verified"            # what tls: verify means in the mail log's tls=: verified
+                                            # (the connector's), mta-sts (the destination's policy)
 
     def __post_init__(self) -> None:
         if self.tls not in TLS_MODES:
@@ -64,6 +66,16 @@ class OutboundPolicy:
         if self.required_by:
             return self.required_by
         return f"connector '{self.connector}'" if self.connector else "this gateway"
+
+
+def tls_label(policy: OutboundPolicy | None, encrypted: bool) -> str:
+    """The mail log's ``tls=`` for a transaction: ``none`` in clear, ``opportunistic`` when nothing
+    was checked, else what validated the certificate (``verified``, ``mta-sts``)."""
+    if not encrypted:
+        return "none"
+    if policy is None or policy.tls != "verify":
+        return "opportunistic"
+    return policy.validation
 
 
 # -- replies for hops that cannot be used under a policy (all temporary: the site's problem) -------

@@ -194,7 +194,8 @@ class SMTPClientPool:
                 raise
             self._release(slot, conn)
             finished = self.clock.seconds()     # the mail log's delays: set-up before, transmission after
-            return [replace(r, started=started, finished=finished) for r in results]
+            tls = outbound.tls_label(policy, conn.tls)
+            return [replace(r, started=started, finished=finished, tls=tls) for r in results]
 
     async def _acquire(self, slot: _HostSlot, key: Key, hop: Hop) -> tuple[SMTPClientProtocol, bool]:
         """An idle connection (True: reused) or a new one, waiting while the host is at its limit."""
