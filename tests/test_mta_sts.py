@@ -208,3 +208,21 @@ def test_smart_host_connectors_and_mta_sts_false_are_not_subject(tmp_path, gatew
     send("not subject")
     assert mx1.wait_for(1, timeout=20), gw.log()
     assert https.fetches("sts.test") == 0
+
+
+def test_dns_check_shows_the_policy_and_what_each_mx_must_offer(tmp_path, dns, https, ca, capsys):
+    from mta.cli.main import main
+    https.set_policy("sts.test", policy("enforce", "mx1.sts.test"))
+    host, port = dns.address
+    args = ["dns-check", "--server", f"{host}:{port}", "--ca-file", ca_file(ca, tmp_path), "sts.test"]
+    main(args)
+    out = capsys.readouterr().out
+    assert "MTA-STS: id 1, mode enforce, max_age 86400s, mx mx1.sts.test" in out
+    assert "mx1.sts.test: STARTTLS with a certificate valid for mx1.sts.test (enforce)" in out
+    assert "mx2.sts.test: NOT USED: matches no mx of the policy (enforce)" in out
+    https.set_response("sts.test", 302, "text/plain", "", {"Location": "https://elsewhere.test/"})
+    main(args + ["--json"])
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["mta_sts"]["id"] == "1" and doc["mta_sts"]["policy"] is None
+    assert "redirects are not followed" in doc["mta_sts"]["error"]
+    assert any("cannot be used" in w["text"] for w in doc["warnings"])

@@ -33,6 +33,7 @@ import dns.resolver
 import dns.reversename
 
 from mta.cli.dkim import check_published
+from mta.cli.sts_check import StsReport, check_mta_sts, format_sts
 from mta.cli.main import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, add_config_option, command, load_config
 from mta.config.values import parse_domain, parse_hostport
 from mta.delivery.nexthops import dns_resolver
@@ -274,11 +275,15 @@ def _arguments(parser: argparse.ArgumentParser) -> None:
                         help="ask this DNS server instead of gateway.dns.nameservers (repeatable; "
                              "no configuration file is needed then)")
     parser.add_argument("--timeout", type=float, default=None, help="seconds per lookup (default: gateway.dns.timeout)")
+    parser.add_argument("--ca-file", metavar="PEM", default=None,
+                        help="CAs trusted for the MTA-STS policy host besides the system store "
+                             "(default: gateway.mta_sts.ca_file)")
     parser.add_argument("--strict", action="store_true", help="exit 1 on any warning, not only on breaking ones")
     parser.add_argument("--json", action="store_true", help="print JSON (for scripts)")
 
 
-@command("dns-check", "check a domain's MX, A/AAAA and PTR records with the gateway's DNS servers", _arguments)
+@command("dns-check", "check a domain's MX, A/AAAA and PTR records and its MTA-STS policy with the gateway's "
+                      "DNS servers", _arguments)
 def dns_check(args: argparse.Namespace) -> int:
     if args.dkim:
         return dkim_check(args)
@@ -301,14 +306,31 @@ def dns_check(args: argparse.Namespace) -> int:
     else:
         timeout = config.gateway.dns.timeout if config is not None else 5.0
     shown = [f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}" for ip, port in servers]
-    report = check_domain(domain, Lookup(servers, timeout), shown)
+    lookup = Lookup(servers, timeout)
+    report = check_domain(domain, lookup, shown)
+    ca_file = args.ca_file or (config.gateway.mta_sts.ca_file if config is not None else None)
+    sts = check_mta_sts(domain, lookup.query, [h.host for h in report.mx if h.usable], ca_file, timeout=max(timeout, 10.0))
+    _sts_warnings(report, sts)
     if args.json:
-        print(json.dumps(report.to_dict(), indent=2))
+        print(json.dumps({**report.to_dict(), "mta_sts": sts.to_dict()}, indent=2))
     else:
-        print("\n".join(format_report(report)))
+        lines = format_report(report)
+        at = next((i for i, line in enumerate(lines) if line.startswith(("WARN:", "RESULT:"))), len(lines))
+        print("\n".join(lines[:at] + format_sts(domain, sts) + lines[at:]))
     if not report.deliverable or (args.strict and report.warnings):
         return EXIT_FAILURE
     return EXIT_OK
+
+
+def _sts_warnings(report: Report, sts: StsReport) -> None:
+    """What the MTA-STS check found that an admin should act on."""
+    if sts.id is not None and sts.policy is None:
+        report.warn(f"_mta-sts.{report.domain} announces a policy (id {sts.id}) that cannot be used: {sts.error}; "
+                    "senders keep a policy they cached, others deliver without one")
+    elif sts.policy is not None and sts.policy.mode == "enforce" and report.mx and \
+            not any(sts.policy.matches(h.host) for h in report.mx if h.usable):
+        report.warn(f"the MTA-STS policy of {report.domain} (enforce) matches no usable MX host: senders that "
+                    "honour it hold the mail", breaks=True)
 
 
 def _servers(args: argparse.Namespace, config: Any) -> list[tuple[str, int]] | None:
