@@ -85,3 +85,14 @@ def pytest_runtest_makereport(item, call):
     outcome = yield
     report = outcome.get_result()
     setattr(item, "rep_" + report.when, report)
+
+
+@pytest.fixture
+def redis_server(tmp_path):
+    """A private redis-server on 127.0.0.180:6390 for the cluster tests (tests/redisfixture.py)."""
+    from redisfixture import RedisServer
+
+    server = RedisServer(tmp_path / "redis").start()
+    yield server
+    server.stop()
+

@@ -255,7 +255,7 @@ ERRORS = [
     ("virtual_servers[0].limits.max_connections", True,
      "virtual_servers[0].limits.max_connections: expected an integer, got true"),
     ("gateway.colour", "blue",
-     "gateway.colour: unknown key (known: console, control_socket, dns, hostname, local_domains, "),
+     "gateway.colour: unknown key (known: cluster, console, control_socket, dns, hostname, local_domains, "),
     ("extras", 1, "extras: unknown key (known: connectors, gateway, plugins, virtual_servers)"),
     ("connectors[0].delivery_restrictions.exceptions", [],
      "connectors[0].delivery_restrictions.exceptions: unknown key (known: default, except)"),

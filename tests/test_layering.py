@@ -30,6 +30,7 @@ LAYERS: list[str] = [
     "mta.queue",           # the queue manager, its scheduler and retry policy
     "mta.delivery",        # one attempt: connectors, next hops, delivery windows, Maildir
     "mta.policy",          # the core's own policy, as the trylast "core" plugin
+    "mta.cluster",         # several gateways as one: the node's Redis link, heartbeat, shared triggers
     "smtpgw_plugins",      # the built-in plugins
     "mta.ops",             # control socket, worker fan-out, metrics
     "mta.console",         # the web console, on the control interfaces of mta.ops

@@ -13,6 +13,7 @@ from typing import Any
 
 from twisted.internet import defer
 
+from mta.cluster.node import Cluster
 from mta.config import Config
 from mta.delivery.attempt import Deliverer
 from mta.delivery.nexthops import Resolver
@@ -49,6 +50,7 @@ class Gateway:
     message_memory: MessageMemory       # bytes of messages being received: this worker's share
     metrics: GatewayMetrics | None      # set by mta.ops.metrics.gateway_metrics when gateway.metrics.enabled
     client_counts: ClientCounts | None  # per-client figures (mta/workers/clients.py), opened at the first connection
+    cluster: Cluster | None             # gateway.cluster.redis set: this node's link to the others (mta.cluster)
 
     def __init__(self, config: Config, reactor: Any = None, load_plugins: bool = True,
                  worker: WorkerInfo = SINGLE) -> None:
@@ -79,6 +81,9 @@ class Gateway:
         self.message_memory = MessageMemory.for_worker(config.gateway.message_memory, worker)
         self.metrics = None
         self.client_counts = None
+        self.cluster = (Cluster(config, reactor, queue_size=lambda: self.queue.stats()["messages"],
+                                heartbeat=worker.index == 0)
+                        if config.gateway.cluster.redis else None)
         self.hooks.configure(config, self)
 
     def start(self) -> defer.Deferred:
@@ -86,6 +91,8 @@ class Gateway:
         the worker answering the control socket (0) also picks up what ``smtpgw sendmail`` dropped."""
         d = self.queue.start()
         self.recipients.start()
+        if self.cluster is not None:
+            self.cluster.start()
         if self.worker.index == 0:
             d.addCallback(lambda loaded: (self.pickup.start(), loaded)[1])
         return d
@@ -95,4 +102,6 @@ class Gateway:
         self.recipients.stop()
         d = self.queue.stop()
         d.addBoth(lambda r: self.client.close())
+        if self.cluster is not None:
+            d.addBoth(lambda r: self.cluster.stop())
         return d

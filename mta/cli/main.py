@@ -52,6 +52,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "mta.cli.etrn",             # smtpgw etrn
     "mta.cli.sendmail",         # smtpgw sendmail
     "mta.cli.dkim",             # smtpgw dkim keygen
+    "mta.cli.cluster",          # smtpgw cluster
 )
 
 

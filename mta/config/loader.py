@@ -32,14 +32,15 @@ from mta.config.errors import ConfigError, ConfigFileError
 from mta.config.model import (
     AddressSpace, AuthConfig, Config, Connector, ContentRestrictions, DeliveryConfig,
     DeliveryRestrictions, DnsConfig, DsnConfig, EtrnRequest, FailureLimit, TriggerAuthorization, GatewayConfig, Limits, ListenAddress, LocalDomain, OutboundAuth,
-    LocalHook, OutboundConfig, OversizeConfig, PluginsConfig, ProtocolLogConfig, QueueConfig, RelayConfig, ShapingRule, TlsConfig,
+    LocalHook, OutboundConfig, OversizeConfig, PluginsConfig, ProtocolLogConfig, QueueConfig, RelayConfig, ShapingRule, TlsConfig, ClusterConfig,
     VirtualServer,
 )
 from mta.config.model import PROTOCOL_LOG_FIELDS, ConsoleConfig, ConsoleTls, MetricsConfig, MtaStsConfig
 from mta.config.workers import check_workers, resolve_count
 from mta.config.schedules import parse_schedule
 from mta.config.values import (
-    describe, format_size, parse_domain, parse_duration, parse_hostport, parse_size, parse_smart_host,
+    describe, format_size, parse_domain, parse_duration, parse_hostport, parse_redis_url, parse_size,
+    parse_smart_host,
 )
 
 Convert = Callable[[Any, str], Any]      # (raw YAML value, key path) -> value, or raise ConfigError
@@ -532,6 +533,26 @@ CONSOLE = Section(ConsoleConfig, {          # the web console (mta/console/)
                        finish=_both_or_neither("certificate", "key"))),
 }, finish=_finish_console)
 
+
+def redis_url(value: Any, path: str) -> str:
+    parse_redis_url(value, path)
+    return value.strip()
+
+
+CLUSTER = Section(ClusterConfig, {          # mta/cluster
+    "redis": Key(redis_url, null_means=None),       # null: a single machine
+    "node": Key(lambda v, p: parse_domain(v, p) if "." in str(v) else node_name(v, p)),
+})
+
+
+def node_name(value: Any, path: str) -> str:
+    """A node's name: letters, digits, ``-`` and ``_`` (or a host name)."""
+    text = string(value, path).strip()
+    if not text or len(text) > 64 or not all(c.isalnum() or c in "-_" for c in text):
+        raise ConfigError(path, f"expected a node name such as mx1 (letters, digits, - and _), got {describe(value)}")
+    return text
+
+
 GATEWAY = Section(GatewayConfig, {
     "hostname": Key(lambda v, p: parse_domain(v, p), REQUIRED),
     "spool": Key(file_path, "var/spool"),
@@ -547,6 +568,7 @@ GATEWAY = Section(GatewayConfig, {
     "recipient_delimiter": Key(delimiter, "+", null_means=None),    # null: off
     "mta_sts": Key(MTA_STS),
     "shaping": Key(lambda v, p: shaping_rules(v, p)),          # mta/delivery/shaping.py
+    "cluster": Key(CLUSTER),                  # mta/cluster: several gateways as one on Redis
 }, finish=_finish_gateway)
 
 LIMITS = Section(Limits, {

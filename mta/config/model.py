@@ -74,6 +74,13 @@ class MtaStsConfig:
 
 
 @dataclass(frozen=True)
+class ClusterConfig:
+    """``gateway.cluster``: several gateways as one through a Redis server (mta/cluster); off by default."""
+    redis: str | None = None        # redis://[:password@]host[:port][/db] or rediss://; None: a single machine
+    node: str | None = None         # this gateway's name in the cluster; default: gateway.hostname
+
+
+@dataclass(frozen=True)
 class ShapingRule:
     """One entry of ``gateway.shaping``: how hard to push one destination (mta/delivery/shaping.py).
 
@@ -119,6 +126,12 @@ class GatewayConfig:
     recipient_delimiter: str | None = "+"   # alice+news@ -> alice's mailbox; None: off
     mta_sts: MtaStsConfig = field(default_factory=MtaStsConfig)
     shaping: tuple[ShapingRule, ...] = ()   # per-destination traffic shaping, first match wins
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+
+    @property
+    def node_name(self) -> str:
+        """This gateway's name in a cluster (``gateway.cluster.node``, else the hostname)."""
+        return self.cluster.node or self.hostname
 
     @property
     def mta_sts_cache(self) -> str:

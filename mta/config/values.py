@@ -10,6 +10,7 @@ from __future__ import annotations
 import ipaddress
 import math
 import re
+from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any, NamedTuple
 
@@ -17,7 +18,7 @@ from mta.config.errors import ConfigError
 
 __all__ = [
     "parse_size", "format_size", "parse_duration", "format_duration", "parse_hostport",
-    "parse_smart_host", "SmartHost", "parse_domain", "describe",
+    "parse_smart_host", "SmartHost", "parse_domain", "describe", "RedisAddress", "parse_redis_url",
 ]
 
 # Binary multiples, as Exchange's "(KB)" boxes and Postfix's message_size_limit reasoning use them.
@@ -249,3 +250,41 @@ def parse_smart_host(value: Any, key: str, default_port: int = 25) -> SmartHost:
     except ConfigError:
         raise ConfigError(key, f"expected {shape}, got {value!r}") from None
     return SmartHost(name, port, False)
+
+
+# -- a Redis server's address ---------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class RedisAddress:
+    """``redis://[[user]:password@]host[:port][/db]``, or ``rediss://`` for TLS (port 6379, db 0)."""
+    host: str
+    port: int = 6379
+    db: int = 0
+    password: str | None = None
+    username: str | None = None
+    tls: bool = False
+
+    def __str__(self) -> str:           # for logs: never the password
+        return f"{'rediss' if self.tls else 'redis'}://{self.host}:{self.port}/{self.db}"
+
+
+def parse_redis_url(value: Any, key: str) -> RedisAddress:
+    from urllib.parse import unquote, urlsplit
+
+    problem = f'expected a Redis URL like "redis://127.0.0.1:6379/0" (or rediss:// for TLS), got {describe(value)}'
+    if not isinstance(value, str):
+        raise ConfigError(key, problem)
+    try:
+        url = urlsplit(value.strip())
+        port = url.port or 6379
+    except ValueError:
+        raise ConfigError(key, problem) from None
+    if url.scheme not in ("redis", "rediss") or not url.hostname or url.query or url.fragment:
+        raise ConfigError(key, problem)
+    db_text = url.path.lstrip("/")
+    if db_text and not db_text.isdigit():
+        raise ConfigError(key, f"{problem} (the database is a number)")
+    return RedisAddress(url.hostname, port, int(db_text or 0),
+                        unquote(url.password) if url.password is not None else None,
+                        unquote(url.username) if url.username else None, url.scheme == "rediss")
+

@@ -30,6 +30,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import time
 from typing import Any, Callable
 
 from twisted.application import service
@@ -38,6 +39,7 @@ from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.protocols.basic import LineOnlyReceiver
 
+from mta.cluster.redis import Unavailable
 from mta.dsn.reports import header_block
 from mta.model.queue_entry import QueueEntry
 
@@ -206,6 +208,18 @@ class QueueControl:
         if metrics is None:
             return {"ok": False, "error": "metrics are not enabled (gateway.metrics.enabled)"}
         return {"ok": True, "families": metrics.snapshot()}
+
+    async def op_cluster(self, request: dict) -> dict[str, Any]:
+        """``smtpgw cluster status``: every node, from Redis (mta.cluster.node)."""
+        cluster = self.gateway.cluster
+        if cluster is None:
+            return {"ok": False, "error": "this gateway is not in a cluster: gateway.cluster.redis is not set"}
+        try:
+            nodes = await cluster.status()
+        except Unavailable:
+            return {"ok": False, "error": f"Redis at {cluster.address} does not answer; this node "
+                                          f"({cluster.name}) runs on its own until it does"}
+        return {"ok": True, "node": cluster.name, "nodes": nodes, "now": time.time()}
 
     def op_pickup(self, request: dict) -> dict[str, Any]:
         """``smtpgw sendmail`` dropped a message: pick it up now rather than at the next minute."""

@@ -77,6 +77,7 @@ class Services(Protocol):
     queue: Any                  # mta.queue.manager.QueueManager
     resolver: Any               # mta.delivery.nexthops.Resolver
     client: Any                 # mta.smtp.client.pool.SMTPClientPool
+    cluster: Any                # mta.cluster.node.Cluster (gateway.cluster), or None on a single machine
 
 
 def available_plugins() -> dict[str, Any]:

@@ -18,6 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from twisted.internet import defer
 from twisted.logger import Logger
 
 from mta.smtp.address import domain_of
@@ -75,6 +76,9 @@ class EtrnDequeue:
             services.hooks.register(AtrnRoutes(self), name="etrn_dequeue.atrn")
             services.client = RoutingPool(services.client, self)
         self.requesters = start_requesters(self, config, services)
+        cluster = getattr(services, "cluster", None)
+        if cluster is not None and nodes.remote_triggered(config):
+            cluster.on_trigger(self.remote_trigger)
 
     def event(self, level: str, message: str, **fields: Any) -> None:
         if self.services is not None:
@@ -223,9 +227,30 @@ class EtrnDequeue:
             return R.node_not_allowed(node.text, "client not authorized")
         moved = self.release(self._wanted(node), allowed)
         self.event("minimum", f"{verb} {node.text} from {session.peer_host}: {moved} message(s) released")
+        cluster = getattr(self.services, "cluster", None)
+        if cluster is not None:
+            # the other nodes release what they hold too (gateway.cluster); this node cannot know
+            # whether they hold any, so the answer is "started" rather than "nothing here"
+            d = defer.Deferred.fromCoroutine(cluster.trigger(node.text, verb, [c.name for c in allowed]))
+            d.addErrback(lambda f: self.event("minimum", f"{verb} {node.text}: telling the cluster failed: "
+                                                         f"{f.getErrorMessage()}"))
+            return R.node_started(node.text)
         if not moved:
             return R.node_empty(node.text)
         return R.node_started(node.text)
+
+    def remote_trigger(self, trigger: dict) -> int:
+        """An ETRN/DEQUEUE answered by another node of the cluster (checked and authorized there):
+        release what this node holds for it, through the same connectors."""
+        node = nodes.parse_node(str(trigger.get("node", "")))
+        if node is None:
+            return 0
+        names = set(trigger.get("connectors") or [])
+        connectors = [c for c in nodes.remote_triggered(self.config) if c.name in names]
+        moved = self.release(self._wanted(node), connectors) if connectors else 0
+        self.event("minimum", f"{trigger.get('verb', 'ETRN')} {node.text} at node {trigger.get('from')}: "
+                              f"{moved} message(s) released here")
+        return moved
 
     @staticmethod
     def _wanted(node: Node) -> Any:

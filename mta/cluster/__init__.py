@@ -1,0 +1,3 @@
+"""Several gateways as one (``gateway.cluster``): a shared-nothing spool on each node, Redis for what
+the nodes share. Nothing here is on a message's path before its ``250``; with ``gateway.cluster.redis``
+null (the default) nothing here runs."""
