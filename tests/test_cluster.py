@@ -6,6 +6,7 @@ going away and coming back."""
 from __future__ import annotations
 
 import json
+import time
 import smtplib
 import subprocess
 import uuid
@@ -39,10 +40,13 @@ def node_config(tmp: Path, host: str, name: str, redis_url: str) -> dict:
 def nodes(tmp_path, redis_server):
     started: list[GatewayProcess] = []
 
-    def start(name: str, host: str) -> GatewayProcess:
+    def start(name: str, host: str, per_host: int | None = None) -> GatewayProcess:
         folder = tmp_path / name
         folder.mkdir(exist_ok=True)
-        gw = GatewayProcess(folder, node_config(folder, host, name, redis_server.url))
+        cfg = node_config(folder, host, name, redis_server.url)
+        if per_host is not None:
+            cfg["connectors"][0]["max_connections_per_host"] = per_host
+        gw = GatewayProcess(folder, cfg)
         started.append(gw)
         return gw.start()
 
@@ -152,3 +156,24 @@ def test_cluster_keys_and_their_errors(tmp_path):
         with pytest.raises(ConfigError) as e:
             parse_config(cfg)
         assert e.value.path.startswith(key), e.value
+
+
+def test_connector_limits_hold_over_the_cluster_and_a_killed_nodes_leases_lapse(nodes, peers, redis_server):
+    from test_shaping import Concurrency
+
+    sink = peers(CUSTOMER)
+    seen = Concurrency(sink, hold=0.4)
+    sink.set_reply("dot", seen)
+    a = nodes("mx1", A, per_host=2)         # 2 per host for the whole cluster, not per node
+    b = nodes("mx2", B, per_host=2)
+    for i in range(5):
+        send(A, f"a{i}@far.test", f"from mx1 {i}")
+        send(B, f"b{i}@far.test", f"from mx2 {i}")
+    assert sink.wait_for(10, 60)
+    assert seen.most <= 2
+    key = f"smtpgw:lease:Internet:{CUSTOMER}:25"
+    sink.set_reply("dot", lambda argument: time.sleep(12))    # mx1 holds a connection...
+    send(A, "stuck@far.test")
+    assert wait_until(lambda: redis_server.cli("ZCARD", key) == "1", 15)
+    a.kill9()                                                   # ... and dies with its lease
+    assert wait_until(lambda: redis_server.cli("EXISTS", key) == "0", 20)

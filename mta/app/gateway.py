@@ -13,6 +13,7 @@ from typing import Any
 
 from twisted.internet import defer
 
+from mta.cluster.leases import ConnectionLeases
 from mta.cluster.node import Cluster
 from mta.config import Config
 from mta.delivery.attempt import Deliverer
@@ -51,6 +52,7 @@ class Gateway:
     metrics: GatewayMetrics | None      # set by mta.ops.metrics.gateway_metrics when gateway.metrics.enabled
     client_counts: ClientCounts | None  # per-client figures (mta/workers/clients.py), opened at the first connection
     cluster: Cluster | None             # gateway.cluster.redis set: this node's link to the others (mta.cluster)
+    leases: ConnectionLeases | None     # with a cluster: connector limits counted over every node
 
     def __init__(self, config: Config, reactor: Any = None, load_plugins: bool = True,
                  worker: WorkerInfo = SINGLE) -> None:
@@ -84,6 +86,10 @@ class Gateway:
         self.cluster = (Cluster(config, reactor, queue_size=lambda: self.queue.stats()["messages"],
                                 heartbeat=worker.index == 0)
                         if config.gateway.cluster.redis else None)
+        self.leases = None
+        if self.cluster is not None:
+            self.leases = ConnectionLeases(self.cluster, lambda: self.config)
+            self.client.leases = self.leases
         self.hooks.configure(config, self)
 
     def start(self) -> defer.Deferred:
@@ -93,6 +99,7 @@ class Gateway:
         self.recipients.start()
         if self.cluster is not None:
             self.cluster.start()
+            self.leases.start()
         if self.worker.index == 0:
             d.addCallback(lambda loaded: (self.pickup.start(), loaded)[1])
         return d
@@ -103,5 +110,6 @@ class Gateway:
         d = self.queue.stop()
         d.addBoth(lambda r: self.client.close())
         if self.cluster is not None:
+            self.leases.stop()
             d.addBoth(lambda r: self.cluster.stop())
         return d

@@ -25,11 +25,12 @@ def _arguments(parser: argparse.ArgumentParser) -> None:
 
 def format_status(reply: dict[str, Any]) -> list[str]:
     now = reply.get("now") or time.time()
-    table = [["node", "state", "heartbeat", "queue", "host", "pid"]]
+    table = [["node", "state", "heartbeat", "queue", "leases", "host", "pid"]]
     for n in reply["nodes"]:
         beat = "-" if n["heartbeat"] is None else f"{max(0.0, now - n['heartbeat']):.0f}s ago"
         mark = " (this node)" if n["node"] == reply["node"] else ""
         table.append([n["node"] + mark, n["state"], beat, "-" if n["queue"] is None else str(n["queue"]),
+                      "-" if n.get("leases") is None else str(n["leases"]),
                       n["host"] or "-", str(n["pid"] or "-")])
     widths = [max(len(r[i]) for r in table) for i in range(len(table[0]))]
     return ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in table]

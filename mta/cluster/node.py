@@ -67,6 +67,7 @@ class Cluster:
         self.name = config.gateway.node_name
         self.address = parse_redis_url(config.gateway.cluster.redis, "gateway.cluster.redis")
         self.queue_size = queue_size
+        self.leases_held: Callable[[], int] = lambda: 0         # set by the connection leases (mta.cluster.leases)
         self.redis = RedisLink(reactor, self.address)
         self.subscription = Subscription(reactor, self.address, [TRIGGERS], self._message, self._resync)
         self.started = time.time()
@@ -125,7 +126,7 @@ class Cluster:
         key = node_key(self.name)
         await self.call("HSET", key, "host", self.config.gateway.hostname, "pid", os.getpid(),
                         "started", f"{self.started:.3f}", "heartbeat", f"{time.time():.3f}",
-                        "queue", self.queue_size(), "state", self.state)
+                        "queue", self.queue_size(), "state", self.state, "leases", self.leases_held())
         await self.call("EXPIRE", key, HEARTBEAT_TTL)
         await self.call("SADD", NODES, self.name)
 
@@ -138,10 +139,11 @@ class Cluster:
             fields = dict(zip(flat[::2], flat[1::2])) if isinstance(flat, list) else dict(flat)
             if not fields:
                 rows.append({"node": name, "state": "gone", "heartbeat": None, "queue": None, "host": None,
-                             "pid": None})
+                             "pid": None, "leases": None})
                 continue
             rows.append({"node": name, "state": str(fields.get("state", "up")),
                          "heartbeat": float(fields.get("heartbeat", 0)), "queue": int(fields.get("queue", 0)),
+                         "leases": int(fields.get("leases", 0)),
                          "host": str(fields.get("host", "")), "pid": int(fields.get("pid", 0))})
         return rows
 

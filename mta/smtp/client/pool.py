@@ -20,7 +20,7 @@ from collections import deque
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from twisted.internet import defer
+from twisted.internet import defer, task
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
@@ -36,6 +36,7 @@ __all__ = ["SMTPClientPool", "SMTPClientProtocol", "ConnectionBroken"]
 
 log = Logger(namespace="smtpgw.client")
 
+LEASE_RETRY_SECONDS = 0.25      # a cluster at a connector's limit (no lease): look again after this
 TLS_FALLBACK_SECONDS = 3600.0     # after a failed STARTTLS handshake, talk plaintext to that hop this long
 
 Key = tuple[str, int, "str | None", "OutboundPolicy | None"]
@@ -101,6 +102,11 @@ class SMTPClientPool:
         self._closing = False
         # connector name -> mta.smtp.client.protocol_log.OutboundProtocolLog (connectors[].protocol_log)
         self.protocol_logs: dict[str, Any] = {}
+        # a cluster's connection leases (mta.cluster.leases, gateway.cluster), or None: ``take(policy,
+        # host, port)`` -> a token (falsy: none needed) or None while the cluster is at the limit;
+        # ``release(token)`` when the connection closes
+        self.leases: Any = None
+        self._lease_of: dict[SMTPClientProtocol, str] = {}
 
     # -- the public face ---------------------------------------------------------------------------
 
@@ -213,20 +219,36 @@ class SMTPClientPool:
                 slot.open += 1
                 if group is not None:
                     group.open += 1
+                lease: str | None = ""          # "": no lease needed (no cluster)
                 try:
-                    conn = await self._open(slot, key, hop)
+                    if self.leases is not None and key[3] is not None:
+                        lease = await self.leases.take(key[3], hop.host, hop.port)
+                    if lease is not None:
+                        conn = await self._open(slot, key, hop)
                 except BaseException:
-                    slot.open -= 1
-                    if group is not None:
-                        group.open -= 1
-                        self._wake_group(group)
-                    self._wake(slot)
+                    if lease:
+                        self.leases.release(lease)
+                    self._uncount(slot)
                     raise
+                if lease is None:               # the cluster is at the connector's limit: look again soon
+                    self._uncount(slot)
+                    await task.deferLater(self.clock, LEASE_RETRY_SECONDS, lambda: None)
+                    continue
+                if lease:
+                    self._lease_of[conn] = lease
                 self._counted.add(conn)
                 return conn, False
             waiter: defer.Deferred = defer.Deferred()
             slot.waiters.append(waiter)
             await waiter
+
+    def _uncount(self, slot: _HostSlot) -> None:
+        """A place counted for a connection that was not made after all."""
+        slot.open -= 1
+        if slot.group is not None:
+            slot.group.open -= 1
+            self._wake_group(slot.group)
+        self._wake(slot)
 
     def _evict_idle(self, group: _Group) -> bool:
         """Make room under a connector's total by closing one of its idle connections, if any."""
@@ -271,6 +293,9 @@ class SMTPClientPool:
             if slot.group is not None:
                 slot.group.open -= 1
                 self._wake_group(slot.group)
+            lease = self._lease_of.pop(conn, None)
+            if lease:
+                self.leases.release(lease)
         if conn in slot.idle:
             slot.idle.remove(conn)
         self._cancel_idle_timer(conn)
