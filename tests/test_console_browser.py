@@ -83,12 +83,23 @@ def notice(driver) -> str:
 
 
 def row_of(driver, domain: str):
+    """The Queues table's row for ``domain``, or None. A page that is being replaced while it is read
+    (a refresh, a poll) is read again, so the answer is about one whole page."""
+    from selenium.common.exceptions import StaleElementReferenceException, WebDriverException
     from selenium.webdriver.common.by import By
 
-    for row in driver.find_elements(By.CSS_SELECTOR, "table.queues tbody tr"):
-        if row.find_element(By.CSS_SELECTOR, 'td[data-label="Destination"]').text == domain:
-            return row
-    return None
+    def read():
+        for row in driver.find_elements(By.CSS_SELECTOR, "table.queues tbody tr"):
+            if row.find_element(By.CSS_SELECTOR, 'td[data-label="Destination"]').text == domain:
+                return row
+        return None
+
+    for _ in range(20):
+        try:
+            return read()
+        except (StaleElementReferenceException, WebDriverException):
+            continue
+    return read()
 
 
 def act_on_row(driver, domain: str, action: str) -> None:
