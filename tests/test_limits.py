@@ -395,3 +395,19 @@ def test_two_workers_share_the_per_client_table(tmp_path):
     assert restarted.connections(bucket) == 1 and not b.owner
     b.closed(bucket)                                # the old process no longer writes
     assert a.connections(bucket) == 1
+
+
+def test_relay_allowed_clients_are_exempt_from_the_connection_limits(gateway, tmp_path):
+    """As Postfix exempts $mynetworks (smtpd_client_event_limit_exceptions): the site's own servers in
+    relay.allow may open more connections than an outside client."""
+    cfg = config(tmp_path, max_connections_per_client=3)
+    cfg["virtual_servers"][0]["relay"]["allow"] = [f"{OTHER}/32"]
+    gateway(cfg)
+    held = hold_connections(OTHER, 5)                  # past the limit of 3, all greeted 220
+    try:
+        line, s = banner(ATTACKER)
+        s.close()
+        assert line.startswith(b"220 ")                 # an outside client is still counted on its own
+    finally:
+        for s in held:
+            s.close()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from mta.model.netaddr import client_ip
 from mta.smtp import replies as R
 from mta.smtp.reply import Reply
 from mta.workers import clients
@@ -38,12 +39,22 @@ class ClientLimits:
         table = self.table
         bucket = table.bucket(self.scope, host)
         limits = self.vs.limits
+        if self.exempt(host):
+            table.opened(bucket)
+            return bucket, None
         if limits.max_connection_rate and table.attempt(bucket) > limits.max_connection_rate:
             return bucket, R.connection_rate_exceeded(host)
         if table.connections(bucket) >= limits.max_connections_per_client:
             return bucket, R.too_many_connections_from(host)
         table.opened(bucket)
         return bucket, None
+
+    def exempt(self, host: str) -> bool:
+        """Clients in ``relay.allow`` (the site's own servers: Postfix's $mynetworks) are not held to
+        the per-connection limits, as Postfix's ``smtpd_client_event_limit_exceptions`` has it: an
+        internal Exchange or an application server may open many connections at once."""
+        ip = client_ip(host)
+        return ip is not None and any(ip in net for net in self.vs.relay.allow)
 
     def closed(self, bucket: int) -> None:
         self.table.closed(bucket)
