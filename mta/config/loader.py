@@ -261,14 +261,19 @@ def address_space(value: Any, path: str) -> AddressSpace:
     return AddressSpace(parse_domain(value, path, wildcard=True), 1)
 
 
-def address_spaces(value: Any, path: str) -> tuple[AddressSpace, ...]:
-    spaces = list_of(address_space, min_len=1)(value, path)
+def no_repeats(items: Any, key: Callable[[Any], str], path: str, what: str) -> Any:
+    """``items`` unchanged, or a ConfigError at the first entry whose ``key`` came before."""
     seen: set[str] = set()
-    for i, space in enumerate(spaces):
-        if space.domain in seen:
-            raise ConfigError(f"{path}[{i}]", f"the address space {space.domain!r} is listed twice")
-        seen.add(space.domain)
-    return spaces
+    for i, item in enumerate(items):
+        if key(item) in seen:
+            raise ConfigError(f"{path}[{i}]", f"{what}{key(item)!r} is listed twice")
+        seen.add(key(item))
+    return items
+
+
+def address_spaces(value: Any, path: str) -> tuple[AddressSpace, ...]:
+    return no_repeats(list_of(address_space, min_len=1)(value, path), lambda s: s.domain, path,
+                      "the address space ")
 
 
 def nameserver(value: Any, path: str) -> tuple[str, int]:
@@ -995,13 +1000,7 @@ def local_hook(value: Any, path: str) -> LocalHook:
 
 
 def local_hooks(value: Any, path: str) -> tuple[LocalHook, ...]:
-    hooks = list_of(local_hook)(value, path)
-    seen: set[str] = set()
-    for i, hook in enumerate(hooks):
-        if hook.path in seen:
-            raise ConfigError(f"{path}[{i}]", f"{hook.path!r} is listed twice")
-        seen.add(hook.path)
-    return hooks
+    return no_repeats(list_of(local_hook)(value, path), lambda h: h.path, path, "")
 
 
 def plugins_section(value: Any, path: str) -> PluginsConfig:
