@@ -379,3 +379,49 @@ def test_two_workers_one_console(gateway, peers, tmp_path):
     done = admin.post("/action", {"op": "retry", "domain": "remote.test", "back": "/queues"})
     assert "Retry now: 6 done." in done
     assert peer.wait_for(6, 30)
+
+
+def test_why_trace_of_a_deferred_and_a_scheduled_message(gateway, peers, browser, tmp_path):
+    """The message page's "why": the connector and address space that matched, with its cost, the hop
+    tried and the reply it gave, a schedule hold with its time; ``smtpgw queue show`` prints the same."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    peer = peers(SMART_HOST)
+    peer.set_reply("rcpt", "451 4.3.0 try later")
+    cfg = console_config(tmp_path)
+    cfg["connectors"].append({"name": "Night link", "address_spaces": [{"domain": "*.night.test", "cost": 3}],
+                              "smart_hosts": [f"[{SMART_HOST}]"], "delivery": {"schedule": "never"}})
+    gw = gateway(cfg)
+    assert wait_until(lambda: port_open(GW_HOST, 8025), 20), gw.log()
+    send("deferred", "bob@slow.test")
+    send("waiting", "eve@branch.night.test")
+    assert wait_until(lambda: sum(1 for e in entries(gw) if e["last_error"] or e["why_held"]) == 2, 30), entries(gw)
+    slow = next(e["id"] for e in entries(gw) if e["recipients_pending"] == ["bob@slow.test"])
+    night = next(e["id"] for e in entries(gw) if e["recipients_pending"] == ["eve@branch.night.test"])
+
+    login(browser, page=f"/message?id={slow}")
+    why = browser.find_element(By.ID, "why")
+    routing = why.find_element(By.CSS_SELECTOR, "table.routing").text
+    assert "Internet SMTP connector" in routing and "the default address space * matches any domain, cost 1" in routing
+    assert f"smart hosts [{SMART_HOST}]" in routing and "open now" in routing
+    replies = why.find_element(By.CSS_SELECTOR, "table.attempts").text
+    assert "bob@slow.test" in replies and "451 4.3.0 try later" in replies and "deferred" in replies
+    steps = why.find_element(By.CSS_SELECTOR, "table.steps").text
+    assert f"slow.test: via Internet SMTP connector: hops [{SMART_HOST}]:25" in steps
+    assert "status=deferred" in steps                          # the mail log's own line
+
+    browser.get(CONSOLE + "/diagnostics")                     # asked from Diagnostics by its queue id
+    browser.find_element(By.ID, "why-id").send_keys(night + "\n")
+    WebDriverWait(browser, 20).until(lambda d: f"/message?id={night}" in d.current_url)
+    why = browser.find_element(By.ID, "why")
+    assert "*.night.test covers branch.night.test, cost 3" in why.find_element(By.CSS_SELECTOR, "table.routing").text
+    holds = why.find_element(By.CSS_SELECTOR, "table.holds").text
+    assert "schedule" in holds and "connector 'Night link' schedule is never open" in holds
+    browser.save_screenshot(str(tmp_path / "why.png"))
+
+    shown = subprocess.run([*smtpgw_command(), "queue", "show", "-c", str(gw.config_path), slow], env=gw.env(),
+                           capture_output=True, text=True, timeout=60)
+    assert shown.returncode == 0, shown.stderr
+    assert "the default address space * matches any domain, cost 1" in shown.stdout
+    assert "451 4.3.0 try later" in shown.stdout and f"hops [{SMART_HOST}]:25" in shown.stdout

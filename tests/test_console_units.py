@@ -86,3 +86,27 @@ def test_schedule_grid_and_opening():
     assert opening(weekly, monday_9, "UTC") == "open now (closes Mon 1970-01-05 18:00 UTC)"
     assert opening(weekly, monday_9 + 10 * 3600, "UTC") == "closed; opens Sun 1970-01-11 22:00 UTC"
     assert opening(parse_schedule("never", "k"), 0.0, "UTC") == "closed; never opens"
+
+
+def test_traces_keep_each_messages_steps_and_forget_the_oldest(monkeypatch):
+    from mta.maillog import lines
+    from mta.ops import trace
+    from mta.smtp.reply import Reply
+
+    monkeypatch.setattr(trace, "KEEP_MESSAGES", 3)
+    t = trace.Traces(lambda: 100.0)
+    t.mail_line(lines.delivery("A", "bob@x.test", "[192.0.2.1]:25", 1.0, (0, 0, 0.5, 0.5),
+                               Reply(451, "4.3.0", "try later"), "deferred"), 99.0)
+    t.smtpgw_event("routing_engine", "medium", "x.test: connectors Internet", {"id": "A", "domain": "x.test"})
+    t.smtpgw_event("smtp_protocol", "medium", "message accepted", {"id": "A"})    # not about the queue's work
+    assert [(s["source"], s["text"]) for s in t.steps("A")] == [
+        ("mail log", "A: to=<bob@x.test>, relay=[192.0.2.1]:25, delay=1, delays=0/0/0.5/0.5, dsn=4.3.0, "
+                     "status=deferred (451 4.3.0 try later)"),
+        ("routing_engine", "x.test: connectors Internet")]
+    assert trace.attempts(t.steps("A")) == [{"at": 99.0, "recipient": "bob@x.test", "relay": "[192.0.2.1]:25",
+                                             "status": "deferred", "dsn": "4.3.0", "reply": "451 4.3.0 try later",
+                                             "tls": None}]
+    assert t.wants_event("routing_engine", "medium") and not t.wants_event("smtp_protocol", "maximum")
+    for ident in "BCD":
+        t.smtpgw_event("queuing_engine", "medium", "message queued", {"id": ident})
+    assert t.steps("A") == [] and len(t.steps("D")) == 1

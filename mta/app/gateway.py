@@ -22,6 +22,7 @@ from mta.delivery.mta_sts import MtaSts
 from mta.delivery.recipients import LocalRecipients
 from mta.maillog import MailLog
 from mta.ops.metrics import GatewayMetrics
+from mta.ops.trace import Traces, attach
 from mta.plugin.manager import Hooks
 from mta.policy import core as defaults
 from mta.queue.manager import QueueManager
@@ -53,6 +54,7 @@ class Gateway:
     client_counts: ClientCounts | None  # per-client figures (mta/workers/clients.py), opened at the first connection
     cluster: Cluster | None             # gateway.cluster.redis set: this node's link to the others (mta.cluster)
     leases: ConnectionLeases | None     # with a cluster: connector limits counted over every node
+    traces: Traces                      # each queued message's recent steps, for `smtpgw queue show` (mta.ops.trace)
 
     def __init__(self, config: Config, reactor: Any = None, load_plugins: bool = True,
                  worker: WorkerInfo = SINGLE) -> None:
@@ -91,6 +93,7 @@ class Gateway:
             self.leases = ConnectionLeases(self.cluster, lambda: self.config)
             self.client.leases = self.leases
         self.hooks.configure(config, self)
+        self.traces = attach(self)
 
     def start(self) -> defer.Deferred:
         """Open the spool and rebuild the schedule from disk (in a thread), then start delivering;

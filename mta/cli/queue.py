@@ -40,6 +40,7 @@ from mta.config.values import human_duration
 from mta.ops.control import (
     DONE, HELD_SKIPPED, NOT_FOUND, UNCHANGED, corrupt_summary, detail, encode_message, selector, summary,
 )
+from mta.ops.trace import explain, text_lines
 
 CLIENT_TIMEOUT = 300.0      # a delete waits for an attempt in flight, which may wait on a slow host
 
@@ -133,7 +134,8 @@ class SpoolQueue:
         entry = next((e for e in self._entries() if e.id == request["id"]), None)
         if entry is None:
             return {"ok": False, "error": f"no message {request['id']!r} in the queue"}
-        return {"ok": True, "entry": detail(entry, time.time(), self._body(entry.id))}
+        now = time.time()
+        return {"ok": True, "entry": detail(entry, now, self._body(entry.id), why=explain(self.config, entry, now, None))}
 
     def _apply(self, request: dict, change: Any) -> dict[str, Any]:
         match = selector(request)
@@ -340,7 +342,7 @@ def format_detail(e: dict[str, Any], now: float) -> list[str]:
             lines.append(f"      waiting:    {r['held_reason']}")
     lines.append("headers:")
     lines += [f"  {name}: {value}" for name, value in e["headers"]] or ["  (message not readable)"]
-    return lines
+    return lines + text_lines(e.get("why"), timestamp)
 
 
 # qshape's age buckets, in minutes: a message older than the last is counted in a last "+" column

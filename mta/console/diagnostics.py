@@ -107,7 +107,11 @@ def diagnostics_body(recorder: Recorder | None, category: str, level: str, event
     levels = "".join(f'<option value="{lv}"{" selected" if lv == level else ""}>{lv} and below</option>'
                      for lv in LEVELS)
     query = urlencode({"category": category, "level": level})
-    return (f'<div data-poll="/diagnostics.json?{esc(query)}" data-every="{POLL_SECONDS}">'
+    lookup = ('<form method="get" action="/message" class="act why-lookup">'
+              '<label for="why-id">Why is a message where it is? Queue ID</label>'
+              '<input id="why-id" name="id" required autocomplete="off" spellcheck="false">'
+              '<button type="submit">Show its trace</button></form>')
+    return lookup + (f'<div data-poll="/diagnostics.json?{esc(query)}" data-every="{POLL_SECONDS}">'
             '<form method="get" action="/diagnostics" class="act">'
             f'<label for="category">Category</label><select id="category" name="category">{cats}</select>'
             f'<label for="level">Level</label><select id="level" name="level">{levels}</select>'

@@ -119,8 +119,50 @@ def message_body(entry: dict[str, Any], now: float, csrf: str, body: bytes | Non
         shown = f'<h2>The message as queued</h2>{more}<pre class="raw" tabindex="0">{esc(text)}</pre>'
     return (f'<dl class="envelope">{dl}</dl>'
             f'<h2>Act on this message</h2>{_action_form(csrf, back, "msg-op", "Action for this message", {"id": ident})}'
-            f"{rcpts}{headers}{shown}"
+            f"{rcpts}{why_section(entry.get('why'), now)}{headers}{shown}"
             '<p><a href="/queues">Back to the queues</a></p>')
+
+
+def why_section(why: dict[str, Any] | None, now: float) -> str:
+    """The "why" trace (:func:`mta.ops.trace.explain`, as ``smtpgw queue show`` prints it): routing,
+    holds, the replies received, and every recorded step."""
+    if not why:
+        return ""
+    parts = ['<section id="why" aria-labelledby="why-h"><h2 id="why-h">Why: routing, holds, attempts</h2>']
+    rows = []
+    for route in why.get("routes") or []:
+        rcpts = esc(", ".join(route["recipients"]))
+        if route["local"]:
+            rows.append([esc(route["domain"]), rcpts, "", "local domain: its Maildirs", "", ""])
+        elif not route["connectors"]:
+            rows.append([esc(route["domain"]), rcpts, "", "no connector's address space matches", "", ""])
+        for n, c in enumerate(route["connectors"], 1):
+            rows.append([esc(route["domain"]), rcpts, str(n), f"<strong>{esc(c['name'])}</strong><br>{esc(c['why'])}",
+                         esc(c["next_hops"]), esc(c["window"])])
+    parts.append(table("Routing: the connectors whose address spaces match, in the order tried",
+                       ["Domain", "Recipients", "Order", "Connector and why", "Next hops", "Delivery window"],
+                       rows, "routing"))
+    if why.get("holds"):
+        parts.append(table("Holds in force", ["Kind", "Until", "Reason", "Recipients"],
+                           [[esc(h["kind"]), esc(when(h.get("until"))), esc(h["text"]),
+                             esc(", ".join(h.get("recipients") or []))] for h in why["holds"]], "holds"))
+    if why.get("attempts"):
+        parts.append(table("Replies received, per attempt and recipient",
+                           ["Time", "Recipient", "Relay", "Status", "Reply", "TLS"],
+                           [[esc(when(a["at"])), esc(a.get("recipient")), esc(a.get("relay")), esc(a.get("status")),
+                             esc(a.get("reply")), esc(a.get("tls"))] for a in why["attempts"]], "attempts"))
+    if not why.get("recorded"):
+        parts.append('<p class="empty">No steps recorded: the gateway that holds this message is not running.</p>')
+    elif why.get("steps"):
+        parts.append(table("Every step recorded since the gateway started (mail log and diagnostic events)",
+                           ["Time", "Source", "Step", "Details"],
+                           [[esc(when(s["at"])), esc(s["source"]), esc(s["text"]),
+                             esc(" ".join(f"{k}={v}" for k, v in (s.get("fields") or {}).items()))]
+                            for s in why["steps"]], "steps"))
+    else:
+        parts.append('<p class="empty">No step recorded yet for this message (it was queued before the gateway '
+                     'last started, or has not been attempted).</p>')
+    return "".join(parts) + "</section>"
 
 
 def decode_message(answer: dict[str, Any]) -> bytes:

@@ -9,7 +9,7 @@ Nothing here depends on a plugin being enabled: these are the gateway's own log 
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Any, Callable
 
 from twisted.logger import Logger
 
@@ -27,6 +27,8 @@ class MailLog:
     def __init__(self, reactor: Any = None, fmt: str = "text") -> None:
         self.reactor = reactor
         self.format = fmt
+        # called with (line, time) for every line written: the queue's per-message trace (mta.ops.trace)
+        self.observers: list[Callable[[MailLine, float], None]] = []
 
     def set_format(self, fmt: str) -> None:
         if fmt not in FORMATS:
@@ -42,6 +44,10 @@ class MailLog:
         message are on the hot path, and twisted.logger's own formatting cost more than the line."""
         text = line.json(self.now()) if self.format == "json" else line.text()
         rendered_log.emit(log, text, mail_event=line.event, mail_line=line)
+        if self.observers:
+            when = self.now()
+            for observer in self.observers:
+                observer(line, when)
 
 
 def of(gateway: Any) -> MailLog:

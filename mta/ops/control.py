@@ -9,7 +9,8 @@ and root may use it), and the daemon does the work in its reactor thread like an
 Protocol: one JSON object per line in each direction, one reply per request, in order::
 
     {"op": "list"}                                  -> {"ok": true, "entries": [SUMMARY, ...]}
-    {"op": "show", "id": ID}                        -> {"ok": true, "entry": DETAIL}
+    {"op": "show", "id": ID}                        -> {"ok": true, "entry": DETAIL} (with ``why``: the
+                                                       trace of mta/ops/trace.py)
     {"op": "retry" | "hold" | "release", "ids": [ID, ...]} or {"domain": D} or {"all": true}
                                                     -> {"ok": true, "results": [{"id", "result"}, ...]}
     {"op": "delete", "ids": [ID, ...], "dsn": bool} -> {"ok": true, "results": [{"id", "result", "dsn"}]}
@@ -42,6 +43,7 @@ from twisted.protocols.basic import LineOnlyReceiver
 from mta.cluster.redis import Unavailable
 from mta.dsn.reports import header_block
 from mta.model.queue_entry import QueueEntry
+from mta.ops.trace import explain
 
 log = Logger(namespace="smtpgw.control")
 
@@ -136,8 +138,10 @@ def parse_headers(message: bytes | None) -> list[list[str]]:
     return out
 
 
-def detail(entry: QueueEntry, now: float, message: bytes | None, active: bool = False) -> dict[str, Any]:
-    """``smtpgw queue show``: the summary, the whole envelope, every recipient's state, the headers."""
+def detail(entry: QueueEntry, now: float, message: bytes | None, active: bool = False,
+           why: dict[str, Any] | None = None) -> dict[str, Any]:
+    """``smtpgw queue show``: the summary, the whole envelope, every recipient's state, the headers,
+    and ``why`` (:func:`mta.ops.trace.explain`): its routing, holds, attempts and recorded steps."""
     doc = summary(entry, now, active)
     doc.update({
         "virtual_server": entry.virtual_server,
@@ -148,6 +152,7 @@ def detail(entry: QueueEntry, now: float, message: bytes | None, active: bool = 
         "extra": entry.extra,
         "recipients": [vars(r).copy() for r in entry.rcpts],
         "headers": parse_headers(message),
+        "why": why,
     })
     return doc
 
@@ -244,7 +249,11 @@ class QueueControl:
             message = None
             log.warn("queue show {id}: cannot read the message: {e}", id=entry_id, e=e)
         entry = self.queue.get(entry_id) or entry
-        return {"ok": True, "entry": detail(entry, self._now(), message, self.queue.is_active(entry_id))}
+        now = self._now()
+        traces = getattr(self.gateway, "traces", None)
+        why = explain(self.gateway.config, entry, now, traces.steps(entry_id) if traces is not None else None,
+                      self.gateway.deliverer.shaper.snapshot())
+        return {"ok": True, "entry": detail(entry, now, message, self.queue.is_active(entry_id), why)}
 
     def _selected(self, request: dict) -> tuple[list[QueueEntry], list[str]]:
         """The live entries selected, and requested ids that are not queued."""

@@ -1,0 +1,222 @@
+"""Why a message is where it is: the "why" trace that ``smtpgw queue show`` and the console's message
+page print, from one function (:func:`explain`) over what the gateway records anyway.
+
+Two parts:
+
+* **Recorded** (:class:`Traces`, one per process, kept in memory): the mail log's lines for the queue
+  id (each attempt's ``relay=``, ``status=`` and reply, the notifications, ``removed``) and the
+  diagnostic events that name it (``id=``): the connectors chosen, the next hops (MX names and
+  addresses), a hop that could not be used and why, holds by schedule, remote trigger, traffic shaping
+  or TLS policy. The record keeps the last :data:`KEEP_MESSAGES` messages (at most
+  :data:`KEEP_STEPS` steps each) and starts empty when the process starts: a message queued before a
+  restart shows its state and last reply, not its earlier steps.
+* **Computed** from the configuration now: which connectors' address spaces match each domain, the
+  matching space and its cost, in the order they would be tried, and whether each connector's
+  delivery window is open (when it opens next); and the holds in force with their times.
+
+The record listens to ``smtpgw_event`` like a plugin but asks for the message categories only, never
+the per-command ``maximum`` events, so it adds no protocol detail to a session's work.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict, deque
+from typing import Any, Callable, Iterable
+
+from mta.config import Config
+from mta.delivery.connectors import connectors_for
+from mta.delivery.windows import delivery_window
+from mta.maillog.lines import MailLine
+from mta.model.queue_entry import PENDING, QueueEntry
+from mta.plugin.hookspecs import hookimpl
+
+KEEP_MESSAGES = 5000
+KEEP_STEPS = 100
+# the diagnostic categories whose events are about one queued message
+CATEGORIES = frozenset({"routing_engine", "queuing_engine", "categorizer", "ndr", "transport_security"})
+MAIL_LOG = "mail log"
+ADMIN_HOLD = "held by the administrator"
+
+
+class Traces:
+    """The recorded steps per queue id, fed by the mail log (:meth:`mail_line`, a
+    :class:`mta.maillog.MailLog` observer) and the diagnostic events (registered as a plugin)."""
+
+    def __init__(self, clock: Callable[[], float]) -> None:
+        self.clock = clock
+        self._by_id: OrderedDict[str, deque[dict[str, Any]]] = OrderedDict()
+
+    def add(self, queue_id: str, step: dict[str, Any]) -> None:
+        steps = self._by_id.get(queue_id)
+        if steps is None:
+            if len(self._by_id) >= KEEP_MESSAGES:
+                self._by_id.popitem(last=False)
+            steps = self._by_id[queue_id] = deque(maxlen=KEEP_STEPS)
+        else:
+            self._by_id.move_to_end(queue_id)
+        steps.append(step)
+
+    def steps(self, queue_id: str) -> list[dict[str, Any]]:
+        return list(self._by_id.get(queue_id, ()))
+
+    def mail_line(self, line: MailLine, when: float) -> None:
+        if line.queue_id and line.about_message:
+            record = line.record(when)
+            record.pop("time", None)
+            self.add(line.queue_id, {"at": when, "source": MAIL_LOG, "text": line.text(), **record})
+
+    def wants_event(self, category: str, level: str) -> bool:
+        return category in CATEGORIES and level != "maximum"
+
+    @hookimpl
+    def smtpgw_event(self, category: str, level: str, message: str, fields: Any) -> None:
+        queue_id = fields.get("id") if category in CATEGORIES else None
+        if isinstance(queue_id, str) and queue_id:
+            extra = {str(k): str(v) for k, v in fields.items() if k != "id"}
+            self.add(queue_id, {"at": self.clock(), "source": category, "text": message, "fields": extra})
+
+
+def attach(gateway: Any) -> Traces:
+    """A record for ``gateway``: fed by its mail log and its diagnostic events."""
+    traces = Traces(gateway.reactor.seconds)
+    gateway.mail_log.observers.append(traces.mail_line)
+    gateway.hooks.register(traces, name="queue-trace")
+    return traces
+
+
+# -- the explanation -----------------------------------------------------------------------------------
+
+def _domain(address: str) -> str:
+    return address.rpartition("@")[2].lower().rstrip(".")
+
+
+def _match_reason(space: Any, domain: str) -> str:
+    if space.domain == "*":
+        return "the default address space * matches any domain"
+    if space.domain.startswith("*."):
+        return f"{space.domain} covers {domain}"
+    return f"{space.domain} names the domain exactly"
+
+
+def routes(config: Config, entry: QueueEntry, now: float) -> list[dict[str, Any]]:
+    """Per recipient domain: local delivery, or the connectors whose address spaces match, best
+    first (most specific space, then lowest cost, then configuration order), each with the space
+    that matched, its cost, its next hops' source and whether its window is open now."""
+    by_domain: dict[str, list[str]] = {}
+    for r in entry.rcpts:
+        by_domain.setdefault(_domain(r.address), []).append(r.address)
+    out = []
+    for domain, addresses in by_domain.items():
+        row: dict[str, Any] = {"domain": domain, "recipients": addresses,
+                               "local": config.is_local_domain(domain), "connectors": []}
+        if not row["local"]:
+            for rank, connector in enumerate(connectors_for(config, domain)):
+                space = min((s for s in connector.address_spaces if s.matches(domain)),
+                            key=lambda s: (-s.specificity, s.cost))
+                hold = delivery_window(connector, entry, now)
+                window = "open now" if hold is None else hold.reason
+                if connector.delivery.remote_triggered:
+                    window += "; remote-triggered: mail waits for an ETRN or ATRN from an authorized client"
+                row["connectors"].append({
+                    "name": connector.name, "address_space": space.domain, "cost": space.cost,
+                    "why": _match_reason(space, domain) + (f", cost {space.cost}"
+                                                           + ("" if rank == 0 else ": tried if those before it cannot deliver")),
+                    "next_hops": ("smart hosts " + ", ".join(connector.smart_hosts)) if connector.smart_hosts
+                                 else "the domain's MX records",
+                    "window": window,
+                    "opens_at": None if hold is None else hold.until})
+        out.append(row)
+    return out
+
+
+def hold_kind(reason: str) -> str:
+    text = reason.lower()
+    if reason == ADMIN_HOLD:
+        return "administrator"
+    if "remote-triggered" in text or "etrn" in text:
+        return "ETRN"
+    if "shaping" in text:
+        return "traffic shaping"
+    if "schedule" in text:
+        return "schedule"
+    if "mta-sts" in text or "tls" in text:
+        return "TLS policy"
+    return "other"
+
+
+def holds(entry: QueueEntry, shaping: Iterable[dict[str, Any]] = ()) -> list[dict[str, Any]]:
+    """What keeps the message back now: the administrator's hold, each pending recipient's hold
+    (schedule, remote trigger, shaping, with the time it ends), and a shaping pause in force for one
+    of its domains (from the running gateway)."""
+    out: list[dict[str, Any]] = []
+    if entry.extra.get("held"):
+        out.append({"kind": "administrator", "text": ADMIN_HOLD, "until": None,
+                    "recipients": [r.address for r in entry.pending()]})
+    grouped: dict[str, dict[str, Any]] = {}
+    for r in entry.pending():
+        if r.held_reason:
+            hold = grouped.setdefault(r.held_reason, {"kind": hold_kind(r.held_reason), "text": r.held_reason,
+                                                      "until": r.next_attempt or None, "recipients": []})
+            hold["recipients"].append(r.address)
+    out += grouped.values()
+    domains = {_domain(r.address) for r in entry.pending()}
+    for row in shaping:
+        if row.get("paused_until") and row.get("destination") in domains:
+            out.append({"kind": "traffic shaping", "until": row["paused_until"],
+                        "text": f"destination {row['destination']} paused by traffic shaping"
+                                + (f" after {row['last_trouble']}" if row.get("last_trouble") else ""),
+                        "recipients": [r.address for r in entry.pending() if _domain(r.address) == row["destination"]]})
+    return out
+
+
+def attempts(steps: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The replies received, one per recipient per attempt: the mail log's delivery lines."""
+    return [{"at": s["at"], "recipient": s.get("to"), "relay": s.get("relay"), "status": s.get("status"),
+             "dsn": s.get("dsn"), "reply": s.get("reply"), "tls": s.get("tls")}
+            for s in steps if s.get("source") == MAIL_LOG and s.get("event") == "delivery"]
+
+
+def explain(config: Config, entry: QueueEntry, now: float, steps: list[dict[str, Any]] | None,
+            shaping: Iterable[dict[str, Any]] = ()) -> dict[str, Any]:
+    """The "why" of ``smtpgw queue show`` (``why`` in its DETAIL). ``steps`` is the running gateway's
+    record for the message (None when the gateway is stopped: nothing was recorded)."""
+    pending = [r for r in entry.rcpts if r.status == PENDING]
+    return {
+        "routes": routes(config, entry, now),
+        "holds": holds(entry, shaping),
+        "attempts": attempts(steps or []),
+        "steps": steps or [],
+        "recorded": steps is not None,
+        "last_replies": [{"recipient": r.address, "reply": r.last_error, "hop": r.last_hop, "attempts": r.attempts}
+                         for r in pending if r.last_error],
+    }
+
+
+def text_lines(why: dict[str, Any] | None, stamp: Callable[[float], str]) -> list[str]:
+    """``smtpgw queue show``'s "why" section (the console draws the same dict as tables)."""
+    if not why:
+        return []
+    lines = ["why:", "  routing:"]
+    for route in why["routes"]:
+        head = f"    {route['domain']} ({len(route['recipients'])} recipient{'s' if len(route['recipients']) != 1 else ''}): "
+        if route["local"]:
+            lines.append(head + "local domain: delivered to its Maildirs")
+        elif not route["connectors"]:
+            lines.append(head + "no connector's address space matches")
+        else:
+            lines.append(head + "connectors in the order tried:")
+            for n, c in enumerate(route["connectors"], 1):
+                lines.append(f"      {n}. {c['name']}: {c['why']}; next hops: {c['next_hops']}; window: {c['window']}")
+    if why["holds"]:
+        lines.append("  holds:")
+        for h in why["holds"]:
+            until = f" until {stamp(h['until'])}" if h.get("until") else ""
+            lines.append(f"    {h['kind']}{until}: {h['text']}")
+    if why["recorded"]:
+        lines.append("  steps (recorded since the gateway started):")
+        lines += [f"    {stamp(s['at'])} {s['source']}: {s['text']}" for s in why["steps"]] or ["    (none recorded)"]
+    else:
+        lines.append("  steps: not recorded (the gateway is not running)")
+    return lines
+
+
+__all__ = ["Traces", "text_lines", "attach", "explain", "routes", "holds", "attempts", "KEEP_MESSAGES", "KEEP_STEPS"]
