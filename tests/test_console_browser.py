@@ -425,3 +425,48 @@ def test_why_trace_of_a_deferred_and_a_scheduled_message(gateway, peers, browser
     assert shown.returncode == 0, shown.stderr
     assert "the default address space * matches any domain, cost 1" in shown.stdout
     assert "451 4.3.0 try later" in shown.stdout and f"hops [{SMART_HOST}]:25" in shown.stdout
+
+
+def login_from(source: str, password: str) -> tuple[int, dict]:
+    """A login posted from ``source`` (a loopback address of its own): the status and headers."""
+    import http.client
+    import re
+
+    conn = http.client.HTTPConnection(GW_HOST, 8025, timeout=30, source_address=(source, 0))
+    try:
+        conn.request("GET", "/login")
+        form = conn.getresponse()
+        cookie = form.getheader("Set-Cookie").split(";")[0]
+        token = re.search(r'name="csrf" value="([^"]+)"', form.read().decode()).group(1)
+        body = urllib.parse.urlencode({"user": USER, "password": password, "csrf": token, "next": "/queues"})
+        conn.request("POST", "/login", body=body, headers={"Cookie": cookie,
+                                                           "Content-Type": "application/x-www-form-urlencoded"})
+        answer = conn.getresponse()
+        answer.read()
+        return answer.status, dict(answer.getheaders())
+    finally:
+        conn.close()
+
+
+def test_wrong_passwords_slow_down_that_address_only(gateway, browser, tmp_path):
+    """Five wrong passwords in five minutes from one address: its next login is refused 429 with
+    Retry-After, even with the right password; the administrator at another address logs in."""
+    import re
+
+    from selenium.webdriver.common.by import By
+
+    gw = start(gateway, tmp_path)
+    for _ in range(5):
+        login(browser, password="guess")
+        assert "Wrong user name or password." in browser.find_element(By.CSS_SELECTOR, "[role=alert]").text
+    login(browser)                                           # the right one, too late
+    assert "/login" in browser.current_url
+    assert "Too many wrong passwords from your address" in browser.find_element(By.CSS_SELECTOR, "[role=alert]").text
+    assert wait_until(lambda: "too many wrong passwords" in gw.log(), 10)
+    guesser = re.search(r"console: (\S+) may not log in for 300s: 5 wrong passwords in 300s", gw.log()).group(1)
+    status, headers = login_from(guesser, PASSWORD)
+    assert status == 429 and 1 <= int(headers["Retry-After"]) <= 300
+    admin = "127.0.0.123" if guesser != "127.0.0.123" else "127.0.0.124"
+    status, headers = login_from(admin, PASSWORD)           # elsewhere: not locked out
+    assert status == 303 and headers["Location"] == "/queues"
+    assert f"console: admin logged in from {admin}" in gw.log()

@@ -110,3 +110,20 @@ def test_traces_keep_each_messages_steps_and_forget_the_oldest(monkeypatch):
     for ident in "BCD":
         t.smtpgw_event("queuing_engine", "medium", "message queued", {"id": ident})
     assert t.steps("A") == [] and len(t.steps("D")) == 1
+
+
+def test_login_throttle_counts_per_address_and_forgets_after_the_window():
+    from mta.console.throttle import LoginThrottle, client_key
+
+    now = [1000.0]
+    t = LoginThrottle(lambda: now[0])
+    assert [t.failed("192.0.2.1") for _ in range(5)] == [False, False, False, False, True]
+    assert t.retry_after("192.0.2.1") == 300.0 and t.retry_after("192.0.2.2") is None
+    now[0] += 299.5
+    assert t.retry_after("192.0.2.1") == 1.0
+    now[0] += 1
+    assert t.retry_after("192.0.2.1") is None
+    t.succeeded("192.0.2.1")
+    assert t.failed("192.0.2.1") is False
+    assert client_key("2001:db8:1:2:3::9") == client_key("2001:db8:1:2:ffff::1") == "2001:db8:1:2::/64"
+    assert client_key("::ffff:192.0.2.7") == "192.0.2.7"

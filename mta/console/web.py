@@ -30,6 +30,7 @@ from mta.console.history import History, Reader
 from mta.console.html import ACTIONS, esc
 from mta.console.queues import destinations, in_domain
 from mta.console.sessions import COOKIE, Session, Sessions, cookie_header
+from mta.console.throttle import LoginThrottle
 from mta.smtp.server.tls import TLSFileError, server_context
 from mta.smtp.server.users import UsersFileChecker, UsersFileError, read_users, thread_runner
 
@@ -106,6 +107,7 @@ class Console:
         self.reactor = gateway.reactor
         self.secure = secure
         self.sessions = Sessions(self.reactor.seconds)
+        self.throttle = LoginThrottle(self.reactor.seconds)
         self.checker = checker or UsersFileChecker(self.config.gateway.console.users, thread_runner(self.reactor))
         self.static = load_static()
         self.routes: dict[tuple[bytes, str], Callable[[Any, Session | None], Awaitable[bytes]]] = {
@@ -230,20 +232,33 @@ class Console:
     async def login(self, request: Any, session: Session | None) -> bytes:
         assert session is not None                       # serve() checked the token
         user, password = self.arg(request, "user") or "", self.arg(request, "password") or ""
+        client = self.client(request)
+        wait = self.throttle.retry_after(client)
+        if wait is not None:
+            log.warn("console: login refused for {user!r} from {client}: too many wrong passwords, "
+                     "{wait:.0f}s to wait", user=user, client=client, wait=wait)
+            request.setResponseCode(429)
+            request.setHeader(b"Retry-After", str(int(wait + 0.999)).encode("ascii"))
+            return self._login_page(request, session, f"Too many wrong passwords from your address: try again "
+                                                      f"in {int(wait + 0.999)} seconds.")
         try:
             name = await self.checker.requestAvatarId(UsernamePassword(user.encode("utf-8"), password.encode("utf-8")))
         except cred_error.UnauthorizedLogin:
             log.warn("console: login refused for {user!r} from {client}: wrong user name or password",
-                     user=user, client=self.client(request))
+                     user=user, client=client)
+            if self.throttle.failed(client):
+                log.warn("console: {client} may not log in for {window:.0f}s: {limit} wrong passwords in "
+                         "{window:.0f}s", client=client, limit=self.throttle.limit, window=self.throttle.window)
             request.setResponseCode(401)
             return self._login_page(request, session, "Wrong user name or password.")
         except UsersFileError as e:
             log.error("console: cannot check a login: {e}", e=e)
             request.setResponseCode(503)
             return self._login_page(request, session, "The users file cannot be read; see the gateway's log.")
+        self.throttle.succeeded(client)
         fresh = self.sessions.login(session, name)
         request.setHeader(b"Set-Cookie", cookie_header(fresh, self.secure))
-        log.info("console: {user} logged in from {client}", user=name, client=self.client(request))
+        log.info("console: {user} logged in from {client}", user=name, client=client)
         return self.redirect(request, safe_back(self.arg(request, "next")))
 
     async def logout(self, request: Any, session: Session | None) -> bytes:
