@@ -107,7 +107,7 @@ def diagnostics_body(recorder: Recorder | None, category: str, level: str, event
     levels = "".join(f'<option value="{lv}"{" selected" if lv == level else ""}>{lv} and below</option>'
                      for lv in LEVELS)
     query = urlencode({"category": category, "level": level})
-    lookup = ('<form method="get" action="/message" class="act why-lookup">'
+    lookup = ('<form method="get" action="/message" class="lookup">'
               '<label for="why-id">Why is a message where it is? Queue ID</label>'
               '<input id="why-id" name="id" required autocomplete="off" spellcheck="false">'
               '<button type="submit">Show its trace</button></form>')
