@@ -470,3 +470,44 @@ def test_wrong_passwords_slow_down_that_address_only(gateway, browser, tmp_path)
     status, headers = login_from(admin, PASSWORD)           # elsewhere: not locked out
     assert status == 303 and headers["Location"] == "/queues"
     assert f"console: admin logged in from {admin}" in gw.log()
+
+
+def test_cluster_page_lists_the_nodes_live(gateway, browser, redis_server, tmp_path):
+    """With gateway.cluster.redis set, Cluster lists every node as `smtpgw cluster status` does (this
+    node marked, heartbeat, queue, leases), and a node that stops shows gone, without a reload."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    cfg = console_config(tmp_path)
+    cfg["gateway"]["cluster"] = {"redis": redis_server.url, "node": "mx1"}
+    gw = gateway(cfg)
+    other_cfg = base_config(tmp_path / "mx2", listen="127.0.0.125:2525")
+    other_cfg["gateway"]["cluster"] = {"redis": redis_server.url, "node": "mx2"}
+    (tmp_path / "mx2").mkdir()
+    other = GatewayProcess(tmp_path / "mx2", other_cfg).start()
+    try:
+        assert wait_until(lambda: port_open(GW_HOST, 8025), 20), gw.log()
+        assert wait_until(lambda: redis_server.cli("SCARD", "smtpgw:nodes") == "2", 20)
+        login(browser, page="/cluster")
+        assert browser.current_url.endswith("/cluster")
+        assert browser.find_element(By.CSS_SELECTOR, 'nav a[aria-current="page"]').text == "Cluster"
+
+        def rows() -> dict[str, dict[str, str]]:
+            out = {}
+            for tr in browser.find_elements(By.CSS_SELECTOR, "table.nodes tbody tr"):
+                cells = {c.get_attribute("data-label"): c.text for c in tr.find_elements(By.TAG_NAME, "td")}
+                out[cells["Node"].split()[0]] = cells
+            return out
+
+        got = rows()
+        assert set(got) == {"mx1", "mx2"} and got["mx1"]["Node"] == "mx1 (this node)"
+        assert got["mx1"]["State"] == "up" and got["mx2"]["Queued messages"] == "0"
+        assert got["mx2"]["Last heartbeat"].endswith("ago") and got["mx1"]["Connection leases"] == "0"
+        browser.execute_script("window.notReloaded = true")
+        other.stop()
+        redis_server.cli("DEL", "smtpgw:node:mx2")               # as when its entry expires: gone
+        WebDriverWait(browser, 30, ignored_exceptions=(Exception,)).until(
+            lambda d: rows().get("mx2", {}).get("State") == "gone")
+        assert browser.execute_script("return window.notReloaded") is True
+    finally:
+        other.stop()

@@ -75,13 +75,17 @@ def table(caption: str, headers: Iterable[str], rows: Iterable[Iterable[str]], c
             f"<thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
 
 
+CLUSTER_NAV = ("/cluster", "Cluster")          # shown when gateway.cluster.redis is set
+
+
 def page(title: str, body: str, *, user: str | None, csrf: str, hostname: str, current: str = "",
-         notices: Iterable[str] = (), scripts: Iterable[str] = ()) -> bytes:
+         notices: Iterable[str] = (), scripts: Iterable[str] = (),
+         nav: Iterable[tuple[str, str]] = NAV) -> bytes:
     """A whole page: header with navigation and logout, the notices, the body."""
     if user is not None:
         links = "".join(
             f'<li><a href="{p}"{" aria-current=page" if p == current else ""}>{esc(text)}</a></li>'
-            for p, text in NAV)
+            for p, text in nav)
         nav = (f'<nav aria-label="Main"><ul>{links}</ul></nav>'
                f'<form method="post" action="/logout" class="logout">{csrf_field(csrf)}'
                f'<span class="user">{esc(user)}</span> <button type="submit">Log out</button></form>')

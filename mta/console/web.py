@@ -25,7 +25,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
 
 from mta.config import Config, ConfigError
-from mta.console import dashboard, diagnostics, html, queue_pages, settings_pages
+from mta.console import cluster_page, dashboard, diagnostics, html, queue_pages, settings_pages
 from mta.console.history import History, Reader
 from mta.console.html import ACTIONS, esc
 from mta.console.queues import destinations, in_domain
@@ -103,7 +103,6 @@ class Console:
         self.control = control
         self.history = history
         self.recorder = recorder
-        self.config: Config = gateway.config
         self.reactor = gateway.reactor
         self.secure = secure
         self.sessions = Sessions(self.reactor.seconds)
@@ -121,6 +120,8 @@ class Console:
             (b"GET", "/virtual-servers"): self.virtual_servers,
             (b"GET", "/diagnostics"): self.diagnostics,
             (b"GET", "/diagnostics.json"): self.diagnostics_json,
+            (b"GET", "/cluster"): self.cluster,
+            (b"GET", "/cluster.json"): self.cluster_json,
             (b"GET", "/queues"): self.queues,
             (b"GET", "/messages"): self.messages,
             (b"GET", "/message"): self.message,
@@ -129,6 +130,11 @@ class Console:
         self.public = {"/login"}
 
     # -- plumbing -------------------------------------------------------------------------------
+
+    @property
+    def config(self) -> Config:
+        """The configuration the gateway runs on now (SIGHUP replaces it: the pages follow)."""
+        return self.gateway.config
 
     @property
     def hostname(self) -> str:
@@ -165,7 +171,11 @@ class Console:
             notices, session.notices = session.notices, []
         return html.page(title, body, user=session.user if session else None,
                          csrf=session.csrf if session else "", hostname=self.hostname, current=current,
-                         notices=notices, scripts=scripts)
+                         notices=notices, scripts=scripts, nav=self.nav())
+
+    def nav(self) -> list[tuple[str, str]]:
+        """The pages: Cluster only when this gateway is one of several (``gateway.cluster.redis``)."""
+        return html.NAV + ([html.CLUSTER_NAV] if self.config.gateway.cluster.redis else [])
 
     async def ask(self, request: dict[str, Any]) -> dict[str, Any]:
         """The control interface's answer, exactly as ``smtpgw queue`` would get it."""
@@ -324,6 +334,24 @@ class Console:
     async def diagnostics_json(self, request: Any, session: Session) -> bytes:
         _, _, events = self._events(request)
         return self.send_json(request, {"updated": dashboard.updated(self.now()), "charts": {"events": events}})
+
+    # -- the cluster -----------------------------------------------------------------------------
+
+    async def _cluster(self) -> dict[str, Any]:
+        if not self.config.gateway.cluster.redis:
+            raise Reply(404, "Not in a cluster", "This gateway is not in a cluster: gateway.cluster.redis is not set.")
+        return await self.ask({"op": "cluster"})
+
+    async def cluster(self, request: Any, session: Session) -> bytes:
+        answer = await self._cluster()
+        body = cluster_page.cluster_body(answer, self.config.gateway.cluster.redis, self.now())
+        return self.render_page(request, session, "Cluster", body, "/cluster")
+
+    async def cluster_json(self, request: Any, session: Session) -> bytes:
+        answer = await self._cluster()
+        return self.send_json(request, {"updated": dashboard.updated(self.now()),
+                                        "charts": {"nodes": cluster_page.nodes_table(answer)},
+                                        "nodes": answer.get("nodes") or [], "ok": bool(answer.get("ok"))})
 
     # -- the Queue Viewer ------------------------------------------------------------------------
 
