@@ -511,3 +511,73 @@ def test_cluster_page_lists_the_nodes_live(gateway, browser, redis_server, tmp_p
         assert browser.execute_script("return window.notReloaded") is True
     finally:
         other.stop()
+
+
+def test_sighup_applies_the_console_users_file_and_certificate(gateway, tmp_path):
+    """SIGHUP: a new users file and new certificate files apply (`SIGHUP: applied: gateway.console.users`,
+    the next login checks the new file, the next connection gets the new certificate); a new listen
+    address is named as needing a restart and the console stays where it was; a users file that does not
+    load refuses the reload, naming the key."""
+    import http.client
+    import re
+    import ssl
+
+    import trustme
+
+    from test_reload_keys import reload_lines, sighup
+    from test_tls_e2e import write_cert
+
+    ca = trustme.CA()
+    cert, key, first = write_cert(ca, tmp_path / "tls1", GW_HOST)
+    cfg = console_config(tmp_path)
+    cfg["gateway"]["console"]["tls"] = {"certificate": str(cert), "key": str(key)}
+    gw = gateway(cfg)
+    assert wait_until(lambda: port_open(GW_HOST, 8025), 20), gw.log()
+    context = ssl.create_default_context()
+    ca.configure_trust(context)
+
+    def served() -> bytes:
+        import socket
+
+        with socket.create_connection((GW_HOST, 8025), timeout=10) as raw:
+            with context.wrap_socket(raw, server_hostname=GW_HOST) as tls:
+                return tls.getpeercert(binary_form=True)
+
+    def login_status(user: str, password: str) -> int:
+        conn = http.client.HTTPSConnection(GW_HOST, 8025, context=context, timeout=30)
+        try:
+            conn.request("GET", "/login")
+            form = conn.getresponse()
+            cookie = form.getheader("Set-Cookie").split(";")[0]
+            token = re.search(r'name="csrf" value="([^"]+)"', form.read().decode()).group(1)
+            conn.request("POST", "/login", urllib.parse.urlencode({"user": user, "password": password, "csrf": token}),
+                         {"Cookie": cookie, "Content-Type": "application/x-www-form-urlencoded"})
+            answer = conn.getresponse()
+            answer.read()
+            return answer.status
+        finally:
+            conn.close()
+
+    assert served() == first and login_status(USER, PASSWORD) == 303
+    users = tmp_path / "operators"
+    r = subprocess.run([*smtpgw_command(), "passwd", "-c", "--stdin", str(users), "operator"],
+                       input="another passphrase\n", capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    new_cert, new_key, second = write_cert(ca, tmp_path / "tls2", GW_HOST)
+    cfg["gateway"]["console"].update(users=str(users), listen=f"{GW_HOST}:8026",
+                                     tls={"certificate": str(new_cert), "key": str(new_key)})
+    sighup(gw, cfg)
+    assert {"gateway.console.users", "gateway.console.tls.certificate", "gateway.console.tls.key"} \
+        <= set(reload_lines(gw, "applied"))
+    assert reload_lines(gw, "needs a restart") == ["gateway.console.listen"]
+    assert wait_until(lambda: served() == second, 10), gw.log()
+    assert login_status("operator", "another passphrase") == 303 and login_status(USER, PASSWORD) == 401
+    assert not port_open(GW_HOST, 8026)
+
+    cfg["gateway"]["console"]["users"] = str(tmp_path / "missing")
+    gw.config = cfg
+    gw.write_config()
+    gw.proc.send_signal(__import__("signal").SIGHUP)
+    assert wait_until(lambda: "the running configuration is kept" in gw.log(), 10), gw.log()
+    assert re.search(r"SIGHUP: .*: gateway\.console\.users: .*missing", gw.log())
+    assert login_status("operator", "another passphrase") == 303

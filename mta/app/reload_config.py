@@ -7,7 +7,8 @@ names the key at fault. Otherwise every key whose value changed (:mod:`mta.confi
 
 * **applied**: ``SIGHUP: applied: connectors[0].smart_hosts`` -- it takes effect for new connections
   and the next delivery attempt (sessions already open keep what they started with): the keys matching
-  :data:`LIVE`, the TLS files of a virtual server that already offers TLS, and those settings of an
+  :data:`LIVE`, the TLS files of a virtual server that already offers TLS, the web console's users file
+  and (when it already speaks TLS) its certificate and key, and those settings of an
   enabled plugin that the plugin declares live (``live_settings`` on its plugin object, patterns under
   its own section, e.g. diag_logging's ``levels``); or
 * **kept until a restart**: ``SIGHUP: needs a restart: virtual_servers[0].listen`` -- everything else
@@ -30,6 +31,7 @@ from twisted.logger import Logger
 
 from mta.config import Config, ConfigError, load_config
 from mta.config.changes import Change, diff, with_changes
+from mta.console.web import check_console_files
 
 log = Logger(namespace="smtpgw.reload")
 
@@ -56,6 +58,10 @@ LIVE = (
     "connectors[].delivery.oversize.*",
 )
 TLS_FILES = ("virtual_servers[].tls.certificate", "virtual_servers[].tls.key")
+# the web console (mta.console.web): its users file at the next login; its TLS files when it already
+# speaks TLS (turning TLS on or off, the listen address, enabling it: a restart)
+CONSOLE_USERS = "gateway.console.users"
+CONSOLE_TLS_FILES = ("gateway.console.tls.certificate", "gateway.console.tls.key")
 
 
 def _matcher(patterns: Iterable[str]) -> re.Pattern:
@@ -81,8 +87,16 @@ class ConfigReload:
         path = self.gateway.config.path
         if not path:
             return defer.succeed(None)
-        d = deferToThreadPool(reactor, reactor.getThreadPool(), load_config, path)
+        d = deferToThreadPool(reactor, reactor.getThreadPool(), self._read, path)
         return d.addCallbacks(self.apply, self._failed, errbackArgs=(path,))
+
+    @staticmethod
+    def _read(path: str) -> Config:
+        """The file, checked as at start-up where a key names other files the gateway reads live
+        (the console's users file, certificate and key): one that does not load refuses the reload."""
+        config = load_config(path)
+        check_console_files(config)
+        return config
 
     def apply(self, config: Config) -> Config:
         """Apply the live changes, report the others; the configuration now running is returned."""
@@ -110,6 +124,11 @@ class ConfigReload:
             return True
         if _TLS_FILES.fullmatch(pattern):
             return self._tls_files_live(change)
+        console = self.gateway.config.gateway.console
+        if pattern == CONSOLE_USERS:
+            return bool(change.new) and console.enabled
+        if pattern in CONSOLE_TLS_FILES:
+            return bool(change.new) and console.enabled and bool(console.tls.certificate)
         if pattern.startswith("plugins.") and pattern.count(".") >= 2:
             return self._plugin_setting_live(pattern)
         return False

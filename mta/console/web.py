@@ -31,7 +31,8 @@ from mta.console.html import ACTIONS, esc
 from mta.console.queues import destinations, in_domain
 from mta.console.sessions import COOKIE, Session, Sessions, cookie_header
 from mta.console.throttle import LoginThrottle
-from mta.smtp.server.tls import TLSFileError, server_context
+from mta.plugin.hookspecs import hookimpl
+from mta.smtp.server.tls import ServerTLS, TLSFileError, server_context
 from mta.smtp.server.users import UsersFileChecker, UsersFileError, read_users, thread_runner
 
 log = Logger(namespace="smtpgw.console")
@@ -107,7 +108,9 @@ class Console:
         self.secure = secure
         self.sessions = Sessions(self.reactor.seconds)
         self.throttle = LoginThrottle(self.reactor.seconds)
-        self.checker = checker or UsersFileChecker(self.config.gateway.console.users, thread_runner(self.reactor))
+        self._fixed_checker = checker
+        self._checker: tuple[str, Any] | None = None       # (users file, its checker)
+        self.tls: ServerTLS | None = None                   # set by console_service under TLS
         self.static = load_static()
         self.routes: dict[tuple[bytes, str], Callable[[Any, Session | None], Awaitable[bytes]]] = {
             (b"GET", "/"): self.home,
@@ -130,6 +133,17 @@ class Console:
         self.public = {"/login"}
 
     # -- plumbing -------------------------------------------------------------------------------
+
+    @property
+    def checker(self) -> Any:
+        """The password checker for ``gateway.console.users`` as it is now: a SIGHUP that names
+        another file takes effect at the next login (the file itself is read again when it changes)."""
+        if self._fixed_checker is not None:
+            return self._fixed_checker
+        path = self.config.gateway.console.users
+        if self._checker is None or self._checker[0] != path:
+            self._checker = (path, UsersFileChecker(path, thread_runner(self.reactor)))
+        return self._checker[1]
 
     @property
     def config(self) -> Config:
@@ -424,6 +438,24 @@ class Console:
         return self.redirect(request, back)
 
 
+class ConsoleReload:
+    """SIGHUP (``smtpgw_reload``): the console's certificate and key read again -- renewed files at
+    the same paths, or the new paths the reload applied; a problem is logged and the old ones kept.
+    (The users file needs nothing here: :attr:`Console.checker` follows the configuration.)"""
+
+    def __init__(self, console: Console) -> None:
+        self.console = console
+
+    @hookimpl
+    def smtpgw_reload(self, config: Config) -> None:
+        tls = self.console.tls
+        if tls is not None:
+            settings = config.gateway.console.tls
+            if settings.certificate and settings.key:
+                tls.certificate, tls.key = settings.certificate, settings.key
+            tls.reload(self.console.reactor)
+
+
 class ConsoleResource(Resource):
     """Every path, answered by :meth:`Console.serve`."""
 
@@ -487,11 +519,12 @@ def console_service(gateway: Any, control: Any, reactor: Any, read: Reader | Non
         history = History(read, reactor)
         history.setServiceParent(top)
     console = Console(gateway, control, secure=tls, history=history, recorder=diagnostics.recorder(gateway))
+    gateway.hooks.register(ConsoleReload(console), name="console-reload")
     shown = f"[{host}]" if ipaddress.ip_address(host).version == 6 else host
     site = ConsoleSite(console, f"{'https' if tls else 'http'}://{shown}:{port}/")
     if tls:
-        endpoint = SSL4ServerEndpoint(reactor, port, server_context(settings.tls.certificate, settings.tls.key),
-                                      interface=host)
+        console.tls = ServerTLS(settings.tls.certificate, settings.tls.key, "console")
+        endpoint = SSL4ServerEndpoint(reactor, port, console.tls, interface=host)
     elif ipaddress.ip_address(host).version == 6:
         endpoint = TCP6ServerEndpoint(reactor, port, interface=host)
     else:
