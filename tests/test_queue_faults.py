@@ -74,7 +74,7 @@ class Faults(unittest.TestCase):
         self.assertEqual(self.qm.entries(), [])
         self.assertIn(entry_id, self.gw.spool.corrupt)
         self.assertEqual(self.gw.spool.get_corrupt(entry_id).extra["corrupt"], "message file missing")
-        [moved] = self.lines("moved to")
+        [moved] = self.lines("recipient(s) not delivered")
         self.assertEqual((moved["id"], moved["reason"]), (entry_id, "message file missing"))
         sent = {self.gw.deliverer.entries[i].recipients[0]: (self.gw.deliverer.entries[i], m)
                 for i, m in reports(self.gw)}
@@ -83,7 +83,7 @@ class Faults(unittest.TestCase):
             self.assertEqual([f["Status"] for f in dsn_fields(msg)], ["5.3.0", "5.3.0"])
             self.assertEqual(stored.extra.get("double_bounce", False), to == "postmaster@gw.test")
         step_through(self.clock, START + 3600)
-        self.assertEqual(len(self.lines("moved to")), 1, "logged once")
+        self.assertEqual(len(self.lines("recipient(s) not delivered")), 1, "logged once")
         self.assertEqual(len(self.gw.deliverer.calls_for(entry_id)), 1)
 
     def test_a_lost_bounce_is_reported_to_the_postmaster_once(self):

@@ -189,11 +189,54 @@ class FileSpoolTests(RoundTrip, unittest.TestCase):
             f.write(b"hello")
         with open(os.path.join(q, "0499zz.st"), "wb") as f:        # state without a message
             f.write(b"smtpgw-state 1 {}\n")
-        found = yield self.spool.scan()
-        self.assertEqual([e.id for e in found], ["0401aa"])
+        found = yield self.spool.load()
+        self.assertEqual([e.id for e in found.entries], ["0401aa"])
+        # the truncated message keeps its envelope (with the reason) beside it, as at run time
         self.assertEqual(sorted(os.listdir(os.path.join(self.directory, "corrupt"))),
-                         ["0402bb", "0403cc", "notanid!"])
+                         ["0402bb", "0402bb.st", "0403cc", "0499zz.st", "notanid!"])
         self.assertEqual(self.queue_files(), ["0401aa"])
+        damaged = {d.name: (d.reason, d.entry is not None) for d in found.damaged}
+        self.assertEqual(damaged["0402bb"][1], True)
+        self.assertRegex(damaged["0402bb"][0], r"^message file damaged: file is \d+ bytes, expected \d+ \(truncated\)$")
+        self.assertEqual(damaged["0403cc"], ("message file damaged: no spool header", False))
+        self.assertEqual(damaged["notanid!"], ("not a queue id: a file the gateway did not write", False))
+        self.assertEqual(damaged["0499zz.st"][1], False)
+        self.assertTrue(damaged["0499zz.st"][0].startswith("message file missing, and its state file damaged"))
+        [listed] = [c for c in self.spool.corrupt_messages_sync() if c.id == "0402bb"]
+        self.assertEqual(listed.entry.extra["corrupt"], damaged["0402bb"][0])
+
+    @defer.inlineCallbacks
+    def test_a_finished_message_is_told_from_a_lost_one(self):
+        """unlink_message leaves <id>.st.done while it works: a crash then is a finished message
+        (removed quietly); a bare <id>.st is one whose file was lost (kept, with its envelope)."""
+        done, lost = entry("0411aa"), entry("0412bb", "bob@far.test", "carol@far.test")
+        for e in (done, lost):
+            yield self.spool.put(e, BODY)
+            yield self.spool.update(e)
+        q = os.path.join(self.directory, "queue")
+        os.rename(os.path.join(q, "0411aa.st"), os.path.join(q, "0411aa.st.done"))    # crash mid-removal
+        os.unlink(os.path.join(q, "0412bb"))                                           # a careless rm
+        found = yield self.spool.load()
+        self.assertEqual(found.entries, [])
+        self.assertEqual([(d.name, d.reason, d.entry.id) for d in found.damaged],
+                         [("0412bb", "message file missing", "0412bb")])
+        self.assertEqual(found.notes, ["queue/0411aa: finished just before the gateway stopped; removed"])
+        self.assertEqual(self.queue_files(), [])
+        self.assertEqual(os.listdir(os.path.join(self.directory, "corrupt")), ["0412bb.st"])
+
+    def test_what_the_gateway_never_writes_is_refused_without_blocking(self):
+        """A FIFO would block a reading thread forever; a link could point anywhere; a directory."""
+        q = os.path.join(self.directory, "queue")
+        os.mkfifo(os.path.join(q, "0421aa"))
+        os.symlink("/etc/passwd", os.path.join(q, "0422bb"))
+        os.mkdir(os.path.join(q, "0423cc"))
+        found = self.spool._scan_collect(repair=True)
+        self.assertEqual({d.name: d.reason for d in found.damaged},
+                         {"0421aa": "message file damaged: a named pipe, not a spool file",
+                          "0422bb": "message file damaged: a symbolic link, not a spool file",
+                          "0423cc": "message file damaged: a directory, not a spool file"})
+        self.assertEqual(sorted(os.listdir(os.path.join(self.directory, "corrupt"))), ["0421aa", "0422bb", "0423cc"])
+        self.assertEqual([c.entry for c in self.spool.corrupt_messages_sync()], [None, None, None])
 
     @defer.inlineCallbacks
     def test_corrupt_state_falls_back_to_the_queued_states(self):

@@ -36,7 +36,7 @@ from mta.model.nexthop import Outcome, RecipientResult
 from mta.model.queue_entry import DELIVERED, FAILED, PENDING, QueueEntry, RecipientState
 from mta.smtp import replies as R
 from mta.smtp.reply import Reply
-from mta.spool.store import CorruptFile
+from mta.spool.store import CORRUPT_REASON, CorruptFile, ScanResult, file_fault
 from mta.queue.scheduler import Scheduler
 
 log = Logger(namespace="smtpgw.queue")
@@ -51,7 +51,7 @@ DSN_KIND = "dsn"                 # on a report we generated: "failed" or "delaye
 DOUBLE_BOUNCE = "double_bounce"  # on a postmaster copy: its own failure is only logged
 MAIL_PARAMS, RCPT_PARAMS = "mail_params", "rcpt_params"
 HELD = "held"                    # set by `smtpgw queue hold`: no attempt, expiry or notice until released
-CORRUPT = "corrupt"              # on an entry moved to the spool's corrupt/ area: why
+CORRUPT = CORRUPT_REASON         # on an entry moved to the spool's corrupt/ area: why
 
 
 class UnreadableMessage(Exception):
@@ -61,11 +61,7 @@ class UnreadableMessage(Exception):
 
 def unreadable_reason(error: BaseException) -> str:
     """A short reason for the log and the DSN: ``message file missing``, ``... unreadable: <why>``."""
-    if isinstance(error, FileNotFoundError):
-        return "message file missing"
-    if isinstance(error, OSError):
-        return f"message file unreadable: {error.strerror or error}"
-    return f"message file damaged: {error}"
+    return f"message file {file_fault(error)}"
 
 
 def _jsonable(value: Any) -> bool:
@@ -167,13 +163,23 @@ class QueueManager:
     # -- lifecycle ----------------------------------------------------------------------------------
 
     def start(self) -> defer.Deferred:
-        """Open the spool, read it back (in a thread) and schedule every entry by its next attempt."""
+        """Open the spool, read it back (in a thread) and schedule every entry by its next attempt.
+        What the scan could not queue was moved to ``corrupt/``: it is logged and reported exactly as
+        a message found unreadable at run time (:meth:`_quarantine`)."""
         self._spool.open()
         self._running = True
-        d = self._spool.scan()
+        d = self._spool.load()
 
-        def loaded(entries: list[QueueEntry]) -> int:
-            for entry in entries:
+        def loaded(found: ScanResult) -> int:
+            for note in found.notes:
+                log.warn("spool: {note}", note=note)
+            for damaged in found.damaged:
+                if damaged.entry is None:
+                    log.error("spool: {line}", line=damaged.line())
+                else:
+                    report = defer.Deferred.fromCoroutine(self._lost(damaged.entry, damaged.reason, damaged.where))
+                    report.addErrback(self._log_failure, "report on a damaged message", damaged.name)
+            for entry in found.entries:
                 if entry.is_done():             # crashed between the last update and remove()
                     self._spool.remove(entry.id).addErrback(self._log_failure, "remove", entry.id)
                     continue
@@ -183,7 +189,15 @@ class QueueManager:
             self._event("queue loaded", entries=len(self._entries))
             return len(self._entries)
 
-        return d.addCallback(loaded)
+        def unreadable(failure: Any) -> int:
+            error = failure.value
+            why = (f"{error.filename}: {error.strerror}" if isinstance(error, OSError) and error.filename
+                   else str(error))
+            log.error("queue: cannot read the spool ({why}); the mail queued there is not attempted until "
+                      "the gateway is restarted with the spool readable; new mail is queued as usual", why=why)
+            return 0
+
+        return d.addCallbacks(loaded, unreadable)
 
     def stop(self) -> defer.Deferred:
         """Stop scheduling and wait (at most ``stop_timeout``) for deliveries in flight."""
@@ -650,13 +664,18 @@ class QueueManager:
         self._unready(entry.id)
         self._drop_first_data(entry)
         self._not_before.pop(entry.id, None)
-        lost = entry.pending()
         entry.extra[CORRUPT] = reason
         try:
-            where = await self._spool.quarantine(entry)
+            where = "moved to " + await self._spool.quarantine(entry)
         except Exception as e:
-            where = f"nowhere ({e})"
-        log.error("queue {id}: {reason}; moved to {where}; {n} recipient(s) not delivered, sender <{sender}>",
+            where = f"left where it was: cannot move it to corrupt/ ({e})"
+        await self._lost(entry, reason, where)
+
+    async def _lost(self, entry: QueueEntry, reason: str, where: str) -> None:
+        """Log a message moved to ``corrupt/`` once, and tell its sender and the postmaster (5.3.0)
+        that its pending recipients will not get it; at run time and for what a start-up scan found."""
+        lost = entry.pending()
+        log.error("queue {id}: {reason}; {where}; {n} recipient(s) not delivered, sender <{sender}>",
                   id=entry.id, reason=reason, where=where, n=len(lost), sender=entry.sender)
         if lost and not entry.extra.get(DOUBLE_BOUNCE):
             reply = R.message_lost(reason)

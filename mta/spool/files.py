@@ -8,15 +8,46 @@ fsync of the directory before anyone is told the write is done.
 from __future__ import annotations
 
 import os
+import stat
 import threading
-from typing import Callable
+from typing import BinaryIO, Callable
 
 IOV_MAX = 1024
 STATE_SUFFIX = ".st"           # queue/<id>.st: the recipient states that supersede the header's
+FINISHED_SUFFIX = ".st.done"   # queue/<id>.st.done: a finished message's states, for the moment of its removal
 
 
 class IdInUse(Exception):
     """A new message's queue id already names a file: never overwrite a queued message."""
+
+
+class NotAFile(Exception):
+    """A name in the spool that is not a regular file (a directory, a FIFO, a device, a symbolic link)."""
+
+
+def _kind(mode: int) -> str:
+    for test, name in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a named pipe"), (stat.S_ISSOCK, "a socket"),
+                       (stat.S_ISCHR, "a device"), (stat.S_ISBLK, "a device"), (stat.S_ISLNK, "a symbolic link")):
+        if test(mode):
+            return name
+    return "not a regular file"
+
+
+def open_regular(path: str) -> BinaryIO:
+    """Open a spool file for reading, refusing what the gateway never writes: a FIFO would block the
+    reading thread forever, a symbolic link could point anywhere, a directory is not data. Raises
+    :class:`NotAFile` naming what it is (OSError as ``open`` does for the rest)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as e:
+        if os.path.islink(path):
+            raise NotAFile("a symbolic link") from None
+        raise e
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        raise NotAFile(_kind(mode))
+    return os.fdopen(fd, "rb")
 
 
 def write_all(fd: int, chunks: list[bytes]) -> None:
@@ -67,13 +98,22 @@ def write_new(tmp: str, final: str, chunks: list[bytes]) -> Callable[[], None]:
 
 
 def unlink_message(path: str) -> None:
-    """The message first: a crash in between leaves an orphan state file, which a scan drops. The
-    other order could leave a message whose header still lists delivered recipients."""
-    for p in (path, path + STATE_SUFFIX):
-        try:
-            os.unlink(p)
-        except FileNotFoundError:
-            pass
+    """Forget a finished message. Its state file is first renamed to ``<id>.st.done``, then the message
+    goes, then that name: a crash at any moment leaves a name saying the message was finished, so a
+    start-up scan tells it from a state file whose message was lost (that one gets a report). The
+    state file cannot simply go first: the message's header would then bring back recipients already
+    delivered. A message that never had a state file costs the same syscalls as before."""
+    done: str | None = path + FINISHED_SUFFIX
+    try:
+        os.rename(path + STATE_SUFFIX, done)
+    except FileNotFoundError:
+        done = None
+    for p in (path, done):
+        if p is not None:
+            try:
+                os.unlink(p)
+            except FileNotFoundError:
+                pass
 
 
 def sync_directory(path: str) -> None:

@@ -19,7 +19,7 @@ import secrets
 import time
 from dataclasses import dataclass
 
-from mta.spool.files import sync_directory, unlink_quietly, write_synced
+from mta.spool.files import NotAFile, open_regular, sync_directory, unlink_quietly, write_synced
 
 MAILDROP = "maildrop"
 CORRUPT = "corrupt"
@@ -89,7 +89,11 @@ def pending(spool: str) -> list[str]:
 def read(spool: str, name: str) -> Dropped:
     """Read one maildrop file; MaildropError when it is not one (FileNotFoundError if it went away)."""
     path = os.path.join(maildrop_dir(spool), name)
-    with open(path, "rb") as f:
+    try:
+        f = open_regular(path)      # the folder is writable by every local user: a FIFO there must not hang us
+    except NotAFile as e:
+        raise MaildropError(f"{name}: not a maildrop file ({e})") from None
+    with f:
         uid = os.fstat(f.fileno()).st_uid
         line = f.readline(MAX_HEADER + 1)
         data = f.read()

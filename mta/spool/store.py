@@ -10,8 +10,10 @@ On-disk layout under the spool directory::
     queue/<id>    one file per message: a header line (magic + JSON: body length and the envelope
                   with its recipient states as queued) followed by the message bytes
     queue/<id>.st the current recipient states (same JSON envelope); supersedes the header's copy
+    queue/<id>.st.done  a finished message's states while it is being removed (see unlink_message)
     corrupt/      files that could not be read (at scan time, or when an attempt needed the message),
-                  kept for the postmaster; ``<id>.st`` there is the envelope as the queue last knew it
+                  kept for the postmaster; ``<id>.st`` there is the envelope as the queue last knew it,
+                  with the reason under ``extra["corrupt"]``
 
 Why this shape: the 250 after DATA waits for ``put()``, so put() is the hot path. One file per
 message costs one ``fdatasync``; the file only appears under ``queue/`` by ``rename`` after that sync,
@@ -41,7 +43,7 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 
 from mta.model.queue_entry import QueueEntry, RecipientState
-from mta.spool.files import STATE_SUFFIX, unlink_quietly, write_synced
+from mta.spool.files import FINISHED_SUFFIX, STATE_SUFFIX, NotAFile, open_regular, unlink_quietly, write_synced
 from mta.spool.writer import OP_NEW, OP_REPLACE, OP_UNLINK
 from mta.spool.link import WriterLink
 
@@ -52,6 +54,7 @@ STATE_MAGIC = b"smtpgw-state 1 "
 SLICE = 500                            # recipients per call of the JSON encoder for a large envelope
 _ID_RE = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}$")
 _ASIDE_SUFFIX = re.compile(r"\.\d+\.\d+$")     # what _move_aside adds to a name already taken
+CORRUPT_REASON = "corrupt"                     # extra key on an envelope kept in corrupt/: what was wrong
 
 
 def _is_state_name(name: str) -> bool:
@@ -66,6 +69,38 @@ class CorruptMessage:
     entry: QueueEntry | None
     files: list[str]
     since: float                        # when it was moved there (the newest file's mtime)
+
+
+@dataclasses.dataclass
+class Damaged:
+    """Something in ``queue/`` that a start-up scan could not queue: a message whose file is missing,
+    truncated or unparsable, or a file the gateway never wrote. ``entry`` is the envelope when the
+    message's header or state file still gives it: then its sender can be told."""
+
+    name: str                           # the name under queue/ (a queue id, or what a stranger is called)
+    reason: str                         # what is wrong, for the log line and the report
+    entry: QueueEntry | None = None
+    where: str = "moved to corrupt/"    # or "left in queue/: cannot move it (<why>)"
+
+    def line(self, moved: bool = True) -> str:
+        """The log line of a message nobody can be told about (the queue logs the others itself)."""
+        where = self.where if moved else "the gateway moves it to corrupt/ when it starts"
+        return f"queue/{self.name}: {self.reason}; {where}; no envelope to read, nobody is told"
+
+
+@dataclasses.dataclass
+class ScanResult:
+    """What a start-up scan found: the entries to schedule, what it moved to ``corrupt/`` (for the
+    queue to log and report as it does at run time), and notes for the log (repairs that lost nothing)."""
+
+    entries: list[QueueEntry]
+    damaged: list[Damaged]
+    notes: list[str]
+
+    def lines(self, moved: bool = True) -> list[str]:
+        return self.notes + [d.line(moved) if d.entry is None else
+                             f"queue/{d.name}: {d.reason}; {d.where if moved else 'not moved yet'}"
+                             for d in self.damaged]
 
 
 class SpoolError(Exception):
@@ -97,6 +132,8 @@ def spool_problem(directory: str) -> str | None:
             return f"{folder} is not a directory"
         if os.path.isdir(folder) and not os.access(folder, os.W_OK | os.X_OK):
             return f"{folder} is not writable" + (" (read-only file system)" if _read_only(folder) else "")
+        if os.path.isdir(folder) and not os.access(folder, os.R_OK):
+            return f"{folder} is not readable"
     return None
 
 
@@ -117,6 +154,8 @@ def prepare_spool(directory: str) -> None:
     try:
         for folder in (path, tmp, os.path.join(path, "queue"), os.path.join(path, "corrupt")):
             os.makedirs(folder, mode=0o700, exist_ok=True)
+        for folder in ("queue", "corrupt"):             # read back at every start
+            os.listdir(os.path.join(path, folder))
         probe = os.path.join(tmp, f"probe.{os.getpid()}")
         os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600))
         os.unlink(probe)
@@ -126,7 +165,7 @@ def prepare_spool(directory: str) -> None:
 
 def check_id(entry_id: str) -> str:
     """Ids become file names, so only a safe alphabet is allowed."""
-    if not _ID_RE.match(entry_id) or entry_id.endswith(STATE_SUFFIX):
+    if not _ID_RE.match(entry_id) or entry_id.endswith((STATE_SUFFIX, FINISHED_SUFFIX)):
         raise SpoolError(f"invalid queue id {entry_id!r}")
     return entry_id
 
@@ -222,13 +261,29 @@ class Spool:
         process starts with the first write, so tools that only read never start one."""
         for d in (self.directory, self.tmp_dir, self.queue_dir, self.corrupt_dir):
             os.makedirs(d, mode=0o700, exist_ok=True)
-        for name in os.listdir(self.tmp_dir):
+        for name in sorted(os.listdir(self.tmp_dir)):
             if self.owns is not None and not self.owns(name.split(".", 1)[0]):
                 continue            # another worker's write in progress
-            unlink_quietly(os.path.join(self.tmp_dir, name))
+            self._drop_unfinished(name)
         if self._link is None:
             self._link = WriterLink(self.reactor, self.queue_dir, SpoolError)
             self._shutdown_trigger = self.reactor.addSystemEventTrigger("during", "shutdown", self._stop_link)
+
+    def _drop_unfinished(self, name: str) -> None:
+        """One line per file left in ``tmp/``: a write cut short (kill -9, a crash), never told done, so
+        nothing was promised on it; anything the gateway would not have written there stays put."""
+        path = os.path.join(self.tmp_dir, name)
+        if os.path.isdir(path) and not os.path.islink(path):
+            log.warn("spool: tmp/{name}: a directory the gateway did not make; left in place", name=name)
+            return
+        try:
+            os.unlink(path)
+        except OSError as e:
+            log.warn("spool: tmp/{name}: an unfinished write; cannot remove it: {why}", name=name,
+                     why=e.strerror or e)
+            return
+        log.warn("spool: tmp/{name}: an unfinished write (the gateway stopped during it, nothing was "
+                 "promised on it); removed", name=name)
 
     def close(self) -> defer.Deferred:
         """Let the writer finish what it was sent, then stop it; call once nothing new is coming."""
@@ -310,17 +365,14 @@ class Spool:
             return defer.fail()
         return self._write(OP_UNLINK, entry_id, path, [])
 
+    def load(self) -> defer.Deferred:
+        """The start-up scan (in a thread): a :class:`ScanResult`; what cannot be queued is moved to
+        ``corrupt/``, and the caller logs and reports it."""
+        return self._in_thread(self._scan_collect)
+
     def scan(self) -> defer.Deferred:
-        """Every queued entry (no message data), read in a thread; bad files are moved aside."""
-        d = self._in_thread(self._scan_collect)
-
-        def report(found: tuple[list[QueueEntry], list[str]]) -> list[QueueEntry]:
-            entries, problems = found
-            for p in problems:
-                log.warn("spool: {problem}", problem=p)
-            return entries
-
-        return d.addCallback(report)
+        """Every queued entry (no message data), read in a thread; bad files are moved aside and logged."""
+        return self.load().addCallback(_logged)
 
     def quarantine(self, entry: QueueEntry) -> defer.Deferred:
         """Move a message the queue cannot read out of ``queue/`` into ``corrupt/``, and write
@@ -339,16 +391,17 @@ class Spool:
     def scan_sync(self, repair: bool = False) -> list[QueueEntry]:
         """:meth:`scan` for tools (no reactor, no thread). Read-only unless ``repair``: a tool
         looking at a live spool must not move the daemon's files around; problems are logged."""
-        entries, problems = self._scan_collect(repair)
-        for p in problems:
-            log.warn("spool: {problem}", problem=p)
-        return entries
+        return _logged(self._scan_collect(repair), moved=repair)
 
     # -- the work done in threads ----------------------------------------------------------------
 
     @staticmethod
     def _read_body(path: str) -> bytes:
-        with open(path, "rb") as f:
+        try:
+            f = open_regular(path)
+        except NotAFile as e:
+            raise CorruptFile(f"{path}: {e}, not a spool file") from None
+        with f:
             raw = f.read()
         nl = raw.find(b"\n")
         if not raw.startswith(MESSAGE_MAGIC) or nl < 0:
@@ -362,51 +415,121 @@ class Spool:
             raise CorruptFile(f"{path}: message is {len(body)} bytes, header says {length}")
         return body
 
-    def _scan_collect(self, repair: bool = True) -> tuple[list[QueueEntry], list[str]]:
-        problems: list[str] = []
-        entries: list[QueueEntry] = []
+    def _scan_collect(self, repair: bool = True) -> ScanResult:
+        """Read ``queue/``. With ``repair`` (the daemon at start-up), what cannot be queued is moved to
+        ``corrupt/``: a message with its envelope when one can be read (so ``smtpgw queue list`` shows
+        it and the queue can tell its sender), anything else as it is. Tools pass ``repair=False``."""
+        found = ScanResult([], [], [])
         names = set(os.listdir(self.queue_dir))
         owns = self.owns
         for name in sorted(names):
-            if owns is not None and not owns(name[:-len(STATE_SUFFIX)] if name.endswith(STATE_SUFFIX) else name):
+            base = name
+            for suffix in (FINISHED_SUFFIX, STATE_SUFFIX):
+                if name.endswith(suffix):
+                    base = name[:-len(suffix)]
+                    break
+            if owns is not None and not owns(base):
                 continue            # another worker's entry
             path = os.path.join(self.queue_dir, name)
-            if name.endswith(STATE_SUFFIX):
-                if name[:-len(STATE_SUFFIX)] not in names:
-                    problems.append(f"orphan state file {name}")
-                    if repair:
-                        unlink_quietly(path)
-                continue
-            try:
-                check_id(name)
-                entry = self._load_header(path)
-                if entry.id != name:
-                    raise CorruptFile(f"file name does not match queue id {entry.id!r}")
-            except (CorruptFile, SpoolError, OSError, UnicodeError) as e:
-                problems.append(f"corrupt file {name} (moved to corrupt/ by the daemon): {e}")
+            if name.endswith(FINISHED_SUFFIX):
+                found.notes.append(f"queue/{base}: finished just before the gateway stopped; removed")
                 if repair:
-                    self._move_aside(path, name)
-                continue
-            state = name + STATE_SUFFIX
-            if state in names:
-                try:
-                    entry = self._load_state(os.path.join(self.queue_dir, state), name)
-                except (CorruptFile, OSError, UnicodeError) as e:
-                    problems.append(f"corrupt state file {state} (moved to corrupt/ by the daemon, which "
-                                    f"uses the states as queued; some recipients may get a duplicate): {e}")
-                    if repair:
-                        self._move_aside(os.path.join(self.queue_dir, state), state)
-            entries.append(entry)
-        entries.sort(key=lambda e: (e.received_at, e.id))
-        return entries, problems
+                    unlink_quietly(os.path.join(self.queue_dir, base))
+                    unlink_quietly(path)
+            elif name.endswith(STATE_SUFFIX):
+                if base not in names and base + FINISHED_SUFFIX not in names:
+                    self._scan_lost(base, found, repair)
+            elif name + FINISHED_SUFFIX not in names:      # else removed with its marker
+                self._scan_message(name, names, found, repair)
+        found.entries.sort(key=lambda e: (e.received_at, e.id))
+        return found
+
+    def _scan_message(self, name: str, names: set[str], found: ScanResult, repair: bool) -> None:
+        path = os.path.join(self.queue_dir, name)
+        entry: QueueEntry | None = None
+        try:
+            check_id(name)
+        except SpoolError:
+            why: str | None = "not a queue id: a file the gateway did not write"
+        else:
+            entry, why = self._inspect_message(path, name)
+        state = name + STATE_SUFFIX
+        if state in names:
+            try:
+                entry = self._load_state(os.path.join(self.queue_dir, state), name)
+            except (CorruptFile, OSError, UnicodeError) as e:
+                note = f"queue/{state}: state file {file_fault(e)}; moved to corrupt/"
+                if why is None:
+                    note += " (the message is delivered from its states as queued: a recipient may get it twice)"
+                found.notes.append(note)
+                if repair:
+                    self._move_aside(os.path.join(self.queue_dir, state), state)
+        if why is None:
+            assert entry is not None
+            found.entries.append(entry)
+            return
+        found.damaged.append(damaged := Damaged(name, why, entry))
+        if repair:
+            damaged.where = self._set_aside(name, why, entry)
+
+    def _scan_lost(self, entry_id: str, found: ScanResult, repair: bool) -> None:
+        """A state file without its message: the message file was lost (a finished message leaves
+        ``.st.done`` instead, see unlink_message); the state file still gives the envelope."""
+        name = entry_id + STATE_SUFFIX
+        path = os.path.join(self.queue_dir, name)
+        why = "message file missing"
+        entry: QueueEntry | None = None
+        try:
+            check_id(entry_id)
+            entry = self._load_state(path, entry_id)
+        except SpoolError:
+            why = "not a queue id: a file the gateway did not write"
+        except (CorruptFile, OSError, UnicodeError) as e:
+            why += f", and its state file {file_fault(e)}"
+        found.damaged.append(damaged := Damaged(name if entry is None else entry_id, why, entry))
+        if repair:
+            damaged.where = self._set_aside(damaged.name, why, entry)
+
+    def _inspect_message(self, path: str, name: str) -> tuple[QueueEntry | None, str | None]:
+        """``(envelope or None, what is wrong or None)`` of a message file: a truncated message still
+        gives its envelope."""
+        try:
+            entry, size, expected = self._read_header(path)
+        except (CorruptFile, OSError, UnicodeError) as e:
+            return None, f"message file {file_fault(e)}"
+        if entry.id != name:
+            return None, f"message file damaged: it holds queue id {entry.id!r}"
+        if size != expected:
+            return entry, f"message file damaged: {_size_problem(size, expected)}"
+        return entry, None
+
+    def _set_aside(self, name: str, why: str, entry: QueueEntry | None) -> str:
+        """Move a damaged message to ``corrupt/``: with its envelope (and the reason) when known, as
+        the queue does at run time (:meth:`quarantine`); as it is otherwise. Returns where it went."""
+        try:
+            if entry is None:
+                self._move_aside(os.path.join(self.queue_dir, name), name, quiet=False)
+            else:
+                entry.extra[CORRUPT_REASON] = why
+                self._quarantine_files(entry.id, encode_state(entry))
+        except OSError as e:
+            return f"left in queue/: cannot move it to corrupt/ ({e.strerror or e})"
+        return "moved to corrupt/"
+
+    @classmethod
+    def _load_header(cls, path: str) -> QueueEntry:
+        entry, size, expected = cls._read_header(path)
+        if size != expected:
+            raise CorruptFile(_size_problem(size, expected))
+        return entry
 
     @staticmethod
-    def _load_header(path: str) -> QueueEntry:
-        """The envelope of a queued message. Its header line is read whatever its length: no cap
-        below what :meth:`put` writes (64,000 recipients with long ORCPTs make 90 MB), or a message
+    def _read_header(path: str) -> tuple[QueueEntry, int, int]:
+        """``(envelope, file size, size the header promises)`` of a queued message. Its header line is
+        read whatever its length: no cap below what :meth:`put` writes (64,000 recipients with long ORCPTs make 90 MB), or a message
         told 250 would be moved to ``corrupt/`` at the next start; the magic is checked first, so
         a file that is not ours is never read whole."""
-        with open(path, "rb") as f:
+        with _open(path) as f:
             if f.read(len(MESSAGE_MAGIC)) != MESSAGE_MAGIC:
                 raise CorruptFile("no spool header")
             line = MESSAGE_MAGIC + f.readline()
@@ -419,13 +542,13 @@ class Spool:
             entry = decode_entry(doc["entry"])
         except (ValueError, KeyError, TypeError) as e:
             raise CorruptFile(f"bad header: {e}") from e
-        if size != len(line) + length:
-            raise CorruptFile(f"file is {size} bytes, expected {len(line) + length}")
-        return entry
+        if not isinstance(length, int):
+            raise CorruptFile("bad header: no message length")
+        return entry, size, len(line) + length
 
     @staticmethod
     def _load_state(path: str, entry_id: str) -> QueueEntry:
-        with open(path, "rb") as f:
+        with _open(path) as f:
             raw = f.read()
         if not raw.startswith(STATE_MAGIC) or not raw.endswith(b"\n"):
             raise CorruptFile("no state header")
@@ -440,7 +563,7 @@ class Spool:
     def _quarantine_files(self, entry_id: str, record: bytes) -> str:
         path = os.path.join(self.queue_dir, entry_id)
         if os.path.lexists(path):
-            self._move_aside(path, entry_id)
+            self._move_aside(path, entry_id, quiet=False)
         unlink_quietly(path + STATE_SUFFIX)     # superseded by the queue's own copy, written next
         final = os.path.join(self.corrupt_dir, entry_id + STATE_SUFFIX)
         if os.path.lexists(final):
@@ -460,6 +583,8 @@ class Spool:
             entry_id = base[:-len(STATE_SUFFIX)] if base.endswith(STATE_SUFFIX) else base
             if self.owns is None or self.owns(entry_id):
                 groups.setdefault(entry_id, []).append(name)
+        for entry_id in [i for i in groups if os.path.lexists(os.path.join(self.queue_dir, i))]:
+            del groups[entry_id]    # a damaged state file set aside; the message itself is still queued
         found = []
         for entry_id, files in sorted(groups.items()):
             files.sort(key=lambda n: (not _is_state_name(n), n))    # the envelope from a state file first
@@ -476,14 +601,44 @@ class Spool:
             found.append(CorruptMessage(entry_id, entry, files, since))
         return found
 
-    def _move_aside(self, path: str, name: str) -> None:
+    def _move_aside(self, path: str, name: str, quiet: bool = True) -> None:
+        """Rename ``path`` into ``corrupt/``; a failure is logged (``quiet``) or raised."""
         target = os.path.join(self.corrupt_dir, name)
         if os.path.lexists(target):
             target += f".{int(time.time())}.{os.getpid()}"
         try:
             os.rename(path, target)
-        except OSError:
-            log.failure("spool: cannot move {path} aside", path=path)
+        except OSError as e:
+            if not quiet:
+                raise
+            log.error("spool: cannot move {path} to corrupt/: {why}", path=path, why=e.strerror or e)
+
+
+def _open(path: str) -> Any:
+    try:
+        return open_regular(path)
+    except NotAFile as e:
+        raise CorruptFile(f"{e}, not a spool file") from None
+
+
+def _size_problem(size: int, expected: int) -> str:
+    return f"file is {size} bytes, expected {expected}" + (" (truncated)" if size < expected else "")
+
+
+def file_fault(error: BaseException) -> str:
+    """What is wrong with a spool file, after "message file " or "state file ": ``missing``,
+    ``unreadable: <why>``, ``damaged: <what>`` (the log line and the 5.3.0 report say it)."""
+    if isinstance(error, FileNotFoundError):
+        return "missing"
+    if isinstance(error, OSError):
+        return f"unreadable: {error.strerror or error}"
+    return f"damaged: {error}"
+
+
+def _logged(found: ScanResult, moved: bool = True) -> list[QueueEntry]:
+    for line in found.lines(moved):
+        log.warn("spool: {problem}", problem=line)
+    return found.entries
 
 
 class MemorySpool:
@@ -541,6 +696,9 @@ class MemorySpool:
 
     def scan(self) -> defer.Deferred:
         return defer.succeed(self.scan_sync())
+
+    def load(self) -> defer.Deferred:
+        return defer.succeed(ScanResult(self.scan_sync(), [], []))
 
     def quarantine(self, entry: QueueEntry) -> defer.Deferred:
         self.messages.pop(entry.id, None)
