@@ -35,9 +35,29 @@ def chromium(profile: Path):
     return driver
 
 
+MAIN_PAGES = ("/dashboard", "/queues", "/connectors", "/diagnostics")
+
+
+def main_pages(driver, folder: Path) -> None:
+    """After a failure: a screenshot of each of the console's main pages as they were then
+    (``failure-queues.png``...), from the site the browser was on, with its session."""
+    from urllib.parse import urlsplit
+
+    site = urlsplit(driver.current_url)
+    if site.scheme not in ("http", "https"):
+        return
+    driver.set_page_load_timeout(10)
+    for path in MAIN_PAGES:
+        driver.get(f"{site.scheme}://{site.netloc}{path}")
+        shot = folder / f"failure-{path.strip('/')}.png"
+        driver.save_screenshot(str(shot))
+        print(f"screenshot of {path} at failure: {shot}")
+
+
 @pytest.fixture
 def browser(tmp_path, request):
-    """A headless Chromium; on a failed test, a screenshot of its page is left in the test's folder."""
+    """A headless Chromium; on a failed test, screenshots of its page and of the console's main pages
+    are left in the test's folder."""
     profile = tmp_path / "chromium-profile"
     profile.mkdir()
     driver = chromium(profile)
@@ -48,6 +68,7 @@ def browser(tmp_path, request):
         try:
             driver.save_screenshot(str(shot))
             print(f"screenshot of the page at failure: {shot} ({driver.current_url})")
+            main_pages(driver, tmp_path)
         except Exception:
             pass
     driver.quit()

@@ -46,10 +46,10 @@ def console_config(tmp_path: Path) -> dict:
     return cfg
 
 
-def send(subject: str, rcpt: str, sender: str = "alice@example.test") -> None:
+def send(subject: str, rcpt: str, sender: str = "alice@example.test", host: str = GW_HOST, port: int = GW_PORT) -> None:
     msg = (f"From: {sender}\r\nTo: {rcpt}\r\nSubject: {subject}\r\n"
            f"Message-ID: <{uuid.uuid4().hex}@example.test>\r\n\r\nHello from {subject}.\r\n")
-    with smtplib.SMTP(GW_HOST, GW_PORT, timeout=30) as s:
+    with smtplib.SMTP(host, port, timeout=30) as s:
         s.sendmail(sender, [rcpt], msg)
 
 

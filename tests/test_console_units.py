@@ -100,7 +100,7 @@ def test_traces_keep_each_messages_steps_and_forget_the_oldest(monkeypatch):
     t.smtpgw_event("routing_engine", "medium", "x.test: connectors Internet", {"id": "A", "domain": "x.test"})
     t.smtpgw_event("smtp_protocol", "medium", "message accepted", {"id": "A"})    # not about the queue's work
     assert [(s["source"], s["text"]) for s in t.steps("A")] == [
-        ("mail log", "A: to=<bob@x.test>, relay=[192.0.2.1]:25, delay=1, delays=0/0/0.5/0.5, dsn=4.3.0, "
+        ("mail log", "to=<bob@x.test>, relay=[192.0.2.1]:25, delay=1, delays=0/0/0.5/0.5, dsn=4.3.0, "
                      "status=deferred (451 4.3.0 try later)"),
         ("routing_engine", "x.test: connectors Internet")]
     assert trace.attempts(t.steps("A")) == [{"at": 99.0, "recipient": "bob@x.test", "relay": "[192.0.2.1]:25",

@@ -6,6 +6,7 @@ layer (:mod:`mta.console.web`) asks, checks the login and wraps the body in the 
 from __future__ import annotations
 
 import base64
+import time
 from typing import Any
 from urllib.parse import urlencode
 
@@ -123,6 +124,12 @@ def message_body(entry: dict[str, Any], now: float, csrf: str, body: bytes | Non
             '<p><a href="/queues">Back to the queues</a></p>')
 
 
+def clock(ts: float) -> str:
+    """``18:46:23`` with the whole date and time as its tooltip (the steps of one message are close)."""
+    iso = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
+    return f'<time datetime="{iso}" title="{esc(when(ts))}">{iso[11:19]}</time>'
+
+
 def why_section(why: dict[str, Any] | None, now: float) -> str:
     """The "why" trace (:func:`mta.ops.trace.explain`, as ``smtpgw queue show`` prints it): routing,
     holds, the replies received, and every recorded step."""
@@ -148,15 +155,15 @@ def why_section(why: dict[str, Any] | None, now: float) -> str:
                              esc(", ".join(h.get("recipients") or []))] for h in why["holds"]], "holds"))
     if why.get("attempts"):
         parts.append(table("Replies received, per attempt and recipient",
-                           ["Time", "Recipient", "Relay", "Status", "Reply", "TLS"],
-                           [[esc(when(a["at"])), esc(a.get("recipient")), esc(a.get("relay")), esc(a.get("status")),
+                           ["Time (UTC)", "Recipient", "Relay", "Status", "Reply", "TLS"],
+                           [[clock(a["at"]), esc(a.get("recipient")), esc(a.get("relay")), esc(a.get("status")),
                              esc(a.get("reply")), esc(a.get("tls"))] for a in why["attempts"]], "attempts"))
     if not why.get("recorded"):
         parts.append('<p class="empty">No steps recorded: the gateway that holds this message is not running.</p>')
     elif why.get("steps"):
         parts.append(table("Every step recorded since the gateway started (mail log and diagnostic events)",
-                           ["Time", "Source", "Step", "Details"],
-                           [[esc(when(s["at"])), esc(s["source"]), esc(s["text"]),
+                           ["Time (UTC)", "Source", "Step", "Details"],
+                           [[clock(s["at"]), esc(s["source"]), esc(s["text"]),
                              esc(" ".join(f"{k}={v}" for k, v in (s.get("fields") or {}).items()))]
                             for s in why["steps"]], "steps"))
     else:

@@ -62,7 +62,10 @@ class Traces:
         if line.queue_id and line.about_message:
             record = line.record(when)
             record.pop("time", None)
-            self.add(line.queue_id, {"at": when, "source": MAIL_LOG, "text": line.text(), **record})
+            text = line.text()                      # without its "ID: " (the trace is the message's own)
+            if text.startswith(line.queue_id + ": "):
+                text = text[len(line.queue_id) + 2:]
+            self.add(line.queue_id, {"at": when, "source": MAIL_LOG, "text": text, **record})
 
     def wants_event(self, category: str, level: str) -> bool:
         return category in CATEGORIES and level != "maximum"
