@@ -5,6 +5,10 @@ reactor thread never waits on the network, and a DNS outage (every lookup waitin
 cannot take the threads the spool's fsyncs and Maildir writes run in.  The cache and the coalescing
 of identical in-flight queries live in the reactor thread, so neither needs a lock.
 
+Queries ask for the AD bit (RFC 6840 5.7); an answer's ``secure`` says it came with it from servers
+trusted to validate (``gateway.dns.nameservers``, or the system's with ``options trust-ad``), and hops
+carry it (``Hop.dnssec``) so DANE (:mod:`mta.delivery.dane`) knows whose TLSA records may count.
+
 Failures are sorted the way delivery needs them: :class:`PermanentDNSError` (the domain does not
 exist or takes no mail: bounce) and :class:`TemporaryDNSError` (timeouts, SERVFAIL, unreachable
 servers, no MX host resolves: retry later).
@@ -17,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Sequence
 
 import dns.exception
+import dns.flags
 import dns.name
 import dns.nameserver
 import dns.rdatatype
@@ -82,11 +87,37 @@ def _bare_ip(name: str) -> str | None:
 
 @dataclass(frozen=True)
 class _Answer:
-    """One cached lookup result: ``kind`` is ok, nxdomain or nodata; ``values`` the records."""
+    """One cached lookup result: ``kind`` is ok, nxdomain or nodata; ``values`` the records;
+    ``secure``: the answer came with the AD bit from a resolver we trust to validate (DNSSEC)."""
 
     kind: str
     values: tuple = ()
     ttl: float = 0.0
+    secure: bool = False
+
+
+def _authenticated(response: Any) -> bool:
+    return response is not None and bool(response.flags & dns.flags.AD)
+
+
+def _failure_response(exc: dns.exception.DNSException) -> Any:
+    """The response an NXDOMAIN or NoAnswer came in, for its AD bit (None if dnspython kept none)."""
+    try:
+        if isinstance(exc, dns.resolver.NXDOMAIN):
+            return next(iter(exc.responses().values()), None)
+        return exc.response()
+    except Exception:
+        return None
+
+
+def system_trusts_ad(path: str = "/etc/resolv.conf") -> bool:
+    """Whether the system's resolv.conf says ``options trust-ad``: as glibc does, the AD bit of the
+    system's name servers is believed only when the administrator says they validate."""
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            return any(line.split()[:1] == ["options"] and "trust-ad" in line.split()[1:] for line in f)
+    except OSError:
+        return False
 
 
 def _negative_ttl(exc: dns.exception.DNSException, cap: float) -> float:
@@ -143,6 +174,10 @@ class Resolver:
         self.max_ttl = max_ttl
         self.negative_ttl = negative_ttl
         self._dns = dns_resolver(nameservers, self.timeout)
+        # DNSSEC: ask for the AD bit (RFC 6840 5.7) and believe it from the configured servers (they
+        # must be a validating resolver the gateway trusts), or from the system's with trust-ad
+        self._dns.flags = dns.flags.RD | dns.flags.AD
+        self.trust_ad = bool(nameservers) or system_trusts_ad()
         self._cache: dict[tuple[str, str], tuple[float, _Answer]] = {}
         self._inflight: dict[tuple[str, str], list[defer.Deferred]] = {}
         self._threadpool: Any = None
@@ -192,10 +227,10 @@ class Resolver:
         try:
             answer = self._dns.resolve(dns.name.from_text(name), rdtype, search=False,
                                        raise_on_no_answer=True, lifetime=self.timeout)
-        except dns.resolver.NXDOMAIN as e:
-            return _Answer("nxdomain", (), _negative_ttl(e, self.negative_ttl))
-        except dns.resolver.NoAnswer as e:
-            return _Answer("nodata", (), _negative_ttl(e, self.negative_ttl))
+        except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer) as e:
+            kind = "nxdomain" if isinstance(e, dns.resolver.NXDOMAIN) else "nodata"
+            return _Answer(kind, (), _negative_ttl(e, self.negative_ttl),
+                           self.trust_ad and _authenticated(_failure_response(e)))
         except dns.resolver.LifetimeTimeout:
             raise _temporary(f"{name} {rdtype}: timed out after {self.timeout:g}s") from None
         except dns.resolver.NoNameservers:
@@ -207,9 +242,11 @@ class Resolver:
             values = tuple((r.preference, r.exchange.to_text(omit_final_dot=True).lower()) for r in answer)
         elif rdtype == "TXT":       # one string per record, its character-strings joined (RFC 7208 3.3)
             values = tuple(b"".join(r.strings).decode("utf-8", "replace") for r in answer)
+        elif rdtype == "TLSA":
+            values = tuple((r.usage, r.selector, r.mtype, bytes(r.cert)) for r in answer)
         else:
             values = tuple(r.address for r in answer)
-        return _Answer("ok", values, min(float(ttl), self.max_ttl))
+        return _Answer("ok", values, min(float(ttl), self.max_ttl), self.trust_ad and _authenticated(answer.response))
 
     def _lookup(self, name: str, rdtype: str) -> defer.Deferred:
         """A cached, coalesced lookup; fires with an :class:`_Answer` or fails with TemporaryDNSError."""
@@ -252,9 +289,11 @@ class Resolver:
 
     # -- addresses --------------------------------------------------------------------------
 
-    async def _addresses(self, host: str, port: int, preference: int,
-                         label: str) -> tuple[list[Hop], TemporaryDNSError | None]:
-        """A then AAAA of ``host`` as hops; a temporary failure is returned only if nothing resolved."""
+    async def _addresses(self, host: str, port: int, preference: int, label: str,
+                         secure: bool = True) -> tuple[list[Hop], TemporaryDNSError | None]:
+        """A then AAAA of ``host`` as hops; a temporary failure is returned only if nothing resolved.
+        A hop is ``dnssec`` when its address answer was validated and ``secure`` (the MX answer that
+        named the host was)."""
         a, aaaa = await defer.DeferredList([self._lookup(host, "A"), self._lookup(host, "AAAA")],
                                            consumeErrors=True)
         hops: list[Hop] = []
@@ -264,7 +303,7 @@ class Resolver:
                 error = error or (result.value if isinstance(result.value, TemporaryDNSError)
                                   else _temporary(f"{host}: {result.value!r}"))
             elif result.kind == "ok":
-                hops += [Hop(ip, port, label, preference) for ip in result.values]
+                hops += [Hop(ip, port, label, preference, secure and result.secure) for ip in result.values]
         return hops, (None if hops else error)
 
     def address_hops(self, name: str, port: int = 25, preference: int = 0) -> defer.Deferred:
@@ -285,6 +324,15 @@ class Resolver:
         if hops:
             return hops
         raise error or _temporary(f"{host}: no A or AAAA record")
+
+    def tlsa(self, name: str) -> defer.Deferred:
+        """The TLSA records of ``name`` (``_25._tcp.mx.example``) as ``(usage, selector, mtype, data)``
+        tuples, and whether the answer was DNSSEC-validated: ``(records, secure)``; no records for
+        NXDOMAIN or NODATA; fails with :class:`TemporaryDNSError` (SERVFAIL -- a validating resolver's
+        answer to a bogus signature -- or a timeout)."""
+        d = self._lookup(name.strip().lower().rstrip("."), "TLSA")
+        d.addCallback(lambda answer: (list(answer.values) if answer.kind == "ok" else [], answer.secure))
+        return d
 
     def txt(self, name: str) -> defer.Deferred:
         """The TXT records of ``name`` (each record's strings joined), cached like any answer; an
@@ -336,13 +384,14 @@ class Resolver:
             raise PermanentDNSError(R.bad_destination(f"domain not found: {name}"))
         if answer.kind == "nodata":
             # implicit MX: the domain itself, preference 0 (RFC 5321 5.1)
-            hops, error = await self._addresses(name, port, 0, name)
+            hops, error = await self._addresses(name, port, 0, name, answer.secure)
             if hops:
                 return hops
             if error is not None:
                 raise error
             raise PermanentDNSError(R.bad_destination(f"domain has no MX or address records: {name}"))
         records = list(answer.values)
+        secure = answer.secure
         real = [(p, h) for p, h in records if h not in ("", ".")]
         if not real:
             raise PermanentDNSError(R.null_mx(name))
@@ -353,7 +402,7 @@ class Resolver:
                 raise PermanentDNSError(R.loops_back(name))
         ordered = self._order(real)
         found = await defer.DeferredList(
-            [defer.Deferred.fromCoroutine(self._addresses(h, port, p, h)) for p, h in ordered],
+            [defer.Deferred.fromCoroutine(self._addresses(h, port, p, h, secure)) for p, h in ordered],
             consumeErrors=True)
         hops: list[Hop] = []
         seen: set[tuple[str, int]] = set()

@@ -3,7 +3,7 @@ smart_host plugin, the SMTP client, Maildir delivery and the queue manager."""
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from mta.smtp.reply import Reply
 
@@ -17,6 +17,9 @@ class Hop:
     port: int = 25
     name: str = ""
     preference: int = 0
+    # every DNS answer that led here (the MX, the host's address) came with the AD bit from a trusted
+    # validating resolver: the hop's TLSA records may be looked up (DANE, RFC 7672 2.2); not compared
+    dnssec: bool = field(default=False, compare=False)
 
     def __str__(self) -> str:
         label = self.name or self.host

@@ -10,6 +10,7 @@ lookup errors are always temporary (mail waits), even NXDOMAIN.
 from __future__ import annotations
 
 import functools
+from dataclasses import replace
 from typing import Any
 
 from twisted.internet import defer
@@ -86,7 +87,7 @@ class SmartHost:
                     found = yield resolver.address_hops(host, port, preference=pref)
                 else:
                     found = yield resolver.mx_hops(host, port)
-                    found = [Hop(h.host, h.port, h.name, pref) for h in found]
+                    found = [replace(h, preference=pref) for h in found]     # keeps dnssec (DANE)
             except DNSError as e:
                 last_error = e if isinstance(e, TemporaryDNSError) else TemporaryDNSError(
                     R.next_hop_unresolved(f"smart host {text}: {e.reply.text}"))
