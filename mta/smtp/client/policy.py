@@ -14,6 +14,9 @@ TLS modes (Postfix's ``smtp_tls_security_level`` words in brackets):
 * ``verify`` [secure]: as ``required``, and the certificate must chain to ``ca_file`` (or the
   system's trust store) and name the host (service-identity: the smart-host or MX name, or the IP
   address of a ``[IP]`` smart host).
+
+DANE (RFC 7672) is ``verify`` with the hop's TLSA records in ``tlsa``: the chain is matched against
+them (:mod:`mta.smtp.client.dane`) instead of a CA store; :mod:`mta.delivery.dane` sets it per hop.
 """
 from __future__ import annotations
 
@@ -44,7 +47,11 @@ class OutboundPolicy:
                                             # (the destination's MTA-STS policy): named in replies
     ca_with_system: bool = False            # ca_file adds to the system trust store (gateway.mta_sts)
     validation: str = "verified"            # what tls: verify means in the mail log's tls=: verified
-                                            # (the connector's), mta-sts (the destination's policy)
+                                            # (the connector's), mta-sts (the destination's policy),
+                                            # dane (the hop's TLSA records)
+    tlsa: tuple = ()                        # DANE (mta.smtp.client.dane): the hop's usable TLSA records;
+                                            # when set, they decide instead of ca_file and the name check
+    dane_name: str = ""                     # the TLSA base domain (the MX host name): SNI, DANE-TA names
 
     def __post_init__(self) -> None:
         if self.tls not in TLS_MODES:
@@ -90,6 +97,9 @@ def starttls_refused(policy: OutboundPolicy, hop: str, reply: Reply) -> Reply:
 
 
 def tls_failed(policy: OutboundPolicy, hop: str, why: str) -> Reply:
+    if policy.tlsa:
+        return R.tls_check_failed(f"DANE check with {hop} failed ({why}); {policy.label()} require a "
+                                  "certificate matching one of them")
     check = "certificate verification" if policy.tls == "verify" else "TLS handshake"
     if "Mismatch" in why:                       # service-identity's DNSMismatch / IPAddressMismatch
         why = f"the certificate does not name the host; {why}"

@@ -26,6 +26,7 @@ from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 
 from mta.smtp.client import policy as outbound
+from mta.smtp.client.dane import DaneOptions
 from mta.smtp.client.session import ConnectionBroken, SMTPClientProtocol
 from mta.dsn.params import OutboundDSN
 from mta.model.nexthop import Hop, HostUnusable, RecipientResult
@@ -37,6 +38,7 @@ __all__ = ["SMTPClientPool", "SMTPClientProtocol", "ConnectionBroken"]
 log = Logger(namespace="smtpgw.client")
 
 LEASE_RETRY_SECONDS = 0.25      # a cluster at a connector's limit (no lease): look again after this
+MAX_DANE_OPTIONS = 1000          # TLS contexts kept for DANE hops (one per TLSA record set)
 TLS_FALLBACK_SECONDS = 3600.0     # after a failed STARTTLS handshake, talk plaintext to that hop this long
 
 Key = tuple[str, int, "str | None", "OutboundPolicy | None"]
@@ -69,7 +71,8 @@ class _HostSlot:
 def _group_key(policy: OutboundPolicy) -> OutboundPolicy:
     """A connector's connections form one group whatever TLS each needs: a destination's MTA-STS
     policy raises the TLS mode of some of them (:mod:`mta.delivery.tls_policy`), not the total."""
-    return replace(policy, tls="none", ca_file=None, required_by="", ca_with_system=False)
+    return replace(policy, tls="none", ca_file=None, required_by="", ca_with_system=False,
+                   validation="verified", tlsa=(), dane_name="")
 
 
 def default_tls_options() -> Any:
@@ -97,6 +100,7 @@ class SMTPClientPool:
         self._groups: dict[OutboundPolicy, _Group] = {}     # _group_key(policy) -> its connections
         self._verifying: dict[tuple[str | None, bool, str], Any] = {}  # (ca_file, +system, name) -> options
         self._trust_roots: dict[tuple[str | None, bool], Any] = {}
+        self._dane: dict[tuple[tuple, str], DaneOptions] = {}         # (TLSA records, name) -> options
         self._idle_timers: dict[SMTPClientProtocol, Any] = {}
         self._counted: set[SMTPClientProtocol] = set()
         self._closing = False
@@ -343,11 +347,23 @@ class SMTPClientPool:
             options = self._verifying[key] = outbound.verifying_options(name, self._trust_roots[trust])
         return options
 
+    def _dane_options(self, policy: OutboundPolicy) -> Any:
+        """Options matching the chain against the hop's TLSA records (one per record set and name)."""
+        key = (policy.tlsa, policy.dane_name)
+        options = self._dane.get(key)
+        if options is None:
+            if len(self._dane) >= MAX_DANE_OPTIONS:
+                self._dane.pop(next(iter(self._dane)))
+            options = self._dane[key] = DaneOptions(policy.tlsa, policy.dane_name)
+        return options
+
     def _tls_options_for(self, slot: _HostSlot, hop: Hop | None = None,
                          policy: OutboundPolicy | None = None) -> Any:
         mode = policy.tls if policy is not None else ("opportunistic" if self.starttls else "none")
         if mode == "none":
             return None
+        if mode == "verify" and policy.tlsa:
+            return self._dane_options(policy)
         if mode == "verify" and hop is not None:
             return self._verifying_options(policy, hop)
         if mode == "opportunistic" and time.time() < slot.plaintext_until:

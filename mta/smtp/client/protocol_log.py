@@ -13,6 +13,8 @@ side of the client, which here is the gateway:
   ``sc-status`` the reply code; a command answered in steps (DATA and the message, AUTH and its SASL
   lines) is one line with the final reply, the bytes of every step (``cs-bytes`` sent, ``sc-bytes``
   received) and the time from the command to that reply. AUTH arguments are never written.
+* Once a STARTTLS handshake succeeded, a ``TLS`` line says what checked it, as the mail log's
+  ``tls=`` does (``tls=dane``, ``tls=mta-sts``, ``tls=verified``, ``tls=opportunistic``).
 * A connection that breaks (timeout, lost, a protocol error) settles what was waiting with the
   ``4xx`` the delivery attempt sees.
 """
@@ -114,6 +116,12 @@ class Conversation:
             self._open = step
             return
         self._write(step, reply.code)
+
+    def note(self, verb: str, query: str, status: int) -> None:
+        """A line for something the session did that is not a command: ``TLS tls=dane`` once the
+        STARTTLS handshake (and the check of the certificate it brought) succeeded."""
+        now = self.log.reactor.seconds()
+        self._write(_Step(verb, f" {query}", 0, now, False), status)
 
     def broken(self, reply: Any) -> None:
         """The connection broke: what still waited is settled with ``reply``'s code."""

@@ -51,7 +51,8 @@ def waives_policy(chunks: Iterable[bytes]) -> bool:
 
 def no_validated_tls(domain: str, connector: str) -> Reply:
     return R.requiretls_unmet(f"no validated TLS to {domain}: it publishes no MTA-STS policy in enforce "
-                              f"mode and connector '{connector}' does not use tls: verify")
+                              f"mode, no MX host has DNSSEC-validated TLSA records (DANE), and connector "
+                              f"'{connector}' does not use tls: verify")
 
 
 def not_validated(hop_label: str) -> Reply:

@@ -323,6 +323,8 @@ class SMTPClientProtocol(Protocol):
             await self.step_ehlo()
         except ConnectionBroken as e:      # handshake failed, or the server broke right after it
             raise ConnectionBroken(e.reply, "tls") from e
+        if self._plog is not None:         # what the handshake was checked against: tls=dane, ...
+            self._plog.note("TLS", f"tls={outbound.tls_label(self.policy, True)}", reply.code)
 
     async def step_auth(self) -> None:
         """AUTH PLAIN or LOGIN (RFC 4954) with the connector's credentials, for ISP smart hosts.
