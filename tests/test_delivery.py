@@ -89,6 +89,7 @@ class FakeGateway:
         self.resolver = resolver or Resolver(config.gateway.dns.nameservers, timeout=1.0)
         self.worker = SINGLE
         self.mta_sts = None             # no MTA-STS lookups: the delivery tests' domains have no policy
+        self.dane = None                # no TLSA lookups either
         self.mail_log = MailLog(reactor)
         self.hooks = Hooks()
         self.hooks.register(CorePolicy(self), name="core")

@@ -18,6 +18,7 @@ from mta.cluster.node import Cluster
 from mta.config import Config
 from mta.delivery.attempt import Deliverer
 from mta.delivery.nexthops import Resolver
+from mta.delivery.dane import DaneLookup
 from mta.delivery.mta_sts import MtaSts
 from mta.delivery.recipients import LocalRecipients
 from mta.maillog import MailLog
@@ -45,6 +46,7 @@ class Gateway:
     resolver: Resolver
     client: Any                         # SMTPClientPool, or a plugin's wrapper around it (etrn_dequeue)
     mta_sts: MtaSts                     # destinations' MTA-STS policies, for MX delivery (mta.delivery.tls_policy)
+    dane: DaneLookup                    # MX hosts' TLSA records (RFC 7672), and where DANE outcomes go
     deliverer: Deliverer
     queue: QueueManager
     recipients: LocalRecipients         # local domains' recipients and aliases
@@ -78,6 +80,7 @@ class Gateway:
                                  reactor=reactor, local_names=[config.gateway.hostname])
         self.client = SMTPClientPool(reactor, helo_name=config.gateway.hostname)
         self.mta_sts = MtaSts(reactor, self.resolver, config.gateway.mta_sts_cache, config.gateway.mta_sts.ca_file)
+        self.dane = DaneLookup(self.resolver)
         self.deliverer = Deliverer(self)
         self.queue = QueueManager(self)
         self.recipients = LocalRecipients(config, reactor)

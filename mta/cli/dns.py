@@ -5,7 +5,9 @@ the DNS servers the gateway itself uses (``gateway.dns.nameservers``, else the s
     smtpgw dns-check --server 192.0.2.53 example.com --json
 
 It prints the MX records by preference, the A/AAAA addresses of each MX host and the reverse (PTR)
-name of each address, then a WARN line for each problem found:
+name of each address, the MTA-STS policy (:mod:`mta.cli.sts_check`) and each MX host's TLSA records
+with whether they were DNSSEC-validated (:mod:`mta.cli.dane_check`), each with what the gateway would
+require of the host, then a WARN line for each problem found:
 
 * breaking (mail to the domain cannot be delivered): the domain does not exist, no MX and no
   address, a null MX (RFC 7505), every MX host unusable (an IP address written as the MX name, or a
@@ -27,11 +29,13 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Sequence
 
 import dns.exception
+import dns.flags
 import dns.name
 import dns.nameserver
 import dns.resolver
 import dns.reversename
 
+from mta.cli.dane_check import DaneReport, check_dane, format_dane
 from mta.cli.dkim import check_published
 from mta.cli.sts_check import StsReport, check_mta_sts, format_sts
 from mta.cli.main import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, add_config_option, command, load_config
@@ -91,6 +95,7 @@ class Lookup:
 
     def __init__(self, nameservers: Sequence[tuple[str, int]], timeout: float) -> None:
         self.resolver = dns_resolver(nameservers, timeout)
+        self.resolver.flags = dns.flags.RD | dns.flags.AD       # the AD bit tells DNSSEC-validated (DANE)
 
     def query(self, name: str | dns.name.Name, rdtype: str) -> tuple[str, Any]:
         """``("ok", answer)``, ``("nxdomain", None)``, ``("nodata", None)`` or ``("error", text)``."""
@@ -282,8 +287,8 @@ def _arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print JSON (for scripts)")
 
 
-@command("dns-check", "check a domain's MX, A/AAAA and PTR records and its MTA-STS policy with the gateway's "
-                      "DNS servers", _arguments)
+@command("dns-check", "check a domain's MX, A/AAAA and PTR records, its MTA-STS policy and its MX hosts' "
+                      "TLSA records (DANE) with the gateway's DNS servers", _arguments)
 def dns_check(args: argparse.Namespace) -> int:
     if args.dkim:
         return dkim_check(args)
@@ -310,27 +315,41 @@ def dns_check(args: argparse.Namespace) -> int:
     report = check_domain(domain, lookup, shown)
     ca_file = args.ca_file or (config.gateway.mta_sts.ca_file if config is not None else None)
     sts = check_mta_sts(domain, lookup.query, [h.host for h in report.mx if h.usable], ca_file, timeout=max(timeout, 10.0))
-    _sts_warnings(report, sts)
+    usable = [h.host for h in report.mx if h.usable]
+    dane = check_dane(domain, lookup.query, usable, report.implicit_mx)
+    for i, (host, what) in enumerate(sts.requirements):        # DANE takes precedence (RFC 8461 2)
+        if host in dane.dane_hosts:
+            sts.requirements[i] = (host, "DANE applies instead (TLSA records below)")
+    _sts_warnings(report, sts, dane)
+    _dane_warnings(report, dane)
     if args.json:
-        print(json.dumps({**report.to_dict(), "mta_sts": sts.to_dict()}, indent=2))
+        print(json.dumps({**report.to_dict(), "mta_sts": sts.to_dict(), "dane": dane.to_dict()}, indent=2))
     else:
         lines = format_report(report)
         at = next((i for i, line in enumerate(lines) if line.startswith(("WARN:", "RESULT:"))), len(lines))
-        print("\n".join(lines[:at] + format_sts(domain, sts) + lines[at:]))
+        print("\n".join(lines[:at] + format_sts(domain, sts) + format_dane(dane) + lines[at:]))
     if not report.deliverable or (args.strict and report.warnings):
         return EXIT_FAILURE
     return EXIT_OK
 
 
-def _sts_warnings(report: Report, sts: StsReport) -> None:
+def _sts_warnings(report: Report, sts: StsReport, dane: DaneReport) -> None:
     """What the MTA-STS check found that an admin should act on."""
     if sts.id is not None and sts.policy is None:
         report.warn(f"_mta-sts.{report.domain} announces a policy (id {sts.id}) that cannot be used: {sts.error}; "
                     "senders keep a policy they cached, others deliver without one")
     elif sts.policy is not None and sts.policy.mode == "enforce" and report.mx and \
-            not any(sts.policy.matches(h.host) for h in report.mx if h.usable):
+            not any(sts.policy.matches(h.host) or h.host in dane.dane_hosts for h in report.mx if h.usable):
         report.warn(f"the MTA-STS policy of {report.domain} (enforce) matches no usable MX host: senders that "
                     "honour it hold the mail", breaks=True)
+
+
+def _dane_warnings(report: Report, dane: DaneReport) -> None:
+    failed = [h.name for h, _, _ in dane.hosts if h.state == "failed"]
+    if failed:
+        report.warn(f"the TLSA lookup failed for {', '.join(failed)}: senders using DANE do not deliver to "
+                    "it until the answer validates (check the zone's DNSSEC signatures)",
+                    breaks=len(failed) == len(dane.hosts))
 
 
 def _servers(args: argparse.Namespace, config: Any) -> list[tuple[str, int]] | None:

@@ -770,6 +770,7 @@ OUTBOUND = Section(OutboundConfig, {
     "port": Key(integer(1, 65535)),
     "connect_timeout": Key(duration),
     "mta_sts": Key(boolean),
+    "dane": Key(boolean),
 }, finish=_finish_outbound)
 
 

@@ -306,6 +306,7 @@ class OutboundConfig:
     port: int = 25                  # for MX hosts and smart hosts written without a port
     connect_timeout: float = 30.0
     mta_sts: bool = True            # honour the destination's MTA-STS policy (MX delivery only)
+    dane: bool = True               # honour the next hop's DNSSEC-validated TLSA records (RFC 7672)
 
 
 @dataclass(frozen=True)

@@ -38,7 +38,7 @@ from mta.model.window import Hold
 from mta.smtp import replies as R
 from mta.smtp.reply import Reply
 from mta.delivery.connectors import connectors_for, source_address, usable_source
-from mta.delivery import tls_policy
+from mta.delivery import dane as dane_, tls_policy
 from mta.smtp.client import requiretls, smtputf8
 from mta.delivery.maildir import already_delivered_to, deliver_to_maildir, delivery_headers
 from mta.delivery.recipients import Expansion, RecipientTable
@@ -393,16 +393,27 @@ class Deliverer:
 
     async def _route(self, entry: QueueEntry, domain: str, connector: Connector, hops: list[Hop],
                      policy: OutboundPolicy, data: Data) -> tls_policy.Route:
-        """The hops to try and the TLS each needs: the destination's MTA-STS policy and the sender's
-        REQUIRETLS or ``TLS-Required: No`` over the connector's settings (mta.delivery.tls_policy)."""
+        """The hops to try and the TLS each needs: the MX hosts' DANE TLSA records, the destination's
+        MTA-STS policy and the sender's REQUIRETLS or ``TLS-Required: No`` over the connector's
+        settings (mta.delivery.tls_policy)."""
         required = requiretls.requested(entry)
         waived = not required and requiretls.waives_policy([data] if isinstance(data, bytes) else data)
         mta_sts = self.gateway.mta_sts
+        lookup = self.gateway.dane
         sts = None
+        dane = None
+        pending = None
+        if lookup is not None and not waived and dane_.subject_to_dane(connector):
+            pending = lookup.hosts(hops)            # both lookups at once
         if mta_sts is not None and not waived and tls_policy.subject_to_sts(connector):
             sts = await mta_sts.policy(domain)
-        return tls_policy.plan(domain, hops, policy, sts, self.gateway.config.gateway.mta_sts.ca_file,
-                               requiretls=required)
+        if pending is not None:
+            dane = await pending
+        route = tls_policy.plan(domain, hops, policy, sts, self.gateway.config.gateway.mta_sts.ca_file,
+                                requiretls=required, dane=dane)
+        if lookup is not None:
+            route.record = lookup.record
+        return route
 
     async def _send(self, destination: Any, route: tls_policy.Route, hop: Hop, sender: str, batch: list[str],
                     data: Data, **options: Any) -> list[RecipientResult]:

@@ -12,9 +12,15 @@ MTA-STS policy (:mod:`mta.delivery.mta_sts`) decides:
   (``MTA-STS testing: ...``), and a hop whose TLS would fail is tried again as the connector says.
 * ``none`` or no policy: the connector's settings alone.
 
+DANE (RFC 7672, :mod:`mta.delivery.dane`) comes first for the hops it covers: a hop whose MX host
+has usable, DNSSEC-validated TLSA records is tried with TLS mandatory and its chain matched against
+them, whatever the MTA-STS policy says of that host (RFC 8461 2: DANE takes precedence), and never
+falls back in testing mode; a hop whose TLSA lookup failed is not tried (a temporary failure).
+
 A message sent with REQUIRETLS (RFC 8689, :mod:`mta.smtp.client.requiretls`) needs validated TLS:
-a testing policy counts as enforce, and with no validation at all it bounces (5.7.10). One with
-``TLS-Required: No`` (and no REQUIRETLS) is delivered as if the destination published no policy.
+a testing policy counts as enforce, DANE-validated hops are enough (the others are not tried), and
+with no validation at all it bounces (5.7.10). One with ``TLS-Required: No`` (and no REQUIRETLS) is
+delivered as if the destination published no policy and no TLSA records (RFC 8689 5).
 
 Smart-host connectors are not subject: the smart host is the site's own choice, not the
 destination's MX. A connector's ``tls: verify`` is already stricter than any published policy
@@ -34,6 +40,8 @@ from mta.smtp import replies as R
 from mta.smtp.client import requiretls as requiretls_out
 from mta.smtp.reply import Reply
 from mta.delivery.sts_policy import Policy
+from mta.delivery import dane as dane_
+from mta.delivery.dane import HostDane
 
 log = Logger(namespace="smtpgw.mta-sts")
 
@@ -52,6 +60,9 @@ class Route:
     sts: Policy | None = None
     skipped: list[Hop] = field(default_factory=list)
     requiretls: bool = False                        # the message asked for REQUIRETLS (RFC 8689)
+    dane: dict[Hop, HostDane] = field(default_factory=dict)     # hops DANE governs (usable or failed)
+    dane_policies: dict[Hop, OutboundPolicy] = field(default_factory=dict)
+    record: Any = None                              # DaneLookup.record: where DANE outcomes go
 
     @property
     def tls(self) -> str:
@@ -63,7 +74,11 @@ class Route:
     async def send(self, client: Any, hop: Hop, sender: str, recipients: list[str], data: Any,
                    **options: Any) -> Any:
         """``client.send`` under this route's policy; in testing mode a TLS failure is reported and
-        the hop tried again under the connector's own settings."""
+        the hop tried again under the connector's own settings. A hop DANE governs is sent to under
+        its TLSA records, with no fallback, and the outcome recorded."""
+        host = self.dane.get(hop)
+        if host is not None:
+            return await self._send_dane(client, hop, host, sender, recipients, data, **options)
         try:
             return await client.send(hop, sender, recipients, data, policy=self.policy, **options)
         except HostUnusable as e:
@@ -72,6 +87,25 @@ class Route:
             log.warn("MTA-STS testing: {domain}: enforce would refuse {hop}: {why}",
                      domain=self.domain, hop=str(hop), why=e.reply.text)
         return await client.send(hop, sender, recipients, data, policy=self.fallback, **options)
+
+
+    async def _send_dane(self, client: Any, hop: Hop, host: HostDane, sender: str, recipients: list[str],
+                         data: Any, **options: Any) -> Any:
+        if host.reason is not None:             # the TLSA lookup failed
+            self._record(host, host.reason)
+            raise HostUnusable(host.reason)
+        try:
+            answers = await client.send(hop, sender, recipients, data, policy=self.dane_policies[hop], **options)
+        except HostUnusable as e:
+            self._record(host, e.reply)
+            raise
+        self._record(host, None)
+        return answers
+
+    def _record(self, host: HostDane, failure: Reply | None) -> None:
+        result = dane_.outcome(self.domain, host, failure)
+        if result is not None and self.record is not None:
+            self.record(result)
 
 
 def subject_to_sts(connector: Connector | None) -> bool:
@@ -88,26 +122,44 @@ def sts_policy(policy: OutboundPolicy, ca_file: str | None) -> OutboundPolicy:
 
 
 def plan(domain: str, hops: list[Hop], policy: OutboundPolicy, sts: Policy | None,
-         ca_file: str | None, requiretls: bool = False) -> Route:
-    """The route for ``domain`` given its MTA-STS policy in force (None: none).
+         ca_file: str | None, requiretls: bool = False,
+         dane: dict[tuple[str, int], HostDane] | None = None) -> Route:
+    """The route for ``domain`` given its MTA-STS policy in force (None: none) and the DANE state of
+    its MX hosts (``{(name, port): HostDane}`` from :class:`mta.delivery.dane.DaneLookup`).
 
     ``requiretls``: the message must travel over validated TLS only (RFC 8689): a policy in testing
-    mode counts as enforce (RFC 8689 4.2.1), and without any validation (no enforced policy, no
-    connector ``tls: verify``) the route is refused for good with 5.7.10."""
+    mode counts as enforce (RFC 8689 4.2.1); without a connector ``tls: verify`` or an enforced
+    policy only DANE hops are tried, and with none of those the route is refused for good (5.7.10)."""
     if requiretls and sts is not None and sts.mode == "testing":
         sts = replace(sts, mode="enforce")
-    route = _plan(domain, hops, policy, sts, ca_file)
+    governed = _dane_hops(hops, dane or {})
+    route = _plan(domain, hops, policy, sts, ca_file, governed)
     route.requiretls = requiretls
+    route.dane = {h: governed[h] for h in route.hops if h in governed}
+    route.dane_policies = {h: dane_.dane_policy(policy, d) for h, d in route.dane.items() if d.state == dane_.DANE}
     if requiretls and route.refusal is None and route.policy.tls != "verify":
-        route.refusal = requiretls_out.no_validated_tls(domain, policy.connector)
+        route.hops = [h for h in route.hops if h in route.dane]
+        if not route.hops:
+            route.refusal = requiretls_out.no_validated_tls(domain, policy.connector)
     return route
 
 
+def _dane_hops(hops: list[Hop], dane: dict[tuple[str, int], HostDane]) -> dict[Hop, HostDane]:
+    """The hops DANE governs: their MX host has usable TLSA records, or its TLSA lookup failed."""
+    governed = {}
+    for hop in hops:
+        host = dane.get(((hop.name or hop.host).lower().rstrip("."), hop.port))
+        if host is not None and host.state in (dane_.DANE, dane_.FAILED):
+            governed[hop] = host
+    return governed
+
+
 def _plan(domain: str, hops: list[Hop], policy: OutboundPolicy, sts: Policy | None,
-          ca_file: str | None) -> Route:
+          ca_file: str | None, governed: dict[Hop, HostDane]) -> Route:
     if sts is None or sts.mode == "none":
         return Route(list(hops), policy, domain=domain)
-    allowed = [h for h in hops if sts.matches(h.name or h.host)]
+    # a hop with TLSA records is DANE's, whether the policy lists it or not (RFC 8461 2)
+    allowed = [h for h in hops if sts.matches(h.name or h.host) or h in governed]
     skipped = [h for h in hops if h not in allowed]
     names = ", ".join(dict.fromkeys(h.name or h.host for h in skipped))
     if sts.mode == "testing":
