@@ -23,6 +23,7 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from gwprocess import base_config, wait_until
 from peers import DEFAULT_EXTENSIONS
+from mta.delivery.nexthops import system_trusts_ad
 from mta.smtp.client.dane import TLSA, check_chain
 
 GW_HOST, GW_PORT = "127.0.0.10", 2525
@@ -200,6 +201,15 @@ def test_records_match_per_rfc_7672():
     assert TLSA(3, 1, 1, bytes(32)).usable and TLSA(2, 0, 2, bytes(64)).usable
 
 
+def test_the_systems_resolvers_are_believed_only_with_trust_ad(tmp_path):
+    conf = tmp_path / "resolv.conf"
+    conf.write_text("nameserver 127.0.0.1\noptions edns0\n")
+    assert not system_trusts_ad(str(conf))
+    conf.write_text("nameserver 127.0.0.1\noptions edns0 trust-ad\n")
+    assert system_trusts_ad(str(conf))
+    assert not system_trusts_ad(str(tmp_path / "missing"))
+
+
 # -- end to end ---------------------------------------------------------------------------------------
 
 def test_matching_3_1_1_delivers_with_tls_dane(tmp_path, gateway, peers, resolver, ca):
@@ -212,27 +222,44 @@ def test_matching_3_1_1_delivers_with_tls_dane(tmp_path, gateway, peers, resolve
     assert wait_until(lambda: " TLS - +tls=dane 220 " in protocol_log(tmp_path), 10), protocol_log(tmp_path)
 
 
-def test_mismatching_certificate_keeps_the_mail_queued_with_dane_named(tmp_path, gateway, peers, resolver, ca):
+@pytest.mark.parametrize("mx1_offers", ["wrong-certificate", "no-starttls"])
+def test_mismatching_certificate_keeps_the_mail_queued_with_dane_named(tmp_path, gateway, peers, resolver, ca,
+                                                                       mx1_offers):
     right, wrong = ca.issue_cert("mx1.dane.test"), ca.issue_cert("mx1.dane.test")
     resolver.add("_25._tcp.mx1.dane.test", "TLSA", f"3 1 1 {spki_sha256(load(right.cert_chain_pems[0].bytes()))}")
     resolver.servfail.add("_25._tcp.mx2.dane.test")             # a bogus TLSA answer: mx2 is not used
-    mx1 = tls_peer(peers, MX1, wrong)
+    if mx1_offers == "no-starttls":
+        mx1 = peers(MX1, extensions=DEFAULT_EXTENSIONS)
+    else:
+        mx1 = tls_peer(peers, MX1, wrong)
     mx2 = tls_peer(peers, MX2, right)
     gw = gateway(config(tmp_path, resolver))
     send("must wait")
     assert wait_until(lambda: deferred_lines(gw), 20), gw.log()
     text = gw.log()
-    assert "DANE check with mx1.dane.test[127.0.0.71]:25 failed (DANE: no TLSA record of mx1.dane.test" in text
+    if mx1_offers == "no-starttls":
+        assert ("TLS is required by the DANE TLSA records of _25._tcp.mx1.dane.test (tls: verify) but "
+                "mx1.dane.test[127.0.0.71]:25 does not offer STARTTLS") in text
+        assert "DANE: dane.test: mx1.dane.test: starttls-not-supported" in text
+    else:
+        assert "DANE check with mx1.dane.test[127.0.0.71]:25 failed (DANE: no TLSA record of mx1.dane.test" in text
+        assert "DANE: dane.test: mx1.dane.test: tlsa-invalid" in text
     assert "DANE: the TLSA lookup of _25._tcp.mx2.dane.test failed" in text
-    assert "DANE" in deferred_lines(gw)[0] and "dsn=4.7.5" in deferred_lines(gw)[0]
+    assert "DANE: dane.test: mx2.dane.test: dnssec-invalid" in text
+    assert "DANE" in deferred_lines(gw)[0] and "dsn=4.7." in deferred_lines(gw)[0]
     assert mx1.connections >= 1 and not mx1.messages
     assert mx2.connections == 0
     assert queued(tmp_path)
 
 
-def test_tlsa_without_the_ad_bit_is_ignored(tmp_path, gateway, peers, resolver, ca):
-    resolver.secure = False
-    resolver.add("_25._tcp.mx1.dane.test", "TLSA", f"3 1 1 {'00' * 32}")     # would match nothing
+@pytest.mark.parametrize("case", ["without-ad", "unusable-only"])
+def test_tlsa_without_the_ad_bit_or_with_unusable_records_only_is_ignored(tmp_path, gateway, peers, resolver, ca,
+                                                                          case):
+    if case == "without-ad":
+        resolver.secure = False
+        resolver.add("_25._tcp.mx1.dane.test", "TLSA", f"3 1 1 {'00' * 32}")     # would match nothing
+    else:                                       # PKIX-TA/EE are not for SMTP (RFC 7672 3.1.3)
+        resolver.add("_25._tcp.mx1.dane.test", "TLSA", f"1 1 1 {'00' * 32}", f"0 0 1 {'00' * 32}")
     mx1 = tls_peer(peers, MX1, ca.issue_cert("mx1.dane.test"))
     gw = gateway(config(tmp_path, resolver))
     assert "tls=opportunistic" in delivered(gw, mx1, "opportunistic")
@@ -266,6 +293,17 @@ def test_dane_takes_precedence_over_mta_sts(tmp_path, gateway, peers, resolver, 
         assert https.fetches(DOMAIN) == 1                    # the policy was in force, for mx2
     finally:
         https.stop()
+
+
+def test_a_smart_host_with_validated_tlsa_records_gets_dane(tmp_path, gateway, peers, resolver, ca):
+    leaf = ca.issue_cert("relay.dane.test")
+    resolver.add("relay.dane.test", "A", MX2)
+    resolver.add("_25._tcp.relay.dane.test", "TLSA", f"3 1 1 {spki_sha256(load(leaf.cert_chain_pems[0].bytes()))}")
+    relay = tls_peer(peers, MX2, leaf)
+    cfg = config(tmp_path, resolver)
+    cfg["connectors"][0]["smart_hosts"] = ["[relay.dane.test]"]
+    gw = gateway(cfg)
+    assert "relay=relay.dane.test[127.0.0.72]:25, tls=dane, " in delivered(gw, relay, "via the smart host")
 
 
 def test_requiretls_message_is_relayed_over_dane(tmp_path, gateway, peers, resolver, ca):
