@@ -20,6 +20,7 @@ Changing records after ``start()`` takes effect at ``restart()`` (same address a
 from __future__ import annotations
 
 import atexit
+import os
 import shutil
 import socket
 import subprocess
@@ -113,8 +114,8 @@ class DNSServer:
         return self
 
     def remove_txt(self, name: str) -> "DNSServer":
-        prefix = f"--txt-record={self._name(name)},"
-        self._txts[:] = [t for t in self._txts if not t.startswith(prefix)]
+        prefix = f"txt-record={self._name(name)},"
+        self._txts[:] = [t for t in self._txts if not t.lstrip("-").startswith(prefix)]
         return self
 
     def add_cname(self, name: str, target: str) -> "DNSServer":
@@ -132,9 +133,14 @@ class DNSServer:
         several strings of one record, as a zone file would (RFC 1035 3.3.14, RFC 6376 3.6.2.2)."""
         parts = [text[i:i + 255] for i in range(0, len(text), 255)] or [""]
         for part in parts:
-            if any(c in part for c in ',"\\'):
-                raise ValueError(f"dnsfixture cannot serve a TXT string with commas, quotes or backslashes: {part!r}")
-        self._txts.append(f"--txt-record={self._name(name)}," + ",".join(parts))
+            if any(c in part for c in '"\\'):
+                raise ValueError(f"dnsfixture cannot serve a TXT string with quotes or backslashes: {part!r}")
+        if any("," in p for p in parts):
+            # the command line splits strings at commas; dnsmasq's configuration file takes them
+            # quoted (a TLSRPT record's rua list)
+            self._txts.append(f"txt-record={self._name(name)}," + ",".join(f'"{p}"' for p in parts))
+        else:
+            self._txts.append(f"--txt-record={self._name(name)}," + ",".join(parts))
         return self
 
     def clear(self) -> "DNSServer":
@@ -160,7 +166,14 @@ class DNSServer:
         return (self.address,)
 
     def _args(self) -> list[str]:
-        args = [DNSMASQ, "--keep-in-foreground", "--conf-file=/dev/null", "--no-resolv", "--no-hosts",
+        in_file = [t for t in self._txts if not t.startswith("--")]
+        conf = "/dev/null"
+        if in_file:
+            handle, conf = tempfile.mkstemp(prefix="dnsfixture-", suffix=".conf")
+            with os.fdopen(handle, "w") as f:
+                f.write("\n".join(in_file) + "\n")
+            atexit.register(lambda: os.path.exists(conf) and os.unlink(conf))
+        args = [DNSMASQ, "--keep-in-foreground", f"--conf-file={conf}", "--no-resolv", "--no-hosts",
                 "--no-poll", "--pid-file=", f"--listen-address={self.listen}", "--bind-interfaces",
                 f"--port={self.port}", f"--local-ttl={self.ttl}", "--log-facility=-"]
         if self.log_queries:
@@ -169,7 +182,7 @@ class DNSServer:
             args.append(f"--local=/{zone}/")
         args += self._mx
         args += [f"--host-record={name},{ip}" for name, ips in self._hosts.items() for ip in ips]
-        args += self._cnames + self._ptrs + self._txts
+        args += self._cnames + self._ptrs + [t for t in self._txts if t.startswith("--")]
         return args
 
     def start(self) -> "DNSServer":

@@ -1,4 +1,5 @@
-"""A real HTTPS server for tests: serves MTA-STS policy files (``/.well-known/mta-sts.txt``) per host.
+"""A real HTTPS server for tests: serves MTA-STS policy files (``/.well-known/mta-sts.txt``) per host,
+and records what is POSTed to it (TLS-RPT reports to an ``https:`` rua).
 
 Python's http.server behind ``ssl`` in a background thread, on a loopback address and port 443 as a
 policy host would be, with a certificate from the test's trustme CA. The Host header picks the
@@ -43,6 +44,17 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self.wfile.write(data)
 
 
+    def do_POST(self) -> None:
+        host = (self.headers.get("Host") or "").split(":")[0].lower()
+        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        owner = self.server.owner
+        with owner.lock:
+            owner.posts.append((host, self.path, dict(self.headers.items()), body))
+        self.send_response(owner.post_status)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+
 class _Server(http.server.ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
@@ -55,6 +67,8 @@ class PolicyServer:
         self.lock = threading.Lock()
         self.responses: dict[str, tuple[int, str, str, dict[str, str]]] = {}
         self.requests: list[tuple[str, str]] = []
+        self.posts: list[tuple[str, str, dict[str, str], bytes]] = []     # host, path, headers, body
+        self.post_status = 200
         self._server: _Server | None = None
 
     def set_policy(self, domain: str, text: str) -> "PolicyServer":

@@ -13,6 +13,7 @@ from gwprocess import base_config, port_open, wait_until
 from mta.config import parse_config
 from mta.config.model import ShapingRule
 from mta.delivery.shaping import Shaper, Verdict
+from mta.delivery.tls_report import TlsReportCounter
 from mta.ops.metrics import GatewayMetrics
 from mta.model.queue_entry import QueueEntry, RecipientState
 from mta.smtp.reply import Reply
@@ -98,7 +99,7 @@ def test_recorder_counts_hooks_and_reads_the_queue():
     far.in_flight = 2
     shaper.leave(far, Verdict.BUSY, Reply(421, "4.7.0", "later"))     # a 421: paused, 2 connections
     gw = SimpleNamespace(queue=queue, reactor=clock, message_memory=MessageMemory(100),
-                         deliverer=SimpleNamespace(shaper=shaper))
+                         deliverer=SimpleNamespace(shaper=shaper), tls_reports=TlsReportCounter(clock))
     m = GatewayMetrics(gw, [factory])
     m.hooks.smtpgw_connect(session=SimpleNamespace(virtual_server="VS"))
     m.hooks.smtpgw_queued(envelope=entry)
@@ -170,7 +171,8 @@ def recorder(messages: int, oldest: float, connections: int) -> GatewayMetrics:
     factory = SimpleNamespace(vs=SimpleNamespace(name="VS"), active=connections)
     m = GatewayMetrics(SimpleNamespace(queue=queue, reactor=SimpleNamespace(seconds=lambda: 0.0),
                                        deliverer=SimpleNamespace(shaper=Shaper((), SimpleNamespace(seconds=lambda: 0.0))),
-                                       message_memory=MessageMemory(100)), [factory])
+                                       message_memory=MessageMemory(100),
+                                       tls_reports=TlsReportCounter(SimpleNamespace(seconds=lambda: 0.0))), [factory])
     for _ in range(messages):
         m.hooks.smtpgw_queued(envelope=None)
         m.hooks.smtpgw_connect(session=SimpleNamespace(virtual_server="VS"))

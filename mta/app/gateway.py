@@ -20,6 +20,8 @@ from mta.delivery.attempt import Deliverer
 from mta.delivery.nexthops import Resolver
 from mta.delivery.dane import DaneLookup
 from mta.delivery.mta_sts import MtaSts
+from mta.delivery.tls_report import TlsReportCounter
+from mta.delivery.tls_report_send import TlsReporter
 from mta.delivery.recipients import LocalRecipients
 from mta.maillog import MailLog
 from mta.ops.metrics import GatewayMetrics
@@ -47,6 +49,8 @@ class Gateway:
     client: Any                         # SMTPClientPool, or a plugin's wrapper around it (etrn_dequeue)
     mta_sts: MtaSts                     # destinations' MTA-STS policies, for MX delivery (mta.delivery.tls_policy)
     dane: DaneLookup                    # MX hosts' TLSA records (RFC 7672), and where DANE outcomes go
+    tls_reports: TlsReportCounter       # TLS-RPT counts of policy-governed sessions (mta.delivery.tls_report)
+    tls_reporter: TlsReporter | None    # worker 0 with gateway.tls_rpt.enabled: sends the reports
     deliverer: Deliverer
     queue: QueueManager
     recipients: LocalRecipients         # local domains' recipients and aliases
@@ -81,6 +85,11 @@ class Gateway:
         self.client = SMTPClientPool(reactor, helo_name=config.gateway.hostname)
         self.mta_sts = MtaSts(reactor, self.resolver, config.gateway.mta_sts_cache, config.gateway.mta_sts.ca_file)
         self.dane = DaneLookup(self.resolver)
+        tls_rpt = config.gateway.tls_rpt
+        self.tls_reports = TlsReportCounter(reactor, config.gateway.tls_rpt_directory if tls_rpt.enabled else None,
+                                            tls_rpt.interval, worker.index)
+        self.tls_reporter = TlsReporter(self) if tls_rpt.enabled and worker.index == 0 else None
+        self.dane.observers.append(self.tls_reports.observe)      # DANE's sessions, for TLS-RPT
         self.deliverer = Deliverer(self)
         self.queue = QueueManager(self)
         self.recipients = LocalRecipients(config, reactor)
@@ -108,6 +117,9 @@ class Gateway:
             self.leases.start()
         if self.worker.index == 0:
             d.addCallback(lambda loaded: (self.pickup.start(), loaded)[1])
+        counts = self.tls_reports.start()
+        if self.tls_reporter is not None:
+            counts.addCallback(lambda _: self.tls_reporter.start())
         return d
 
     def stop(self) -> defer.Deferred:
@@ -115,6 +127,7 @@ class Gateway:
         self.recipients.stop()
         d = self.queue.stop()
         d.addBoth(lambda r: self.client.close())
+        d.addBoth(lambda r: self.tls_reports.stop())
         if self.cluster is not None:
             self.leases.stop()
             d.addBoth(lambda r: self.cluster.stop())

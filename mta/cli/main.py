@@ -53,6 +53,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "mta.cli.sendmail",         # smtpgw sendmail
     "mta.cli.dkim",             # smtpgw dkim keygen
     "mta.cli.cluster",          # smtpgw cluster
+    "mta.cli.tls_rpt",          # smtpgw tls-rpt
 )
 
 

@@ -35,7 +35,7 @@ from mta.config.model import (
     LocalHook, OutboundConfig, OversizeConfig, PluginsConfig, ProtocolLogConfig, QueueConfig, RelayConfig, ShapingRule, TlsConfig, ClusterConfig,
     VirtualServer,
 )
-from mta.config.model import PROTOCOL_LOG_FIELDS, ConsoleConfig, ConsoleTls, MetricsConfig, MtaStsConfig
+from mta.config.model import PROTOCOL_LOG_FIELDS, ConsoleConfig, ConsoleTls, MetricsConfig, MtaStsConfig, TlsRptConfig
 from mta.config.workers import check_workers, resolve_count
 from mta.config.schedules import parse_schedule
 from mta.config.values import (
@@ -523,6 +523,32 @@ MTA_STS = Section(MtaStsConfig, {          # outbound MTA-STS (mta/delivery/mta_
 })
 
 
+MIN_TLS_RPT_INTERVAL = 1.0
+
+
+def tls_rpt_interval(value: Any, path: str) -> float:
+    seconds = duration(value, path)
+    if seconds < MIN_TLS_RPT_INTERVAL:
+        raise ConfigError(path, f"expected at least 1s (RFC 8460 suggests 1d), got {describe(value)}")
+    return seconds
+
+
+def tls_rpt_contact(value: Any, path: str) -> str:
+    """An address (``tlsrpt@example.com``) or a URI (``mailto:...``, ``https://...``) on one line."""
+    text = string(value, path)
+    if any(c in text for c in "\r\n"):
+        raise ConfigError(path, f"expected one line, got {describe(value)}")
+    return text
+
+
+TLS_RPT = Section(TlsRptConfig, {          # TLS reporting (mta/delivery/tls_report.py)
+    "enabled": Key(boolean),
+    "organization": Key(tls_rpt_contact),
+    "contact": Key(tls_rpt_contact),
+    "interval": Key(tls_rpt_interval),
+})
+
+
 def _finish_console(kwargs: dict[str, Any], path: str) -> dict[str, Any]:
     if kwargs.get("enabled") and kwargs.get("users") is None:
         raise ConfigError(join(path, "users"), "the console needs a users file to log in against "
@@ -572,6 +598,7 @@ GATEWAY = Section(GatewayConfig, {
     "message_memory": Key(size),              # mta/smtp/server/message_memory.py
     "recipient_delimiter": Key(delimiter, "+", null_means=None),    # null: off
     "mta_sts": Key(MTA_STS),
+    "tls_rpt": Key(TLS_RPT),                  # RFC 8460 reports (mta/delivery/tls_report.py)
     "shaping": Key(lambda v, p: shaping_rules(v, p)),          # mta/delivery/shaping.py
     "cluster": Key(CLUSTER),                  # mta/cluster: several gateways as one on Redis
 }, finish=_finish_gateway)

@@ -74,6 +74,15 @@ class MtaStsConfig:
 
 
 @dataclass(frozen=True)
+class TlsRptConfig:
+    """``gateway.tls_rpt``: TLS reporting (RFC 8460) on the sessions MTA-STS and DANE govern; off by default."""
+    enabled: bool = False
+    organization: str | None = None     # the reports' organization-name; None: gateway.hostname
+    contact: str | None = None          # the reports' contact-info; None: postmaster@<gateway.hostname>
+    interval: float = 86400.0           # one report per domain per interval (RFC 8460: daily, UTC days)
+
+
+@dataclass(frozen=True)
 class ClusterConfig:
     """``gateway.cluster``: several gateways as one through a Redis server (mta/cluster); off by default."""
     redis: str | None = None        # redis://[:password@]host[:port][/db] or rediss://; None: a single machine
@@ -125,6 +134,7 @@ class GatewayConfig:
     message_memory: int = 256 * 1024 * 1024     # bytes of messages being received (mta/smtp/server/message_memory.py)
     recipient_delimiter: str | None = "+"   # alice+news@ -> alice's mailbox; None: off
     mta_sts: MtaStsConfig = field(default_factory=MtaStsConfig)
+    tls_rpt: TlsRptConfig = field(default_factory=TlsRptConfig)
     shaping: tuple[ShapingRule, ...] = ()   # per-destination traffic shaping, first match wins
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
@@ -137,6 +147,12 @@ class GatewayConfig:
     def mta_sts_cache(self) -> str:
         import os
         return self.mta_sts.cache or os.path.join(self.spool, "mta-sts")
+
+    @property
+    def tls_rpt_directory(self) -> str:
+        """Where TLS-RPT counts are kept across restarts (mta/delivery/tls_report.py)."""
+        import os
+        return os.path.join(self.spool, "tls-rpt")
 
     @property
     def control_socket_path(self) -> str:

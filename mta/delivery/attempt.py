@@ -413,6 +413,8 @@ class Deliverer:
                                 requiretls=required, dane=dane)
         if lookup is not None:
             route.record = lookup.record
+        route.sessions = getattr(self.gateway, "tls_reports", None)
+        route.count_refusal()
         return route
 
     async def _send(self, destination: Any, route: tls_policy.Route, hop: Hop, sender: str, batch: list[str],

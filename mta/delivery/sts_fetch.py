@@ -72,7 +72,10 @@ class _ResolvedTLSEndpoint:
 
 @implementer(IAgentEndpointFactory)
 class _EndpointFactory:
-    def __init__(self, fetcher: "PolicyFetcher") -> None:
+    """An Agent's endpoints: TLS to hosts found through the gateway's resolver, the certificate
+    checked against ``fetcher.trust_root()``."""
+
+    def __init__(self, fetcher: "VerifiedHttpsClient") -> None:
         self.fetcher = fetcher
 
     def endpointForURI(self, uri: Any) -> Any:
@@ -106,22 +109,32 @@ class _Body(Protocol):
                                          f"{reason.getErrorMessage()}"))
 
 
-class PolicyFetcher:
+class VerifiedHttpsClient:
+    """An Agent for HTTPS to hosts found through the gateway's resolver, certificates checked against
+    ``ca_file`` plus the system store: the MTA-STS policy fetch, the TLS-RPT report POST."""
+
+    def __init__(self, reactor: Any, resolver: Resolver, ca_file: str | None, timeout: float,
+                 connect_timeout: float) -> None:
+        self.reactor, self.resolver, self.ca_file = reactor, resolver, ca_file
+        self.timeout, self.connect_timeout = timeout, connect_timeout
+        self._trust_root: Any = None
+        self._agent = Agent.usingEndpointFactory(reactor, _EndpointFactory(self))
+
+    def trust_root(self) -> Any:
+        """``ca_file`` plus the system store, read at the first request (a small local file)."""
+        if self._trust_root is None:
+            self._trust_root = load_trust_root(self.ca_file, with_system=True)
+        return self._trust_root
+
+
+class PolicyFetcher(VerifiedHttpsClient):
     """One per gateway: fetches policy files (never blocking the reactor)."""
 
     def __init__(self, reactor: Any, resolver: Resolver, ca_file: str | None = None,
                  timeout: float = FETCH_TIMEOUT, connect_timeout: float = CONNECT_TIMEOUT,
                  port: int = 443) -> None:
-        self.reactor, self.resolver, self.ca_file = reactor, resolver, ca_file
-        self.timeout, self.connect_timeout, self.port = timeout, connect_timeout, port
-        self._trust_root: Any = None
-        self._agent = Agent.usingEndpointFactory(reactor, _EndpointFactory(self))
-
-    def trust_root(self) -> Any:
-        """``ca_file`` plus the system store, read at the first fetch (a small local file)."""
-        if self._trust_root is None:
-            self._trust_root = load_trust_root(self.ca_file, with_system=True)
-        return self._trust_root
+        super().__init__(reactor, resolver, ca_file, timeout, connect_timeout)
+        self.port = port
 
     def fetch(self, domain: str) -> defer.Deferred:
         """The policy text of ``domain``; fails with :class:`FetchError`."""
@@ -144,17 +157,17 @@ class PolicyFetcher:
         except defer.CancelledError:
             raise
         except Exception as e:
-            raise FetchError(f"{url}: {_why(e)}") from None
+            raise FetchError(f"{url}: {agent_error(e)}") from None
         if response.code != 200:
-            response.deliverBody(_Discard())
+            response.deliverBody(Discard())
             moved = " (redirects are not followed)" if 300 <= response.code < 400 else ""
             raise FetchError(f"{url}: HTTP {response.code}{moved}")
         kind = (response.headers.getRawHeaders(b"content-type") or [b""])[0]
         if kind.split(b";")[0].strip().lower() != b"text/plain":
-            response.deliverBody(_Discard())
+            response.deliverBody(Discard())
             raise FetchError(f"{url}: content type {kind.decode('latin-1')!r}, not text/plain")
         if isinstance(response.length, int) and response.length > MAX_POLICY_BYTES:
-            response.deliverBody(_Discard())
+            response.deliverBody(Discard())
             raise FetchError(f"{url}: policy larger than {MAX_POLICY_BYTES // 1024} KB")
         done: defer.Deferred = defer.Deferred()
         response.deliverBody(_Body(done, MAX_POLICY_BYTES))
@@ -165,19 +178,20 @@ class PolicyFetcher:
             raise FetchError(f"{url}: policy is not UTF-8") from None
 
 
-class _Discard(Protocol):
+class Discard(Protocol):
     def dataReceived(self, data: bytes) -> None:
         self.transport.stopProducing()
 
 
-def _why(e: BaseException) -> str:
+def agent_error(e: BaseException) -> str:
     """Agent failures wrap the real reason (ResponseNeverReceived([Failure]), ...)."""
     reasons = getattr(e, "reasons", None)
     if reasons:
         inner = reasons[0]
-        return _why(inner.value) if hasattr(inner, "value") else str(inner)
+        return agent_error(inner.value) if hasattr(inner, "value") else str(inner)
     text = str(e).strip() or type(e).__name__
     return text.splitlines()[0][:200]
 
 
-__all__ = ["FetchError", "MAX_POLICY_BYTES", "PolicyFetcher", "policy_url"]
+__all__ = ["Discard", "FetchError", "MAX_POLICY_BYTES", "PolicyFetcher", "VerifiedHttpsClient", "agent_error",
+           "policy_url"]

@@ -17,6 +17,11 @@ has usable, DNSSEC-validated TLSA records is tried with TLS mandatory and its ch
 them, whatever the MTA-STS policy says of that host (RFC 8461 2: DANE takes precedence), and never
 falls back in testing mode; a hop whose TLSA lookup failed is not tried (a temporary failure).
 
+Under ``enforce`` and ``testing`` every transaction is counted for TLS reporting (RFC 8460,
+:mod:`mta.delivery.tls_report`): a success, or the failure's result type, and an MX the policy leaves
+out as a ``validation-failure`` when no MX is left to try; DANE's sessions reach TLS reporting
+through :meth:`mta.delivery.dane.DaneLookup.record`.
+
 A message sent with REQUIRETLS (RFC 8689, :mod:`mta.smtp.client.requiretls`) needs validated TLS:
 a testing policy counts as enforce, DANE-validated hops are enough (the others are not tried), and
 with no validation at all it bounces (5.7.10). One with ``TLS-Required: No`` (and no REQUIRETLS) is
@@ -42,6 +47,7 @@ from mta.smtp.reply import Reply
 from mta.delivery.sts_policy import Policy
 from mta.delivery import dane as dane_
 from mta.delivery.dane import HostDane
+from mta.delivery.tls_report import SUCCESS
 
 log = Logger(namespace="smtpgw.mta-sts")
 
@@ -63,6 +69,7 @@ class Route:
     dane: dict[Hop, HostDane] = field(default_factory=dict)     # hops DANE governs (usable or failed)
     dane_policies: dict[Hop, OutboundPolicy] = field(default_factory=dict)
     record: Any = None                              # DaneLookup.record: where DANE outcomes go
+    sessions: Any = None                            # a TlsReportCounter: TLS-RPT counts (mta.delivery.tls_report)
 
     @property
     def tls(self) -> str:
@@ -80,13 +87,36 @@ class Route:
         if host is not None:
             return await self._send_dane(client, hop, host, sender, recipients, data, **options)
         try:
-            return await client.send(hop, sender, recipients, data, policy=self.policy, **options)
+            answers = await client.send(hop, sender, recipients, data, policy=self.policy, **options)
         except HostUnusable as e:
+            if e.tls_failure:
+                self._count(hop, e.tls_failure, options.get("source_address"), e.reply.text)
             if self.fallback is None or not e.reply.status.startswith("4.7."):
                 raise
             log.warn("MTA-STS testing: {domain}: enforce would refuse {hop}: {why}",
                      domain=self.domain, hop=str(hop), why=e.reply.text)
+        else:
+            self._count(hop, SUCCESS, options.get("source_address"))
+            return answers
         return await client.send(hop, sender, recipients, data, policy=self.fallback, **options)
+
+    def _count(self, hop: Hop, result: str, source: str | None = None, why: str | None = None) -> None:
+        """One session under the destination's MTA-STS policy, for TLS reporting (RFC 8460)."""
+        if self.sessions is None or self.sts is None or self.sts.mode == "none":
+            return
+        self.sessions.record(self.domain, "sts", sts_policy_string(self.sts), hop.name or hop.host,
+                             SUCCESS if result == SUCCESS else "failure",
+                             None if result == SUCCESS else result, sending_ip=source,
+                             receiving_ip=hop.host if hop.name else None, additional_information=why)
+
+    def count_refusal(self) -> None:
+        """No MX host the policy allows: one failed session per MX host left out."""
+        if self.refusal is None or self.sts is None or self.sessions is None:
+            return
+        for hop in self.skipped:
+            self.sessions.record(self.domain, "sts", sts_policy_string(self.sts), hop.name or hop.host,
+                                 "failure", "validation-failure", receiving_ip=hop.host if hop.name else None,
+                                 additional_information="MX host not listed in the MTA-STS policy")
 
 
     async def _send_dane(self, client: Any, hop: Hop, host: HostDane, sender: str, recipients: list[str],
@@ -106,6 +136,12 @@ class Route:
         result = dane_.outcome(self.domain, host, failure)
         if result is not None and self.record is not None:
             self.record(result)
+
+
+def sts_policy_string(policy: Policy) -> list[str]:
+    """RFC 8460's ``policy-string`` of an MTA-STS policy: its lines as published."""
+    return [line.strip() for line in policy.text.splitlines() if line.strip()] or [
+        "version: STSv1", f"mode: {policy.mode}", *[f"mx: {m}" for m in policy.mx], f"max_age: {policy.max_age}"]
 
 
 def subject_to_sts(connector: Connector | None) -> bool:
@@ -177,4 +213,4 @@ def _plan(domain: str, hops: list[Hop], policy: OutboundPolicy, sts: Policy | No
     return route
 
 
-__all__ = ["REQUIRED_BY", "Route", "plan", "sts_policy", "subject_to_sts"]
+__all__ = ["REQUIRED_BY", "Route", "plan", "sts_policy", "sts_policy_string", "subject_to_sts"]

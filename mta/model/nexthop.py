@@ -67,6 +67,10 @@ class HostUnusable(Exception):
     """The hop could not take the message at all (connect failed, greeting/EHLO/MAIL refused, TLS
     required but missing...): the caller tries the next hop. ``reply`` says why (4xx or 5xx)."""
 
-    def __init__(self, reply: Reply) -> None:
+    def __init__(self, reply: Reply, tls_failure: str = "") -> None:
         super().__init__(str(reply))
         self.reply = reply
+        # set when mandatory TLS failed: RFC 8460's result type (starttls-not-supported,
+        # certificate-host-mismatch, certificate-expired, certificate-not-trusted, validation-failure),
+        # which TLS reporting (mta.delivery.tls_report) counts
+        self.tls_failure = tls_failure

@@ -20,6 +20,9 @@ Protocol: one JSON object per line in each direction, one reply per request, in 
     {"op": "ping"}                                  -> {"ok": true, "hostname": ..., "pid": ...}
     {"op": "metrics"}                               -> {"ok": true, "families": [...]} (this process's
                                                        Prometheus figures: worker 0 adds them up)
+    {"op": "tls_rpt_show"}                          -> {"ok": true, "period": COUNTS} (TLS-RPT counts so far)
+    {"op": "tls_rpt_send"}                          -> {"ok": true, "results": [{"domain", "rua", "result"}]}
+    {"op": "tls_rpt_close"}                         -> {"ok": true} (one worker's period ends now)
 
 An error is ``{"ok": false, "error": TEXT}``, whatever the request was: bad JSON (also nested too deeply
 for the parser), a value of the wrong type, an unknown op. SUMMARY and DETAIL are built by :func:`summary` and
@@ -49,6 +52,7 @@ log = Logger(namespace="smtpgw.control")
 
 MAX_REQUEST = 64 * 1024
 ADMIN_HOLD = "held by the administrator"
+TLS_RPT_OFF = "TLS reporting is off: set gateway.tls_rpt.enabled: true"
 
 # results per entry
 NOT_FOUND, DONE, UNCHANGED, HELD_SKIPPED = "not found", "done", "unchanged", "held (release it first)"
@@ -225,6 +229,28 @@ class QueueControl:
             return {"ok": False, "error": f"Redis at {cluster.address} does not answer; this node "
                                           f"({cluster.name}) runs on its own until it does"}
         return {"ok": True, "node": cluster.name, "nodes": nodes, "now": time.time()}
+
+    def op_tls_rpt_show(self, request: dict) -> dict[str, Any]:
+        """``smtpgw tls-rpt show``: this process's TLS-RPT counts of the period under way."""
+        if not self.gateway.config.gateway.tls_rpt.enabled:
+            return {"ok": False, "error": TLS_RPT_OFF}
+        return {"ok": True, "period": self.gateway.tls_reports.snapshot(), "now": time.time()}
+
+    async def op_tls_rpt_close(self, request: dict) -> dict[str, Any]:
+        """End this process's TLS-RPT period now (its counts go to a closed file for the reporter)."""
+        if not self.gateway.config.gateway.tls_rpt.enabled:
+            return {"ok": False, "error": TLS_RPT_OFF}
+        await self.gateway.tls_reports.close()
+        return {"ok": True}
+
+    async def op_tls_rpt_send(self, request: dict) -> dict[str, Any]:
+        """``smtpgw tls-rpt send``: end the period now and send its reports (worker 0)."""
+        reporter = self.gateway.tls_reporter
+        if reporter is None:
+            return {"ok": False, "error": TLS_RPT_OFF}
+        if not request.get("closed_others"):
+            await self.gateway.tls_reports.close()
+        return {"ok": True, "results": await reporter.send_closed()}
 
     def op_pickup(self, request: dict) -> dict[str, Any]:
         """``smtpgw sendmail`` dropped a message: pick it up now rather than at the next minute."""

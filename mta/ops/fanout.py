@@ -18,6 +18,7 @@ from twisted.internet.protocol import Factory
 from twisted.protocols.basic import LineOnlyReceiver
 
 from mta.delivery.shaping import merge_snapshots
+from mta.delivery.tls_report import merge_periods
 from mta.ops.control import MAX_REQUEST, QueueControl
 from mta.workers.identity import owner_of
 
@@ -107,6 +108,18 @@ class FanOutControl(QueueControl):
             entry_id = request.get("id")
             owner = owner_of(entry_id, self.count) if isinstance(entry_id, str) else 0
             return await self._ask(owner, request)
+        if op == "tls_rpt_show":
+            answers = await self._gather({i: request for i in range(self.count)})
+            failed = next((a for a in answers if not a.get("ok")), None)
+            if failed is not None:
+                return failed
+            return {"ok": True, "period": merge_periods(a["period"] for a in answers), "now": answers[0].get("now")}
+        if op == "tls_rpt_send":        # every worker closes its period, then worker 0 sends them all
+            answers = await self._gather({i: {"op": "tls_rpt_close"} for i in range(self.count)})
+            failed = next((a for a in answers if not a.get("ok")), None)
+            if failed is not None:
+                return failed
+            return await super().handle({"op": "tls_rpt_send", "closed_others": True})
         ids = request.get("ids")
         if isinstance(ids, list) and ids and all(isinstance(i, str) for i in ids) and not request.get("all") \
                 and not request.get("domain"):

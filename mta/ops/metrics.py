@@ -23,6 +23,11 @@ Exposed series:
 ``smtpgw_queue_held_messages``              messages held by the administrator (``smtpgw queue hold``)
 ``smtpgw_queue_active_deliveries``          messages being delivered now
 ``smtpgw_queue_oldest_age_seconds``         age of the oldest queued message (0 when empty)
+``smtpgw_tls_policy_failures_total``        TLS sessions a destination's MTA-STS or DANE policy failed,
+                                            by ``policy_domain``, ``policy_type`` (sts, tlsa) and
+                                            ``result_type`` (RFC 8460: starttls-not-supported, ...)
+``smtpgw_tls_policy_sessions_total``        TLS sessions under such a policy, by ``policy_domain``,
+                                            ``policy_type`` and ``result`` (success, failure)
 =========================================== ===========================================================
 
 The registry is private to the gateway (not prometheus_client's global one), and the page is
@@ -239,6 +244,7 @@ class _Gauges:
                 ("smtpgw_queue_oldest_age_seconds", "oldest_age", "Age of the oldest queued message")):
             yield GaugeMetricFamily(name, text, value=float(stats.get(key, 0)))
         yield from _shaping_families(self.m.gateway.deliverer.shaper.snapshot())
+        yield from _tls_policy_families(self.m.gateway.tls_reports)
         memory = self.m.gateway.message_memory     # mta.smtp.server.message_memory
         yield GaugeMetricFamily("smtpgw_message_memory_bytes", "Bytes of messages being received, "
                                 "held in memory", value=float(memory.held))
@@ -267,6 +273,22 @@ def _shaping_families(rows: list[dict[str, Any]]) -> Iterable[Any]:
         paused.add_metric(labels, 1.0 if r["state"] == "paused" else 0.0)
         back_offs.add_metric(labels, float(r["back_offs"]))
     return (allowed, in_flight, paused, back_offs)
+
+
+def _tls_policy_families(counter: Any) -> Iterable[Any]:
+    """TLS sessions under a destination's policy (MTA-STS, DANE: mta.delivery.tls_report) since the
+    process started, whether or not ``gateway.tls_rpt`` sends reports."""
+    failures = CounterMetricFamily("smtpgw_tls_policy_failures", "TLS sessions a destination's policy "
+                                   "(MTA-STS, DANE) refused, by policy domain, policy type and RFC 8460 "
+                                   "result type", labels=["policy_domain", "policy_type", "result_type"])
+    for (domain, kind, result), n in sorted(counter.failures_total.items()):
+        failures.add_metric([domain, kind, result], float(n))
+    sessions = CounterMetricFamily("smtpgw_tls_policy_sessions", "TLS sessions under a destination's "
+                                   "policy, by policy domain, policy type and result (success, failure)",
+                                   labels=["policy_domain", "policy_type", "result"])
+    for (domain, kind, result), n in sorted(counter.sessions_total.items()):
+        sessions.add_metric([domain, kind, result], float(n))
+    return (failures, sessions)
 
 
 class MetricsPage(Resource):

@@ -109,6 +109,22 @@ def tls_failed(policy: OutboundPolicy, hop: str, why: str) -> Reply:
     return R.tls_check_failed(f"{check} with {hop} failed ({why}); {policy.label()} requires tls: {policy.tls}")
 
 
+NO_STARTTLS = "starttls-not-supported"     # RFC 8460 4.3.1 result types, for TLS reporting
+
+
+def tls_failure_type(why: str) -> str:
+    """RFC 8460's result type for a failed handshake or certificate check, from OpenSSL's and
+    service-identity's words."""
+    low = why.lower()
+    if "mismatch" in low:
+        return "certificate-host-mismatch"
+    if "expired" in low:
+        return "certificate-expired"
+    if "verify failed" in low or "self-signed" in low or "self signed" in low or "issuer" in low:
+        return "certificate-not-trusted"
+    return "validation-failure"
+
+
 def auth_needs_tls(policy: OutboundPolicy, hop: str) -> Reply:
     return R.credentials_withheld(f"not sending credentials of {policy.label()} to {hop} without TLS "
                                   "(set outbound.allow_plaintext_auth to allow it)")
@@ -181,4 +197,4 @@ def verifying_options(hostname: str, trust_root: Any) -> Any:
     return ssl.optionsForClientTLS(hostname, trustRoot=trust_root)
 
 
-__all__ = ["OutboundPolicy", "TLS_MODES", "load_trust_root", "verifying_options"]
+__all__ = ["NO_STARTTLS", "OutboundPolicy", "TLS_MODES", "tls_failure_type", "load_trust_root", "verifying_options"]

@@ -343,7 +343,8 @@ class SMTPClientPool:
                     self._trust_roots[trust] = outbound.load_trust_root(*trust)
                 except (OSError, ValueError) as e:
                     raise HostUnusable(R.tls_check_failed(
-                        f"{policy.label()}: cannot use ca_file {policy.ca_file!r}: {_why(e)}")) from e
+                        f"{policy.label()}: cannot use ca_file {policy.ca_file!r}: {_why(e)}"),
+                        "validation-failure") from e
             options = self._verifying[key] = outbound.verifying_options(name, self._trust_roots[trust])
         return options
 
@@ -380,7 +381,8 @@ class SMTPClientPool:
                 raise HostUnusable(e.reply) from e
             if policy is not None and policy.tls_mandatory:
                 why = e.reply.text.rpartition(" lost: ")[2] or e.reply.text
-                raise HostUnusable(outbound.tls_failed(policy, str(hop), why)) from e
+                raise HostUnusable(outbound.tls_failed(policy, str(hop), why),
+                                   outbound.tls_failure_type(why)) from e
             log.info("STARTTLS with {hop} failed ({reply}); falling back to plaintext", hop=str(hop),
                      reply=str(e.reply))
             slot.plaintext_until = time.time() + TLS_FALLBACK_SECONDS

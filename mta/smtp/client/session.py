@@ -267,9 +267,9 @@ class SMTPClientProtocol(Protocol):
         for name in self.setup_steps:
             await getattr(self, name)()
 
-    def _refused(self, reply: Reply) -> HostUnusable:
+    def _refused(self, reply: Reply, tls_failure: str = "") -> HostUnusable:
         self.quit()
-        return HostUnusable(reply)
+        return HostUnusable(reply, tls_failure)
 
     async def step_greeting(self) -> None:
         greeting = await self.expect("greeting")
@@ -309,12 +309,13 @@ class SMTPClientProtocol(Protocol):
         mandatory = self.policy is not None and self.policy.tls_mandatory
         if self.tls_options is None or "STARTTLS" not in self.extensions:
             if mandatory:
-                raise self._refused(outbound.no_starttls(self.policy, self.hop_label))
+                raise self._refused(outbound.no_starttls(self.policy, self.hop_label), outbound.NO_STARTTLS)
             return
         reply = await self.command("STARTTLS")
         if reply.code != 220:
             if mandatory:
-                raise self._refused(outbound.starttls_refused(self.policy, self.hop_label, reply))
+                raise self._refused(outbound.starttls_refused(self.policy, self.hop_label, reply),
+                                    outbound.NO_STARTTLS)
             return
         # dataReceived has already checked that nothing followed the 220 in the same read.
         self.transport.startTLS(self.tls_options)
