@@ -11,6 +11,7 @@ import email.policy
 import gzip
 import json
 import signal
+import smtplib
 import subprocess
 import urllib.request
 
@@ -246,3 +247,39 @@ def test_tls_rpt_commands_say_when_reporting_is_off(tmp_path, gateway):
     r = tls_rpt(gw, "show")
     assert r.returncode == 1 and "gateway.tls_rpt.enabled" in r.stderr and "Traceback" not in r.stderr
     gw.proc.send_signal(signal.SIGTERM)
+
+
+def test_two_workers_count_apart_and_worker_0_reports_for_both(tmp_path, gateway, dns, https, mx, ca):
+    from mta.workers import identity as workers
+
+    plain, secure, reports = mx
+    cfg = config(tmp_path, dns, ca)
+    cfg["gateway"]["workers"] = 2
+    gw = gateway(cfg)
+    assert wait_until(lambda: "control.sock.1" in gw.log(), 30), gw.log()
+    host, port = gw.address
+    ids = set()
+    for n in range(200):                   # until each worker has taken some (the queue id says which)
+        with smtplib.SMTP(host, port, timeout=30) as s:
+            s.ehlo("client.test")
+            s.mail("a@sender.test")
+            s.rcpt("b@sts.test")
+            code, text = s.data(f"From: a@sender.test\r\nSubject: w{n}\r\n\r\nhi\r\n")
+        assert code == 250
+        ids.add(text.decode().rsplit(" ", 1)[-1])
+        if {workers.owner_of(x, 2) for x in ids} == {0, 1}:
+            break
+    assert secure.wait_for(len(ids), timeout=60), gw.log()
+    spool = tmp_path / "spool" / "tls-rpt"
+    assert wait_until(lambda: all((spool / f"current-{i}.json").exists() for i in (0, 1)), 10)
+
+    def counted() -> list:
+        return [(r["successful"], r["failed"]) for r in shown(gw)]
+
+    assert wait_until(lambda: counted() == [(len(ids), len(ids))], 10), (counted(), len(ids))
+    sent = tls_rpt(gw, "send", "--json")
+    assert sent.returncode == 0, sent.stderr
+    assert len(https.posts) == 1
+    (item,) = json.loads(gzip.decompress(https.posts[0][3]))["policies"]
+    assert item["summary"] == {"total-successful-session-count": len(ids), "total-failure-session-count": len(ids)}
+    assert shown(gw) == []

@@ -78,7 +78,7 @@ class TlsRptConfig:
     """``gateway.tls_rpt``: TLS reporting (RFC 8460) on the sessions MTA-STS and DANE govern; off by default."""
     enabled: bool = False
     organization: str | None = None     # the reports' organization-name; None: gateway.hostname
-    contact: str | None = None          # the reports' contact-info; None: postmaster@<gateway.hostname>
+    contact: str | None = None          # the reports' contact-info; None: gateway.postmaster
     interval: float = 86400.0           # one report per domain per interval (RFC 8460: daily, UTC days)
 
 

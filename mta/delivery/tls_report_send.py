@@ -211,7 +211,7 @@ class TlsReporter:
         report_id = f"{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime(begin))}.{unique}@{self.submitter}"
         settings = self.settings
         report = build_report(entries, begin, end, settings.organization or self.submitter,
-                              settings.contact or f"postmaster@{self.submitter}", report_id)
+                              settings.contact or self.gateway.config.gateway.postmaster, report_id)
         gz = gzip.compress(json.dumps(report).encode("utf-8"), mtime=0)
         name = report_file_name(self.submitter, domain, begin, end, unique)
         results = []
@@ -240,7 +240,7 @@ class TlsReporter:
         contact = settings.contact or ""
         sender = contact[len("mailto:"):] if contact.lower().startswith("mailto:") else contact
         if "@" not in sender:
-            sender = f"postmaster@{self.submitter}"
+            sender = self.gateway.config.gateway.postmaster
         data = report_message(report, gz, name, self.submitter, sender, to, self.reactor.seconds())
         return await self.gateway.queue.inject("", [to], data)
 
