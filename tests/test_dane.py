@@ -347,3 +347,23 @@ def test_dns_check_shows_tlsa_records_and_what_is_required(tmp_path, resolver, c
     assert f"_25._tcp.mx1.dane.test TLSA 3 1 1 {digest} (DNSSEC-validated)" in out
     assert "mx1.dane.test: DANE: STARTTLS with a certificate matching a TLSA record (takes precedence over MTA-STS)" in out
     assert "mx2.dane.test: opportunistic STARTTLS: no usable TLSA record (PKIX usages 0/1 are not used for SMTP)" in out
+
+
+def test_dane_sessions_are_counted_for_tls_reporting(tmp_path, gateway, peers, resolver, ca):
+    from test_tls_rpt import shown
+
+    right, wrong = ca.issue_cert("mx1.dane.test"), ca.issue_cert("mx1.dane.test")
+    key = spki_sha256(load(right.cert_chain_pems[0].bytes()))
+    resolver.add("_25._tcp.mx1.dane.test", "TLSA", f"3 1 1 {key}").add("_25._tcp.mx2.dane.test", "TLSA", f"3 1 1 {key}")
+    tls_peer(peers, MX1, wrong)
+    mx2 = tls_peer(peers, MX2, right)
+    cfg = config(tmp_path, resolver)
+    cfg["gateway"]["tls_rpt"] = {"enabled": True}
+    gw = gateway(cfg)
+    assert "tls=dane" in delivered(gw, mx2, "counted")      # mx1's certificate matches no record
+
+    def counted() -> list:
+        return [(r["policy_type"], r["mx_host"], r["successful"], r["failed"], r["failures"]) for r in shown(gw)]
+
+    assert wait_until(lambda: counted() == [("tlsa", ["mx1.dane.test"], 0, 1, {"tlsa-invalid": 1}),
+                                            ("tlsa", ["mx2.dane.test"], 1, 0, {})], 10), counted()
