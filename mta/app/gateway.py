@@ -15,6 +15,7 @@ from twisted.internet import defer
 
 from mta.cluster.leases import ConnectionLeases
 from mta.cluster.node import Cluster
+from mta.cluster.queue_index import QueueIndex
 from mta.config import Config
 from mta.delivery.attempt import Deliverer
 from mta.delivery.nexthops import Resolver
@@ -24,6 +25,7 @@ from mta.delivery.tls_report import TlsReportCounter
 from mta.delivery.tls_report_send import TlsReporter
 from mta.delivery.recipients import LocalRecipients
 from mta.maillog import MailLog
+from mta.ops.drain import Drain
 from mta.ops.metrics import GatewayMetrics
 from mta.ops.trace import Traces, attach
 from mta.plugin.manager import Hooks
@@ -61,6 +63,8 @@ class Gateway:
     cluster: Cluster | None             # gateway.cluster.redis set: this node's link to the others (mta.cluster)
     leases: ConnectionLeases | None     # with a cluster: connector limits counted over every node
     traces: Traces                      # each queued message's recent steps, for `smtpgw queue show` (mta.ops.trace)
+    queue_index: QueueIndex | None      # with a cluster: this worker's queue, indexed in Redis for the cluster view
+    drain: Drain                        # smtpgw cluster drain: new connections refused, the queue emptied
 
     def __init__(self, config: Config, reactor: Any = None, load_plugins: bool = True,
                  worker: WorkerInfo = SINGLE) -> None:
@@ -101,9 +105,14 @@ class Gateway:
                                 heartbeat=worker.index == 0)
                         if config.gateway.cluster.redis else None)
         self.leases = None
+        self.queue_index = None
+        self.drain = Drain(config.gateway.spool, reactor, writer=worker.index == 0, name=config.gateway.node_name)
         if self.cluster is not None:
             self.leases = ConnectionLeases(self.cluster, lambda: self.config)
             self.client.leases = self.leases
+            self.queue_index = QueueIndex(self.cluster, self.queue, worker.index, worker.count)
+            self.cluster.node_state = self.drain.state
+            self.drain.changed = self.cluster.beat
         self.hooks.configure(config, self)
         self.traces = attach(self)
 
@@ -115,6 +124,9 @@ class Gateway:
         if self.cluster is not None:
             self.cluster.start()
             self.leases.start()
+        if self.queue_index is not None:
+            d.addCallback(lambda loaded: (self.queue_index.start(), loaded)[1])
+        self.drain.start()
         if self.worker.index == 0:
             d.addCallback(lambda loaded: (self.pickup.start(), loaded)[1])
         counts = self.tls_reports.start()
@@ -125,6 +137,9 @@ class Gateway:
     def stop(self) -> defer.Deferred:
         self.pickup.stop()
         self.recipients.stop()
+        self.drain.stop()
+        if self.queue_index is not None:
+            self.queue_index.stop()
         d = self.queue.stop()
         d.addBoth(lambda r: self.client.close())
         d.addBoth(lambda r: self.tls_reports.stop())

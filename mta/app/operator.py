@@ -10,6 +10,7 @@ from twisted.application import service
 from twisted.internet import defer
 from twisted.application.internet import StreamServerEndpointService
 
+from mta.cluster.commands import CommandServer
 from mta.console.history import reader
 from mta.console.web import console_service
 from mta.ops.control import ControlService
@@ -27,6 +28,8 @@ def add_operator_services(top: service.MultiService, gateway: Any, reactor: Any)
     if worker.supervisor:
         control.control_class = FanOutControl
     control.setServiceParent(top)
+    if worker.index == 0:
+        _drain_and_commands(gateway, control.control_class(gateway)).setServiceParent(top)
     settings = gateway.config.gateway
     ask = _asker(reactor, settings.control_socket_path)
     if settings.metrics.enabled or settings.console.enabled:
@@ -40,6 +43,37 @@ def add_operator_services(top: service.MultiService, gateway: Any, reactor: Any)
         if settings.console.enabled and worker.index == 0:
             read = reader(metrics, worker.count, ask, reactor.seconds)
             console_service(gateway, control.control_class(gateway), reactor, read).setServiceParent(top)
+
+
+class _NodeCommands(service.Service):
+    """Commands from the other nodes (mta.cluster.commands), answered by worker 0's control object."""
+
+    def __init__(self, server: CommandServer) -> None:
+        self.server = server
+
+    def startService(self) -> None:
+        super().startService()
+        self.server.start()
+
+    def stopService(self) -> Any:
+        super().stopService()
+        return self.server.stop()
+
+
+def _drain_and_commands(gateway: Any, control: Any) -> service.Service:
+    """Worker 0 counts what a draining node still holds through the same control object as
+    ``smtpgw queue`` (so over every worker), and, in a cluster, runs the other nodes' commands on it:
+    a remote ``queue hold`` or ``cluster drain`` takes the local tool's code path."""
+    async def count() -> int:
+        listed = await control.handle({"op": "list"})
+        if not listed.get("ok"):
+            raise RuntimeError(listed.get("error"))
+        return sum(1 for e in listed["entries"] if not e.get("corrupt"))
+
+    gateway.drain.count = count
+    if gateway.cluster is None:
+        return service.Service()
+    return _NodeCommands(CommandServer(gateway.cluster, control.handle))
 
 
 def _asker(reactor: Any, path: str) -> Callable[[int, dict[str, Any]], defer.Deferred]:

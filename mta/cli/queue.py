@@ -13,6 +13,9 @@ mailq/postqueue/postsuper.
     smtpgw queue delete [--dsn] ID...         # --dsn: tell the sender (a failure DSN, 5.3.0)
     ... --json                                # the same as JSON, for scripts
 
+    smtpgw queue list --cluster               # every node's messages (gateway.cluster), with a NODE column
+    smtpgw queue hold mx2:ID ...              # NODE:ID acts on that node's message, through Redis
+
 An ID may be given by any unique prefix of it. Printed into a pipe, ``list`` cuts no column.
 
 With a running gateway every request goes through its control socket (mta/ops/control.py), so the tool
@@ -41,6 +44,7 @@ from mta.ops.control import (
     DONE, HELD_SKIPPED, NOT_FOUND, UNCHANGED, corrupt_summary, detail, encode_message, selector, summary,
 )
 from mta.ops.trace import explain, text_lines
+from mta.cluster.commands import DEFAULT_TIMEOUT as NODE_TIMEOUT
 
 CLIENT_TIMEOUT = 300.0      # a delete waits for an attempt in flight, which may wait on a slow host
 
@@ -469,6 +473,8 @@ def _arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="action", metavar="ACTION")
     p = sub.add_parser("list", help="one line per queued message")
     _common(p, top=False)
+    p.add_argument("--cluster", action="store_true",
+                   help="every node's messages (gateway.cluster), from the index each node keeps in Redis")
     p = sub.add_parser("show", help="envelope, per-recipient state and headers of one message")
     _common(p, top=False)
     p.add_argument("id", metavar="ID")
@@ -520,6 +526,8 @@ def queue(args: argparse.Namespace) -> int:
         print(f"smtpgw queue {request}", file=sys.stderr)
         return EXIT_USAGE
     config = load_config(args)
+    if getattr(args, "cluster", False) or names_nodes(request):
+        return cluster_queue(args, config, request)
     try:
         request = resolve_ids(config, request)
         if isinstance(request, str):
@@ -533,31 +541,158 @@ def queue(args: argparse.Namespace) -> int:
         reply = {"ok": True, "gateway": reply["gateway"], **shape(reply["entries"]),
                  "shaping": reply.get("shaping", [])}
     if args.action == "cat" and reply.get("ok") and not args.json:
-        sys.stdout.flush()
-        message = base64.b64decode(reply["message"]).replace(b"\r\n", b"\n")
-        sys.stdout.buffer.write(escape_bytes(message) if sys.stdout.isatty() else message)
-        return EXIT_OK
+        return _write_message(reply)
+    if _print_reply(args, reply, lambda r: _lines(args.action, r, time.time())) != EXIT_OK:
+        return EXIT_FAILURE
+    # a named message that was not found, or was held and so not retried, is a failure for scripts
+    named = bool(getattr(args, "ids", None))
+    bad = [r for r in reply.get("results", [])
+           if r["result"] == NOT_FOUND or (named and r["result"] == HELD_SKIPPED)]
+    return EXIT_FAILURE if bad else EXIT_OK
+
+
+def _lines(action: str, reply: dict[str, Any], now: float) -> list[str]:
+    if action == "list":
+        lines = format_table(reply["entries"], now, wide=not sys.stdout.isatty())
+        if reply["gateway"] == "stopped":
+            lines.append("(the gateway is not running: read from the spool)")
+        return lines
+    if action == "show":
+        return format_detail(reply["entry"], now)
+    if action == "summary":
+        return format_shape(reply)
+    return format_results(action, reply["results"], reply["gateway"] == "stopped")
+
+
+def _write_message(reply: dict[str, Any]) -> int:
+    """``cat``: the message's bytes as queued (line ends as the terminal expects; escaped on a terminal)."""
+    sys.stdout.flush()
+    message = base64.b64decode(reply["message"]).replace(b"\r\n", b"\n")
+    sys.stdout.buffer.write(escape_bytes(message) if sys.stdout.isatty() else message)
+    return EXIT_OK
+
+
+# -- the cluster: every node's queue, and NODE:ID ------------------------------------------------------
+
+def names_nodes(request: dict[str, Any]) -> bool:
+    """Does the request name a message as ``NODE:ID`` (a queue id never holds a colon)?"""
+    ids = request.get("ids") or ([request["id"]] if isinstance(request.get("id"), str) else [])
+    return any(":" in i for i in ids)
+
+
+def by_node(ids: list[str], own: str) -> dict[str, list[str]]:
+    """``NODE:ID`` grouped by node, in the order given; a bare ID is this node's."""
+    groups: dict[str, list[str]] = {}
+    for qualified in ids:
+        node, _, entry_id = qualified.rpartition(":")
+        groups.setdefault(node or own, []).append(entry_id)
+    return groups
+
+
+def _ask_running(config: Config, request: dict[str, Any]) -> dict[str, Any]:
+    reply = ask(config.gateway.control_socket_path, request)
+    if reply is None:
+        raise ControlError(f"the gateway is not running here (nothing answers on "
+                           f"{config.gateway.control_socket_path}); --cluster and NODE:ID go through its "
+                           "link to Redis: start it, or run the command on the node that holds the message")
+    return reply
+
+
+def _resolve_on(rows: list[dict[str, Any]], node: str, ids: list[str]) -> list[str] | str:
+    """Prefixes of ``node``'s ids, resolved against the cluster view as :func:`resolve_ids` does locally."""
+    known = [r["id"] for r in rows if r.get("node") == node]
+    full = []
+    for w in ids:
+        matches = [w] if w in known else [k for k in known if k.startswith(w)]
+        if len(matches) > 1:
+            return f"{node}:{w}: {len(matches)} messages on {node} have ids starting so; give more of the id"
+        full.append(matches[0] if matches else w)
+    return full
+
+
+def cluster_queue(args: argparse.Namespace, config: Config, request: dict[str, Any]) -> int:
+    """``queue list --cluster`` and ``NODE:ID``: through the running gateway's control socket, which
+    reads the cluster's index or sends the request to the node that holds the message."""
+    if not config.gateway.cluster.redis:
+        print("smtpgw queue: --cluster and NODE:ID need a cluster (gateway.cluster.redis is not set)", file=sys.stderr)
+        return EXIT_USAGE
+    if args.action not in ("list", "show", "cat", "retry", "requeue", "hold", "release", "delete"):
+        print(f"smtpgw queue {args.action}: not for the cluster; use list --cluster, or name messages "
+              "as NODE:ID", file=sys.stderr)
+        return EXIT_USAGE
+    own = config.gateway.node_name
+    try:
+        view = _ask_running(config, {"op": "cluster_list"})
+        if args.action == "list" or not view.get("ok"):
+            return _print_reply(args, view, lambda r: format_cluster_table(r, time.time(), not sys.stdout.isatty()))
+        single = "id" in request
+        groups = by_node([request["id"]] if single else request["ids"], own)
+        results: list[dict[str, Any]] = []
+        for node, ids in groups.items():
+            full = _resolve_on(view["entries"], node, ids)
+            if isinstance(full, str):
+                print(f"smtpgw queue {args.action}: {full}", file=sys.stderr)
+                return EXIT_USAGE
+            inner = {**request, "id": full[0]} if single else {**request, "ids": full}
+            reply = _ask_running(config, {"op": "cluster_command", "node": node, "request": inner,
+                                          "timeout": NODE_TIMEOUT})
+            if not reply.get("ok") or single:
+                return _single(args, reply)
+            results += [{**r, "id": f"{node}:{r['id']}"} for r in reply.get("results", [])]
+    except (ControlError, OSError) as e:
+        print(f"smtpgw queue: {e}", file=sys.stderr)
+        return EXIT_FAILURE
+    reply = {"ok": True, "results": results, "gateway": "running"}
+    code = _print_reply(args, reply, lambda r: format_results(args.action, r["results"], False))
+    named_bad = [r for r in results if r["result"] in (NOT_FOUND, HELD_SKIPPED)]
+    return EXIT_FAILURE if named_bad else code
+
+
+def _single(args: argparse.Namespace, reply: dict[str, Any]) -> int:
+    """A show/cat answered by the node (or an error from any request)."""
+    if args.action == "cat" and reply.get("ok") and not args.json:
+        return _write_message(reply)
+    return _print_reply(args, reply, lambda r: [f"node:        {r.get('node', '?')}"]
+                        + format_detail(r["entry"], time.time()))
+
+
+def _print_reply(args: argparse.Namespace, reply: dict[str, Any], lines: Any) -> int:
     if args.json:
         print(json.dumps(reply, indent=2, sort_keys=True))
     if not reply.get("ok"):
         if not args.json:
             print(f"smtpgw queue: {reply.get('error', 'failed')}", file=sys.stderr)
         return EXIT_FAILURE
-    now = time.time()
     if not args.json:
-        if args.action == "list":
-            lines = format_table(reply["entries"], now, wide=not sys.stdout.isatty())
-            if reply["gateway"] == "stopped":
-                lines.append("(the gateway is not running: read from the spool)")
-        elif args.action == "show":
-            lines = format_detail(reply["entry"], now)
-        elif args.action == "summary":
-            lines = format_shape(reply)
-        else:
-            lines = format_results(args.action, reply["results"], reply["gateway"] == "stopped")
-        print("\n".join(lines))
-    # a named message that was not found, or was held and so not retried, is a failure for scripts
-    named = bool(getattr(args, "ids", None))
-    bad = [r for r in reply.get("results", [])
-           if r["result"] == NOT_FOUND or (named and r["result"] == HELD_SKIPPED)]
-    return EXIT_FAILURE if bad else EXIT_OK
+        print("\n".join(lines(reply)))
+    return EXIT_OK
+
+
+def format_cluster_table(reply: dict[str, Any], now: float, wide: bool = False) -> list[str]:
+    """``queue list --cluster``: one line per message of every node; a node that stopped shows its
+    last rows marked ``(gone)``: what it held when it was last seen."""
+    header = ["NODE", "ID", "STATE", "SENDER", "PENDING", "SIZE", "AGE", "NEXT ATTEMPT", "LAST ERROR / WHY HELD"]
+    rows = []
+    for e in reply["entries"]:
+        pending = e["recipients_pending"]
+        rcpts = f"{len(pending)}/{e['recipients_total']}"
+        if pending:
+            rcpts += " " + _cut_text(pending[0] + (f" +{len(pending) - 1}" if len(pending) > 1 else ""),
+                                     None if wide else 40)
+        node = e["node"] + (" (gone)" if e.get("stale") else "")
+        rows.append([node, e["id"], e["state"], _cut_text(f"<{e['sender']}>", None if wide else 40), rcpts,
+                     str(e["size"]), human_duration(max(0.0, now - e["received_at"])),
+                     when_text(e["next_attempt"], now, e["state"] == "active"),
+                     _cut_text(e.get("why_held") or e.get("last_error"), None if wide else 50)])
+    widths = [max(len(r[i]) for r in [header] + rows) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in [header] + rows]
+    counts: dict[str, int] = {n["node"]: 0 for n in reply["nodes"]}
+    for e in reply["entries"]:
+        counts[e["node"]] = counts.get(e["node"], 0) + 1
+    states = {n["node"]: n["state"] for n in reply["nodes"]}
+    each = ", ".join(f"{n} {c}" + ("" if states.get(n, "gone") == "up" else f" ({states.get(n, 'gone')})")
+                     for n, c in sorted(counts.items()))
+    total = len(reply["entries"])
+    lines.append(f"{total} message{'s' if total != 1 else ''} on {len(counts)} node{'s' if len(counts) != 1 else ''}"
+                 + (f": {each}" if each else ""))
+    return lines

@@ -68,14 +68,15 @@ class Cluster:
         self.address = parse_redis_url(config.gateway.cluster.redis, "gateway.cluster.redis")
         self.queue_size = queue_size
         self.leases_held: Callable[[], int] = lambda: 0         # set by the connection leases (mta.cluster.leases)
+        self.node_state: Callable[[], str] = lambda: "up"       # "draining"/"drained" (mta.ops.drain)
         self.redis = RedisLink(reactor, self.address)
         self.subscription = Subscription(reactor, self.address, [TRIGGERS], self._message, self._resync)
         self.started = time.time()
-        self.state = "up"
         self.degraded = False
         self._heartbeat = task.LoopingCall(self._beat) if heartbeat else None
         self._handlers: list[Callable[[Trigger], Any]] = []
         self._applied: set[tuple[str, float]] = set()   # (node, at) applied already (pub/sub and marker both)
+        self._resynced: list[Callable[[], Any]] = []
 
     # -- life cycle ------------------------------------------------------------------------------
 
@@ -117,6 +118,10 @@ class Cluster:
 
     # -- heartbeat -------------------------------------------------------------------------------
 
+    def beat(self) -> defer.Deferred:
+        """Register now (a change of state, such as a drain, shows at once), not at the next beat."""
+        return self._beat()
+
     def _beat(self) -> defer.Deferred:
         d = defer.Deferred.fromCoroutine(self.register())
         d.addErrback(lambda f: None if f.check(Unavailable) else log.failure("cluster heartbeat", f))
@@ -126,7 +131,7 @@ class Cluster:
         key = node_key(self.name)
         await self.call("HSET", key, "host", self.config.gateway.hostname, "pid", os.getpid(),
                         "started", f"{self.started:.3f}", "heartbeat", f"{time.time():.3f}",
-                        "queue", self.queue_size(), "state", self.state, "leases", self.leases_held())
+                        "queue", self.queue_size(), "state", self.node_state(), "leases", self.leases_held())
         await self.call("EXPIRE", key, HEARTBEAT_TTL)
         await self.call("SADD", NODES, self.name)
 
@@ -199,8 +204,15 @@ class Cluster:
         if at > seen:
             await self.call("SET", seen_key(self.name), f"{at:.6f}", "EX", TRIGGER_TTL)
 
+    def on_resync(self, handler: Callable[[], Any]) -> None:
+        """``handler()`` each time the node (re)connects to Redis, which may have lost everything:
+        the queue index (mta.cluster.queue_index) writes itself again."""
+        self._resynced.append(handler)
+
     def _resync(self) -> None:
         """Subscribed (again): register at once and apply the markers left while this node was away."""
+        for handler in self._resynced:
+            handler()
         d = defer.Deferred.fromCoroutine(self._catch_up())
         d.addErrback(lambda f: None if f.check(Unavailable) else log.failure("cluster resync", f))
 

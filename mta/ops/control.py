@@ -23,6 +23,14 @@ Protocol: one JSON object per line in each direction, one reply per request, in 
     {"op": "tls_rpt_show"}                          -> {"ok": true, "period": COUNTS} (TLS-RPT counts so far)
     {"op": "tls_rpt_send"}                          -> {"ok": true, "results": [{"domain", "rua", "result"}]}
     {"op": "tls_rpt_close"}                         -> {"ok": true} (one worker's period ends now)
+    {"op": "drain" | "undrain" | "drain_status"}    -> {"ok": true, "node", "state", "changed", "since",
+                                                       "messages", "held"} (mta/ops/drain.py)
+    {"op": "cluster"}                               -> {"ok": true, "node", "nodes": [...]} (cluster status)
+    {"op": "cluster_list"}                          -> {"ok": true, "node", "nodes", "entries": [ROW, ...]}
+                                                       (every node's queue, mta/cluster/queue_index.py)
+    {"op": "cluster_command", "node": N, "request": {...}, "timeout": s}
+                                                    -> node N's answer to the request (one of the ops
+                                                       above it takes from other nodes, through Redis)
 
 An error is ``{"ok": false, "error": TEXT}``, whatever the request was: bad JSON (also nested too deeply
 for the parser), a value of the wrong type, an unknown op. SUMMARY and DETAIL are built by :func:`summary` and
@@ -43,6 +51,8 @@ from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.protocols.basic import LineOnlyReceiver
 
+from mta.cluster.commands import DEFAULT_TIMEOUT, REMOTE_OPS, NodeNotAnswering, ask_node
+from mta.cluster.queue_index import cluster_queue
 from mta.cluster.redis import Unavailable
 from mta.dsn.reports import header_block
 from mta.model.queue_entry import QueueEntry
@@ -218,16 +228,24 @@ class QueueControl:
             return {"ok": False, "error": "metrics are not enabled (gateway.metrics.enabled)"}
         return {"ok": True, "families": metrics.snapshot()}
 
-    async def op_cluster(self, request: dict) -> dict[str, Any]:
-        """``smtpgw cluster status``: every node, from Redis (mta.cluster.node)."""
+    def _cluster(self) -> Any:
         cluster = self.gateway.cluster
         if cluster is None:
-            return {"ok": False, "error": "this gateway is not in a cluster: gateway.cluster.redis is not set"}
+            raise ValueError("this gateway is not in a cluster: gateway.cluster.redis is not set")
+        return cluster
+
+    @staticmethod
+    def _redis_down(cluster: Any) -> dict[str, Any]:
+        return {"ok": False, "error": f"Redis at {cluster.address} does not answer; this node "
+                                      f"({cluster.name}) runs on its own until it does"}
+
+    async def op_cluster(self, request: dict) -> dict[str, Any]:
+        """``smtpgw cluster status``: every node, from Redis (mta.cluster.node)."""
+        cluster = self._cluster()
         try:
             nodes = await cluster.status()
         except Unavailable:
-            return {"ok": False, "error": f"Redis at {cluster.address} does not answer; this node "
-                                          f"({cluster.name}) runs on its own until it does"}
+            return self._redis_down(cluster)
         return {"ok": True, "node": cluster.name, "nodes": nodes, "now": time.time()}
 
     def op_tls_rpt_show(self, request: dict) -> dict[str, Any]:
@@ -251,6 +269,58 @@ class QueueControl:
         if not request.get("closed_others"):
             await self.gateway.tls_reports.close()
         return {"ok": True, "results": await reporter.send_closed()}
+
+    async def op_cluster_list(self, request: dict) -> dict[str, Any]:
+        """``smtpgw queue list --cluster``: every node's messages, from the index each keeps in Redis."""
+        cluster = self._cluster()
+        try:
+            view = await cluster_queue(cluster)
+        except Unavailable:
+            return self._redis_down(cluster)
+        return {"ok": True, "node": cluster.name, **view, "now": time.time()}
+
+    async def op_cluster_command(self, request: dict) -> dict[str, Any]:
+        """A queue or drain request for the node that holds the message (``smtpgw queue hold mx2:ID``),
+        sent to it through Redis (mta.cluster.commands); this node's own is answered here."""
+        cluster = self._cluster()
+        node, inner = request.get("node"), request.get("request")
+        if not isinstance(node, str) or not node or not isinstance(inner, dict) or inner.get("op") not in REMOTE_OPS:
+            raise ValueError(f'cluster_command needs "node" and a "request" whose op is one of '
+                             f'{", ".join(sorted(REMOTE_OPS))}')
+        timeout = request.get("timeout", DEFAULT_TIMEOUT)
+        if not isinstance(timeout, (int, float)) or not 0 < timeout <= 600:
+            raise ValueError('"timeout" is a number of seconds, at most 600')
+        if node == cluster.name:
+            return {**await self.handle(inner), "node": node}
+        try:
+            return await ask_node(cluster, node, inner, float(timeout))
+        except NodeNotAnswering as e:
+            return {"ok": False, "error": str(e), "node": node, "not_answering": True}
+        except Unavailable:
+            return self._redis_down(cluster)
+
+    # -- drain (mta/ops/drain.py) --------------------------------------------------------------------
+
+    async def _drain_answer(self, changed: bool) -> dict[str, Any]:
+        drain = self.gateway.drain
+        listed = await self.handle({"op": "list"})          # every worker's share (mta.ops.fanout)
+        if not listed.get("ok"):
+            return listed
+        live = [e for e in listed["entries"] if not e.get("corrupt")]
+        drain.note(len(live))
+        return {"ok": True, "node": self.gateway.config.gateway.node_name, "state": drain.state(),
+                "changed": changed, "since": drain.since, "messages": len(live),
+                "held": sum(1 for e in live if e.get("why_held"))}
+
+    async def op_drain(self, request: dict) -> dict[str, Any]:
+        """Refuse new connections with 421 4.3.2 and deliver what the node holds."""
+        return await self._drain_answer(await self.gateway.drain.set(True))
+
+    async def op_undrain(self, request: dict) -> dict[str, Any]:
+        return await self._drain_answer(await self.gateway.drain.set(False))
+
+    async def op_drain_status(self, request: dict) -> dict[str, Any]:
+        return await self._drain_answer(False)
 
     def op_pickup(self, request: dict) -> dict[str, Any]:
         """``smtpgw sendmail`` dropped a message: pick it up now rather than at the next minute."""

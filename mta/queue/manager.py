@@ -139,6 +139,9 @@ class QueueManager:
         self._scheduler = Scheduler(gateway.reactor, self._due)
         self._not_before: dict[str, float] = {}     # after an attempt that raised: back off
         self._running = False
+        # ``watcher(entry_id)`` after an entry was queued, attempted, held, released, woken or removed
+        # (the cluster's queue index, mta.cluster.queue_index): a cheap call, in the reactor thread
+        self.watchers: list[Callable[[str], None]] = []
 
     # -- shortcuts ----------------------------------------------------------------------------------
 
@@ -159,6 +162,10 @@ class QueueManager:
 
     def _event(self, message: str, **fields: Any) -> None:
         self.gateway.hooks.event("queuing_engine", "medium", message, **fields)
+
+    def _touched(self, entry_id: str) -> None:
+        for watcher in self.watchers:
+            watcher(entry_id)
 
     # -- lifecycle ----------------------------------------------------------------------------------
 
@@ -278,11 +285,16 @@ class QueueManager:
                         recipients=len(entry.rcpts), size=entry.size)
             if self._running:
                 self._scheduler.schedule(entry.id, self._now())
+            self._touched(entry.id)
             return entry.id
 
         return d.addCallback(durable)
 
     # -- tools --------------------------------------------------------------------------------------
+
+    def ids(self) -> list[str]:
+        """Every queued entry's id (no copies: look each up with :meth:`get`)."""
+        return list(self._entries)
 
     def entries(self) -> list[QueueEntry]:
         """A snapshot (copies) of every queued entry, oldest first."""
@@ -296,6 +308,7 @@ class QueueManager:
             if entry.is_done() or is_held(entry) or (predicate is not None and not predicate(entry)):
                 continue
             n += 1
+            self._touched(entry.id)
             if entry.id in self._active:
                 self._active[entry.id].again = True
             elif self._running:
@@ -359,6 +372,7 @@ class QueueManager:
             entry.extra.pop(HELD, None)
             self._reschedule(entry)
             raise
+        self._touched(entry_id)
         self._admin_event("message held by the administrator", id=entry_id)
         return True
 
@@ -373,6 +387,7 @@ class QueueManager:
         except Exception:
             entry.extra[HELD] = True
             raise
+        self._touched(entry_id)
         self._admin_event("message released by the administrator", id=entry_id)
         if self._running and entry_id not in self._active:
             self._make_ready(entry_id, force=True)
@@ -415,6 +430,7 @@ class QueueManager:
             self._reschedule(entry)
             raise
         self._drop_first_data(entry)
+        self._touched(entry_id)
         self._admin_event("message deleted by the administrator", id=entry_id, sender=entry.sender,
                           report=dsn_id or "")
         return dsn_id
@@ -463,6 +479,7 @@ class QueueManager:
             if entry is None or entry_id in self._active or is_held(entry):
                 continue
             active = self._active[entry_id] = _Active()
+            self._touched(entry_id)
             d = defer.Deferred.fromCoroutine(self._attempt(entry, force))
             d.addCallbacks(self._attempt_ended, self._attempt_raised, callbackArgs=(entry,),
                            errbackArgs=(entry,))
@@ -496,6 +513,7 @@ class QueueManager:
                 self._make_ready(entry.id, force=True)
             else:
                 self._scheduler.schedule(entry.id, self._next_time(entry))
+        self._touched(entry.id)
         active.done.callback(None)
         self._pump()
 

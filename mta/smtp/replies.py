@@ -90,6 +90,13 @@ def banner(hostname: str, date: str) -> Reply:
 SHUTTING_DOWN = Reply(421, "4.3.2", "Service shutting down", disconnect=True)     # to open sessions on stop
 
 
+def draining(hostname: str) -> Reply:
+    """A new connection to a node being drained for maintenance (``smtpgw cluster drain``): the
+    client tries another MX now, or this one later."""
+    return Reply(421, "4.3.2", f"{hostname} Service not available: draining for maintenance, try another server",
+                 disconnect=True)
+
+
 def too_slow(hostname: str, why: str) -> Reply:
     """A command line not complete within the timeout, or a message below limits.min_data_rate."""
     return Reply(421, "4.4.2", f"{hostname} Error: {why}", disconnect=True)

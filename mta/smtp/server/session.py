@@ -1011,12 +1011,13 @@ def _param_error(error: AddressError, params_text: str) -> Reply:
 class _TooBusy(Protocol):
     """Answers a connection over a limit and hangs up."""
 
-    def __init__(self, hooks: Any, reply: Reply = R.TOO_MANY_CONNECTIONS) -> None:
+    def __init__(self, hooks: Any, reply: Reply = R.TOO_MANY_CONNECTIONS, why: str = "too many connections") -> None:
         self.hooks = hooks
         self.reply = reply
+        self.why = why
 
     def connectionMade(self) -> None:
-        self.hooks.event("connection_manager", "minimum", "too many connections",
+        self.hooks.event("connection_manager", "minimum", self.why,
                          peer=getattr(self.transport.getPeer(), "host", ""), reply=self.reply.text)
         self.transport.write(self.reply.to_bytes())
         self.transport.loseConnection()
@@ -1047,6 +1048,9 @@ class SMTPServerFactory(ServerFactory):
             self.protocol_log = ProtocolLog.for_virtual_server(gateway, vs)
 
     def buildProtocol(self, addr: Any) -> Protocol:
+        drain = getattr(self.gateway, "drain", None)        # smtpgw cluster drain (mta/ops/drain.py)
+        if drain is not None and drain.active:
+            return _TooBusy(self.gateway.hooks, R.draining(self.gateway.config.gateway.hostname), "node draining")
         shared = self.shared
         total = self.active if shared is None else shared.total(self.active)
         if total >= self.vs.limits.max_connections:
