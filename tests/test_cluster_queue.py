@@ -101,8 +101,8 @@ def test_the_cluster_view_lists_both_nodes_and_acts_on_the_other_nodes_mail(node
     assert held.returncode == 0 and f"mx2:{later}: held" in held.stdout, held.stdout + held.stderr
     assert local_ids(b)[later]["held"] is True
     assert wait_until(lambda: "queue hold asked by node mx1" in b.log(), 5)
+    assert wait_until(lambda: indexed(redis_server, "mx2")[later]["state"] == "held", 10)   # no attempt in flight
     customer.set_reply("rcpt", None)
-    assert wait_until(lambda: indexed(redis_server, "mx2")[later]["state"] == "held", 10)
     released = cli(a, "queue", "release", f"mx2:{later}")
     assert released.returncode == 0, released.stderr
     assert customer.wait_for(1, 15)
