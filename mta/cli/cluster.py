@@ -52,11 +52,14 @@ def format_status(reply: dict[str, Any]) -> list[str]:
 
 def drain_text(reply: dict[str, Any]) -> str:
     held = f" ({reply['held']} held: they leave only when released, triggered or expired)" if reply.get("held") else ""
+    count = reply["messages"]
+    if count is None:
+        count = f"? (not counted: {reply.get('count_error')})"
     if reply["state"] == "up":
-        return f"{reply['node']}: in service, accepting connections; {reply['messages']} messages queued"
+        return f"{reply['node']}: in service, accepting connections; {count} messages queued"
     if reply["state"] == "drained":
         return f"{reply['node']}: drained, its queue is empty; new connections get 421 4.3.2"
-    return f"{reply['node']}: draining, new connections get 421 4.3.2; {reply['messages']} messages left{held}"
+    return f"{reply['node']}: draining, new connections get 421 4.3.2; {count} messages left{held}"
 
 
 def _control(config: Any, request: dict[str, Any], node: str | None) -> dict[str, Any]:

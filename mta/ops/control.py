@@ -304,12 +304,13 @@ class QueueControl:
     async def _drain_answer(self, changed: bool) -> dict[str, Any]:
         drain = self.gateway.drain
         listed = await self.handle({"op": "list"})          # every worker's share (mta.ops.fanout)
-        if not listed.get("ok"):
-            return listed
+        answer = {"ok": True, "node": self.gateway.config.gateway.node_name, "changed": changed,
+                  "since": drain.since, "messages": None, "held": None}
+        if not listed.get("ok"):            # a worker restarting: the change is made, the count unknown
+            return {**answer, "state": drain.state(), "count_error": listed.get("error")}
         live = [e for e in listed["entries"] if not e.get("corrupt")]
         drain.note(len(live))
-        return {"ok": True, "node": self.gateway.config.gateway.node_name, "state": drain.state(),
-                "changed": changed, "since": drain.since, "messages": len(live),
+        return {**answer, "state": drain.state(), "messages": len(live),
                 "held": sum(1 for e in live if e.get("why_held"))}
 
     async def op_drain(self, request: dict) -> dict[str, Any]:
