@@ -127,3 +127,29 @@ def test_login_throttle_counts_per_address_and_forgets_after_the_window():
     assert t.failed("192.0.2.1") is False
     assert client_key("2001:db8:1:2:3::9") == client_key("2001:db8:1:2:ffff::1") == "2001:db8:1:2::/64"
     assert client_key("::ffff:192.0.2.7") == "192.0.2.7"
+
+
+def test_why_explains_routing_order_and_the_holds(tmp_path: Path):
+    from mta.model.queue_entry import QueueEntry, RecipientState
+    from mta.ops.trace import explain
+
+    cfg = base_config(tmp_path)
+    cfg["connectors"] += [{"name": "Partner", "address_spaces": [{"domain": "*.partner.test", "cost": 2}]},
+                          {"name": "Partner backup", "address_spaces": [{"domain": "*.partner.test", "cost": 7}],
+                           "smart_hosts": ["[192.0.2.9]"]}]
+    config = build(cfg, "test")
+    entry = QueueEntry("Q1", "alice@example.test", [
+        RecipientState("a@mx.partner.test", last_error="451 4.7.5 MTA-STS policy of mx.partner.test allows no MX host",
+                       next_attempt=500.0, attempts=1),
+        RecipientState("b@example.test", status="delivered")], received_at=1.0, extra={"held": True})
+    why = explain(config, entry, 100.0, None)
+    partner, local = why["routes"]
+    assert local == {"domain": "example.test", "recipients": ["b@example.test"], "local": True, "connectors": []}
+    assert [(c["name"], c["address_space"], c["cost"]) for c in partner["connectors"]] == [
+        ("Partner", "*.partner.test", 2), ("Partner backup", "*.partner.test", 7),
+        ("Internet SMTP connector", "*", 1)]
+    assert partner["connectors"][1]["why"].endswith("cost 7: tried if those before it cannot deliver")
+    assert partner["connectors"][1]["next_hops"] == "smart hosts [192.0.2.9]"
+    assert partner["connectors"][0]["next_hops"] == "the domain's MX records"
+    assert [(h["kind"], h["until"]) for h in why["holds"]] == [("administrator", None), ("TLS policy", 500.0)]
+    assert why["recorded"] is False and why["steps"] == []

@@ -19,6 +19,7 @@ the per-command ``maximum`` events, so it adds no protocol detail to a session's
 """
 from __future__ import annotations
 
+import re
 from collections import OrderedDict, deque
 from typing import Any, Callable, Iterable
 
@@ -35,6 +36,8 @@ KEEP_STEPS = 100
 CATEGORIES = frozenset({"routing_engine", "queuing_engine", "categorizer", "ndr", "transport_security"})
 MAIL_LOG = "mail log"
 ADMIN_HOLD = "held by the administrator"
+# a last reply that says a TLS policy kept the message back (MTA-STS, REQUIRETLS, a failed TLS check)
+TLS_REFUSAL = re.compile(r"\b(4\.7\.5|5\.7\.10)\b|MTA-STS|REQUIRETLS")
 
 
 class Traces:
@@ -148,8 +151,9 @@ def hold_kind(reason: str) -> str:
 
 def holds(entry: QueueEntry, shaping: Iterable[dict[str, Any]] = ()) -> list[dict[str, Any]]:
     """What keeps the message back now: the administrator's hold, each pending recipient's hold
-    (schedule, remote trigger, shaping, with the time it ends), and a shaping pause in force for one
-    of its domains (from the running gateway)."""
+    (schedule, remote trigger, shaping, with the time it ends), a TLS policy (MTA-STS, REQUIRETLS, a
+    failed TLS check) that refused every hop, until the next retry, and a shaping pause in force for
+    one of its domains (from the running gateway)."""
     out: list[dict[str, Any]] = []
     if entry.extra.get("held"):
         out.append({"kind": "administrator", "text": ADMIN_HOLD, "until": None,
@@ -161,6 +165,10 @@ def holds(entry: QueueEntry, shaping: Iterable[dict[str, Any]] = ()) -> list[dic
                                                       "until": r.next_attempt or None, "recipients": []})
             hold["recipients"].append(r.address)
     out += grouped.values()
+    for r in entry.pending():           # not a hold but a wait all the same: a TLS policy refused every hop
+        if not r.held_reason and r.last_error and TLS_REFUSAL.search(r.last_error):
+            out.append({"kind": "TLS policy", "text": f"retrying: {r.last_error}",
+                        "until": r.next_attempt or None, "recipients": [r.address]})
     domains = {_domain(r.address) for r in entry.pending()}
     for row in shaping:
         if row.get("paused_until") and row.get("destination") in domains:
