@@ -153,3 +153,15 @@ def test_why_explains_routing_order_and_the_holds(tmp_path: Path):
     assert partner["connectors"][0]["next_hops"] == "the domain's MX records"
     assert [(h["kind"], h["until"]) for h in why["holds"]] == [("administrator", None), ("TLS policy", 500.0)]
     assert why["recorded"] is False and why["steps"] == []
+
+
+def test_login_throttle_counts_checks_in_flight():
+    """Tries sent at once: the ones past the limit wait for the checks still running."""
+    from mta.console.throttle import LoginThrottle
+
+    t = LoginThrottle(lambda: 0.0)
+    assert [t.start("192.0.2.1") for _ in range(6)] == [None] * 5 + [1.0]
+    assert [t.finish("192.0.2.1", ok=False) for _ in range(4)] == [False] * 4
+    assert t.finish("192.0.2.1", ok=None) is False           # no answer: not counted
+    assert t.start("192.0.2.1") is None
+    assert t.finish("192.0.2.1", ok=False) is True and t.start("192.0.2.1") == 300.0

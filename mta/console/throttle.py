@@ -37,6 +37,7 @@ class LoginThrottle:
     def __init__(self, clock: Callable[[], float], limit: int = LIMIT, window: float = WINDOW) -> None:
         self.clock, self.limit, self.window = clock, limit, window
         self._failures: dict[str, deque[float]] = {}
+        self._checking: dict[str, int] = {}             # password checks running, per client
 
     def _recent(self, key: str, now: float) -> deque[float] | None:
         times = self._failures.get(key)
@@ -50,12 +51,43 @@ class LoginThrottle:
         return times
 
     def retry_after(self, address: str) -> float | None:
-        """Seconds until ``address`` may try again, or None when it may now."""
+        """Seconds until ``address`` may try again, or None when it may now. Checks still running
+        count as failures until they end, so tries sent at once cannot outrun the count."""
         now = self.clock()
-        times = self._recent(client_key(address), now)
-        if times is None or len(times) < self.limit:
+        key = client_key(address)
+        times = self._recent(key, now)
+        failures = len(times) if times is not None else 0
+        if failures + self._checking.get(key, 0) < self.limit:
             return None
+        if failures < self.limit:
+            return 1.0                  # the checks in flight decide: ask again in a moment
         return max(1.0, times[-self.limit] + self.window - now)
+
+    def start(self, address: str) -> float | None:
+        """Before a password check: ``retry_after``, and when the client may try, its check counted
+        as running until :meth:`finish`."""
+        wait = self.retry_after(address)
+        if wait is None:
+            key = client_key(address)
+            self._checking[key] = self._checking.get(key, 0) + 1
+        return wait
+
+    def finish(self, address: str, ok: bool | None) -> bool:
+        """After the check :meth:`start` let through: ``ok`` True (right password: the count is
+        cleared), False (wrong: counted), None (no answer, e.g. the users file unreadable: not the
+        client's doing). True when this wrong password used up the client's tries."""
+        key = client_key(address)
+        left = self._checking.get(key, 0) - 1
+        if left > 0:
+            self._checking[key] = left
+        else:
+            self._checking.pop(key, None)
+        if ok is None:
+            return False
+        if ok:
+            self.succeeded(address)
+            return False
+        return self.failed(address)
 
     def failed(self, address: str) -> bool:
         """Count a wrong password; True when this one used up the client's tries."""

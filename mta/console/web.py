@@ -257,7 +257,7 @@ class Console:
         assert session is not None                       # serve() checked the token
         user, password = self.arg(request, "user") or "", self.arg(request, "password") or ""
         client = self.client(request)
-        wait = self.throttle.retry_after(client)
+        wait = self.throttle.start(client)
         if wait is not None:
             log.warn("console: login refused for {user!r} from {client}: too many wrong passwords, "
                      "{wait:.0f}s to wait", user=user, client=client, wait=wait)
@@ -270,16 +270,20 @@ class Console:
         except cred_error.UnauthorizedLogin:
             log.warn("console: login refused for {user!r} from {client}: wrong user name or password",
                      user=user, client=client)
-            if self.throttle.failed(client):
+            if self.throttle.finish(client, ok=False):
                 log.warn("console: {client} may not log in for {window:.0f}s: {limit} wrong passwords in "
                          "{window:.0f}s", client=client, limit=self.throttle.limit, window=self.throttle.window)
             request.setResponseCode(401)
             return self._login_page(request, session, "Wrong user name or password.")
         except UsersFileError as e:
+            self.throttle.finish(client, ok=None)
             log.error("console: cannot check a login: {e}", e=e)
             request.setResponseCode(503)
             return self._login_page(request, session, "The users file cannot be read; see the gateway's log.")
-        self.throttle.succeeded(client)
+        except Exception:
+            self.throttle.finish(client, ok=None)
+            raise
+        self.throttle.finish(client, ok=True)
         fresh = self.sessions.login(session, name)
         request.setHeader(b"Set-Cookie", cookie_header(fresh, self.secure))
         log.info("console: {user} logged in from {client}", user=name, client=client)
