@@ -165,3 +165,18 @@ def test_login_throttle_counts_checks_in_flight():
     assert t.finish("192.0.2.1", ok=None) is False           # no answer: not counted
     assert t.start("192.0.2.1") is None
     assert t.finish("192.0.2.1", ok=False) is True and t.start("192.0.2.1") == 300.0
+
+
+def test_cluster_queue_table_links_this_nodes_messages_and_marks_stale_rows():
+    from mta.console.cluster_page import queue_table
+
+    listed = {"ok": True, "node": "mx1", "entries": [
+        {"node": "mx1", "id": "A1", "sender": "a@x.test", "recipients_pending": ["b@y.test"], "state": "deferred",
+         "received_at": 40.0, "last_error": "451 4.3.0 later"},
+        {"node": "mx2", "id": "B2", "sender": "", "recipients_pending": ["c@z.test"], "state": "held",
+         "received_at": 90.0, "why_held": "held by the administrator", "stale": True}]}
+    html = queue_table(listed, 100.0)
+    assert '<a href="/message?id=A1">A1</a>' in html and ">B2<" in html and 'href="/message?id=B2"' not in html
+    assert "mx2 (stale: the node is gone)" in html and "451 4.3.0 later" in html and "1m" in html
+    assert queue_table(None, 0.0) == ""
+    assert "cannot be listed: Redis down" in queue_table({"ok": False, "error": "Redis down"}, 0.0)

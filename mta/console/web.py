@@ -360,16 +360,28 @@ class Console:
             raise Reply(404, "Not in a cluster", "This gateway is not in a cluster: gateway.cluster.redis is not set.")
         return await self.ask({"op": "cluster"})
 
+    async def _cluster_queue(self) -> dict[str, Any] | None:
+        """``smtpgw queue list --cluster``'s answer; None where the control interface has no such view."""
+        listed = await self.ask({"op": "cluster_list"})
+        if not listed.get("ok") and str(listed.get("error", "")).startswith("unknown op"):
+            return None
+        return listed
+
     async def cluster(self, request: Any, session: Session) -> bytes:
         answer = await self._cluster()
-        body = cluster_page.cluster_body(answer, self.config.gateway.cluster.redis, self.now())
+        body = cluster_page.cluster_body(answer, self.config.gateway.cluster.redis, self.now(),
+                                         await self._cluster_queue())
         return self.render_page(request, session, "Cluster", body, "/cluster")
 
     async def cluster_json(self, request: Any, session: Session) -> bytes:
         answer = await self._cluster()
-        return self.send_json(request, {"updated": dashboard.updated(self.now()),
-                                        "charts": {"nodes": cluster_page.nodes_table(answer)},
-                                        "nodes": answer.get("nodes") or [], "ok": bool(answer.get("ok"))})
+        listed = await self._cluster_queue()
+        charts = {"nodes": cluster_page.nodes_table(answer)}
+        if listed is not None:
+            charts["queue"] = cluster_page.queue_table(listed, self.now())
+        return self.send_json(request, {"updated": dashboard.updated(self.now()), "charts": charts,
+                                        "nodes": answer.get("nodes") or [], "ok": bool(answer.get("ok")),
+                                        "entries": (listed or {}).get("entries") or []})
 
     # -- the Queue Viewer ------------------------------------------------------------------------
 
