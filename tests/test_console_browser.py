@@ -472,9 +472,10 @@ def test_wrong_passwords_slow_down_that_address_only(gateway, browser, tmp_path)
     assert f"console: admin logged in from {admin}" in gw.log()
 
 
-def test_cluster_page_lists_the_nodes_live(gateway, browser, redis_server, tmp_path):
+def test_cluster_page_lists_the_nodes_and_their_queues_live(gateway, browser, redis_server, tmp_path):
     """With gateway.cluster.redis set, Cluster lists every node as `smtpgw cluster status` does (this
-    node marked, heartbeat, queue, leases), and a node that stops shows gone, without a reload."""
+    node marked, heartbeat, queue, leases) and every node's queued messages as `smtpgw queue list
+    --cluster` does; a node being drained shows draining, and one that stops shows gone, without a reload."""
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
@@ -483,31 +484,49 @@ def test_cluster_page_lists_the_nodes_live(gateway, browser, redis_server, tmp_p
     gw = gateway(cfg)
     other_cfg = base_config(tmp_path / "mx2", listen="127.0.0.125:2525")
     other_cfg["gateway"]["cluster"] = {"redis": redis_server.url, "node": "mx2"}
+    other_cfg["gateway"]["queue"]["retry"] = ["1h"]
+    other_cfg["virtual_servers"][0]["relay"]["allow"] = ["127.0.0.0/8"]
+    other_cfg["connectors"][0]["smart_hosts"] = ["[127.0.0.126]"]        # nobody there: deferred
     (tmp_path / "mx2").mkdir()
     other = GatewayProcess(tmp_path / "mx2", other_cfg).start()
     try:
         assert wait_until(lambda: port_open(GW_HOST, 8025), 20), gw.log()
         assert wait_until(lambda: redis_server.cli("SCARD", "smtpgw:nodes") == "2", 20)
+        send("waiting at mx2", "dave@far.test", host="127.0.0.125")
+        assert wait_until(lambda: entries(other) and entries(other)[0]["last_error"], 30), other.log()
+        held_id = entries(other)[0]["id"]
         login(browser, page="/cluster")
         assert browser.current_url.endswith("/cluster")
         assert browser.find_element(By.CSS_SELECTOR, 'nav a[aria-current="page"]').text == "Cluster"
 
-        def rows() -> dict[str, dict[str, str]]:
+        def rows(kind: str = "nodes", key: str = "Node") -> dict[str, dict[str, str]]:
             out = {}
-            for tr in browser.find_elements(By.CSS_SELECTOR, "table.nodes tbody tr"):
+            for tr in browser.find_elements(By.CSS_SELECTOR, f"table.{kind} tbody tr"):
                 cells = {c.get_attribute("data-label"): c.text for c in tr.find_elements(By.TAG_NAME, "td")}
-                out[cells["Node"].split()[0]] = cells
+                out[cells[key].split()[0]] = cells
             return out
 
         got = rows()
         assert set(got) == {"mx1", "mx2"} and got["mx1"]["Node"] == "mx1 (this node)"
-        assert got["mx1"]["State"] == "up" and got["mx2"]["Queued messages"] == "0"
-        assert got["mx2"]["Last heartbeat"].endswith("ago") and got["mx1"]["Connection leases"] == "0"
+        assert got["mx1"]["State"] == "up" and got["mx1"]["Connection leases"] == "0"
+        assert got["mx2"]["Last heartbeat"].endswith("ago")
+        WebDriverWait(browser, 30, ignored_exceptions=(Exception,)).until(
+            lambda d: held_id in rows("cluster-queue", "Queue ID"))
+        queued = rows("cluster-queue", "Queue ID")[held_id]
+        assert queued["Node"] == "mx2" and queued["Pending recipients"] == "dave@far.test"
+        assert queued["State"] == "deferred" and queued["Last error or hold"]
+
         browser.execute_script("window.notReloaded = true")
+        drain = subprocess.run([*smtpgw_command(), "cluster", "-c", str(other.config_path), "drain"],
+                               env=other.env(), capture_output=True, text=True, timeout=60)
+        assert drain.returncode == 0, drain.stdout + drain.stderr
+        WebDriverWait(browser, 30, ignored_exceptions=(Exception,)).until(
+            lambda d: rows().get("mx2", {}).get("State") == "draining")
         other.stop()
         redis_server.cli("DEL", "smtpgw:node:mx2")               # as when its entry expires: gone
         WebDriverWait(browser, 30, ignored_exceptions=(Exception,)).until(
             lambda d: rows().get("mx2", {}).get("State") == "gone")
+        assert "stale" in rows("cluster-queue", "Queue ID")[held_id]["Node"]
         assert browser.execute_script("return window.notReloaded") is True
     finally:
         other.stop()
