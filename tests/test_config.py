@@ -86,9 +86,11 @@ def test_default_file_loads():
 
 
 def test_default_file_equals_the_built_in_defaults():
-    """Leaving every optional key out gives the same objects as the commented default file."""
+    """Leaving every optional key out gives the same objects as the commented default file, but for
+    ``gateway.workers``: the file ships ``auto`` (one process per CPU), a file without the key runs one."""
     written = load(str(DEFAULT_FILE))
-    bare = build({"gateway": {"hostname": "mail.example.test",
+    assert written.gateway.workers == "auto"
+    bare = build({"gateway": {"hostname": "mail.example.test", "workers": "auto",
                               "local_domains": {"example.test": None}},
                   "virtual_servers": [{"name": "Default SMTP Virtual Server", "listen": ["127.0.0.1:2525"]}],
                   "connectors": [{"name": "Internet SMTP connector"}]}, str(DEFAULT_FILE))

@@ -215,24 +215,27 @@ def test_scheduled_etrn_brings_the_mail_to_the_site(gateways):
 
 # -- ATRN: the roles reverse on the same connection ---------------------------------------------------
 
-def test_atrn_reverses_the_connection_into_the_site_maildir(gateways):
-    trustme = pytest.importorskip("trustme")
+def with_odmr(cfg: dict, tmp: Path, ca) -> dict:
+    """The ISP's ODMR listener on port 3366 (STARTTLS required, account ``site`` / ``s3cret``)."""
     from mta.smtp.server.users import hash_password
 
+    cert = ca.issue_cert("mx.isp.test", ISP)
+    cert.private_key_and_cert_chain_pem.write_to_path(str(tmp / "isp.pem"))
+    users = tmp / "users"
+    users.write_text(f"site:{hash_password('s3cret', 'pbkdf2-sha256', i=1000)}\n")
+    cfg["virtual_servers"].append({
+        "name": "ODMR", "listen": [f"{ISP}:3366"], "odmr": True,
+        "tls": {"certificate": str(tmp / "isp.pem"), "key": str(tmp / "isp.pem"), "required": True},
+        "auth": {"users": str(users), "required": True}})
+    return cfg
+
+
+def test_atrn_reverses_the_connection_into_the_site_maildir(gateways):
+    trustme = pytest.importorskip("trustme")
     ca = trustme.CA()
-    odmr = "127.0.0.120:3366"
 
     def isp(tmp):
-        cfg = isp_config(tmp)
-        cert = ca.issue_cert("mx.isp.test", ISP)
-        cert.private_key_and_cert_chain_pem.write_to_path(str(tmp / "isp.pem"))
-        users = tmp / "users"
-        users.write_text(f"site:{hash_password('s3cret', 'pbkdf2-sha256', i=1000)}\n")
-        cfg["virtual_servers"].append({
-            "name": "ODMR", "listen": [odmr], "odmr": True,
-            "tls": {"certificate": str(tmp / "isp.pem"), "key": str(tmp / "isp.pem"), "required": True},
-            "auth": {"users": str(users), "required": True}})
-        return cfg
+        return with_odmr(isp_config(tmp), tmp, ca)
 
     isp_gw = gateways("isp", isp)
     with smtplib.SMTP(ISP, 3366, timeout=10) as s:      # ATRN is advertised, mail is not taken here

@@ -75,14 +75,12 @@ def test_workers_key(tmp_path):
         assert "gateway.workers" in str(e.value)
 
 
-def test_remote_triggered_mail_needs_one_worker(tmp_path):
+def test_remote_triggered_mail_runs_on_every_worker(tmp_path):
     cfg = _config(tmp_path, workers=2)
     cfg["connectors"][0]["delivery"] = {"remote_triggered": True}
-    with pytest.raises(ConfigError) as e:
-        parse_config(cfg)
-    assert "gateway.workers" in str(e.value) and "remote_triggered" in str(e.value)
+    assert resolve_count(parse_config(cfg)) == 2
     cfg["gateway"]["workers"] = "auto"
-    assert resolve_count(parse_config(cfg)) == 1
+    assert resolve_count(parse_config(cfg)) == cpu_count()
 
 
 # -- the shared spool -----------------------------------------------------------------------------
@@ -261,3 +259,30 @@ def test_kill_9_of_every_process_loses_no_accepted_message(gateway, tmp_path, pe
         gw.proc.wait(10)
         return True
     _crash_and_check(gateway, tmp_path, peers, kill)
+
+
+def test_a_hand_over_cut_short_by_a_crash_keeps_only_the_copy(tmp_path):
+    """ATRN at worker 0 took ``X-1`` over as ``X`` (mta/queue/manager.py hand_over): the copy is
+    written durably before the old files go, so a crash in between leaves both; the copy counts."""
+    from mta.spool.store import MOVED_FROM
+    from mta.workers.identity import retag
+
+    directory = tmp_path / "spool"
+    writer = Spool(str(directory))
+    writer.open()
+    old, new = "0190f2c3d4e5a1b2c3d4e5f6-1", retag("0190f2c3d4e5a1b2c3d4e5f6-1", 0)
+    assert new == "0190f2c3d4e5a1b2c3d4e5f6" and retag(new, 1) == old
+    copy = _entry(new)
+    copy.extra[MOVED_FROM] = old
+    (directory / "queue" / old).write_bytes(encode_message_header(_entry(old), 3) + b"abc")
+    (directory / "queue" / (old + ".st")).write_bytes(b"smtpgw-state 1 {}\n")
+    (directory / "queue" / new).write_bytes(encode_message_header(copy, 3) + b"abc")
+    writer.close()
+
+    one = Spool(str(directory))
+    one.owns = WorkerInfo(1, 2).owns
+    assert one.scan_sync(repair=True) == [] and one.superseded_by == [new]
+    assert sorted(os.listdir(directory / "queue")) == [new]        # the old files are gone
+    zero = Spool(str(directory))
+    zero.owns = WorkerInfo(0, 2).owns
+    assert [(e.id, e.extra[MOVED_FROM]) for e in zero.scan_sync()] == [(new, old)]

@@ -16,6 +16,7 @@ from twisted.internet import defer
 from mta.cluster.leases import ConnectionLeases
 from mta.cluster.node import Cluster
 from mta.cluster.queue_index import QueueIndex
+from mta.cluster.triggers import ASK_TIMEOUT, TriggerBus
 from mta.config import Config
 from mta.delivery.attempt import Deliverer
 from mta.delivery.nexthops import Resolver
@@ -26,6 +27,7 @@ from mta.delivery.tls_report_send import TlsReporter
 from mta.delivery.recipients import LocalRecipients
 from mta.maillog import MailLog
 from mta.ops.drain import Drain
+from mta.ops.fanout import ask_worker
 from mta.ops.metrics import GatewayMetrics
 from mta.ops.trace import Traces, attach
 from mta.plugin.manager import Hooks
@@ -65,6 +67,7 @@ class Gateway:
     traces: Traces                      # each queued message's recent steps, for `smtpgw queue show` (mta.ops.trace)
     queue_index: QueueIndex | None      # with a cluster: this worker's queue, indexed in Redis for the cluster view
     drain: Drain                        # smtpgw cluster drain: new connections refused, the queue emptied
+    triggers: TriggerBus                # ETRN/ATRN answered here reach the other workers and nodes (mta.cluster.triggers)
 
     def __init__(self, config: Config, reactor: Any = None, load_plugins: bool = True,
                  worker: WorkerInfo = SINGLE) -> None:
@@ -102,8 +105,12 @@ class Gateway:
         self.metrics = None
         self.client_counts = None
         self.cluster = (Cluster(config, reactor, queue_size=lambda: self.queue.stats()["messages"],
-                                heartbeat=worker.index == 0)
+                                heartbeat=worker.index == 0, worker=worker.index)
                         if config.gateway.cluster.redis else None)
+        self.triggers = TriggerBus(reactor, config.gateway.spool, config.gateway.node_name, worker, self.cluster)
+        if worker.many:
+            socket = config.gateway.control_socket_path
+            self.triggers.ask = lambda index, request: ask_worker(reactor, socket, index, request, ASK_TIMEOUT)
         self.leases = None
         self.queue_index = None
         self.drain = Drain(config.gateway.spool, reactor, writer=worker.index == 0, name=config.gateway.node_name)
@@ -120,6 +127,7 @@ class Gateway:
         """Open the spool and rebuild the schedule from disk (in a thread), then start delivering;
         the worker answering the control socket (0) also picks up what ``smtpgw sendmail`` dropped."""
         d = self.queue.start()
+        d.addCallback(self._loaded)
         self.recipients.start()
         if self.cluster is not None:
             self.cluster.start()
@@ -133,6 +141,13 @@ class Gateway:
         if self.tls_reporter is not None:
             counts.addCallback(lambda _: self.tls_reporter.start())
         return d
+
+    def _loaded(self, loaded: int) -> int:
+        self.triggers.start()
+        moved = getattr(self.spool, "superseded_by", None)
+        if moved:
+            defer.Deferred.fromCoroutine(self.triggers.announce(list(moved))).addErrback(lambda f: None)
+        return loaded
 
     def stop(self) -> defer.Deferred:
         self.pickup.stop()

@@ -15,7 +15,8 @@ Keys, all under ``smtpgw:`` (soft state with a TTL):
 * ``smtpgw:trigger:<node>``: the last remote trigger (ETRN/ATRN/DEQUEUE) for ``<node>`` (``example.com``,
   ``@example.com``, ``#queue``) as JSON, TTL :data:`TRIGGER_TTL`: the durable marker a node that was
   away reads when it comes back;
-* ``smtpgw:seen:<name>``: the time of the last trigger this node applied;
+* ``smtpgw:seen:<name>``: the time of the last trigger this node applied (``smtpgw:seen:<name>:<i>`` for
+  its worker *i* > 0 with ``gateway.workers``: each worker holds mail of its own);
 * channel ``smtpgw:triggers``: each trigger, for the nodes that are up.
 """
 from __future__ import annotations
@@ -61,10 +62,11 @@ class Cluster:
     """One node's link to the others. ``on_trigger`` callbacks get each remote trigger once."""
 
     def __init__(self, config: Config, reactor: Any, queue_size: Callable[[], int] = lambda: 0,
-                 heartbeat: bool = True) -> None:
+                 heartbeat: bool = True, worker: int = 0) -> None:
         self.config = config
         self.reactor = reactor
         self.name = config.gateway.node_name
+        self.worker = worker            # which process of the node (gateway.workers): each catches up on its own
         self.address = parse_redis_url(config.gateway.cluster.redis, "gateway.cluster.redis")
         self.queue_size = queue_size
         self.leases_held: Callable[[], int] = lambda: 0         # set by the connection leases (mta.cluster.leases)
@@ -181,7 +183,7 @@ class Cluster:
 
     def _apply(self, doc: Trigger) -> None:
         if not isinstance(doc, dict) or doc.get("from") == self.name:
-            return
+            return          # this node's own: its workers had it from mta.cluster.triggers
         mark = (str(doc.get("node")), float(doc.get("at", 0)))
         if mark in self._applied:
             return
@@ -200,9 +202,13 @@ class Cluster:
         d.addErrback(lambda f: None)
 
     async def _store_seen(self, at: float) -> None:
-        seen = float(await self.call("GET", seen_key(self.name)) or 0)
+        seen = float(await self.call("GET", self._seen_key) or 0)
         if at > seen:
-            await self.call("SET", seen_key(self.name), f"{at:.6f}", "EX", TRIGGER_TTL)
+            await self.call("SET", self._seen_key, f"{at:.6f}", "EX", TRIGGER_TTL)
+
+    @property
+    def _seen_key(self) -> str:
+        return seen_key(self.name) + (f":{self.worker}" if self.worker else "")
 
     def on_resync(self, handler: Callable[[], Any]) -> None:
         """``handler()`` each time the node (re)connects to Redis, which may have lost everything:
@@ -217,8 +223,9 @@ class Cluster:
         d.addErrback(lambda f: None if f.check(Unavailable) else log.failure("cluster resync", f))
 
     async def _catch_up(self) -> None:
-        await self.register()
-        seen = float(await self.call("GET", seen_key(self.name)) or 0)
+        if self.worker == 0:
+            await self.register()
+        seen = float(await self.call("GET", self._seen_key) or 0)
         cursor = "0"
         markers = []
         while True:

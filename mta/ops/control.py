@@ -18,6 +18,9 @@ Protocol: one JSON object per line in each direction, one reply per request, in 
     {"op": "cat", "id": ID}                         -> {"ok": true, "message": BASE64}
     {"op": "pickup"}                                -> {"ok": true} (the maildrop is read now)
     {"op": "ping"}                                  -> {"ok": true, "hostname": ..., "pid": ...}
+    {"op": "trigger", "trigger": {...}}             -> {"ok": true, "released": N}   (between workers:
+    {"op": "hand_over", "request": {...}}           -> {"ok": true, "ids": [...]}     mta.cluster.triggers)
+    {"op": "adopt", "ids": [ID, ...]}               -> {"ok": true, "ids": [...]}
     {"op": "metrics"}                               -> {"ok": true, "families": [...]} (this process's
                                                        Prometheus figures: worker 0 adds them up)
     {"op": "tls_rpt_show"}                          -> {"ok": true, "period": COUNTS} (TLS-RPT counts so far)
@@ -322,6 +325,22 @@ class QueueControl:
 
     async def op_drain_status(self, request: dict) -> dict[str, Any]:
         return await self._drain_answer(False)
+
+    def op_trigger(self, request: dict) -> dict[str, Any]:
+        """Another worker answered an ETRN/ATRN/DEQUEUE: release what this one holds for it
+        (mta.cluster.triggers)."""
+        return {"ok": True, "released": self.gateway.triggers.receive(request.get("trigger"))}
+
+    async def op_hand_over(self, request: dict) -> dict[str, Any]:
+        """Another worker got ATRN: hand it the entries it names (mta.cluster.triggers)."""
+        return {"ok": True, "ids": await self.gateway.triggers.give(request.get("request"))}
+
+    async def op_adopt(self, request: dict) -> dict[str, Any]:
+        """Another worker found copies it had handed over to this one before a crash: take them in."""
+        ids = request.get("ids")
+        if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
+            raise ValueError('adopt needs "ids": [...]')
+        return {"ok": True, "ids": await self.queue.adopt(ids)}
 
     def op_pickup(self, request: dict) -> dict[str, Any]:
         """``smtpgw sendmail`` dropped a message: pick it up now rather than at the next minute."""

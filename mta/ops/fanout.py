@@ -53,15 +53,17 @@ class _Ask(LineOnlyReceiver):
             self.answer.errback(reason)
 
 
-async def ask_worker(reactor: Any, path: str, index: int, request: dict[str, Any]) -> dict[str, Any]:
+async def ask_worker(reactor: Any, path: str, index: int, request: dict[str, Any],
+                     timeout: float = ASK_TIMEOUT) -> dict[str, Any]:
     """Worker ``index``'s answer to ``request`` on its control socket (``path`` is worker 0's); a
-    worker that does not answer gives ``ok: false`` with a clear error, never an exception."""
+    worker that does not answer (within ``timeout``) gives ``ok: false`` with a clear error, never an
+    exception."""
     from twisted.internet.endpoints import UNIXClientEndpoint
 
     endpoint = UNIXClientEndpoint(reactor, worker_socket(path, index), timeout=5)
     try:
         proto = await endpoint.connect(Factory.forProtocol(lambda: _Ask(request)))
-        timer = reactor.callLater(ASK_TIMEOUT, proto.transport.abortConnection)
+        timer = reactor.callLater(timeout, proto.transport.abortConnection)
         try:
             answer = await proto.answer
         finally:

@@ -36,7 +36,7 @@ from mta.model.nexthop import Outcome, RecipientResult
 from mta.model.queue_entry import DELIVERED, FAILED, PENDING, QueueEntry, RecipientState
 from mta.smtp import replies as R
 from mta.smtp.reply import Reply
-from mta.spool.store import CORRUPT_REASON, CorruptFile, ScanResult, file_fault
+from mta.spool.store import CORRUPT_REASON, MOVED_FROM, CorruptFile, ScanResult, file_fault
 from mta.queue.scheduler import Scheduler
 
 log = Logger(namespace="smtpgw.queue")
@@ -434,6 +434,63 @@ class QueueManager:
         self._admin_event("message deleted by the administrator", id=entry_id, sender=entry.sender,
                           report=dsn_id or "")
         return dsn_id
+
+    # -- hand-over between workers (ATRN collecting what the other workers hold) -------------------
+
+    async def hand_over(self, pick: Callable[[QueueEntry], bool], to: int) -> list[str]:
+        """Give worker ``to`` the entries ``pick`` chooses (ATRN received there: the client's
+        connection is the only way to them). Each is copied, durably, under the id worker ``to``
+        owns (:func:`mta.workers.identity.retag`, its ``extra`` naming the old id), and only then
+        removed here; an attempt in flight ends first and nothing schedules it meanwhile, so no
+        recipient is delivered by both workers. A crash between the copy and the removal leaves
+        both files: the scan keeps the copy (mta/spool/store.py). Returns the new ids."""
+        moved: list[str] = []
+        for entry_id in [e.id for e in self._entries.values() if not is_held(e) and pick(e)]:
+            while entry_id in self._active:
+                waiter: defer.Deferred = defer.Deferred()
+                self._active[entry_id].done.addBoth(lambda r, w=waiter: (w.callback(None), r)[1])
+                await waiter
+            entry = self._entries.get(entry_id)
+            if entry is None or entry.is_done() or is_held(entry) or not pick(entry):
+                continue
+            del self._entries[entry_id]                 # from here on nothing schedules it
+            self._scheduler.discard(entry_id)
+            self._unready(entry_id)
+            self._not_before.pop(entry_id, None)
+            try:
+                new_id = await self._copy_for(entry, to)
+            except Exception:
+                log.failure("queue {id}: cannot hand it over to worker {to}; it stays here", id=entry_id, to=to)
+                self._entries[entry_id] = entry
+                self._reschedule(entry)
+                continue
+            self._drop_first_data(entry)
+            moved.append(new_id)
+            log.info("queue {id}: handed over to worker {to} as {new}", id=entry_id, to=to, new=new_id)
+        return moved
+
+    async def _copy_for(self, entry: QueueEntry, to: int) -> str:
+        data = await self._load(entry)
+        copy = QueueEntry.from_dict(entry.to_dict())
+        copy.id = workers.retag(entry.id, to)
+        copy.extra[MOVED_FROM] = entry.id
+        await self._spool.put(copy, [data] if isinstance(data, bytes) else list(data))
+        await self._spool.remove(entry.id)
+        return copy.id
+
+    async def adopt(self, entry_ids: list[str]) -> list[str]:
+        """Take into this queue the entries another worker has just handed over (read from disk);
+        returns the ids now queued here."""
+        wanted = [i for i in entry_ids if i not in self._entries and self.gateway.worker.owns(i)]
+        adopted = []
+        for entry in await self._spool.load_entries(wanted) if wanted else []:
+            if entry.id in self._entries or entry.is_done():
+                continue
+            self._entries[entry.id] = entry
+            adopted.append(entry.id)
+            if self._running and not is_held(entry):
+                self._scheduler.schedule(entry.id, self._next_time(entry))
+        return adopted
 
     def _admin_event(self, message: str, **fields: Any) -> None:
         self.gateway.hooks.event("queuing_engine", "minimum", message, **fields)

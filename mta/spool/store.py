@@ -43,7 +43,8 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 
 from mta.model.queue_entry import QueueEntry, RecipientState
-from mta.spool.files import FINISHED_SUFFIX, STATE_SUFFIX, NotAFile, open_regular, unlink_quietly, write_synced
+from mta.spool.files import (FINISHED_SUFFIX, STATE_SUFFIX, NotAFile, open_regular, unlink_message, unlink_quietly,
+                              write_synced)
 from mta.spool.writer import OP_NEW, OP_REPLACE, OP_UNLINK
 from mta.spool.link import WriterLink
 
@@ -54,6 +55,8 @@ STATE_MAGIC = b"smtpgw-state 1 "
 SLICE = 500                            # recipients per call of the JSON encoder for a large envelope
 _ID_RE = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}$")
 _ASIDE_SUFFIX = re.compile(r"\.\d+\.\d+$")     # what _move_aside adds to a name already taken
+_WORKER_SUFFIX = re.compile(r"-\d{1,2}$")     # a queue id's owner (mta/workers/identity.py)
+MOVED_FROM = "moved_from"       # entry.extra of a copy made when another worker took an entry over
 CORRUPT_REASON = "corrupt"                     # extra key on an envelope kept in corrupt/: what was wrong
 
 
@@ -253,6 +256,9 @@ class Spool:
         # Several workers on one spool (mta/workers/identity.py): the queue ids this process owns. Only those
         # are scanned and only their unfinished writes are cleaned up; None means every file.
         self.owns: Callable[[str], bool] | None = None
+        # ids of copies found at the last scan that superseded one of ours (a hand-over interrupted
+        # after the copy was written): their owner may not know of them yet
+        self.superseded_by: list[str] = []
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -370,6 +376,24 @@ class Spool:
         ``corrupt/``, and the caller logs and reports it."""
         return self._in_thread(self._scan_collect)
 
+    def load_entries(self, entry_ids: list[str]) -> defer.Deferred:
+        """The entries with these ids as they are on disk (header, then state file), read in a
+        thread: entries another worker has just handed to this one. Ids with no file are left out."""
+        return self._in_thread(self._load_entries, list(entry_ids))
+
+    def _load_entries(self, entry_ids: list[str]) -> list[QueueEntry]:
+        entries = []
+        for entry_id in entry_ids:
+            path = self._path(entry_id)
+            try:
+                entry = self._load_header(path)
+            except FileNotFoundError:
+                continue
+            if os.path.exists(path + STATE_SUFFIX):
+                entry = self._load_state(path + STATE_SUFFIX, entry_id)
+            entries.append(entry)
+        return entries
+
     def scan(self) -> defer.Deferred:
         """Every queued entry (no message data), read in a thread; bad files are moved aside and logged."""
         return self.load().addCallback(_logged)
@@ -422,6 +446,8 @@ class Spool:
         found = ScanResult([], [], [])
         names = set(os.listdir(self.queue_dir))
         owns = self.owns
+        siblings = self._siblings(names) if owns is not None else {}
+        self.superseded_by = []
         for name in sorted(names):
             base = name
             for suffix in (FINISHED_SUFFIX, STATE_SUFFIX):
@@ -440,9 +466,40 @@ class Spool:
                 if base not in names and base + FINISHED_SUFFIX not in names:
                     self._scan_lost(base, found, repair)
             elif name + FINISHED_SUFFIX not in names:      # else removed with its marker
-                self._scan_message(name, names, found, repair)
+                newer = self._superseded(name, siblings)
+                if newer is None:
+                    self._scan_message(name, names, found, repair)
+                    continue
+                found.notes.append(f"queue/{name}: handed over to another worker as {newer}; this copy is dropped")
+                self.superseded_by.append(newer)
+                if repair:
+                    unlink_message(path)
         found.entries.sort(key=lambda e: (e.received_at, e.id))
         return found
+
+    @staticmethod
+    def _siblings(names: set[str]) -> dict[str, list[str]]:
+        """Message files that share an id but for the worker suffix, by that shared part: only a
+        hand-over between workers (mta/workers/identity.py ``retag``) makes such a pair."""
+        groups: dict[str, list[str]] = {}
+        for name in names:
+            if not name.endswith((STATE_SUFFIX, FINISHED_SUFFIX)) and not name.startswith("."):
+                groups.setdefault(_WORKER_SUFFIX.sub("", name), []).append(name)
+        return {base: group for base, group in groups.items() if len(group) > 1}
+
+    def _superseded(self, name: str, siblings: dict[str, list[str]]) -> str | None:
+        """The copy that replaced message ``name`` when another worker took it over, if that copy is
+        on disk: the hand-over wrote it durably before removing this one, so the copy counts."""
+        for other in siblings.get(_WORKER_SUFFIX.sub("", name), ()):
+            if other == name:
+                continue
+            try:
+                copy = self._load_header(os.path.join(self.queue_dir, other))
+            except (CorruptFile, OSError, UnicodeError):
+                continue
+            if copy.extra.get(MOVED_FROM) == name:
+                return other
+        return None
 
     def _scan_message(self, name: str, names: set[str], found: ScanResult, repair: bool) -> None:
         path = os.path.join(self.queue_dir, name)
@@ -699,6 +756,9 @@ class MemorySpool:
 
     def load(self) -> defer.Deferred:
         return defer.succeed(ScanResult(self.scan_sync(), [], []))
+
+    def load_entries(self, entry_ids: list[str]) -> defer.Deferred:
+        return defer.succeed([self.get(i) for i in entry_ids if i in self.messages])
 
     def quarantine(self, entry: QueueEntry) -> defer.Deferred:
         self.messages.pop(entry.id, None)

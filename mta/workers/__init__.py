@@ -34,9 +34,12 @@ to whichever process is free to take it. Nothing else is shared but the spool di
   and a limit of 3; N when the limit is below N).
 
 Still per worker: the metrics endpoint (worker 0's own figures, its ``connections_active`` too);
-a diag_logging or protocol log file is appended to by every worker. ETRN/ATRN (``remote_triggered``
-connectors, ODMR listeners) keep their state in one process, so such a configuration runs one
-worker (``auto`` picks 1; an explicit N > 1 is a configuration error).
+a diag_logging or protocol log file is appended to by every worker.
+
+* **Remote triggers.** An ETRN/DEQUEUE answered by one worker is passed to the others over their
+  control sockets, with a marker in ``<spool>/triggers/`` for a worker that was restarting; an ATRN
+  makes the others hand the entries it asks for over to the worker holding the client's connection
+  (a copy under an id that worker owns, then the old files removed). :mod:`mta.cluster.triggers`.
 
 Modules: ``identity`` (which worker this is, queue ids and their owners), ``endpoint`` (listening
 sockets shared with the workers), ``supervisor`` (starting, watching and restarting workers),

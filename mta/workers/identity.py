@@ -29,6 +29,14 @@ def owner_of(entry_id: str, count: int) -> int:
     return int(m.group(1)) % count if m else 0
 
 
+def retag(entry_id: str, index: int) -> str:
+    """The id a queue entry takes when worker ``index`` takes it over (ATRN collecting the mail other
+    workers hold): the same base, the new owner's suffix. The same for a given entry and worker, so
+    a hand-over interrupted by a crash can be recognised on disk (mta/spool/store.py)."""
+    base = _TAG.sub("", entry_id)
+    return f"{base}-{index}" if index else base
+
+
 @dataclass(frozen=True)
 class WorkerInfo:
     """Which worker this process is; ``count == 1`` is the plain single-process gateway."""

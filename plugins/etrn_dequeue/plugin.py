@@ -76,9 +76,10 @@ class EtrnDequeue:
             services.hooks.register(AtrnRoutes(self), name="etrn_dequeue.atrn")
             services.client = RoutingPool(services.client, self)
         self.requesters = start_requesters(self, config, services)
-        cluster = getattr(services, "cluster", None)
-        if cluster is not None and nodes.remote_triggered(config):
-            cluster.on_trigger(self.remote_trigger)
+        triggers = getattr(services, "triggers", None)
+        if triggers is not None and nodes.remote_triggered(config):
+            triggers.on_trigger(self.remote_trigger)        # from the other workers and nodes
+            triggers.on_hand_over(self.hand_over)
 
     def event(self, level: str, message: str, **fields: Any) -> None:
         if self.services is not None:
@@ -146,20 +147,12 @@ class EtrnDequeue:
     def release(self, wanted: Any, connectors: list[Any], via: AtrnSession | None = None) -> int:
         """Release the held recipients whose domain ``wanted(domain)`` accepts and that route through
         one of ``connectors``; wake their messages. Returns how many messages move."""
-        names = {c.name for c in connectors}
         now = self._now()
         self._forget_stale(now)
-        config = self.config
 
         def pick(entry: Any) -> bool:
             found = False
-            for r in entry.pending():
-                domain = domain_of(r.address)
-                if not domain or config.is_local_domain(domain) or not wanted(domain):
-                    continue
-                route = connectors_for(config, domain)
-                if not route or route[0].name not in names:
-                    continue
+            for r, domain in self._held_for(entry, wanted, connectors):
                 self.releases[(entry.id, domain)] = Release(now + RELEASE_SECONDS, via)
                 if via is not None:
                     via.expected.add((entry.id, r.address.lower()))
@@ -167,6 +160,33 @@ class EtrnDequeue:
             return found
 
         return self.services.queue.wake(pick)
+
+    def _held_for(self, entry: Any, wanted: Any, connectors: list[Any]) -> list[tuple[Any, str]]:
+        """The pending recipients of ``entry`` (with their domains) that a request for ``wanted``
+        through ``connectors`` concerns."""
+        names = {c.name for c in connectors}
+        config = self.config
+        found = []
+        for r in entry.pending():
+            domain = domain_of(r.address)
+            if not domain or config.is_local_domain(domain) or not wanted(domain):
+                continue
+            route = connectors_for(config, domain)
+            if route and route[0].name in names:
+                found.append((r, domain))
+        return found
+
+    async def hand_over(self, request: dict) -> list[str]:
+        """ATRN at another worker of this gateway: hand it the entries it asks for (through the
+        spool, mta/queue/manager.py), since its client's connection is the only way to them."""
+        names = set(request.get("connectors") or [])
+        connectors = [c for c in nodes.remote_triggered(self.config) if c.name in names]
+        domains = request.get("domains")
+        wanted = (lambda d: True) if domains is None else set(domains).__contains__
+        if not connectors:
+            return []
+        return await self.services.queue.hand_over(lambda e: bool(self._held_for(e, wanted, connectors)),
+                                                   int(request["to"]))
 
     def _forget_stale(self, now: float) -> None:
         for key in [k for k, r in self.releases.items() if r.until < now]:
@@ -226,18 +246,28 @@ class EtrnDequeue:
                                   f"({session.authenticated_user or 'not authenticated'}) is not authorized")
             return R.node_not_allowed(node.text, "client not authorized")
         moved = self.release(self._wanted(node), allowed)
-        self.event("minimum", f"{verb} {node.text} from {session.peer_host}: {moved} message(s) released")
-        cluster = getattr(self.services, "cluster", None)
-        if cluster is not None:
-            # the other nodes release what they hold too (gateway.cluster); this node cannot know
-            # whether they hold any, so the answer is "started" rather than "nothing here"
-            d = defer.Deferred.fromCoroutine(cluster.trigger(node.text, verb, [c.name for c in allowed]))
-            d.addErrback(lambda f: self.event("minimum", f"{verb} {node.text}: telling the cluster failed: "
-                                                         f"{f.getErrorMessage()}"))
+        triggers = getattr(self.services, "triggers", None)
+        if triggers is None:
+            return self._dequeued(session, node, verb, moved, 0)
+        # the other workers (gateway.workers) and nodes (gateway.cluster) release what they hold too
+        d = defer.Deferred.fromCoroutine(triggers.trigger(node.text, verb, [c.name for c in allowed]))
+
+        def failed(f: Any) -> int:
+            self.event("minimum", f"{verb} {node.text}: telling the other workers failed: {f.getErrorMessage()}")
+            return 0
+
+        d.addErrback(failed)
+        if not triggers.others:                 # one process: nothing to wait for
+            return self._dequeued(session, node, verb, moved, 0)
+        return d.addCallback(lambda others: self._dequeued(session, node, verb, moved, others))
+
+    def _dequeued(self, session: Any, node: Node, verb: str, here: int, others: int) -> Reply:
+        self.event("minimum", f"{verb} {node.text} from {session.peer_host}: {here + others} message(s) released")
+        if getattr(self.services, "cluster", None) is not None:
+            # the other nodes cannot be waited for: whether they hold any is not known here, so the
+            # answer is "started" rather than "nothing here"
             return R.node_started(node.text)
-        if not moved:
-            return R.node_empty(node.text)
-        return R.node_started(node.text)
+        return R.node_started(node.text) if here + others else R.node_empty(node.text)
 
     def remote_trigger(self, trigger: dict) -> int:
         """An ETRN/DEQUEUE answered by another node of the cluster (checked and authorized there):
@@ -293,6 +323,18 @@ class EtrnDequeue:
                 self.event("minimum", f"{verb} by {session.authenticated_user} refused for {', '.join(refused)}")
                 return R.turn_refused(f"{verb} request refused for {', '.join(refused)}")
             wanted = set(domains)
+        triggers = getattr(self.services, "triggers", None)
+        if triggers is not None and triggers.others:
+            # the other workers hold mail for these domains too: they hand it over first
+            request = {"domains": None if wanted is None else sorted(wanted), "connectors": [c.name for c in mine]}
+            d = defer.Deferred.fromCoroutine(triggers.collect(request))
+            d.addCallback(lambda ids: defer.Deferred.fromCoroutine(self.services.queue.adopt(ids)))
+            d.addErrback(lambda f: log.failure("{verb}: collecting from the other workers failed", f, verb=verb))
+            return d.addCallback(lambda _: self._reversed(session, domains, wanted, mine, verb))
+        return self._reversed(session, domains, wanted, mine, verb)
+
+    def _reversed(self, session: Any, domains: list[str], wanted: set[str] | None, mine: list[Any],
+                  verb: str) -> Reply:
         atrn = AtrnSession(self, session, domains)
         moved = self.release((lambda d: True) if wanted is None else (lambda d: d in wanted), mine, via=atrn)
         if not moved:
