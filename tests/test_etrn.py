@@ -13,7 +13,7 @@ from mta.model.envelope import Session
 from mta.model.queue_entry import QueueEntry, RecipientState
 from mta.config.schedules import Schedule
 from smtpgw_plugins.etrn_dequeue import EtrnDequeue
-from smtpgw_plugins.etrn_dequeue.nodes import RateLimiter, is_authorized, parse_domain_list, parse_node
+from smtpgw_plugins.etrn_dequeue.nodes import is_authorized, parse_domain_list, parse_node
 from smtpgw_plugins.etrn_dequeue.requester import build_request, next_time
 
 
@@ -98,11 +98,21 @@ def test_authorization_by_network_or_account():
     assert not is_authorized(connector, session("127.0.0.123", user="other"))
 
 
-def test_rate_limit_is_per_client_and_slides():
-    limit = RateLimiter(2, 60.0)
-    assert limit.allow("a", 0) and limit.allow("a", 1) and not limit.allow("a", 2)
-    assert limit.allow("b", 2)
-    assert limit.allow("a", 60.5)
+def test_rate_limit_is_per_client_and_counts_over_the_window(plugin):
+    """At most ``requests`` per client in each window (the gateway's per-client table, shared by
+    the workers: mta/cluster/windows.py); a later window starts over."""
+    from mta.cluster.windows import ClientWindows
+    from mta.workers.clients import ClientCounts
+    from mta.workers.identity import SINGLE
+
+    now = [1_000_000.0]
+    table = ClientCounts(None, SINGLE, clock=lambda: now[0])
+    plugin.services.client_windows = ClientWindows(lambda: table)
+    plugin.rate = type(plugin.rate)(2, 60.0)
+    assert [plugin.dequeue(session(), "site.test").code for _ in range(3)] == [251, 251, 458]
+    assert plugin.dequeue(session("127.0.0.9"), "site.test").code == 459       # another client
+    now[0] += 61
+    assert plugin.dequeue(session(), "site.test").code == 251
 
 
 # -- holding and the verbs ----------------------------------------------------------------------------

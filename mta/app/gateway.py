@@ -17,6 +17,7 @@ from mta.cluster.leases import ConnectionLeases
 from mta.cluster.node import Cluster
 from mta.cluster.queue_index import QueueIndex
 from mta.cluster.triggers import ASK_TIMEOUT, TriggerBus
+from mta.cluster.windows import ClientWindows
 from mta.config import Config
 from mta.delivery.attempt import Deliverer
 from mta.delivery.nexthops import Resolver
@@ -37,6 +38,7 @@ from mta.queue.pickup import Pickup
 from mta.smtp.client.pool import SMTPClientPool
 from mta.smtp.server.message_memory import MessageMemory
 from mta.spool.store import Spool
+from mta.workers import clients
 from mta.workers.clients import ClientCounts
 from mta.workers.identity import SINGLE, WorkerInfo
 
@@ -68,6 +70,7 @@ class Gateway:
     queue_index: QueueIndex | None      # with a cluster: this worker's queue, indexed in Redis for the cluster view
     drain: Drain                        # smtpgw cluster drain: new connections refused, the queue emptied
     triggers: TriggerBus                # ETRN/ATRN answered here reach the other workers and nodes (mta.cluster.triggers)
+    client_windows: ClientWindows       # AUTH failures, ETRN requests per client: every worker, every node
 
     def __init__(self, config: Config, reactor: Any = None, load_plugins: bool = True,
                  worker: WorkerInfo = SINGLE) -> None:
@@ -111,6 +114,7 @@ class Gateway:
         if worker.many:
             socket = config.gateway.control_socket_path
             self.triggers.ask = lambda index, request: ask_worker(reactor, socket, index, request, ASK_TIMEOUT)
+        self.client_windows = ClientWindows(lambda: clients.for_gateway(self), self.cluster)
         self.leases = None
         self.queue_index = None
         self.drain = Drain(config.gateway.spool, reactor, writer=worker.index == 0, name=config.gateway.node_name)

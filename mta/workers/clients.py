@@ -1,7 +1,7 @@
 """Per-client figures for Postfix anvil-style limits, shared by every worker of the gateway: each
-client address's open connections, its connections in the current minute, and its failed AUTH
-attempts in the current window (``limits.max_connections_per_client``, ``limits.max_connection_rate``,
-``auth.max_failures_per_client``).
+client address's open connections, its connections in the current minute, its failed AUTH attempts
+and its ETRN requests in their current windows (``limits.max_connections_per_client``,
+``limits.max_connection_rate``, ``auth.max_failures_per_client``, etrn_dequeue's ``rate_limit``).
 
 Why a shared hash table in memory, and not an anvil process as Postfix has: a connection is admitted
 or refused in ``buildProtocol``, synchronously, and a round trip to another process per connection
@@ -19,6 +19,8 @@ pid now writing the region) and ``BUCKETS`` buckets of ``FIELDS`` words::
     rate         connections opened in that minute
     auth_start   when the current AUTH failure window began (seconds after the base time)
     auth_count   failures since then
+    etrn_start   the same for ETRN (and DEQUEUE) requests
+    etrn_count
 
 A client (its address, with the virtual server's position in front, so each virtual server counts
 on its own) goes to the bucket that a keyed BLAKE2b hash of it names. The key is the random secret,
@@ -48,12 +50,13 @@ from mta.workers import identity as workers
 log = Logger(namespace="smtpgw.workers")
 
 FILE_NAME = "client.counts"
-FORMAT = 0x636C6E31             # "cln1"
+FORMAT = 0x636C6E32             # "cln2"
 WORD = 4
 HEADER = 8                      # format, base time, 4 words of secret, 2 spare
 BUCKETS = 1 << 14
-FIELDS = 5
-CONNECTIONS, MINUTE, RATE, AUTH_START, AUTH_COUNT = range(FIELDS)
+FIELDS = 7
+CONNECTIONS, MINUTE, RATE, AUTH_START, AUTH_COUNT, ETRN_START, ETRN_COUNT = range(FIELDS)
+WINDOWS = {"auth": (AUTH_START, AUTH_COUNT), "etrn": (ETRN_START, ETRN_COUNT)}    # counts in a time window
 REGION = 1 + BUCKETS * FIELDS   # owner word, then the buckets
 SIZE = (HEADER + MAX_WORKERS * REGION) * WORD
 
@@ -156,23 +159,30 @@ class ClientCounts:
         if self.owner and self._words[self._mine + bucket + CONNECTIONS] > 0:
             self._words[self._mine + bucket + CONNECTIONS] -= 1
 
-    # -- AUTH failures -------------------------------------------------------------------------
+    # -- counts in a window (AUTH failures, ETRN requests) ---------------------------------------
 
-    def auth_failures(self, bucket: int, window: float) -> int:
-        """Failures of the bucket's client in windows still open, gateway-wide."""
+    def in_window(self, bucket: int, window: float, kind: str = "auth") -> int:
+        """The bucket's client's events of ``kind`` (:data:`WINDOWS`) in windows still open, gateway-wide."""
+        start, count = WINDOWS[kind]
         now, words = self._now(), self._words
-        return sum(words[r + bucket + AUTH_COUNT] for r in self._regions()
-                   if now < words[r + bucket + AUTH_START] + window)
+        return sum(words[r + bucket + count] for r in self._regions() if now < words[r + bucket + start] + window)
 
-    def auth_failed(self, bucket: int, window: float) -> None:
-        """Count a failure: a new window starts when the last one has passed."""
+    def count_in_window(self, bucket: int, window: float, kind: str = "auth") -> None:
+        """Count an event: a new window starts when the last one has passed."""
         if not self.owner:
             return
+        start, count = WINDOWS[kind]
         now, words, mine = self._now(), self._words, self._mine + bucket
-        if now >= words[mine + AUTH_START] + window or not words[mine + AUTH_COUNT]:
-            words[mine + AUTH_START] = now
-            words[mine + AUTH_COUNT] = 0
-        words[mine + AUTH_COUNT] += 1
+        if now >= words[mine + start] + window or not words[mine + count]:
+            words[mine + start] = now
+            words[mine + count] = 0
+        words[mine + count] += 1
+
+    def auth_failures(self, bucket: int, window: float) -> int:
+        return self.in_window(bucket, window, "auth")
+
+    def auth_failed(self, bucket: int, window: float) -> None:
+        self.count_in_window(bucket, window, "auth")
 
     def close(self) -> None:
         self._words.release()

@@ -4,7 +4,6 @@ Kept free of I/O and of the queue so the rules an administrator relies on are pl
 """
 from __future__ import annotations
 
-import collections
 import re
 from dataclasses import dataclass
 from typing import Any, Iterable
@@ -111,24 +110,3 @@ def collectable_domains(connectors: Iterable[Connector]) -> list[str]:
             if name != "*" and name not in out:
                 out.append(name)
     return out
-
-
-class RateLimiter:
-    """At most ``requests`` per ``per`` seconds for each client address (a sliding window)."""
-
-    def __init__(self, requests: int, per: float) -> None:
-        self.requests = requests
-        self.per = per
-        self._seen: dict[str, collections.deque[float]] = {}
-
-    def allow(self, client: str, now: float) -> bool:
-        times = self._seen.setdefault(client, collections.deque())
-        while times and times[0] <= now - self.per:
-            times.popleft()
-        if len(times) >= self.requests:
-            return False
-        times.append(now)
-        if len(self._seen) > 10000:          # forget idle clients so a scan cannot grow this forever
-            for key in [k for k, v in self._seen.items() if not v or v[-1] <= now - self.per]:
-                del self._seen[key]
-        return True

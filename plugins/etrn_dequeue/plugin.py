@@ -46,6 +46,15 @@ class HandOff(Reply):
     take_over: Any = field(default=None, compare=False)
 
 
+@dataclass(frozen=True)
+class Rate:
+    """``rate_limit``: at most ``requests`` ETRN/DEQUEUE per client address in each window of ``per``
+    seconds, counted over every worker and node (mta/cluster/windows.py)."""
+
+    requests: int
+    per: float
+
+
 @dataclass
 class Release:
     until: float
@@ -56,7 +65,7 @@ class EtrnDequeue:
     def __init__(self) -> None:
         self.config: Any = None
         self.services: Any = None
-        self.limiter = nodes.RateLimiter(10, 60.0)
+        self.rate = Rate(10, 60.0)
         self.turn_enabled = False
         self.releases: dict[tuple[str, str], Release] = {}      # (entry id, domain) -> release
         self.atrn_sessions: dict[str, AtrnSession] = {}
@@ -70,7 +79,7 @@ class EtrnDequeue:
         self.services = services
         settings = config.plugins.settings.get("etrn_dequeue") or {}
         rate = settings.get("rate_limit") or {}
-        self.limiter = nodes.RateLimiter(int(rate.get("requests", 10)), float(rate.get("per", 60.0)))
+        self.rate = Rate(int(rate.get("requests", 10)), float(rate.get("per", 60.0)))
         self.turn_enabled = bool(settings.get("turn", False))
         if nodes.remote_triggered(config):
             services.hooks.register(AtrnRoutes(self), name="etrn_dequeue.atrn")
@@ -234,7 +243,14 @@ class EtrnDequeue:
         node = nodes.parse_node(argument)
         if node is None:
             return R.ETRN_SYNTAX if verb == "ETRN" else R.dequeue_syntax(verb)
-        if not self.limiter.allow(session.peer_host, self._now()):
+        # the client's requests over every worker and (gateway.cluster) every node
+        seen = self.services.client_windows.hit("etrn", "etrn", session.peer_host, self.rate.per)
+        if isinstance(seen, defer.Deferred):
+            return seen.addCallback(self._counted, session, node, verb)
+        return self._counted(seen, session, node, verb)
+
+    def _counted(self, seen: int, session: Any, node: Node, verb: str) -> Reply | defer.Deferred:
+        if seen > self.rate.requests:
             self.event("minimum", f"{verb} {node.text} from {session.peer_host}: rate limited")
             return R.node_rate_limited(node.text, "too many requests, try again later")
         held_by = [c for c in nodes.remote_triggered(self.config) if node.matches_connector(c)]

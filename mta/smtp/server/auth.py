@@ -159,8 +159,14 @@ class ServerAuth:
             return R.AUTH_ENCRYPTION_REQUIRED
         if session.authenticated_user:
             return R.AUTH_ALREADY
-        if protocol.factory.client_limits.auth_locked(session.peer_host):
-            protocol._event("authentication", "minimum", "authentication locked", peer=session.peer_host)
+        locked = protocol.factory.client_limits.auth_locked(session.peer_host)
+        if isinstance(locked, defer.Deferred):          # counted over the cluster: Redis is asked
+            return locked.addCallback(self._start, protocol, argument)
+        return self._start(locked, protocol, argument)
+
+    def _start(self, locked: bool, protocol: Any, argument: str) -> Reply | defer.Deferred:
+        if locked:
+            protocol._event("authentication", "minimum", "authentication locked", peer=protocol.session.peer_host)
             return R.AUTH_LOCKED
         mechanism, _, initial = argument.strip().partition(" ")
         mechanism, initial = mechanism.upper(), initial.strip()

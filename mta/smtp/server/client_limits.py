@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from twisted.internet import defer
+
 from mta.model.netaddr import client_ip
 from mta.smtp import replies as R
 from mta.smtp.reply import Reply
@@ -59,14 +61,28 @@ class ClientLimits:
     def closed(self, bucket: int) -> None:
         self.table.closed(bucket)
 
-    def auth_locked(self, host: str) -> bool:
-        """Has ``host`` used up its failed AUTH attempts for the window?"""
+    def auth_locked(self, host: str) -> bool | defer.Deferred:
+        """Has ``host`` used up its failed AUTH attempts for the window? Over every worker, and with
+        ``gateway.cluster.redis`` over every node (then the answer is a Deferred)."""
         limit = self.vs.auth.max_failures_per_client
         if not limit.count:
             return False
-        return self.table.auth_failures(self.table.bucket(self.scope, host), limit.per) >= limit.count
+        windows = getattr(self.gateway, "client_windows", None)
+        if windows is None:
+            return self.table.auth_failures(self.table.bucket(self.scope, host), limit.per) >= limit.count
+        seen = windows.count("auth", self.scope, host, limit.per)
+        if isinstance(seen, defer.Deferred):
+            return seen.addCallback(lambda n: n >= limit.count)
+        return seen >= limit.count
 
     def auth_failed(self, host: str) -> None:
         limit = self.vs.auth.max_failures_per_client
-        if limit.count:
+        if not limit.count:
+            return
+        windows = getattr(self.gateway, "client_windows", None)
+        if windows is None:
             self.table.auth_failed(self.table.bucket(self.scope, host), limit.per)
+            return
+        counted = windows.hit("auth", self.scope, host, limit.per)
+        if isinstance(counted, defer.Deferred):
+            counted.addErrback(lambda f: None)
