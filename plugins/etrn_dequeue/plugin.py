@@ -12,6 +12,11 @@ an outcome (or :data:`RELEASE_SECONDS`): the queue is woken for the messages con
 delivery window lets exactly those recipients go, through the normal outbound path (smart host or
 MX) -- or, for ATRN/TURN, over the client's own connection (plugins/etrn_dequeue/atrn.py). A
 recipient that is deferred is held again afterwards until the next request.
+
+Several workers, several nodes. A request answered here is passed on through ``services.triggers``
+(mta/cluster/triggers.py): the other workers and nodes release what they hold (:meth:`remote_trigger`),
+and for ATRN the other workers first hand their entries over to this one (:meth:`hand_over`). The rate
+limit counts a client's requests everywhere (``services.client_windows``, mta/cluster/windows.py).
 """
 from __future__ import annotations
 
