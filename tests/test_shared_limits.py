@@ -93,3 +93,21 @@ def test_etrn_rate_limit_counted_over_two_nodes(limited_nodes, redis_server):
     redis_server.kill()                         # Redis gone: each node counts alone...
     assert etrn(A, "site.test")[0] == 458       # ... and A has seen 3 of its own this hour
     assert wait_until(lambda: "(degraded)" in a.log(), 15)
+
+
+def test_etrn_requests_are_counted_over_the_workers(tmp_path):
+    """Without Redis the windows are the workers' shared table: worker 0 and worker 1 see one count
+    per client and kind; a new window starts over."""
+    from mta.cluster.windows import ClientWindows
+    from mta.workers.clients import ClientCounts
+    from mta.workers.identity import WorkerInfo
+
+    now = [1_000_000.0]
+    tables = [ClientCounts(str(tmp_path), WorkerInfo(i, 2), pid=300 + i, clock=lambda: now[0]) for i in (0, 1)]
+    zero, one = (ClientWindows(lambda t=t: t) for t in tables)
+    assert [zero.hit("etrn", "etrn", CLIENT, 60), one.hit("etrn", "etrn", CLIENT, 60),
+            zero.hit("etrn", "etrn", CLIENT, 60)] == [1, 2, 3]
+    assert one.count("etrn", "etrn", CLIENT, 60) == 3
+    assert one.count("auth", 0, CLIENT, 60) == 0 and one.count("etrn", "etrn", GW, 60) == 0
+    now[0] += 61
+    assert one.hit("etrn", "etrn", CLIENT, 60) == 1
