@@ -1,6 +1,7 @@
 """Per-client limits counted over the whole gateway and the whole cluster: failed AUTH attempts spread
-over two workers lock the client at the configured count, and an ETRN rate limit holds over two nodes
-sharing a real ``redis-server`` (and falls back to each node's own count while Redis is down)."""
+over two workers lock the client at the configured count; failed AUTH attempts and an ETRN rate limit
+hold over two nodes sharing a real ``redis-server`` (falling back to each node's own count while Redis
+is down)."""
 from __future__ import annotations
 
 import base64
@@ -64,7 +65,7 @@ def test_auth_failures_spread_over_workers_hit_the_limit_at_the_count(gateway, t
 
 @pytest.fixture
 def limited_nodes(tmp_path, redis_server):
-    """Cluster nodes (tests/test_cluster.py) allowing 3 ETRN per client and hour."""
+    """Cluster nodes (tests/test_cluster.py) allowing 3 ETRN per client and hour, and 3 failed AUTH."""
     started: list[GatewayProcess] = []
 
     def start(name: str, host: str) -> GatewayProcess:
@@ -72,6 +73,8 @@ def limited_nodes(tmp_path, redis_server):
         folder.mkdir(exist_ok=True)
         cfg = node_config(folder, host, name, redis_server.url)
         cfg["plugins"]["etrn_dequeue"] = {"rate_limit": {"requests": 3, "per": "1h"}}
+        cfg["virtual_servers"][0]["auth"] = auth_config(folder)["virtual_servers"][0]["auth"]
+        cfg["virtual_servers"][0]["auth"]["max_failures_per_client"]["count"] = 3
         started.append(GatewayProcess(folder, cfg))
         return started[-1].start()
 
@@ -93,6 +96,23 @@ def test_etrn_rate_limit_counted_over_two_nodes(limited_nodes, redis_server):
     redis_server.kill()                         # Redis gone: each node counts alone...
     assert etrn(A, "site.test")[0] == 458       # ... and A has seen 3 of its own this hour
     assert wait_until(lambda: "(degraded)" in a.log(), 15)
+
+
+def test_auth_failures_counted_over_two_nodes(limited_nodes, redis_server):
+    limited_nodes("mx1", A)
+    limited_nodes("mx2", B)
+
+    def attempt(host: str, password: str) -> int:
+        with smtplib.SMTP(host, PORT, timeout=30, source_address=(CLIENT, 0)) as s:
+            s.ehlo("client.test")
+            return auth(s, password)
+
+    assert [attempt(A, "wrong"), attempt(B, "wrong"), attempt(A, "wrong")] == [535, 535, 535]
+    assert attempt(B, "right") == 454          # B saw one failure itself: the cluster saw three
+    assert attempt(A, "right") == 454
+    keys = redis_server.cli("KEYS", "smtpgw:limit:auth:*").split()
+    assert len(keys) == 1 and CLIENT in keys[0]
+    assert 0 < int(redis_server.cli("TTL", keys[0])) <= 3601       # soft state: it expires with its window
 
 
 def test_etrn_requests_are_counted_over_the_workers(tmp_path):
