@@ -112,8 +112,9 @@ def test_running_gateway_list_hold_retry_release_delete(gateway, peers, tmp_path
     gw = gateway(queue_config(tmp_path))
     cli = InProcess(gw, capsys)
     sock = tmp_path / "spool" / "control.sock"
-    assert wait_until(sock.exists)
-    assert stat.S_ISSOCK(sock.stat().st_mode) and stat.S_IMODE(sock.stat().st_mode) == 0o600
+    # Twisted binds the socket, then sets its mode: wait for the mode, not only the name
+    assert wait_until(lambda: sock.exists() and stat.S_IMODE(sock.stat().st_mode) == 0o600)
+    assert stat.S_ISSOCK(sock.stat().st_mode)
     send("first")
     send("second")
     first, second = deferred_ids(gw, 2)
