@@ -465,6 +465,7 @@ class QueueManager:
                 self._reschedule(entry)
                 continue
             self._drop_first_data(entry)
+            self._touched(entry_id)
             moved.append(new_id)
             log.info("queue {id}: handed over to worker {to} as {new}", id=entry_id, to=to, new=new_id)
         return moved
@@ -487,6 +488,7 @@ class QueueManager:
             if entry.id in self._entries or entry.is_done():
                 continue
             self._entries[entry.id] = entry
+            self._touched(entry.id)
             adopted.append(entry.id)
             if self._running and not is_held(entry):
                 self._scheduler.schedule(entry.id, self._next_time(entry))
