@@ -22,10 +22,15 @@ REFUSED = "451 4.3.0 try later"
 def nodes(tmp_path, redis_server):
     started: list[GatewayProcess] = []
 
-    def start(name: str, host: str) -> GatewayProcess:
+    def start(name: str, host: str, workers: int = 1) -> GatewayProcess:
         folder = tmp_path / name
         folder.mkdir(exist_ok=True)
-        gw = GatewayProcess(folder, node_config(folder, host, name, redis_server.url))
+        cfg = node_config(folder, host, name, redis_server.url)
+        cfg["gateway"]["workers"] = workers
+        if workers > 1:             # ETRN keeps one process (for now): no remote-triggered connector
+            cfg["connectors"] = cfg["connectors"][:1]
+            cfg["plugins"]["enabled"].remove("etrn_dequeue")
+        gw = GatewayProcess(folder, cfg)
         started.append(gw)
         return gw.start()
 
@@ -211,3 +216,38 @@ def test_draining_a_single_gateway_of_two_workers_through_its_control_socket(tmp
         assert r.returncode == 1 and "not in a cluster" in r.stderr, r.stderr
     finally:
         gw.stop()
+
+
+def queued_id(host: str, rcpt: str) -> str:
+    """Send one message on its own connection; the queue id from the 250."""
+    with smtplib.SMTP(host, PORT, timeout=30) as s:
+        s.ehlo("client.test")
+        s.mail("alice@example.test")
+        s.rcpt(rcpt)
+        code, text = s.data(b"Subject: spread\r\n\r\nHello.\r\n")
+    assert code == 250
+    return text.decode().rsplit(" ", 1)[-1]
+
+
+def test_a_node_of_two_workers_indexes_both_shares_and_counts_them_in_its_heartbeat(nodes, peers, redis_server):
+    from mta.workers.identity import owner_of
+
+    customer = peers(CUSTOMER)
+    customer.set_reply("rcpt", REFUSED)
+    a = nodes("mx1", A, workers=2)
+    assert wait_until(lambda: "worker 1 started" in a.log() and "control.sock.1" in a.log(), 30), a.log()
+    ids: set[str] = set()
+    for i in range(200):                    # until each worker has taken some
+        ids.add(queued_id(A, f"user{i}@far.test"))
+        if {owner_of(x, 2) for x in ids} == {0, 1} and len(ids) >= 4:
+            break
+    assert {owner_of(x, 2) for x in ids} == {0, 1}
+
+    def share(worker: int) -> set[str]:
+        return set(redis_server.cli("HKEYS", f"smtpgw:queue:mx1:{worker}").split())
+
+    assert wait_until(lambda: share(0) | share(1) == ids, 20)      # each worker indexes its own share
+    assert share(1) == {x for x in ids if owner_of(x, 2) == 1}
+    assert wait_until(lambda: redis_server.cli("HGET", "smtpgw:node:mx1", "queue") == str(len(ids)), 15)
+    rows = cluster_rows(a)
+    assert {r["id"] for r in rows} == ids and {r["state"] for r in rows} <= {"queued", "active", "deferred"}

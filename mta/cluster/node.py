@@ -61,7 +61,7 @@ Trigger = dict[str, Any]        # {"node": text, "verb": "ETRN", "connectors": [
 class Cluster:
     """One node's link to the others. ``on_trigger`` callbacks get each remote trigger once."""
 
-    def __init__(self, config: Config, reactor: Any, queue_size: Callable[[], int] = lambda: 0,
+    def __init__(self, config: Config, reactor: Any, queue_size: Callable[[], Any] = lambda: 0,
                  heartbeat: bool = True, worker: int = 0) -> None:
         self.config = config
         self.reactor = reactor
@@ -131,9 +131,12 @@ class Cluster:
 
     async def register(self) -> None:
         key = node_key(self.name)
+        queued = self.queue_size()          # an int, or (several workers) a Deferred of one
+        if isinstance(queued, defer.Deferred):
+            queued = await queued
         await self.call("HSET", key, "host", self.config.gateway.hostname, "pid", os.getpid(),
                         "started", f"{self.started:.3f}", "heartbeat", f"{time.time():.3f}",
-                        "queue", self.queue_size(), "state", self.node_state(), "leases", self.leases_held())
+                        "queue", queued, "state", self.node_state(), "leases", self.leases_held())
         await self.call("EXPIRE", key, HEARTBEAT_TTL)
         await self.call("SADD", NODES, self.name)
 

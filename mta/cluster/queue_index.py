@@ -102,6 +102,8 @@ class QueueIndex:
         self._refresh.clock = self.reactor
         queue.watchers.append(self.touched)
         cluster.on_resync(self.resync)
+        if worker == 0 and workers > 1:     # the heartbeat's queue size: every worker's share, not 0's
+            cluster.queue_size = lambda: defer.Deferred.fromCoroutine(self.node_size())
 
     def start(self) -> None:
         """After the queue was loaded: write the whole index, then keep it current."""
@@ -210,6 +212,15 @@ class QueueIndex:
             self.dirty |= set(ids)
             raise
         self.synced = True
+
+    async def node_size(self) -> int:
+        """Messages the node holds over all its workers, as their indexes have them (this worker's
+        own share counted live)."""
+        total = len(self.queue.ids())
+        for worker in range(self.workers):
+            if worker != self.worker:
+                total += int(await self.cluster.call("HLEN", index_key(self.cluster.name, worker)) or 0)
+        return total
 
     async def _drop_other_workers(self) -> None:
         """The shares of workers this node no longer runs (``gateway.workers`` lowered)."""
