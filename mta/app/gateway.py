@@ -155,6 +155,7 @@ class Gateway:
 
     def stop(self) -> defer.Deferred:
         self.pickup.stop()
+        self.mta_sts.stop()
         self.recipients.stop()
         self.drain.stop()
         if self.queue_index is not None:

@@ -42,6 +42,7 @@ LIVE = (
     "gateway.postmaster",
     "gateway.queue.*",                                  # retry, delay_notification, expire, max_hops
     "gateway.shaping",                                  # the next send to a destination (mta/delivery/shaping.py)
+    "gateway.mta_sts.ca_file",                          # the next policy fetch and MX check (mta/delivery/mta_sts.py)
     "virtual_servers[].limits.*",
     "virtual_servers[].relay.*",
     "virtual_servers[].dsn.*",                          # read by a session at the end of DATA
@@ -109,6 +110,9 @@ class ConfigReload:
             effective = replace(effective, path=config.path)
         self.gateway.config = effective
         self._update_listeners(effective)
+        mta_sts = getattr(self.gateway, "mta_sts", None)
+        if mta_sts is not None:         # its CA file is read again (new path or new content) at the next fetch
+            mta_sts.reload(effective.gateway.mta_sts.ca_file)
         for change in live:
             log.info("SIGHUP: applied: {key}", key=change.path)
         for change in kept:

@@ -120,6 +120,11 @@ class VerifiedHttpsClient:
         self._trust_root: Any = None
         self._agent = Agent.usingEndpointFactory(reactor, _EndpointFactory(self))
 
+    def set_ca_file(self, ca_file: str | None) -> None:
+        """A new ``gateway.mta_sts.ca_file`` (SIGHUP): read at the next request, as is the same path's
+        new content. Connections already open keep the trust they were made with."""
+        self.ca_file, self._trust_root = ca_file, None
+
     def trust_root(self) -> Any:
         """``ca_file`` plus the system store, read at the first request (a small local file)."""
         if self._trust_root is None:
