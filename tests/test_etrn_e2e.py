@@ -111,7 +111,7 @@ def test_held_until_authorized_etrn(gateways, peers):
         assert s.has_extn("etrn")
     submit(["bob@site.test"], "held one")
     submit(["carol@elsewhere.test"], "not held")
-    assert peer.wait_for(1)                               # the Internet connector delivers at once
+    assert peer.wait_for(1, timeout=30)                               # the Internet connector delivers at once
     assert wait_until(lambda: held(isp))                  # ... the site's mail is held
     assert subjects(peer) == ["not held"]
 
@@ -123,7 +123,7 @@ def test_held_until_authorized_etrn(gateways, peers):
 
     code, text = command("ETRN", SITE, "site.test")
     assert (code, text) == (250, "2.0.0 Queuing for node site.test started")
-    assert peer.wait_for(2)
+    assert peer.wait_for(2, timeout=30)
     assert subjects(peer) == ["held one", "not held"]
     assert peer.messages[1].recipients == ["bob@site.test"]
     # the peer has the message a moment before the ISP has read its 250 and recorded the recipient as
@@ -142,12 +142,12 @@ def test_etrn_subdomains_and_queue_name(gateways, peers):
     assert wait_until(lambda: "waiting for ETRN/ATRN for lab.site.test" in isp.log())
     assert command("ETRN", SITE, "site.test")[0] == 251          # the domain alone is not its subdomain
     assert command("ETRN", SITE, "@site.test")[0] == 250
-    assert peer.wait_for(1) and subjects(peer) == ["subdomain"]
+    assert peer.wait_for(1, timeout=30) and subjects(peer) == ["subdomain"]
 
     submit(["b@site.test"], "by queue")
     assert wait_until(lambda: held(isp))
     assert command("ETRN", SITE, "#Site queue") == (250, "2.0.0 Queuing for node #Site queue started")
-    assert peer.wait_for(2)
+    assert peer.wait_for(2, timeout=30)
 
 
 def test_held_mail_still_expires_with_a_dsn(gateways, peers):
@@ -180,7 +180,7 @@ def test_site_dequeue_command_from_local_hook(gateways, peers):
     assert wait_until(lambda: held(isp))
     assert command("DEQUEUE", STRANGER, "site.test")[0] == 459
     assert command("DEQUEUE", SITE, "site.test") == (250, "2.0.0 Queuing for node site.test started")
-    assert peer.wait_for(1)
+    assert peer.wait_for(1, timeout=30)
 
 
 # -- the client side --------------------------------------------------------------------------------
@@ -201,7 +201,7 @@ def test_cli_etrn_reports_the_reply(gateways, peers):
     done = run_cli("--server", f"{ISP}:{PORT}", "--source", SITE, "site.test")
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "ETRN site.test: 250 2.0.0 Queuing for node site.test started"
-    assert peer.wait_for(1)
+    assert peer.wait_for(1, timeout=30)
     custom = run_cli("--server", f"{ISP}:{PORT}", "--source", SITE, "--command", "DEQUEUE {domain}",
                      "site.test")
     assert custom.returncode == 1 and "DEQUEUE site.test: 500" in custom.stdout    # no site hook here

@@ -224,6 +224,15 @@ class FileSpoolTests(RoundTrip, unittest.TestCase):
         self.assertEqual(self.queue_files(), [])
         self.assertEqual(os.listdir(os.path.join(self.directory, "corrupt")), ["0412bb.st"])
 
+    @defer.inlineCallbacks
+    def test_removing_a_deferred_message_leaves_nothing(self):
+        e = entry("0413cc")
+        yield self.spool.put(e, BODY)
+        yield self.spool.update(e)
+        self.assertEqual(self.queue_files(), ["0413cc", "0413cc.st"])
+        yield self.spool.remove(e.id)
+        self.assertEqual(self.queue_files(), [])
+
     def test_what_the_gateway_never_writes_is_refused_without_blocking(self):
         """A FIFO would block a reading thread forever; a link could point anywhere; a directory."""
         q = os.path.join(self.directory, "queue")
