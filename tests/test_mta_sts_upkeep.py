@@ -79,3 +79,19 @@ def test_a_new_ca_file_is_applied_on_sighup(tmp_path, gateway, peers, dns, https
     assert mx2.wait_for(1, timeout=20), gw.log()
     assert "MTA-STS: policy of sts.test is now id 1, mode enforce" in gw.log()
     assert subjects(mx1) == ["untrusted policy host"] and subjects(mx2) == ["trusted now"]
+
+
+def test_a_damaged_cache_file_is_named_and_the_policy_looked_up_afresh(tmp_path, gateway, peers, dns, https, ca):
+    """A FIFO where the cache file should be would block the reading thread for good; junk is no policy."""
+    import os
+
+    mx2 = tls_peer(peers, MX2, ca, "mx2.sts.test")
+    cache = tmp_path / "spool" / "mta-sts"
+    cache.mkdir(parents=True)
+    os.mkfifo(cache / "sts.test.json")
+    gw = start(tmp_path, gateway, dns, https, ca, policy("enforce", "mx2.sts.test"))
+    send("past the pipe")
+    assert mx2.wait_for(1, timeout=20), gw.log()
+    assert (f"MTA-STS: cached policy of sts.test ignored: {cache}/sts.test.json: a named pipe, not a policy file; "
+            "it is looked up afresh") in gw.log()
+    assert wait_until(lambda: (cache / "sts.test.json").is_file() and cache_entry(tmp_path)["id"] == "1")

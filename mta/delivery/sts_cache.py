@@ -16,9 +16,12 @@ from typing import Any
 
 from twisted.internet import defer
 from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
 
-from mta.spool.files import sync_directory, write_synced
+from mta.spool.files import NotAFile, open_regular, sync_directory, write_synced
 from mta.delivery.sts_policy import Policy, PolicyError, parse_policy
+
+log = Logger(namespace="smtpgw.mta-sts")
 
 _DOMAIN = re.compile(r"[a-z0-9]([a-z0-9.-]{0,251}[a-z0-9])?\Z")
 
@@ -38,18 +41,25 @@ def _path(directory: str, domain: str) -> str | None:
     return os.path.join(directory, name + ".json")
 
 
-def read_policy(directory: str, domain: str) -> CachedPolicy | None:
-    """Blocking: the cached policy of ``domain``, None when there is none or it is unreadable."""
+def read_policy(directory: str, domain: str) -> tuple[CachedPolicy | None, str | None]:
+    """Blocking: ``(the cached policy of domain or None, what is wrong with its file or None)``. A
+    damaged file (empty, junk, a directory, a FIFO that would block this thread) counts as no policy."""
     path = _path(directory, domain)
     if path is None:
-        return None
+        return None, None
     try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
+        with open_regular(path) as f:
+            data = json.loads(f.read().decode("utf-8"))
         policy = parse_policy(data["policy"], str(data["id"]))
-        return CachedPolicy(policy, float(data["fetched"]), float(data["expires"]))
-    except (OSError, ValueError, KeyError, TypeError, PolicyError):
-        return None
+        return CachedPolicy(policy, float(data["fetched"]), float(data["expires"])), None
+    except FileNotFoundError:
+        return None, None
+    except OSError as e:
+        return None, f"{path}: unreadable: {e.strerror or e}"
+    except NotAFile as e:
+        return None, f"{path}: {e}, not a policy file"
+    except (ValueError, KeyError, TypeError, PolicyError) as e:
+        return None, f"{path}: damaged: {type(e).__name__}: {e}"
 
 
 def write_policy(directory: str, domain: str, cached: CachedPolicy) -> None:
@@ -72,8 +82,17 @@ class PolicyCache:
         self.reactor = reactor
 
     def load(self, domain: str) -> defer.Deferred:
-        return deferToThreadPool(self.reactor, self.reactor.getThreadPool(), read_policy,
-                                 self.directory, domain)
+        """The cached policy or None; a damaged file is logged (once per load) and counts as none."""
+        d = deferToThreadPool(self.reactor, self.reactor.getThreadPool(), read_policy, self.directory, domain)
+        return d.addCallback(self._loaded, domain)
+
+    @staticmethod
+    def _loaded(found: tuple[CachedPolicy | None, str | None], domain: str) -> CachedPolicy | None:
+        cached, problem = found
+        if problem is not None:
+            log.warn("MTA-STS: cached policy of {domain} ignored: {problem}; it is looked up afresh",
+                     domain=domain, problem=problem)
+        return cached
 
     def store(self, domain: str, cached: CachedPolicy) -> defer.Deferred:
         return deferToThreadPool(self.reactor, self.reactor.getThreadPool(), write_policy,
