@@ -206,3 +206,21 @@ def test_files_the_service_user_cannot_read_are_named_and_set_aside(tmp_path):
             gw.stop()
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def test_files_where_the_spools_folders_and_socket_should_be(gateway, tmp_path):
+    """A file for maildrop/, a directory for control.sock: one line each, and mail still flows."""
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    (spool / "maildrop").write_bytes(b"junk")
+    (spool / "control.sock").mkdir()
+    cfg = config(tmp_path)
+    cfg["connectors"][0]["smart_hosts"] = []
+    gw = gateway(cfg)
+    lines = [f"maildrop: cannot read {spool}/maildrop: Not a directory; mail from `smtpgw sendmail` waits",
+             f"control socket {spool}/control.sock: something that is not a socket is in the way (a directory)"]
+    assert wait_until(lambda: all(line in gw.log() for line in lines), 20), gw.log()
+    with smtplib.SMTP(GW_HOST, GW_PORT, timeout=30) as s:
+        s.sendmail("alice@example.test", ["bob@example.test"], "Subject: still here\r\n\r\nHi.\r\n")
+    assert wait_until(lambda: maildir_messages(gw.tmp / "mail", "bob"), 15), gw.log()
+    assert gw.log().count("maildrop: cannot read") == 1 and "Traceback" not in gw.log()

@@ -45,6 +45,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import stat
 import time
 from typing import Any, Callable
 
@@ -518,6 +519,11 @@ class ControlService(service.Service):
             log.info("control socket listening on {path}", path=self.path)
 
         def failed(f: Any) -> None:
+            if os.path.lexists(self.path) and not stat.S_ISSOCK(os.lstat(self.path).st_mode):
+                log.error("control socket {path}: something that is not a socket is in the way (a "
+                          "{kind}); remove it and restart: `smtpgw queue` will not reach this gateway",
+                          path=self.path, kind="directory" if os.path.isdir(self.path) else "file")
+                return
             log.error("control socket {path}: cannot listen ({e}); `smtpgw queue` will not reach this "
                       "gateway (is another one running on the same spool?)", path=self.path,
                       e=f.getErrorMessage())

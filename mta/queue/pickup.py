@@ -42,6 +42,7 @@ class Pickup:
         self._loop: task.LoopingCall | None = None
         self._running: defer.Deferred | None = None
         self._again = False
+        self._unreadable: str | None = None     # why the folder cannot be listed, said once
 
     def start(self) -> None:
         self._loop = task.LoopingCall(self.run)
@@ -71,8 +72,19 @@ class Pickup:
         return d.addBoth(done)
 
     async def _drain(self) -> int:
-        names = await threads.deferToThreadPool(self._reactor, self._reactor.getThreadPool(),
-                                                maildrop.pending, self.spool_dir)
+        try:
+            names = await threads.deferToThreadPool(self._reactor, self._reactor.getThreadPool(),
+                                                    maildrop.pending, self.spool_dir)
+        except OSError as e:    # e.g. a file where the folder should be: say so once, keep polling
+            why = f"{e.filename or maildrop.maildrop_dir(self.spool_dir)}: {e.strerror or e}"
+            if why != self._unreadable:
+                log.error("maildrop: cannot read {why}; mail from `smtpgw sendmail` waits until it can be",
+                          why=why)
+                self._unreadable = why
+            return 0
+        if self._unreadable is not None:
+            log.info("maildrop: readable again")
+            self._unreadable = None
         queued = 0
         for name in names:
             try:
