@@ -110,9 +110,13 @@ class ConfigReload:
             effective = replace(effective, path=config.path)
         self.gateway.config = effective
         self._update_listeners(effective)
+        ca_file = effective.gateway.mta_sts.ca_file     # read again (new path or content) at the next use:
         mta_sts = getattr(self.gateway, "mta_sts", None)
-        if mta_sts is not None:         # its CA file is read again (new path or new content) at the next fetch
-            mta_sts.reload(effective.gateway.mta_sts.ca_file)
+        if mta_sts is not None:                         # policy fetches,
+            mta_sts.reload(ca_file)
+        reporter = getattr(self.gateway, "tls_reporter", None)
+        if reporter is not None:                        # TLS-RPT reports POSTed over https
+            reporter.poster.set_ca_file(ca_file)
         for change in live:
             log.info("SIGHUP: applied: {key}", key=change.path)
         for change in kept:
