@@ -90,7 +90,7 @@ def self_cpu() -> float:
 
 
 def throughput(target: targets_mod.Target, load: str, sessions: int, size: int, n: int, rundir: str,
-               timeout: float, idle_limit: float, attacker: bool = False) -> dict:
+               timeout: float, idle_limit: float, attacker: bool = False, from_host: str = "") -> dict:
     """One smtp-source run through one target; time until the sink has all n messages. With
     ``attacker``, a client floods the target without reading its replies meanwhile (bench/attack.py)."""
     os.makedirs(rundir, exist_ok=True)
@@ -106,6 +106,7 @@ def throughput(target: targets_mod.Target, load: str, sessions: int, size: int, 
             res["error"] = str(e)
             log(f"{load} {target.name}: failed to start: {str(e).splitlines()[0]}")
             return res
+        res["start_idle_s"] = round(target.wait_idle(), 1)
         cpu0, sink_cpu0 = target.cpu_seconds(), sink.cpu_seconds()
         (busy0, steal0), self0 = machine_cpu(), self_cpu()
         with open("/proc/loadavg") as f:
@@ -117,6 +118,7 @@ def throughput(target: targets_mod.Target, load: str, sessions: int, size: int, 
             flooder.start()
             forget_flooder = on_exit(flooder.stop)
         argv = ["smtp-source", "-s", str(sessions), "-m", str(n), "-l", str(size),
+                *(["-M", from_host] if from_host else []),      # the From: header's domain
                 "-f", SENDER, "-t", RECIPIENT, f"{target.host}:{target.port}"]
         t0 = time.monotonic()
         src = run_source(argv, os.path.join(rundir, "smtp-source.err"))
@@ -214,6 +216,7 @@ def started(target: targets_mod.Target, rundir: str, tag: str, res: dict, **star
             log(f"{tag} {target.name}: failed to start: {str(e).splitlines()[0]}")
             yield None
             return
+        res["start_idle_s"] = round(target.wait_idle(), 1)
         yield sink
     finally:
         target.stop()
@@ -463,6 +466,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    "(default 10000; quick 2000)")
     p.add_argument("--attack-targets", help="targets for the hostile cases (default: --targets without "
                    "ceiling)")
+    p.add_argument("--smtpgw-dkim", default="", choices=["", "rsa-sha256", "ed25519-sha256"],
+                   help="smtpgw signs every message with dkim_sign and one fresh key of this kind "
+                        "(smtp-source's From domain is then set for every target)")
     p.add_argument("--smtpgw-command", default=targets_mod.DEFAULT_SMTPGW_COMMAND,
                    help="how to start smtpgw; {config} is the generated YAML path; run from the "
                         "repository root with PYTHONPATH=<repo>")
@@ -529,7 +535,7 @@ def main(argv: list[str] | None = None) -> int:
     if not a.keep:
         on_exit(lambda: shutil.rmtree(workdir, ignore_errors=True))
     started = datetime.datetime.now(datetime.timezone.utc)
-    targets = {t: targets_mod.make(t, a.smtpgw_command, a.smtpgw_workers)
+    targets = {t: targets_mod.make(t, a.smtpgw_command, a.smtpgw_workers, a.smtpgw_dkim)
                for t in dict.fromkeys(a.targets + a.conns_targets + a.attack_targets)}
     results: dict = {
         "meta": {"started": started.isoformat(timespec="seconds"), "machine": machine_info(),
@@ -556,7 +562,8 @@ def main(argv: list[str] | None = None) -> int:
                 timeout = a.timeout or 120 + n / 20
                 for name in a.targets:
                     r = throughput(targets[name], load, sessions, size, n, rundir(f"{load}-{name}"),
-                                   timeout, a.idle_limit)
+                                   timeout, a.idle_limit,
+                                   from_host=targets_mod.DKIM_DOMAIN if a.smtpgw_dkim else "")
                     r["repetition"] = rep + 1
                     results["throughput"].append(r)
         if a.latency_messages:

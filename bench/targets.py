@@ -12,9 +12,11 @@ import shlex
 import signal
 import subprocess
 import sys
+import time
 
 import procstat
 from postfix import PostfixInstance
+from smtpgw_plugins.dkim_sign.keys import generate as dkim_keygen
 from util import on_exit, wait_for_banner
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -43,6 +45,21 @@ class Target:
 
     def cpu_seconds(self) -> float:
         return procstat.cpu_seconds(self.pids())
+
+    def wait_idle(self, timeout: float = 30.0, interval: float = 0.5, busy: float = 0.05) -> float:
+        """Wait until the target's processes use less than ``busy`` CPU seconds in ``interval``;
+        returns the seconds waited. The banner answers before the target is done starting: smtpgw's
+        other workers import and start for seconds after worker 0 answers (about 1 s of CPU each),
+        which a short run would otherwise bill to its messages (and run on fewer workers)."""
+        t0 = time.monotonic()
+        last = self.cpu_seconds()
+        while time.monotonic() - t0 < timeout:
+            time.sleep(interval)
+            now = self.cpu_seconds()
+            if now - last < busy:
+                break
+            last = now
+        return time.monotonic() - t0
 
     def log_tail(self) -> str:
         return ""
@@ -117,7 +134,15 @@ connectors:
     bridgeheads: [bench]
 
 plugins:
-  enabled: [relay_acl, smart_host]
+  enabled: [relay_acl, smart_host{dkim_plugin}]
+{dkim_settings}"""
+
+# With --smtpgw-dkim: smtp-source writes "From: <foo@HOST>" with HOST from its -M option, which the
+# bench then sets to this domain for every target, so that each message is signed with one key.
+DKIM_DOMAIN = "bench-client.test"
+DKIM_SETTINGS = """\
+  dkim_sign:
+    keys: [{{domain: {domain}, selector: bench, key: "{key}", algorithm: {algorithm}}}]
 """
 
 
@@ -126,9 +151,10 @@ class Smtpgw(Target):
     host, port = SMTPGW
 
     def __init__(self, command: str = DEFAULT_SMTPGW_COMMAND, start_timeout: float = 30,
-                 workers: str = DEFAULT_SMTPGW_WORKERS) -> None:
+                 workers: str = DEFAULT_SMTPGW_WORKERS, dkim: str = "") -> None:
         self.command = command
         self.workers = workers
+        self.dkim = dkim                # "" (no signing), rsa-sha256 or ed25519-sha256
         self.start_timeout = start_timeout
         self.proc: subprocess.Popen | None = None
         self._forget = None
@@ -139,10 +165,26 @@ class Smtpgw(Target):
         spool = os.path.join(workdir, "spool")
         os.makedirs(spool, exist_ok=True)
         path = os.path.join(workdir, "gateway.yaml")
+        dkim_plugin = dkim_settings = ""
+        if self.dkim:
+            dkim_plugin = ", dkim_sign"
+            dkim_settings = DKIM_SETTINGS.format(domain=DKIM_DOMAIN, algorithm=self.dkim,
+                                                 key=self.write_dkim_key(workdir))
         with open(path, "w") as f:
             f.write(SMTPGW_CONFIG.format(spool=spool, host=self.host, port=self.port,
                                          max_connections=max_connections, workers=self.workers,
-                                         sink_host=SINK[0], sink_port=SINK[1]))
+                                         sink_host=SINK[0], sink_port=SINK[1],
+                                         dkim_plugin=dkim_plugin, dkim_settings=dkim_settings))
+        return path
+
+    def write_dkim_key(self, workdir: str) -> str:
+        """A fresh key from the generator behind ``smtpgw dkim keygen`` (no DNS needed: the sink
+        does not verify)."""
+        pem, _ = dkim_keygen(self.dkim)
+        path = os.path.join(workdir, f"{DKIM_DOMAIN}.bench.key")
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(pem if isinstance(pem, bytes) else pem.encode("ascii"))
         return path
 
     def start(self, workdir: str, *, max_connections: int = 10000) -> None:
@@ -206,15 +248,15 @@ class Smtpgw(Target):
         dirty = bool(subprocess.run(["git", "-C", REPO, "status", "--porcelain", "--untracked-files=no"],
                                     capture_output=True, text=True).stdout.strip())
         return {**super().describe(), "commit": commit + ("+dirty" if dirty else ""),
-                "command": self.command, "workers": self.workers}
+                "command": self.command, "workers": self.workers, "dkim": self.dkim or None}
 
 
 def make(name: str, smtpgw_command: str = DEFAULT_SMTPGW_COMMAND,
-         smtpgw_workers: str = DEFAULT_SMTPGW_WORKERS) -> Target:
+         smtpgw_workers: str = DEFAULT_SMTPGW_WORKERS, smtpgw_dkim: str = "") -> Target:
     if name == "ceiling":
         return Ceiling()
     if name == "postfix":
         return Postfix()
     if name == "smtpgw":
-        return Smtpgw(smtpgw_command, workers=smtpgw_workers)
+        return Smtpgw(smtpgw_command, workers=smtpgw_workers, dkim=smtpgw_dkim)
     raise ValueError(f"unknown target {name!r} (ceiling, postfix, smtpgw)")

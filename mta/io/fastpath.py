@@ -8,6 +8,10 @@ buffered data is involved, so ordering and back-pressure stay Twisted's). A stre
 server session's backpressure) is no obstacle: what the socket takes leaves nothing buffered, and what
 it does not goes through ``write``, which pauses the producer past the transport's ``bufferSize``.
 
+``write_pipe_now``: the same for a child process's input pipe (the spool writer's requests): one
+``writev`` of the request and the message's chunks, where ``writeSequence`` would join them into one
+more copy of the message and write it at the reactor's next turn.
+
 ``lean_poll``: Twisted's epoll loop wraps every ready descriptor in a logging context
 (``callWithLogger``), four Python calls per event that only legacy ``log.msg`` prefixes use; we
 dispatch directly and keep the error handling.
@@ -15,12 +19,14 @@ dispatch directly and keep the error handling.
 from __future__ import annotations
 
 import errno
+import os
 from typing import Any
 
 from twisted.internet import tcp
 from twisted.python import log
 
 _PLAIN_TCP = (tcp.Server, tcp.Client)
+IOV_MAX = 1024
 
 
 def send_now(transport: Any, data: bytes) -> None:
@@ -38,6 +44,27 @@ def send_now(transport: Any, data: bytes) -> None:
             return
         data = data[sent:]
     transport.write(data)
+
+
+def write_pipe_now(writer: Any, chunks: list[bytes]) -> None:
+    """``writer.writeSequence(chunks)`` for a process's input pipe (Twisted's ``ProcessWriter``),
+    trying one ``writev`` first when nothing is queued before it; what the pipe does not take goes
+    through ``writeSequence`` (ordering and buffering stay Twisted's)."""
+    if (writer.connected and not writer.disconnecting and not writer.dataBuffer
+            and not writer._tempDataBuffer and len(chunks) <= IOV_MAX):
+        try:
+            sent = os.writev(writer.fileno(), chunks)
+        except OSError:
+            sent = 0            # EAGAIN, or an error that the writer's own path will report
+        if sent:
+            i = 0
+            while i < len(chunks) and sent >= len(chunks[i]):
+                sent -= len(chunks[i])
+                i += 1
+            if i == len(chunks):
+                return
+            chunks = [chunks[i][sent:], *chunks[i + 1:]] if sent else chunks[i:]
+    writer.writeSequence(chunks)
 
 
 def lean_poll(reactor: Any) -> bool:

@@ -64,6 +64,21 @@ class CommandSplitter:
         return line, lf + 1
 
 
+def has_long_line(region: bytes, pos: int = 0, end: int | None = None) -> bool:
+    """Whether a line of ``region[pos:end]`` (whole CRLF lines, no bare CR or LF) is longer than
+    ``TEXT_LIMIT`` octets with its CRLF. Without cutting the region into lines: each step asks
+    ``rfind`` (memrchr) for the last LF within ``TEXT_LIMIT`` octets of a line's start; none means
+    that line is too long, and otherwise every line up to that LF is short enough, so a step moves
+    almost ``TEXT_LIMIT`` octets on (about 100 steps for 100 KB instead of one object per line)."""
+    end = len(region) if end is None else end
+    while end - pos > TEXT_LIMIT:
+        lf = region.rfind(b"\n", pos, pos + TEXT_LIMIT)
+        if lf < 0:
+            return True
+        pos = lf + 1
+    return False
+
+
 class _StoredMessage:
     """What DATA and BDAT share: the chunks kept so far, their size, and the first problem, after
     which nothing more is kept (the rest of the message is only counted off)."""
@@ -142,9 +157,9 @@ class DataReader(_StoredMessage):
             return self._fail(Problem.BARE_NEWLINE)
         if b"\0" in region:
             return self._fail(Problem.NUL)
-        if len(region) > TEXT_LIMIT and max(map(len, region.split(b"\r\n"))) > TEXT_LIMIT - 2:
+        if len(region) > TEXT_LIMIT and has_long_line(region):
             return self._fail(Problem.TOO_LONG)
-        if b"\r\n." in region:
+        if b"." in region and b"\r\n." in region:     # (memchr first: most chunks have no dot at all)
             region = b"\r\n".join(region.split(b"\r\n."))
         if region.startswith(b"."):
             region = region[1:]
@@ -204,8 +219,7 @@ class ChunkedMessage(_StoredMessage):
         else:
             last = data.rfind(b"\r\n")
             if self._line + first > longest or (
-                    last - first - 2 > longest
-                    and max(map(len, data[first + 2:last].split(b"\r\n"))) > longest):
+                    last - first - 2 > longest and has_long_line(data, first + 2, last + 2)):
                 return self._fail(Problem.TOO_LONG)
             self._line = len(data) - last - 2
         if self._line > longest:

@@ -4,6 +4,7 @@ Kept apart from the child's module so that the child starts without importing Tw
 """
 from __future__ import annotations
 
+import fcntl
 import os
 import sys
 from typing import Any, Callable
@@ -13,9 +14,12 @@ from twisted.logger import Logger
 
 import mta
 
+from mta.io.fastpath import write_pipe_now
 from mta.spool.writer import BATCH, OK, ReplyReader, encode_request
 
 log = Logger(namespace="smtpgw.spool")
+
+PIPE_SIZE = 1 << 20             # Linux's default pipe-max-size
 
 
 def _child_command() -> tuple[str, list[str], dict[str, str]]:
@@ -53,7 +57,12 @@ class WriterLink:
         self._tag = tag = (self._tag + 1) & 0xFFFFFFFF
         d: defer.Deferred = defer.Deferred()
         proto.pending[tag] = d
-        proto.transport.writeSequence(encode_request(op, tag, tmp, final, chunks))
+        request = encode_request(op, tag, tmp, final, chunks)
+        stdin = getattr(proto.transport, "pipes", {}).get(0)
+        if stdin is not None:
+            write_pipe_now(stdin, request)
+        else:
+            proto.transport.writeSequence(request)
         return d
 
     @property
@@ -65,8 +74,12 @@ class WriterLink:
     def _spawn(self) -> "_WriterProtocol":
         exe, args, env = _child_command()
         proto = _WriterProtocol(self)
-        self._reactor.spawnProcess(proto, exe, [*args, self._queue_dir, str(os.getpid())], env=env,
-                                   childFDs={0: "w", 1: "r", 2: 2})
+        transport = self._reactor.spawnProcess(proto, exe, [*args, self._queue_dir, str(os.getpid())],
+                                               env=env, childFDs={0: "w", 1: "r", 2: 2})
+        try:    # room for a few big messages in the pipe: each written in one go, not in 64 KB turns
+            fcntl.fcntl(transport.pipes[0].fileno(), fcntl.F_SETPIPE_SZ, PIPE_SIZE)
+        except (OSError, AttributeError, KeyError):
+            pass
         if self._proto is not None:
             self.restarts += 1
         self._proto = proto

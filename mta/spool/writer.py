@@ -32,6 +32,7 @@ REPLY = struct.Struct("!BIH")
 OP_NEW, OP_REPLACE, OP_UNLINK = b"N", b"R", b"U"
 OK, ERROR, BATCH = 0, 1, 3
 THREADS = 3
+READ_SIZE = 1 << 20             # the gateway's end makes the pipe this big (mta/spool/link.py)
 
 
 def encode_request(op: bytes, tag: int, tmp: str, final: str, chunks: list[bytes]) -> list[bytes]:
@@ -119,7 +120,7 @@ class _Writer:
         buf = bytearray()
         size = REQUEST.size
         while True:
-            chunk = os.read(in_fd, 65536)
+            chunk = os.read(in_fd, READ_SIZE)
             if not chunk:
                 break
             buf += chunk

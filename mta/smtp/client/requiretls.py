@@ -21,6 +21,7 @@ from mta.smtp.reply import Reply
 
 KEYWORD = "REQUIRETLS"
 MAX_HEADER_SCAN = 256 * 1024        # the header section is searched this far, no further
+_STEP = 8192                        # octets of a chunk added to the search at a time
 _WAIVER = re.compile(rb"(?im)^TLS-Required[ \t]*:[ \t]*No[ \t]*(\r\n|\Z)")
 
 
@@ -33,14 +34,15 @@ def requested(entry: QueueEntry) -> bool:
 def header_section(chunks: Iterable[bytes], limit: int = MAX_HEADER_SCAN) -> bytes:
     """The message's header section (up to its first empty line), at most ``limit`` bytes of it."""
     taken = bytearray(b"\r\n")      # as if a line had just ended: an empty first line ends it at once
-    for chunk in chunks:
-        start = max(len(taken) - 3, 0)
-        taken += chunk
-        end = taken.find(b"\r\n\r\n", start)
-        if end >= 0:
-            return bytes(taken[2:end + 2])
-        if len(taken) > limit:
-            break
+    for chunk in chunks:            # a slice at a time: a big first chunk is not copied whole
+        for offset in range(0, len(chunk), _STEP):
+            start = max(len(taken) - 3, 0)
+            taken += chunk[offset:offset + _STEP] if offset or len(chunk) > _STEP else chunk
+            end = taken.find(b"\r\n\r\n", start)
+            if end >= 0:
+                return bytes(taken[2:end + 2])
+            if len(taken) > limit:
+                return bytes(taken[2:limit + 2])
     return bytes(taken[2:limit + 2])
 
 

@@ -122,7 +122,7 @@ class DotStuffer:
             piece = _ANY_EOL.sub(b"\r\n", piece)
         if not piece:
             return prefix
-        out = piece.replace(b"\r\n.", b"\r\n..")
+        out = piece.replace(b"\r\n.", b"\r\n..") if b"." in piece else piece     # (memchr first)
         if self._line_start and out[:1] == b".":
             out = b"." + out
         self._line_start = out.endswith(b"\r\n")
