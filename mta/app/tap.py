@@ -151,7 +151,7 @@ def makeService(options: Options) -> service.MultiService:
     gateway = Gateway(config, reactor, worker=worker)
     tune_gc(reactor)
     lean_poll(reactor)
-    reactor.callWhenRunning(rendered_log.install)   # twistd's log observer exists by then
+    reactor.callWhenRunning(rendered_log.install, reactor=reactor)  # twistd's log observer exists by then
     top = service.MultiService()
     factories: list[SMTPServerFactory] = []
     GatewayService(gateway, spool_lock, factories).setServiceParent(top)

@@ -10,6 +10,12 @@ renders the same line) that also carries the text itself (``log_text``); ``insta
 twistd file observers to write such an event as ``stamp [namespace#level] text`` directly, with the
 stamp rendered by the observer's own formatter once per second. The bytes written are the ones
 Twisted writes; every other event takes Twisted's way unchanged.
+
+Given the reactor, ``install`` also makes those observers write once per reactor turn instead of
+once per line: the file observer flushes its file after every event, which is one ``write`` system
+call per line (four a message, and a worker's lines are written to its pipe and again by worker 0).
+The lines of one turn now leave together when the turn ends (and at shutdown); a process killed
+in the middle of a turn loses that turn's lines, which were not yet on their way anyway.
 """
 from __future__ import annotations
 
@@ -73,13 +79,44 @@ def _whole_seconds(format_event: Callable[[dict], str | None]) -> bool:
     return format_event({**probe, "log_time": 1.0e9}) == format_event({**probe, "log_time": 1.0e9 + 0.999})
 
 
-def install(publisher: Any = globalLogPublisher) -> int:
+class TurnFlushedFile:
+    """A file observer's file whose ``flush`` waits for the end of the reactor's turn."""
+
+    def __init__(self, file: Any, reactor: Any) -> None:
+        self.file = file
+        self.reactor = reactor
+        self._pending = False
+        reactor.addSystemEventTrigger("after", "shutdown", self.flush_now)
+
+    def write(self, data: Any) -> Any:
+        return self.file.write(data)
+
+    def flush(self) -> None:
+        if not self._pending:
+            self._pending = True
+            self.reactor.callLater(0, self.flush_now)
+
+    def flush_now(self) -> None:
+        self._pending = False
+        try:
+            self.file.flush()
+        except (OSError, ValueError):       # a closed or broken log file: as Twisted's own flush would
+            pass
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.file, name)
+
+
+def install(publisher: Any = globalLogPublisher, reactor: Any = None) -> int:
     """Give the file observers of ``publisher`` the fast way for rendered events (run once logging
-    has begun: twistd adds its observer after ``makeService``). Returns how many it changed."""
+    has begun: twistd adds its observer after ``makeService``), and with ``reactor`` one flush per
+    turn (:class:`TurnFlushedFile`). Returns how many it changed."""
     changed = 0
     for observer in list(getattr(publisher, "_observers", ())):
         if isinstance(observer, FileLogObserver) and not isinstance(observer.formatEvent, RenderedFormat):
             if _whole_seconds(observer.formatEvent):
                 observer.formatEvent = RenderedFormat(observer.formatEvent)
+                if reactor is not None and not isinstance(observer._outFile, TurnFlushedFile):
+                    observer._outFile = TurnFlushedFile(observer._outFile, reactor)
                 changed += 1
     return changed
