@@ -241,7 +241,10 @@ class Hooks:
 
     def _verdict(self, hook_name: str, accepts: tuple[type, ...], **kwargs: Any) -> Any:
         """The first non-None answer, at once or as a Deferred; checked against ``accepts``."""
-        result = self._first_from(self.implementations(hook_name), 0, hook_name, kwargs)
+        impls = self.implementations(hook_name)
+        if not impls:                   # only the core answers (most hooks, most of the time)
+            return None
+        result = self._first_from(impls, 0, hook_name, kwargs)
         if isinstance(result, defer.Deferred):
             return result.addCallback(self._checked, hook_name, accepts)
         return self._checked(result, hook_name, accepts)
