@@ -64,6 +64,17 @@ class CommandSplitter:
         return line, lf + 1
 
 
+_ALL_BUT_CR_LF = bytes(b for b in range(256) if b not in (10, 13))
+
+
+def crlf_clean(data: bytes) -> bool:
+    """Whether every CR and LF in ``data`` is part of a CRLF. In two passes instead of counting CR,
+    LF and CRLF in three: every CRLF holds one CR and one LF, so the CRs and LFs together (what
+    ``translate`` keeps when it drops everything else) are exactly twice the CRLFs only when none is
+    bare."""
+    return len(data.translate(None, _ALL_BUT_CR_LF)) == 2 * data.count(b"\r\n")
+
+
 def has_long_line(region: bytes, pos: int = 0, end: int | None = None) -> bool:
     """Whether a line of ``region[pos:end]`` (whole CRLF lines, no bare CR or LF) is longer than
     ``TEXT_LIMIT`` octets with its CRLF. Without cutting the region into lines: each step asks
@@ -132,14 +143,20 @@ class DataReader(_StoredMessage):
         if buf.startswith(b".\r\n", pos):
             self.done = True
             return pos + 3
-        end = buf.find(b"\r\n.\r\n", pos)
+        # One search finds both the end and whether any line starts with a dot: the first CRLF "."
+        # is the end when CRLF follows; otherwise it is a stuffed line, and the end is looked for after it.
+        dot = buf.find(b"\r\n.", pos)
+        if dot >= 0 and buf.startswith(b"\r\n", dot + 3):
+            end, dots = dot, False
+        else:
+            end, dots = (buf.find(b"\r\n.\r\n", dot + 1) if dot >= 0 else -1), dot >= 0
         if end >= 0:
-            self._take(buf[pos:end + 2])
+            self._take(buf[pos:end + 2], dots)
             self.done = True
             return end + 5
         last = buf.rfind(b"\r\n", pos)
         if last >= 0:
-            self._take(buf[pos:last + 2])
+            self._take(buf[pos:last + 2], dots)
             pos = last + 2
         if n - pos >= TEXT_LIMIT:
             tail = buf[pos:]
@@ -148,18 +165,18 @@ class DataReader(_StoredMessage):
             return n - 1 if tail.endswith(b"\r") else n
         return pos
 
-    def _take(self, region: bytes) -> None:
-        """Store complete lines (``region`` starts at a line start and ends with CRLF)."""
+    def _take(self, region: bytes, dots: bool = True) -> None:
+        """Store complete lines (``region`` starts at a line start and ends with CRLF); ``dots``:
+        a line after the first may start with a dot (False when ``feed`` knows none does)."""
         if self.problem is not None:
             return
-        crlfs = region.count(b"\r\n")
-        if region.count(b"\n") != crlfs or region.count(b"\r") != crlfs:
+        if not crlf_clean(region):
             return self._fail(Problem.BARE_NEWLINE)
         if b"\0" in region:
             return self._fail(Problem.NUL)
         if len(region) > TEXT_LIMIT and has_long_line(region):
             return self._fail(Problem.TOO_LONG)
-        if b"." in region and b"\r\n." in region:     # (memchr first: most chunks have no dot at all)
+        if dots and b"\r\n." in region:
             region = b"\r\n".join(region.split(b"\r\n."))
         if region.startswith(b"."):
             region = region[1:]

@@ -8,6 +8,7 @@ from __future__ import annotations
 import re
 from typing import Iterable, Iterator
 
+from mta.smtp.lines import crlf_clean
 from mta.smtp.reply import Reply
 
 MAX_REPLY_LINE = 4096        # RFC 5321 4.5.3.1.5 says 512; be generous, but bounded
@@ -117,8 +118,7 @@ class DotStuffer:
         if piece.endswith(b"\r"):
             self._held_cr = True
             piece = piece[:-1]
-        n_cr = piece.count(b"\r")
-        if n_cr != piece.count(b"\n") or n_cr != piece.count(b"\r\n"):
+        if not crlf_clean(piece):
             piece = _ANY_EOL.sub(b"\r\n", piece)
         if not piece:
             return prefix
