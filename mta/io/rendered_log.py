@@ -11,11 +11,12 @@ twistd file observers to write such an event as ``stamp [namespace#level] text``
 stamp rendered by the observer's own formatter once per second. The bytes written are the ones
 Twisted writes; every other event takes Twisted's way unchanged.
 
-Given the reactor, ``install`` also makes those observers write once per reactor turn instead of
-once per line: the file observer flushes its file after every event, which is one ``write`` system
-call per line (four a message, and a worker's lines are written to its pipe and again by worker 0).
-The lines of one turn now leave together when the turn ends (and at shutdown); a process killed
-in the middle of a turn loses that turn's lines, which were not yet on their way anyway.
+Given the reactor, ``install`` also makes those observers write at most every ``FLUSH_DELAY``
+seconds instead of once per line: the file observer flushes its file after every event, which is one
+``write`` system call per line (four a message, and a worker's lines are written to its pipe and
+again by worker 0). Lines now leave together a moment later (and at shutdown); a process killed
+with ``kill -9`` loses the lines of its last ``FLUSH_DELAY``. (A flush at the end of each reactor
+turn, ``callLater(0)``, would cost an extra turn of the loop each time.)
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ from typing import Any, Callable
 from twisted.logger import FileLogObserver, LogLevel, Logger, globalLogPublisher
 
 TEXT = "log_text"       # the event's final text, when it has one
+FLUSH_DELAY = 0.05      # seconds a line may wait in the file's buffer (DelayedFlushFile)
 
 
 def escaped(text: str) -> str:
@@ -79,8 +81,8 @@ def _whole_seconds(format_event: Callable[[dict], str | None]) -> bool:
     return format_event({**probe, "log_time": 1.0e9}) == format_event({**probe, "log_time": 1.0e9 + 0.999})
 
 
-class TurnFlushedFile:
-    """A file observer's file whose ``flush`` waits for the end of the reactor's turn."""
+class DelayedFlushFile:
+    """A file observer's file whose ``flush`` waits ``FLUSH_DELAY`` seconds, for the lines after it."""
 
     def __init__(self, file: Any, reactor: Any) -> None:
         self.file = file
@@ -94,7 +96,7 @@ class TurnFlushedFile:
     def flush(self) -> None:
         if not self._pending:
             self._pending = True
-            self.reactor.callLater(0, self.flush_now)
+            self.reactor.callLater(FLUSH_DELAY, self.flush_now)
 
     def flush_now(self) -> None:
         self._pending = False
@@ -109,14 +111,14 @@ class TurnFlushedFile:
 
 def install(publisher: Any = globalLogPublisher, reactor: Any = None) -> int:
     """Give the file observers of ``publisher`` the fast way for rendered events (run once logging
-    has begun: twistd adds its observer after ``makeService``), and with ``reactor`` one flush per
-    turn (:class:`TurnFlushedFile`). Returns how many it changed."""
+    has begun: twistd adds its observer after ``makeService``), and with ``reactor`` a flush every
+    ``FLUSH_DELAY`` at most (:class:`DelayedFlushFile`). Returns how many it changed."""
     changed = 0
     for observer in list(getattr(publisher, "_observers", ())):
         if isinstance(observer, FileLogObserver) and not isinstance(observer.formatEvent, RenderedFormat):
             if _whole_seconds(observer.formatEvent):
                 observer.formatEvent = RenderedFormat(observer.formatEvent)
-                if reactor is not None and not isinstance(observer._outFile, TurnFlushedFile):
-                    observer._outFile = TurnFlushedFile(observer._outFile, reactor)
+                if reactor is not None and not isinstance(observer._outFile, DelayedFlushFile):
+                    observer._outFile = DelayedFlushFile(observer._outFile, reactor)
                 changed += 1
     return changed
