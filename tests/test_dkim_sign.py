@@ -18,6 +18,7 @@ import dns.resolver
 import pytest
 
 from gwprocess import REPO, base_config, maildir_messages, wait_until
+from smtpgw_plugins.dkim_sign.plugin import header_and_body
 
 GW, PEER, CLIENT, OUTSIDER = "127.0.0.120", "127.0.0.121", "127.0.0.122", "127.0.0.123"
 
@@ -216,3 +217,20 @@ def test_openssl_rsa_signs_exactly_as_dkimpy_would(made_keys):
     for data in (b"", b"hello", b"x" * 5000):
         digest = hashlib.sha256(data)
         assert openssl_rsa.sign(digest.copy(), parsed) == dkim.crypto.RSASSA_PKCS1_v1_5_sign(digest.copy(), parsed)
+
+
+def test_message_cut_once_as_dkimpy_parses_it() -> None:
+    """sign_message hands dkimpy only the header section and the body it would have cut itself:
+    same header fields, same body bytes; and leaves anything else to dkimpy's own parser."""
+    fields = [b"From: a@example.test\r\n", b"Subject: x  y\r\n", b"\tfolded\r\n", b"To: c@example.org\r\n"]
+    lines = [b"line\r\n", b"\r\n", b"a  b \t\r\n", b".dot\r\n", b"x" * 90 + b"\r\n"]
+    for n in range(40):
+        head = b"".join(fields[(n + i) % 4] for i in range(1 + n % 5))
+        head = b"X: 1\r\n" + head if head.startswith(b"\t") else head
+        data = head + b"\r\n" + b"".join(lines[(n * 7 + i) % 5] for i in range(n))
+        cut = header_and_body(data)
+        assert cut is not None
+        assert dkim.rfc822_parse(cut[0]) == (dkim.rfc822_parse(data)[0], b"")
+        assert cut[1] == dkim.rfc822_parse(data)[1]
+    for odd in (b"From: a@b\r\n\r\nbare\nLF\r\n", b"\r\nno headers\r\n", b"From: a@b\r\nno body"):
+        assert header_and_body(odd) is None
