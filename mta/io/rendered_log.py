@@ -102,7 +102,7 @@ class DelayedFlushFile:
         self._pending = False
         try:
             self.file.flush()
-        except (OSError, ValueError):       # a closed or broken log file: as Twisted's own flush would
+        except (OSError, ValueError):       # the log file closed at exit, or broken: nothing more to do
             pass
 
     def __getattr__(self, name: str) -> Any:

@@ -16,6 +16,7 @@ _STEP = 8192                # octets of a chunk added to the search at a time
 
 
 def _header_block(chunks: list[bytes]) -> bytes:
+    """The header section of ``chunks`` (see ``MessageData.header_block``), a slice at a time."""
     buf = bytearray()
     for chunk in chunks:
         for offset in range(0, len(chunk), _STEP):
