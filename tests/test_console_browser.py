@@ -75,11 +75,14 @@ def login(driver, user: str = USER, password: str = PASSWORD, page: str = "/queu
 
 
 def notice(driver) -> str:
-    """The result line the page shows after an action (waiting for the page that has it)."""
+    """The result line the page shows after an action (waiting for the page that has it; one read
+    while the page is being replaced is read again)."""
+    from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
-    return WebDriverWait(driver, 20).until(lambda d: d.find_element(By.CSS_SELECTOR, ".notice")).text
+    return WebDriverWait(driver, 20, ignored_exceptions=(StaleElementReferenceException,)).until(
+        lambda d: d.find_element(By.CSS_SELECTOR, ".notice").text)
 
 
 def row_of(driver, domain: str):
@@ -181,6 +184,7 @@ def test_login_hold_release_delete_with_ndr(gateway, peers, browser, tmp_path):
 
 
 def test_wrong_password_and_missing_csrf_token_refused(gateway, browser, tmp_path):
+    from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
@@ -200,7 +204,9 @@ def test_wrong_password_and_missing_csrf_token_refused(gateway, browser, tmp_pat
     # the logout form without its token (a forged form would have none): refused, still logged in
     browser.execute_script('document.querySelector(".logout input[name=csrf]").remove()')
     browser.find_element(By.CSS_SELECTOR, ".logout button").click()
-    assert WebDriverWait(browser, 20).until(lambda d: d.find_element(By.TAG_NAME, "h1").text == "Forbidden")
+    # the old page's h1 may be found and then replaced before it is read (a stale element): read again
+    assert WebDriverWait(browser, 20, ignored_exceptions=(StaleElementReferenceException,)).until(
+        lambda d: d.find_element(By.TAG_NAME, "h1").text == "Forbidden")
     # an action posted with the session's cookie but no token: 403, and nothing done
     data = urllib.parse.urlencode({"op": "delete", "domain": "remote.test", "back": "/queues"}).encode()
     req = urllib.request.Request(CONSOLE + "/action", data=data,
