@@ -443,6 +443,47 @@ def test_why_trace_of_a_deferred_and_a_scheduled_message(gateway, peers, browser
     assert "451 4.3.0 try later" in shown.stdout and f"hops [{SMART_HOST}]:25" in shown.stdout
 
 
+def test_why_trace_of_a_deferred_message_survives_a_restart(gateway, peers, browser, tmp_path):
+    """A message deferred by a sink answering 451: after the gateway restarts, the message page and
+    ``smtpgw queue show`` still show that reply among its steps (and so does the stopped gateway's
+    spool); deleting the message removes its trace file."""
+    from selenium.webdriver.common.by import By
+
+    peer = peers(SMART_HOST)
+    peer.set_reply("rcpt", "451 4.3.0 sink says try later")
+    gw = start(gateway, tmp_path)
+    send("deferred before a restart", "bob@slow.test")
+    assert wait_until(lambda: entries(gw) and entries(gw)[0]["last_error"], 30), gw.log()
+    ident = entries(gw)[0]["id"]
+    gw.stop()
+
+    def show() -> str:
+        shown = subprocess.run([*smtpgw_command(), "queue", "show", "-c", str(gw.config_path), ident],
+                               env=gw.env(), capture_output=True, text=True, timeout=60)
+        assert shown.returncode == 0, shown.stderr
+        return shown.stdout.split("steps", 1)[1]
+
+    stopped = show()                                        # the stopped gateway's spool
+    assert "451 4.3.0 sink says try later" in stopped and "status=deferred" in stopped
+
+    gw.start()
+    assert wait_until(lambda: port_open(GW_HOST, 8025), 20), gw.log()
+    steps = show()
+    assert "451 4.3.0 sink says try later" in steps and f"hops [{SMART_HOST}]:25" in steps
+    login(browser, page=f"/message?id={ident}")
+    why = browser.find_element(By.ID, "why")
+    replies = why.find_element(By.CSS_SELECTOR, "table.attempts").text
+    assert "bob@slow.test" in replies and "451 4.3.0 sink says try later" in replies
+    assert "status=deferred" in why.find_element(By.CSS_SELECTOR, "table.steps").text
+
+    trace = tmp_path / "spool" / "trace" / ident
+    assert trace.exists()
+    deleted = subprocess.run([*smtpgw_command(), "queue", "delete", "-c", str(gw.config_path), ident],
+                             env=gw.env(), capture_output=True, text=True, timeout=60)
+    assert deleted.returncode == 0, deleted.stderr
+    assert wait_until(lambda: not trace.exists(), 10)
+
+
 def login_from(source: str, password: str) -> tuple[int, dict]:
     """A login posted from ``source`` (a loopback address of its own): the status and headers."""
     import http.client

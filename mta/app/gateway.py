@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 from twisted.internet import defer
+from twisted.logger import Logger
 
 from mta.cluster.leases import ConnectionLeases
 from mta.cluster.node import Cluster
@@ -41,6 +42,8 @@ from mta.spool.store import Spool
 from mta.workers import clients
 from mta.workers.clients import ClientCounts
 from mta.workers.identity import SINGLE, WorkerInfo
+
+log = Logger(namespace="smtpgw.queue")
 
 
 class Gateway:
@@ -148,6 +151,8 @@ class Gateway:
 
     def _loaded(self, loaded: int) -> int:
         self.triggers.start()
+        self.traces.start(getattr(self.spool, "owns", None)).addErrback(
+            lambda f: log.warn("queue traces: {e}", e=f.getErrorMessage()))
         moved = getattr(self.spool, "superseded_by", None)
         if moved:
             defer.Deferred.fromCoroutine(self.triggers.announce(list(moved))).addErrback(lambda f: None)

@@ -44,6 +44,7 @@ from mta.ops.control import (
     DONE, HELD_SKIPPED, NOT_FOUND, UNCHANGED, corrupt_summary, detail, encode_message, selector, summary,
 )
 from mta.ops.trace import explain, text_lines
+from mta.spool.traces import read_steps, trace_dir
 from mta.cluster.commands import DEFAULT_TIMEOUT as NODE_TIMEOUT
 
 CLIENT_TIMEOUT = 300.0      # a delete waits for an attempt in flight, which may wait on a slow host
@@ -139,7 +140,8 @@ class SpoolQueue:
         if entry is None:
             return {"ok": False, "error": f"no message {request['id']!r} in the queue"}
         now = time.time()
-        return {"ok": True, "entry": detail(entry, now, self._body(entry.id), why=explain(self.config, entry, now, None))}
+        steps = read_steps(trace_dir(self.config.gateway.spool), entry.id)       # kept while it is queued
+        return {"ok": True, "entry": detail(entry, now, self._body(entry.id), why=explain(self.config, entry, now, steps))}
 
     def _apply(self, request: dict, change: Any) -> dict[str, Any]:
         match = selector(request)

@@ -161,14 +161,14 @@ def why_section(why: dict[str, Any] | None, now: float) -> str:
     if not why.get("recorded"):
         parts.append('<p class="empty">No steps recorded: the gateway that holds this message is not running.</p>')
     elif why.get("steps"):
-        parts.append(table("Every step recorded since the gateway started (mail log and diagnostic events)",
+        parts.append(table("Every step recorded (mail log and diagnostic events; kept across restarts while the message is queued)",
                            ["Time (UTC)", "Source", "Step", "Details"],
                            [[clock(s["at"]), esc(s["source"]), esc(s["text"]),
                              esc(" ".join(f"{k}={v}" for k, v in (s.get("fields") or {}).items()))]
                             for s in why["steps"]], "steps"))
     else:
-        parts.append('<p class="empty">No step recorded yet for this message (it was queued before the gateway '
-                     'last started, or has not been attempted).</p>')
+        parts.append('<p class="empty">No step recorded yet for this message (it has not been attempted since '
+                     'it was queued).</p>')
     return "".join(parts) + "</section>"
 
 

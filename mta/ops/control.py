@@ -365,11 +365,11 @@ class QueueControl:
         except Exception as e:
             message = None
             log.warn("queue show {id}: cannot read the message: {e}", id=entry_id, e=e)
+        traces = getattr(self.gateway, "traces", None)
+        steps = await traces.history(entry_id) if traces is not None else None
         entry = self.queue.get(entry_id) or entry
         now = self._now()
-        traces = getattr(self.gateway, "traces", None)
-        why = explain(self.gateway.config, entry, now, traces.steps(entry_id) if traces is not None else None,
-                      self.gateway.deliverer.shaper.snapshot())
+        why = explain(self.gateway.config, entry, now, steps, self.gateway.deliverer.shaper.snapshot())
         return {"ok": True, "entry": detail(entry, now, message, self.queue.is_active(entry_id), why)}
 
     def _selected(self, request: dict) -> tuple[list[QueueEntry], list[str]]:

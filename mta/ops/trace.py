@@ -3,13 +3,14 @@ page print, from one function (:func:`explain`) over what the gateway records an
 
 Two parts:
 
-* **Recorded** (:class:`Traces`, one per process, kept in memory): the mail log's lines for the queue
-  id (each attempt's ``relay=``, ``status=`` and reply, the notifications, ``removed``) and the
-  diagnostic events that name it (``id=``): the connectors chosen, the next hops (MX names and
-  addresses), a hop that could not be used and why, holds by schedule, remote trigger, traffic shaping
-  or TLS policy. The record keeps the last :data:`KEEP_MESSAGES` messages (at most
-  :data:`KEEP_STEPS` steps each) and starts empty when the process starts: a message queued before a
-  restart shows its state and last reply, not its earlier steps.
+* **Recorded** (:class:`Traces`, one per process): the mail log's lines for the queue id (each
+  attempt's ``relay=``, ``status=`` and reply, the notifications, ``removed``) and the diagnostic
+  events that name it (``id=``): the connectors chosen, the next hops (MX names and addresses), a hop
+  that could not be used and why, holds by schedule, remote trigger, traffic shaping or TLS policy.
+  Memory keeps the last :data:`KEEP_MESSAGES` messages (at most :data:`KEEP_STEPS` steps each); a
+  message that stays queued (attempted and deferred, or held) has its steps appended to its trace
+  file in the spool (:mod:`mta.spool.traces`), so they are shown after a restart too, and by
+  ``smtpgw queue show`` on a stopped gateway.
 * **Computed** from the configuration now: which connectors' address spaces match each domain, the
   matching space and its cost, in the order they would be tried, and whether each connector's
   delivery window is open (when it opens next); and the holds in force with their times.
@@ -23,12 +24,19 @@ import re
 from collections import OrderedDict, deque
 from typing import Any, Callable, Iterable
 
+from twisted.internet import defer
+from twisted.logger import Logger
+
 from mta.config import Config
 from mta.delivery.connectors import connectors_for
 from mta.delivery.windows import delivery_window
 from mta.maillog.lines import MailLine
 from mta.model.queue_entry import PENDING, QueueEntry
 from mta.plugin.hookspecs import hookimpl
+from mta.spool.store import Spool
+from mta.spool.traces import TraceFiles
+
+log = Logger(namespace="smtpgw.queue")
 
 KEEP_MESSAGES = 5000
 KEEP_STEPS = 100
@@ -40,13 +48,30 @@ ADMIN_HOLD = "held by the administrator"
 TLS_REFUSAL = re.compile(r"\b(4\.7\.5|5\.7\.10)\b|MTA-STS|REQUIRETLS")
 
 
+FLUSH_DELAY = 0.5          # steps of a message that stays queued are written this long after they come
+DELETED = "message deleted by the administrator"
+
+
 class Traces:
     """The recorded steps per queue id, fed by the mail log (:meth:`mail_line`, a
-    :class:`mta.maillog.MailLog` observer) and the diagnostic events (registered as a plugin)."""
+    :class:`mta.maillog.MailLog` observer) and the diagnostic events (registered as a plugin).
 
-    def __init__(self, clock: Callable[[], float]) -> None:
+    With ``files`` (:class:`mta.spool.traces.TraceFiles`) and ``lookup`` (the queue's entry for an
+    id), the steps of a message that stays queued -- attempted and deferred, or held -- are also
+    appended to its trace file, a moment after they come (several steps in one write), and that
+    file is what :meth:`history` reads, so they outlive a restart; the file goes with the message."""
+
+    def __init__(self, clock: Callable[[], float], files: Any = None,
+                 lookup: Callable[[str], QueueEntry | None] | None = None, reactor: Any = None) -> None:
         self.clock = clock
+        self.files = files
+        self.lookup = lookup
+        self.reactor = reactor
         self._by_id: OrderedDict[str, deque[dict[str, Any]]] = OrderedDict()
+        self._kept: set[str] = set()                    # ids with a trace file
+        self._unwritten: dict[str, list[dict[str, Any]]] = {}
+        self._dirty: set[str] = set()
+        self._flush_call: Any = None
 
     def add(self, queue_id: str, step: dict[str, Any]) -> None:
         steps = self._by_id.get(queue_id)
@@ -57,9 +82,70 @@ class Traces:
         else:
             self._by_id.move_to_end(queue_id)
         steps.append(step)
+        if self.files is not None:
+            if queue_id in self._kept:
+                self._unwritten.setdefault(queue_id, []).append(step)
+            self._dirty.add(queue_id)
+            if self._flush_call is None:
+                self._flush_call = self.reactor.callLater(FLUSH_DELAY, self.flush)
 
     def steps(self, queue_id: str) -> list[dict[str, Any]]:
+        """The steps recorded in memory since the gateway started."""
         return list(self._by_id.get(queue_id, ()))
+
+    def history(self, queue_id: str) -> defer.Deferred:
+        """Every step kept for the message: its trace file (earlier runs of the gateway included)
+        and what is not written yet; without a file, the steps in memory."""
+        if self.files is None or queue_id not in self._kept:
+            return defer.succeed(self.steps(queue_id))
+        pending = list(self._unwritten.get(queue_id, ()))
+        return self.files.read(queue_id).addCallback(lambda kept: ((kept or []) + pending)[-KEEP_STEPS:])
+
+    @staticmethod
+    def _stays(entry: QueueEntry) -> bool:
+        """Worth a file: attempted and still queued, or held (a first attempt under way is not)."""
+        return bool(entry.extra.get("held")) or any(
+            r.attempts or r.last_error or r.held_reason for r in entry.rcpts if r.status == PENDING)
+
+    def flush(self) -> defer.Deferred:
+        """Write the steps of the messages that stay queued; forget those that left."""
+        self._flush_call = None
+        dirty, self._dirty = self._dirty, set()
+        writes = []
+        for queue_id in dirty:
+            entry = self.lookup(queue_id) if self.lookup is not None else None
+            if entry is None:
+                self.forget(queue_id)
+            elif queue_id in self._kept:
+                steps = self._unwritten.pop(queue_id, None)
+                if steps:
+                    writes.append(self.files.append(queue_id, steps))
+            elif self._stays(entry):
+                self._kept.add(queue_id)
+                writes.append(self.files.append(queue_id, self.steps(queue_id)))
+        for d in writes:
+            d.addErrback(lambda f: log.warn("queue trace not written: {e}", e=f.getErrorMessage()))
+        return defer.DeferredList(writes)
+
+    def forget(self, queue_id: str) -> None:
+        """The message left the queue: its file goes."""
+        self._dirty.discard(queue_id)
+        self._unwritten.pop(queue_id, None)
+        if queue_id in self._kept:
+            self._kept.discard(queue_id)
+            self.files.remove(queue_id).addErrback(lambda f: None)
+
+    def start(self, owns: Callable[[str], bool] | None) -> defer.Deferred:
+        """After the queue is loaded: the files of messages still queued are kept (and read on
+        request), the others removed."""
+        if self.files is None or self.lookup is None:
+            return defer.succeed(None)
+        lookup = self.lookup
+
+        def found(ids: set[str]) -> None:
+            self._kept |= {i for i in ids if lookup(i) is not None}
+
+        return self.files.tidy(lambda i: lookup(i) is not None, owns).addCallback(found)
 
     def mail_line(self, line: MailLine, when: float) -> None:
         if line.queue_id and line.about_message:
@@ -69,6 +155,8 @@ class Traces:
             if text.startswith(line.queue_id + ": "):
                 text = text[len(line.queue_id) + 2:]
             self.add(line.queue_id, {"at": when, "source": MAIL_LOG, "text": text, **record})
+            if record.get("event") == "removed" and self.files is not None:
+                self.forget(line.queue_id)
 
     def wants_event(self, category: str, level: str) -> bool:
         return category in CATEGORIES and level != "maximum"
@@ -79,13 +167,19 @@ class Traces:
         if isinstance(queue_id, str) and queue_id:
             extra = {str(k): str(v) for k, v in fields.items() if k != "id"}
             self.add(queue_id, {"at": self.clock(), "source": category, "text": message, "fields": extra})
+            if message == DELETED and self.files is not None:
+                self.forget(queue_id)
 
 
 def attach(gateway: Any) -> Traces:
-    """A record for ``gateway``: fed by its mail log and its diagnostic events."""
-    traces = Traces(gateway.reactor.seconds)
+    """A record for ``gateway``: fed by its mail log and its diagnostic events; with a spool on disk,
+    the steps of messages that stay queued kept in ``trace/`` beside them."""
+    files = TraceFiles(gateway.reactor, gateway.config.gateway.spool) if isinstance(gateway.spool, Spool) else None
+    traces = Traces(gateway.reactor.seconds, files, gateway.queue.get, gateway.reactor)
     gateway.mail_log.observers.append(traces.mail_line)
     gateway.hooks.register(traces, name="queue-trace")
+    if files is not None:
+        gateway.reactor.addSystemEventTrigger("before", "shutdown", traces.flush)
     return traces
 
 
@@ -188,8 +282,8 @@ def attempts(steps: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def explain(config: Config, entry: QueueEntry, now: float, steps: list[dict[str, Any]] | None,
             shaping: Iterable[dict[str, Any]] = ()) -> dict[str, Any]:
-    """The "why" of ``smtpgw queue show`` (``why`` in its DETAIL). ``steps`` is the running gateway's
-    record for the message (None when the gateway is stopped: nothing was recorded)."""
+    """The "why" of ``smtpgw queue show`` (``why`` in its DETAIL). ``steps`` is the record for the
+    message (None when the gateway is stopped and no trace file was kept for it)."""
     pending = [r for r in entry.rcpts if r.status == PENDING]
     return {
         "routes": routes(config, entry, now),
@@ -223,10 +317,10 @@ def text_lines(why: dict[str, Any] | None, stamp: Callable[[float], str]) -> lis
             until = f" until {stamp(h['until'])}" if h.get("until") else ""
             lines.append(f"    {h['kind']}{until}: {h['text']}")
     if why["recorded"]:
-        lines.append("  steps (recorded since the gateway started):")
+        lines.append("  steps (as recorded; kept across restarts while the message is queued):")
         lines += [f"    {stamp(s['at'])} {s['source']}: {s['text']}" for s in why["steps"]] or ["    (none recorded)"]
     else:
-        lines.append("  steps: not recorded (the gateway is not running)")
+        lines.append("  steps: none kept (the gateway is not running)")
     return lines
 
 

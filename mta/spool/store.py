@@ -14,6 +14,7 @@ On-disk layout under the spool directory::
     corrupt/      files that could not be read (at scan time, or when an attempt needed the message),
                   kept for the postmaster; ``<id>.st`` there is the envelope as the queue last knew it,
                   with the reason under ``extra["corrupt"]``
+    trace/<id>    the "why" steps of a message that stays queued (mta/spool/traces.py; not fsync'd)
 
 Why this shape: the 250 after DATA waits for ``put()``, so put() is the hot path. One file per
 message costs one ``fdatasync``; the file only appears under ``queue/`` by ``rename`` after that sync,
