@@ -39,6 +39,7 @@ import fcntl
 import hashlib
 import mmap
 import os
+import struct
 import time
 from typing import Any
 
@@ -69,17 +70,17 @@ class ClientCounts:
         self.worker = worker
         self.pid = os.getpid() if pid is None else pid
         self.clock = clock
-        if spool_dir is None:       # one process: nobody to share with
+        self._mine = HEADER + (worker.index if spool_dir is not None else 0) * REGION
+        if spool_dir is None:       # one process: nobody to share with; anonymous memory starts zeroed
             self._map = mmap.mmap(-1, (HEADER + REGION) * WORD)
             self._words = memoryview(self._map).cast("i")
-            self._initialise(self._map, self._words)
+            self._initialise(self._map, self._words, zeroed=True)
+            self._words[self._mine] = self.pid
         else:
             self._map = self._open_shared(os.path.join(os.path.abspath(spool_dir), FILE_NAME))
             self._words = memoryview(self._map).cast("i")
         self.base = self._words[1]
         self.secret = self._map[2 * WORD:6 * WORD]
-        self._mine = HEADER + (worker.index if spool_dir is not None else 0) * REGION
-        self._claim()
 
     def _open_shared(self, path: str) -> mmap.mmap:
         os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
@@ -87,32 +88,41 @@ class ClientCounts:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)      # only while the file is made: the first worker sets it up
             try:
-                fresh = os.fstat(fd).st_size < SIZE
-                if fresh:
+                size = os.fstat(fd).st_size
+                if size < SIZE:
                     os.ftruncate(fd, SIZE)
                 shared = mmap.mmap(fd, SIZE, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
                 words = memoryview(shared).cast("i")
-                if fresh or words[0] != FORMAT:
-                    self._initialise(shared, words)
+                if size < SIZE or words[0] != FORMAT:
+                    self._initialise(shared, words, zeroed=size == 0)
                 words.release()
+                self._claim(fd, shared)
             finally:
                 fcntl.flock(fd, fcntl.LOCK_UN)
         finally:
             os.close(fd)
         return shared
 
-    def _initialise(self, memory: mmap.mmap, words: memoryview) -> None:
-        """A new table: the base time, a fresh secret, every figure zero."""
+    def _initialise(self, memory: mmap.mmap, words: memoryview, zeroed: bool) -> None:
+        """A new table: the base time, a fresh secret, every figure zero. A file just made (or
+        anonymous memory) reads as zeros already: writing them would make all of it resident
+        (MAX_WORKERS regions, about 29 MB) in the process that made it, for nothing."""
         words[1] = int(self.clock()) - 1
         memory[2 * WORD:6 * WORD] = os.urandom(4 * WORD)
-        memory[HEADER * WORD:] = bytes(len(memory) - HEADER * WORD)
+        if not zeroed:
+            memory[HEADER * WORD:] = bytes(len(memory) - HEADER * WORD)
         words[0] = FORMAT
 
-    def _claim(self) -> None:
-        """Take over this worker's region: the predecessor's figures die with it."""
+    def _claim(self, fd: int, shared: mmap.mmap) -> None:
+        """Take over this worker's region: the predecessor's figures die with it. The region is read
+        through the file rather than the mapping, and written only when a predecessor left figures
+        in it, so that a worker's resident memory holds only the pages its clients' buckets touch."""
         start = self._mine
-        self._map[(start + 1) * WORD:(start + REGION) * WORD] = bytes((REGION - 1) * WORD)
-        self._words[start] = self.pid
+        first, end = (start + 1) * WORD, (start + REGION) * WORD
+        left = os.pread(fd, end - first, first)
+        if left.count(0) != len(left):
+            shared[first:end] = bytes(end - first)
+        struct.pack_into("i", shared, start * WORD, self.pid)
 
     @property
     def owner(self) -> bool:
