@@ -174,6 +174,32 @@ def test_both_workers_take_and_deliver_mail(gateway, tmp_path, peers):
     assert wait_until(lambda: len(peer.messages) == len(ids), 30)
 
 
+def test_connections_opened_together_spread_over_the_workers(gateway, tmp_path, peers):
+    """20 sessions opened at once and kept (bench/latency.py's load) land on both workers about
+    evenly, not all on the one that woke first (mta/workers/endpoint.py)."""
+    peer = peers(SMART)
+    gw = gateway(_relay_config(tmp_path))
+    assert wait_until(lambda: "worker 1: " in gw.log() and "control.sock.1" in gw.log(), 30)
+    sessions = [smtplib.SMTP(timeout=30) for _ in range(20)]
+    threads = [threading.Thread(target=s.connect, args=(GW_HOST, GW_PORT)) for s in sessions]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    ids = []
+    for i, s in enumerate(sessions):
+        s.ehlo("client.test")
+        s.mail("a@sender.test")
+        s.rcpt("b@remote.test")
+        code, text = s.data(_message(f"spread {i}"))
+        assert code == 250
+        ids.append(text.decode().rsplit(" ", 1)[-1])
+        s.quit()
+    per_worker = [sum(owner_of(x, 2) == w for x in ids) for w in (0, 1)]
+    assert min(per_worker) >= 8, per_worker       # before: 18/2 at times (a loaded machine may cost one)
+    assert wait_until(lambda: len(peer.messages) == 20, 30)
+
+
 def test_queue_tool_sees_every_workers_entries(gateway, tmp_path):
     from mta.cli.queue import ask
 

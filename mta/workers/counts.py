@@ -166,6 +166,15 @@ class SharedConnectionLimit:
         counts = self.counts()
         return counts.total(self.counter) if counts is not None else mine
 
+    def ahead(self, mine: int) -> bool:
+        """Whether this worker holds more of the virtual server's connections (``mine``) than some
+        other worker does: then the shared listener leaves the next one to the others."""
+        counts = self.counts()
+        if counts is None:
+            return False
+        me = counts.worker.index
+        return any(mine > counts.value(self.counter, i) for i in range(counts.worker.count) if i != me)
+
     def publish(self, mine: int) -> None:
         """Tell the other workers this process's count."""
         counts = self.counts()

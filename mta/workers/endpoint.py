@@ -15,7 +15,7 @@ import socket
 import time
 from typing import Any, Callable
 
-from twisted.internet import defer
+from twisted.internet import defer, tcp
 from twisted.logger import Logger
 
 from mta.workers.identity import SINGLE, WorkerInfo
@@ -113,6 +113,8 @@ class PreboundEndpoint:
                 from twisted.protocols.tls import TLSMemoryBIOFactory
                 factory = TLSMemoryBIOFactory(self.tls_context, False, factory)
             port = self.reactor.adoptStreamPort(fd, self._family(), factory)
+            if self.worker.many:
+                share_accepts(port, factory)
             if self.worker.index != 0:
                 os.close(fd)                 # adoptStreamPort keeps its own duplicate
             elif not self.worker.many:
@@ -121,6 +123,60 @@ class PreboundEndpoint:
         except Exception:
             return defer.fail()
         return defer.succeed(port)
+
+
+YIELD_SECONDS = 0.01     # a worker ahead in connections leaves the next one to the others this long
+
+
+class _SharedPort(tcp.Port):
+    """A listening port shared by the workers that spreads connections over them.
+
+    Twisted's port accepts up to ``numberAccepts`` connections in a row (100, growing while the
+    backlog is full) before the reactor looks at anything else, so a burst of connections went to
+    whichever worker woke first: bench/latency.py's 20 sessions, opened together and then kept, sat
+    mostly on one worker, whose 250s came 3-4x later than the other's. Here a worker takes one
+    connection per readiness, and a worker that holds more connections than another (the counts the
+    workers share for ``max_connections``, :mod:`mta.workers.counts`) stops listening for
+    :data:`YIELD_SECONDS` so that the others take it; after that pause it takes the next one
+    whatever the counts say, so a stuck or restarting worker delays a connection by that much at most.
+    """
+
+    ahead: Callable[[], bool] = staticmethod(lambda: False)
+    _grace = False
+
+    @property
+    def numberAccepts(self) -> int:
+        return 1
+
+    @numberAccepts.setter
+    def numberAccepts(self, value: int) -> None:
+        pass
+
+    def doRead(self) -> None:
+        if not self._grace and self.ahead():
+            self._grace = True
+            self.stopReading()
+            self.reactor.callLater(YIELD_SECONDS, self._listen_again)
+            return
+        self._grace = False
+        super().doRead()
+
+    def _listen_again(self) -> None:
+        if self.connected and not self.disconnecting:
+            self.startReading()
+
+
+def share_accepts(port: Any, factory: Any) -> None:
+    """Make a port adopted from the socket the workers share spread its connections over them (see
+    :class:`_SharedPort`), using ``factory.shared.ahead(factory.active)`` when the virtual server's
+    factory has one; anything but a plain TCP port is left as it is."""
+    if type(port) is not tcp.Port:
+        return
+    port.__class__ = _SharedPort
+    server = getattr(factory, "wrappedFactory", factory)       # implicit TLS wraps the server's factory
+    shared = getattr(server, "shared", None)
+    if shared is not None and hasattr(shared, "ahead"):
+        port.ahead = lambda: shared.ahead(server.active)
 
 
 def _reason(error: OSError) -> str:
