@@ -261,5 +261,5 @@ class _Exchange:
                         why=why, failures=protocol.auth_failures, peer=protocol.session.peer_host)
         maillog.of(protocol.gateway).write(mail_lines.auth_failed(protocol.session, self.mechanism, why))
         if protocol.auth_failures >= limit and not reply.disconnect:
-            protocol._after_send.append(lambda: protocol._send(R.AUTH_TOO_MANY_FAILURES))
+            protocol._then(lambda: protocol._send(R.AUTH_TOO_MANY_FAILURES))
         return reply
