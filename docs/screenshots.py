@@ -5,13 +5,14 @@ Chromium, PNGs of its main pages.
 
 Run it from the repository (it uses the test suite's helpers in tests/: the gateway as a real
 ``twistd`` process, a recording SMTP peer as the smart host, the same Chromium and chromedriver the
-console's browser tests drive). It listens on 127.0.0.150 (gateway :2525, console :8025) and
-127.0.0.151 (the smart host, :2526), and keeps its files in a temporary folder it removes.
+console's browser tests drive, Debian's redis-server). It listens on 127.0.0.150 (gateway :2525, console
+:8025), 127.0.0.151 (the smart host, :2526), 127.0.0.152 (redis-server, :6391) and 127.0.0.153 (a second
+gateway, :2525, for the cluster page), and keeps its files in a temporary folder it removes.
 
 The gateway gets mail delivered locally (the dashboard's charts), mail the smart host defers with 451
 (a retrying row, and the message whose "why" trace is shown), mail a closed schedule holds and a
-message held by the administrator. Pages written: dashboard, queues, message (with its why trace),
-connectors, each 1100 pixels wide.
+message held by the administrator; a second node of the cluster holds deferred mail of its own. Pages
+written: dashboard, queues, message (with its why trace), connectors (1100 pixels wide), cluster (1300).
 """
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ sys.path[:0] = [str(REPO), str(REPO / "tests")]
 from browser import chromium  # noqa: E402  (tests/: the suite's helpers)
 from gwprocess import GatewayProcess, base_config, port_open, wait_until  # noqa: E402
 from peers import SMTPPeer  # noqa: E402
+from redisfixture import RedisServer  # noqa: E402
 import test_console_browser as console_tests  # noqa: E402
 
 from mta.cli.queue import run_request  # noqa: E402
@@ -34,9 +36,21 @@ from mta.smtp.server.users import hash_password, set_user_line, write_atomically
 
 HOST, PORT, CONSOLE_PORT = "127.0.0.150", 2525, 8025
 SMART_HOST, SMART_PORT = "127.0.0.151", 2526
+REDIS_HOST, REDIS_PORT, OTHER_HOST = "127.0.0.152", 6391, "127.0.0.153"
 CONSOLE = f"http://{HOST}:{CONSOLE_PORT}"
 USER, PASSWORD = "admin", "screenshots only"
 WIDTH, HEIGHT = 1100, 760
+
+
+def other_node(tmp: Path, redis: str) -> dict:
+    """The cluster's second node, mx2: deferred mail of its own to show on the cluster page."""
+    cfg = base_config(tmp, listen=f"{OTHER_HOST}:{PORT}")
+    cfg["gateway"]["hostname"] = "mx2.example.test"
+    cfg["gateway"]["queue"]["retry"] = ["1h"]
+    cfg["gateway"]["cluster"] = {"redis": redis, "node": "mx2"}
+    cfg["virtual_servers"][0]["relay"]["allow"] = ["127.0.0.0/8"]
+    cfg["connectors"][0]["smart_hosts"] = [f"[{SMART_HOST}]:{SMART_PORT}"]
+    return cfg
 
 
 def configuration(tmp: Path) -> dict:
@@ -64,8 +78,8 @@ def queue(gw: GatewayProcess, request: dict) -> dict:
     return run_request(load_config(str(gw.config_path)), request)
 
 
-def shoot(driver, path: Path, height: int = HEIGHT) -> None:
-    driver.set_window_size(WIDTH, height)
+def shoot(driver, path: Path, height: int = HEIGHT, width: int = WIDTH) -> None:
+    driver.set_window_size(width, height)
     driver.save_screenshot(str(path))
     print(f"{path} ({path.stat().st_size // 1024} KB)")
 
@@ -83,7 +97,12 @@ def main() -> int:
         peer = SMTPPeer(host=SMART_HOST, port=SMART_PORT).start()
         peer.set_reply("rcpt", lambda rcpt: "451 4.3.0 mailbox busy, try later"
                        if "slow" in rcpt or "hold" in rcpt else None)
-        gw = GatewayProcess(tmp, configuration(tmp)).start()
+        redis = RedisServer(tmp / "redis", REDIS_HOST, REDIS_PORT).start()
+        cfg = configuration(tmp)
+        cfg["gateway"]["cluster"] = {"redis": redis.url, "node": "mx1"}
+        gw = GatewayProcess(tmp, cfg).start()
+        (tmp / "mx2").mkdir()
+        other = GatewayProcess(tmp / "mx2", other_node(tmp / "mx2", redis.url)).start()
         (tmp / "chromium").mkdir()
         driver = chromium(tmp / "chromium")
         try:
@@ -100,6 +119,9 @@ def main() -> int:
             assert wait_until(lambda: sum(1 for e in queue(gw, {"op": "list"})["entries"]
                                           if e["last_error"] or e["why_held"]) >= 5, 30)
             queue(gw, {"op": "hold", "domain": "hold.example"})
+            for rcpt in ("desk@slow.example", "office@hold.example"):
+                console_tests.send("From mx2", rcpt, host=OTHER_HOST, port=PORT)
+            assert wait_until(lambda: sum(1 for e in queue(other, {"op": "list"})["entries"] if e["last_error"]) == 2, 30)
 
             driver.set_window_size(WIDTH, HEIGHT)
             driver.get(CONSOLE + "/dashboard")
@@ -123,9 +145,18 @@ def main() -> int:
             driver.get(CONSOLE + "/connectors")
             driver.execute_script("document.getElementById('connector-1').scrollIntoView()")
             shoot(driver, out / "console-connectors.png", 1150)
+
+            driver.get(CONSOLE + "/cluster")
+            WebDriverWait(driver, 30, 1).until(
+                lambda d: d.refresh() or len(d.find_elements(By.CSS_SELECTOR, "table.cluster-queue tbody tr")) >= 5)
+            driver.set_window_size(1300, 900)             # the whole table, its actions column included
+            driver.execute_script("document.querySelector('table.cluster-queue').scrollIntoView()")
+            shoot(driver, out / "console-cluster.png", 900, 1300)
         finally:
             driver.quit()
             gw.stop()
+            other.stop()
+            redis.stop()
             peer.stop()
     return 0
 

@@ -65,14 +65,16 @@ def action_select(label: str, ident: str) -> str:
 
 def table(caption: str, headers: Iterable[str], rows: Iterable[Iterable[str]], cls: str = "") -> str:
     """A data table; cells are HTML already escaped. Each cell carries its column's name so the
-    phone layout can show it beside the value."""
+    phone layout can show it beside the value. The table sits in a box of its own that scrolls
+    sideways when it is wider than the window (the page itself never does; the script lets the
+    keyboard reach such a box)."""
     heads = list(headers)
     head = "".join(f'<th scope="col">{esc(h)}</th>' for h in heads)
     body = "".join(
         "<tr>" + "".join(f'<td data-label="{esc(h)}">{c}</td>' for h, c in zip(heads, row)) + "</tr>"
         for row in rows)
-    return (f'<table class="{esc(cls)}"><caption>{esc(caption)}</caption>'
-            f"<thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
+    return (f'<div class="table-box"><table class="{esc(cls)}"><caption>{esc(caption)}</caption>'
+            f"<thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>")
 
 
 CLUSTER_NAV = ("/cluster", "Cluster")          # shown when gateway.cluster.redis is set
@@ -101,5 +103,5 @@ def page(title: str, body: str, *, user: str | None, csrf: str, hostname: str, c
         f'<script src="/static/console.js" defer></script>{extra}</head><body>'
         '<a class="skip" href="#main">Skip to the content</a>'
         f'<header><a class="brand" href="/">smtpgw <span>{esc(hostname)}</span></a>{nav}</header>'
-        f'<main id="main"><h1>{esc(title)}</h1>{notes}{body}</main></body></html>'
+        f'<main id="main" tabindex="-1"><h1>{esc(title)}</h1>{notes}{body}</main></body></html>'
     ).encode("utf-8")

@@ -7,6 +7,8 @@ interface's answers; the one slow step, checking a password (scrypt), runs in a 
 
 Every action is a POST carrying the session's CSRF token; a POST without it, or with another
 session's, is refused 403 before anything is looked at. Every action is logged with the user's name.
+An action naming a ``node`` (the Cluster page) is sent as the control request ``cluster_command``, the
+one ``smtpgw queue hold NODE:ID`` sends, to the node that holds the message.
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ from twisted.logger import Logger
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
 
+from mta.cluster.commands import DEFAULT_TIMEOUT as NODE_TIMEOUT
 from mta.config import Config, ConfigError
 from mta.console import cluster_page, dashboard, diagnostics, html, queue_pages, settings_pages
 from mta.console.history import History, Reader
@@ -370,7 +373,7 @@ class Console:
     async def cluster(self, request: Any, session: Session) -> bytes:
         answer = await self._cluster()
         body = cluster_page.cluster_body(answer, self.config.gateway.cluster.redis, self.now(),
-                                         await self._cluster_queue())
+                                         await self._cluster_queue(), session.csrf)
         return self.render_page(request, session, "Cluster", body, "/cluster")
 
     async def cluster_json(self, request: Any, session: Session) -> bytes:
@@ -378,7 +381,7 @@ class Console:
         listed = await self._cluster_queue()
         charts = {"nodes": cluster_page.nodes_table(answer)}
         if listed is not None:
-            charts["queue"] = cluster_page.queue_table(listed, self.now())
+            charts["queue"] = cluster_page.queue_table(listed, self.now(), session.csrf)
         return self.send_json(request, {"updated": dashboard.updated(self.now()), "charts": charts,
                                         "nodes": answer.get("nodes") or [], "ok": bool(answer.get("ok")),
                                         "entries": (listed or {}).get("entries") or []})
@@ -428,6 +431,14 @@ class Console:
         page = queue_pages.message_body(answer["entry"], self.now(), session.csrf, body)
         return self.render_page(request, session, f"Message {ident}", page, "/queues")
 
+    @staticmethod
+    def queue_request(op: str, ids: list[str]) -> dict[str, Any]:
+        """The control request for an action on messages named by id (delete with an NDR is
+        ``delete`` with ``dsn``), as ``smtpgw queue`` sends it."""
+        if op in ("delete", "delete_ndr"):
+            return {"op": "delete", "ids": ids, "dsn": op == "delete_ndr"}
+        return {"op": op, "ids": ids}
+
     async def action(self, request: Any, session: Session) -> bytes:
         op = self.arg(request, "op") or ""
         back = safe_back(self.arg(request, "back"))
@@ -438,18 +449,24 @@ class Console:
         if not ids and not domain:
             session.notices.append("Select at least one message first.")
             return self.redirect(request, back)
+        node = (self.arg(request, "node") or "").strip()
         target = f"ids={','.join(ids)}" if ids else f"domain={domain}"
-        if op in ("delete", "delete_ndr"):
+        if node:
+            if not ids:
+                raise Reply(400, "Bad request", "An action on another node's queue names its messages.")
+            target = "ids=" + ",".join(f"{node}:{i}" for i in ids)
+            answer = await self.ask({"op": "cluster_command", "node": node, "timeout": NODE_TIMEOUT,
+                                     "request": self.queue_request(op, ids)})
+        elif op in ("delete", "delete_ndr"):
             if not ids:
                 ids = [e["id"] for e in await self._entries() if in_domain(e, domain) and not e.get("corrupt")]
-            answer = (await self.ask({"op": "delete", "ids": ids, "dsn": op == "delete_ndr"}) if ids
-                      else {"ok": True, "results": []})
+            answer = await self.ask(self.queue_request(op, ids)) if ids else {"ok": True, "results": []}
         else:
             answer = await self.ask({"op": op, "ids": ids} if ids else {"op": op, "domain": domain})
         result = outcome(op, answer)
         log.info("console: {user}: {op} {target}: {result}", user=session.user, op=op, target=target, result=result)
         session.notices.append(f"{OP_NAMES[op]}: {result}.")
-        if op in ("delete", "delete_ndr") and back.startswith("/message?"):
+        if op in ("delete", "delete_ndr") and back.startswith("/message?") and not node:
             back = "/queues"                     # its page is gone with it
         return self.redirect(request, back)
 

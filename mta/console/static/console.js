@@ -11,18 +11,19 @@
       });
     });
   }
-  // a delete asks once more: it cannot be undone
-  document.querySelectorAll("form.act").forEach(function (form) {
-    form.addEventListener("submit", function (event) {
-      var op = form.querySelector('select[name="op"]');
-      if (op && op.value.indexOf("delete") === 0 &&
-          !window.confirm(op.options[op.selectedIndex].text + ": this cannot be undone. Go on?")) {
-        event.preventDefault();
-      }
-    });
+  // a delete asks once more: it cannot be undone (on the document, so that forms a live page
+  // puts in later ask too)
+  document.addEventListener("submit", function (event) {
+    var form = event.target;
+    if (!form.matches || !form.matches("form.act")) { return; }
+    var op = form.querySelector('select[name="op"]');
+    if (op && op.value.indexOf("delete") === 0 &&
+        !window.confirm(op.options[op.selectedIndex].text + ": this cannot be undone. Go on?")) {
+      event.preventDefault();
+    }
   });
 })();
-// live pages (dashboard, diagnostics): the parts marked data-chart replaced from the page's JSON
+// live pages (dashboard, diagnostics, cluster): the parts marked data-chart replaced from the page's JSON
 // (data-poll) every data-every seconds, without reloading
 (function () {
   "use strict";
@@ -35,9 +36,11 @@
       .then(function (doc) {
         Object.keys(doc.charts).forEach(function (name) {
           var box = board.querySelector('[data-chart="' + name + '"]');
-          if (box) { box.innerHTML = doc.charts[name]; }
+          // a part the keyboard focus is in (a form being filled) waits for the next round
+          if (box && !box.contains(document.activeElement)) { box.innerHTML = doc.charts[name]; }
         });
         document.getElementById("updated").textContent = doc.updated;
+        if (window.smtpgwMarkTables) { window.smtpgwMarkTables(); }
       })
       .catch(function () {
         document.getElementById("updated").textContent = "Not updated: the console does not answer (log in again?)";
@@ -45,4 +48,26 @@
       .then(function () { window.setTimeout(refresh, every); });
   }
   window.setTimeout(refresh, every);
+})();
+// a table wider than its box scrolls sideways in it: the keyboard can reach the box (arrow keys
+// scroll it) and a screen reader names it by the table's caption
+(function () {
+  "use strict";
+  function mark() {
+    document.querySelectorAll(".table-box").forEach(function (box) {
+      if (box.scrollWidth > box.clientWidth + 1) {
+        var caption = box.querySelector("caption");
+        box.setAttribute("tabindex", "0");
+        box.setAttribute("role", "region");
+        box.setAttribute("aria-label", (caption ? caption.textContent : "table") + " (scrolls sideways)");
+      } else if (box.hasAttribute("tabindex")) {
+        box.removeAttribute("tabindex");
+        box.removeAttribute("role");
+        box.removeAttribute("aria-label");
+      }
+    });
+  }
+  mark();
+  window.addEventListener("resize", mark);
+  window.smtpgwMarkTables = mark;
 })();
