@@ -13,7 +13,7 @@ from gwprocess import base_config, wait_until
 from mta.config import ConfigError, parse_config
 from mta.delivery.shaping import Shaper, Verdict, matches, merge_snapshots, verdict_of
 from mta.model.nexthop import Hop
-from test_cli_queue import run_json
+from test_cli_queue import entries, run_json
 
 GW_HOST, GW_PORT = "127.0.0.160", 2525
 DEST = "127.0.0.161"
@@ -63,31 +63,53 @@ def test_max_connections_holds_at_the_destination_and_unshaped_mail_is_not_held_
     assert seen.most > 2
 
 
-def test_a_421_pauses_and_slows_the_destination_and_a_success_restores_it(gateway, peers, tmp_path):
-    dest = peers(DEST)
-    refusals: list[float] = []
+def refuse_once(dest) -> list[float]:
+    """The destination answers the first MAIL with 421, every later one as usual; returns the list
+    that gets the time of each MAIL."""
+    mails: list[float] = []
 
     def mail(argument: str) -> str | None:
-        if not refusals:
-            refusals.append(time.monotonic())
-            return "421 4.7.0 Try again later, closing connection"
-        return None
+        mails.append(time.monotonic())
+        return "421 4.7.0 Try again later, closing connection" if len(mails) == 1 else None
 
     dest.set_reply("mail", mail)
-    gw = gateway(shaped_config(tmp_path, [{"match": "*.test", "max_connections": 4, "back_off_on_421": "3s"}]))
+    return mails
+
+
+def test_a_421_pauses_and_slows_the_destination_and_the_retry_waits_for_the_pause(gateway, peers, tmp_path):
+    """While the pause lasts (a minute here, so that nothing below races its end): the destination
+    shows paused at half its connections, and the queue's retry (due after 1s) holds the message until
+    the pause ends instead of connecting."""
+    dest = peers(DEST)
+    refuse_once(dest)
+    gw = gateway(shaped_config(tmp_path, [{"match": "*.test", "max_connections": 4, "back_off_on_421": "1m"}]))
     send(1)
-    # the queue retries after 1s; the destination is paused for 3s: the retry waits for the pause
     assert wait_until(lambda: "shaping: destination *.test said 421 4.7.0" in gw.log(), 10)
     shape = run_json(gw, "summary")
     [row] = shape["shaping"]
     assert (row["destination"], row["state"], row["connections"], row["max_connections"]) == ("*.test", "paused", 2, 4)
     assert row["back_offs"] == 1 and row["last_trouble"].startswith("421 4.7.0")
-    assert dest.wait_for(1, 15)
-    assert dest.messages and time.monotonic() - refusals[0] >= 3.0
-    assert wait_until(lambda: run_json(gw, "summary")["shaping"][0]["state"] == "normal", 10)
+    # the retry came and was held for the rest of the pause, without a second connection
+    assert wait_until(lambda: "paused by traffic shaping" in (entries(gw)[0]["why_held"] or ""), 20), entries(gw)
+    [held] = entries(gw)
+    assert held["next_attempt"] >= row["paused_until"] - 1 and not dest.messages
+    assert dest.connections == 1
+
+
+def test_after_a_421_pause_a_success_restores_the_destination(gateway, peers, tmp_path):
+    """A short pause: the message goes once the pause is over (never before), and that success
+    brings the destination back to its configured connections."""
+    dest = peers(DEST)
+    mails = refuse_once(dest)
+    gw = gateway(shaped_config(tmp_path, [{"match": "*.test", "max_connections": 4, "back_off_on_421": "3s"}]))
+    send(1)
+    assert wait_until(lambda: "shaping: destination *.test said 421 4.7.0" in gw.log(), 10)
+    assert dest.wait_for(1, 60)
+    assert mails[1] - mails[0] >= 3.0
+    assert wait_until(lambda: "back to 4 connections" in gw.log(), 20), gw.log()
+    assert wait_until(lambda: run_json(gw, "summary")["shaping"][0]["state"] == "normal", 20)
     [row] = run_json(gw, "summary")["shaping"]
     assert (row["connections"], row["sent"], row["back_offs"]) == (4, 1, 1)
-    assert "back to 4 connections" in gw.log()
 
 
 def test_a_burst_of_4xx_backs_off_too(gateway, peers, tmp_path):
