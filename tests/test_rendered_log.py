@@ -48,3 +48,66 @@ def test_sub_second_stamps_keep_twisteds_way():
     plain, _ = written(install=False, time_format="%H:%M:%S.%f")
     assert changed == 0
     assert fast == plain
+
+
+class _Reactor:
+    """What DelayedFlushFile uses of the reactor: a clock, ``running`` and the shutdown trigger."""
+
+    def __init__(self) -> None:
+        from twisted.internet import task
+        self.clock = task.Clock()
+        self.callLater = self.clock.callLater
+        self.running = True
+        self.triggers: list = []
+
+    def addSystemEventTrigger(self, phase, event, fn) -> None:
+        self.triggers.append(fn)
+
+
+class _CountingFile(io.StringIO):
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes = 0
+
+    def write(self, data: str) -> int:
+        self.writes += 1
+        return super().write(data)
+
+
+def test_lines_leave_in_one_write_after_the_delay():
+    reactor, out = _Reactor(), _CountingFile()
+    publisher = LogPublisher()
+    publisher.addObserver(textFileLogObserver(out))
+    assert rendered_log.install(publisher, reactor=reactor) == 1
+    log = Logger(namespace="smtpgw.mail", observer=publisher)
+    for text in LINES:
+        rendered_log.emit(log, text, batched=True)
+    assert out.getvalue() == "" and out.writes == 0           # kept, not one write per line
+    reactor.clock.advance(rendered_log.FLUSH_DELAY)
+    assert out.writes == 1 and out.getvalue().count("[smtpgw.mail#info]") == len(LINES)
+    reactor.running = False                                   # after shutdown: written at once
+    rendered_log.emit(log, "late line", batched=True)
+    assert out.writes == 2 and out.getvalue().endswith("late line\n")
+
+
+def test_a_line_not_batched_is_written_at_once_after_those_waiting():
+    reactor, out = _Reactor(), _CountingFile()
+    publisher = LogPublisher()
+    publisher.addObserver(textFileLogObserver(out))
+    rendered_log.install(publisher, reactor=reactor)
+    log = Logger(namespace="smtpgw.mail", observer=publisher)
+    rendered_log.emit(log, LINES[1], batched=True)
+    Logger(namespace="smtpgw.console", observer=publisher).info("console: admin logged in")
+    assert out.writes == 1
+    assert out.getvalue().index("NOQUEUE: reject") < out.getvalue().index("console: admin logged in")
+
+
+def test_the_shutdown_trigger_writes_what_waits():
+    reactor, out = _Reactor(), _CountingFile()
+    publisher = LogPublisher()
+    publisher.addObserver(textFileLogObserver(out))
+    rendered_log.install(publisher, reactor=reactor)
+    rendered_log.emit(Logger(namespace="smtpgw.mail", observer=publisher), LINES[0], batched=True)
+    for trigger in reactor.triggers:
+        trigger()
+    assert out.getvalue().rstrip().endswith("status=sent (250 2.0.0 Ok {queued} as 42)")

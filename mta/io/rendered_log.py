@@ -12,10 +12,11 @@ stamp rendered by the observer's own formatter once per second. The bytes writte
 Twisted writes; every other event takes Twisted's way unchanged.
 
 Given the reactor, ``install`` also makes those observers write at most every ``FLUSH_DELAY``
-seconds instead of once per line: the file observer flushes its file after every event, which is one
-``write`` system call per line (four a message, and a worker's lines are written to its pipe and
-again by worker 0). Lines now leave together a moment later (and at shutdown); a process killed
-with ``kill -9`` loses the lines of its last ``FLUSH_DELAY``. (A flush at the end of each reactor
+seconds instead of once per line: the file observer flushes its file after every event, and the
+file is line-buffered or unbuffered, which made one ``write`` system call per line (four a message,
+and a worker's lines are written to its pipe and again by worker 0). Lines now leave together in
+one write a moment later (and at shutdown); a process killed with ``kill -9`` loses the lines of
+its last ``FLUSH_DELAY``. (A flush at the end of each reactor
 turn, ``callLater(0)``, would cost an extra turn of the loop each time.)
 """
 from __future__ import annotations
@@ -26,6 +27,7 @@ from typing import Any, Callable
 from twisted.logger import FileLogObserver, LogLevel, Logger, globalLogPublisher
 
 TEXT = "log_text"       # the event's final text, when it has one
+BATCHED = "log_batched"  # True: the line may wait up to FLUSH_DELAY to be written with others
 FLUSH_DELAY = 0.05      # seconds a line may wait in the file's buffer (DelayedFlushFile)
 
 
@@ -36,8 +38,12 @@ def escaped(text: str) -> str:
     return text
 
 
-def emit(logger: Logger, text: str, **fields: Any) -> None:
-    """``logger.info(text)`` for a finished line, with ``fields`` in the event for other observers."""
+def emit(logger: Logger, text: str, batched: bool = False, **fields: Any) -> None:
+    """``logger.info(text)`` for a finished line, with ``fields`` in the event for other observers.
+    ``batched``: the line may wait (:class:`DelayedFlushFile`), as the mail log's lines do; any other
+    line is written at once, with whatever waited before it."""
+    if batched:
+        fields[BATCHED] = True
     fields.update(log_logger=logger, log_level=LogLevel.info, log_namespace=logger.namespace,
                   log_source=logger.source, log_format=escaped(text), log_time=time.time())
     fields[TEXT] = text
@@ -52,6 +58,7 @@ class RenderedFormat:
         self.original = original
         self._second = -1
         self._stamp = ""
+        self.batched = False            # whether the event formatted last may wait to be written
 
     def stamp(self, when: float) -> str | None:
         """The observer's own time stamp for ``when``, rendered once per second."""
@@ -65,6 +72,7 @@ class RenderedFormat:
 
     def __call__(self, event: dict) -> str | None:
         text = event.get(TEXT)
+        self.batched = BATCHED in event
         if text is None or "log_system" in event or "log_failure" in event:
             return self.original(event)
         stamp = self.stamp(event["log_time"])
@@ -82,25 +90,49 @@ def _whole_seconds(format_event: Callable[[dict], str | None]) -> bool:
 
 
 class DelayedFlushFile:
-    """A file observer's file whose ``flush`` waits ``FLUSH_DELAY`` seconds, for the lines after it."""
+    """A file observer's file that keeps what it is given for up to ``FLUSH_DELAY`` seconds and then
+    writes it in one go.
 
-    def __init__(self, file: Any, reactor: Any) -> None:
+    Waiting to flush is not enough by itself: twistd's ``--logfile`` file is line-buffered and its
+    stdout (a worker's, relayed by worker 0; ``-n`` without ``--logfile``) is unbuffered when
+    PYTHONUNBUFFERED is set, so every line was a ``write`` system call anyway (``strace -c``: four a
+    message in each worker, and worker 0 read worker 1's lines in as many reads). The lines are
+    kept here instead, and written at once while the reactor is not running (before it starts,
+    after shutdown) or when more than ``MAX_BUFFERED`` characters wait. Only lines logged as
+    ``batched`` wait (``batched()`` says whether the line just written was one: the mail log's);
+    any other line is written at once, with those before it, as before.
+    """
+
+    MAX_BUFFERED = 64 * 1024
+
+    def __init__(self, file: Any, reactor: Any, batched: Callable[[], bool] = lambda: True) -> None:
         self.file = file
         self.reactor = reactor
+        self.batched = batched
         self._pending = False
+        self._parts: list[str] = []
+        self._size = 0
         reactor.addSystemEventTrigger("after", "shutdown", self.flush_now)
 
-    def write(self, data: Any) -> Any:
-        return self.file.write(data)
+    def write(self, data: Any) -> None:
+        self._parts.append(data)
+        self._size += len(data)
+        if self._size > self.MAX_BUFFERED or not getattr(self.reactor, "running", True):
+            self.flush_now()
 
     def flush(self) -> None:
-        if not self._pending:
+        if not self.batched():
+            self.flush_now()
+        elif not self._pending:
             self._pending = True
             self.reactor.callLater(FLUSH_DELAY, self.flush_now)
 
     def flush_now(self) -> None:
         self._pending = False
+        parts, self._parts, self._size = self._parts, [], 0
         try:
+            if parts:
+                self.file.write(parts[0] if len(parts) == 1 else "".join(parts))
             self.file.flush()
         except (OSError, ValueError):       # the log file closed at exit, or broken: nothing more to do
             pass
@@ -117,8 +149,8 @@ def install(publisher: Any = globalLogPublisher, reactor: Any = None) -> int:
     for observer in list(getattr(publisher, "_observers", ())):
         if isinstance(observer, FileLogObserver) and not isinstance(observer.formatEvent, RenderedFormat):
             if _whole_seconds(observer.formatEvent):
-                observer.formatEvent = RenderedFormat(observer.formatEvent)
+                rendered = observer.formatEvent = RenderedFormat(observer.formatEvent)
                 if reactor is not None and not isinstance(observer._outFile, DelayedFlushFile):
-                    observer._outFile = DelayedFlushFile(observer._outFile, reactor)
+                    observer._outFile = DelayedFlushFile(observer._outFile, reactor, lambda: rendered.batched)
                 changed += 1
     return changed

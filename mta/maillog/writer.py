@@ -43,7 +43,7 @@ class MailLog:
         """One event per line, rendered once here (:mod:`mta.io.rendered_log`): a few lines per
         message are on the hot path, and twisted.logger's own formatting cost more than the line."""
         text = line.json(self.now()) if self.format == "json" else line.text()
-        rendered_log.emit(log, text, mail_event=line.event, mail_line=line)
+        rendered_log.emit(log, text, batched=True, mail_event=line.event, mail_line=line)
         if self.observers:
             when = self.now()
             for observer in self.observers:

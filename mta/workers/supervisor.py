@@ -25,6 +25,7 @@ log = Logger(namespace="smtpgw.workers")
 
 
 _TIMESTAMP = re.compile(r"^\d{4}-\d\d-\d\dT\S+ ")
+MAIL_LOG_MARK = "[smtpgw.mail#"      # a worker's mail log line: relayed in a batch, as it was written
 
 
 class _WorkerProcess:
@@ -80,7 +81,8 @@ class _WorkerProcess:
         for line in lines:
             text = _TIMESTAMP.sub("", line.decode("utf-8", "replace").rstrip("\r"))
             if text:
-                rendered_log.emit(log, f"worker {self.index}: {text}", index=self.index, line=text)
+                rendered_log.emit(log, f"worker {self.index}: {text}", batched=MAIL_LOG_MARK in text,
+                                  index=self.index, line=text)
         return None
 
     def signal(self, signum: int) -> None:
