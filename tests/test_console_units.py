@@ -112,6 +112,19 @@ def test_traces_keep_each_messages_steps_and_forget_the_oldest(monkeypatch):
     assert t.steps("A") == [] and len(t.steps("D")) == 1
 
 
+def test_traces_forget_a_message_that_left_the_queue():
+    """Nothing shows a message no longer queued: its steps go when it is removed or deleted."""
+    from mta.maillog import lines
+    from mta.ops import trace
+
+    t = trace.Traces(lambda: 100.0)
+    for ident in "ABC":
+        t.smtpgw_event("queuing_engine", "medium", "message queued", {"id": ident})
+    t.mail_line(lines.removed("A"), 101.0)
+    t.smtpgw_event("queuing_engine", "medium", trace.DELETED, {"id": "B"})
+    assert t.steps("A") == [] and t.steps("B") == [] and len(t.steps("C")) == 1
+
+
 def test_login_throttle_counts_per_address_and_forgets_after_the_window():
     from mta.console.throttle import LoginThrottle, client_key
 
