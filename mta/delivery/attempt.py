@@ -138,6 +138,18 @@ class Deliverer:
         for i, rcpt in enumerate(recipients):
             by_domain[domain_of(rcpt.address)].append(i)
 
+        if len(by_domain) == 1 and len(recipients) <= MAX_RCPTS_PER_TRANSACTION:
+            # One transaction (most mail): awaited directly, without the semaphore, the gathering
+            # and their Deferreds, about 40 Python calls a message; the same results and errors.
+            domain, indexes = next(iter(by_domain.items()))
+            addresses = [r.address for r in recipients]
+            try:
+                batch_results = await self._deliver_domain(entry, domain, addresses, data, {})
+            except Exception:
+                batch_results = self._crashed(Failure(), entry, domain, addresses)
+            self._place(batch_results, results, indexes)
+            return results
+
         jobs = []
         for domain, indexes in by_domain.items():
             batches = [indexes[i:i + MAX_RCPTS_PER_TRANSACTION]
