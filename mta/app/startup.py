@@ -3,11 +3,13 @@
 twistd builds the service tree (``makeService``) before it starts logging, becomes a daemon or writes
 its pid file, so what is done here is reported on the terminal (or the journal) as one line,
 ``FILE: <key>: <problem>``, with a non-zero exit status and no traceback, and nothing has started:
-no listener accepts, no spool writer runs, no file has changed but the spool's folders. In order:
+no listener accepts, no spool writer runs (but the one proving it can), no file has changed but the spool's folders. In order:
 
 1. the spool: its folders are made and a file is written there, as the user twistd will run as
    (``-u/-g``), and ``<spool>/gateway.lock`` is taken, so a second gateway on the same spool stops here,
-   naming the pid that holds it (:class:`mta.workers.lock.SpoolLock`);
+   naming the pid that holds it (:class:`mta.workers.lock.SpoolLock`); then the spool writer is started
+   once as that user (its Python and the installation must be readable to it) and stopped -- a writer
+   that cannot start is said in one line here and in the log, but does not stop the gateway;
 2. the listeners: every address is bound (still as root, for port 25), so a port in use is named
    with its key (:class:`mta.workers.endpoint.PreboundEndpoint`).
 
@@ -17,12 +19,14 @@ check-config``) leave the same way, without twistd's usage text.
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 from typing import Any, NoReturn
 
 from twisted.python.util import runAsEffectiveUser
 
 from mta.config import Config
+from mta.spool.link import child_command as writer_command, cannot_start, os_problem
 from mta.spool.store import SpoolError, prepare_spool
 from mta.workers.endpoint import CannotListen, PreboundEndpoint
 from mta.workers.lock import SpoolInUse, SpoolLock
@@ -71,6 +75,38 @@ def claim_spool(config_path: str, config: Config, uid: int | None = None, gid: i
              "or give this gateway a spool of its own", EXIT_UNAVAILABLE)
     except OSError as e:
         fail(f"{config_path}: gateway.spool: {e.filename or spool}: {e.strerror or e}", EXIT_CONFIG)
+
+
+def check_writer(config_path: str, config: Config, uid: int | None = None, gid: int | None = None) -> str | None:
+    """Start the spool writer once, as the user twistd will run as (``--check``: it opens the queue
+    folder and stops); None when it ran, else the one line that says why not and what to do.
+
+    Not a reason to stop: the gateway starts the writer again for each message until it can (so
+    fixing the cause needs no restart), and answers 451 4.3.0 meanwhile, as with a full disk."""
+    queue_dir = os.path.join(os.path.abspath(config.gateway.spool), "queue")
+    _, args, env = writer_command()
+    switch = uid is not None and os.geteuid() == 0 and uid != 0
+    user = {"user": uid, "group": gid if gid is not None else os.getegid(), "extra_groups": []} if switch else {}
+    try:
+        done = subprocess.run([*args, "--check", queue_dir], env=env, stdin=subprocess.DEVNULL,
+                              capture_output=True, text=True, timeout=120, **user)
+    except OSError as e:
+        problem = os_problem(e)
+    except subprocess.TimeoutExpired:
+        problem = "it did not start within 120s"
+    else:
+        if done.returncode == 0:
+            return None
+        said = [line.strip() for line in (done.stderr or "").splitlines() if line.strip()]
+        problem = f"it ended at once (exit status {done.returncode})" + (f": {said[-1]}" if said else "")
+    return (f"{config_path}: gateway.spool: {cannot_start(problem, uid if switch else None)}; "
+            "until it can, every message is answered 451 4.3.0")
+
+
+def warn(line: str) -> None:
+    """A start-up problem that does not stop the gateway: on stderr now (the terminal, the journal)."""
+    sys.stderr.write(line.rstrip("\n") + "\n")
+    sys.stderr.flush()
 
 
 def bind_listeners(config_path: str, services: Any) -> None:

@@ -148,6 +148,10 @@ def makeService(options: Options) -> service.MultiService:
     spool_lock = None
     if worker.index == 0:                   # the spool is the first process's (workers share it)
         spool_lock = startup.claim_spool(options["config"], config, *startup.service_user(options))
+        problem = startup.check_writer(options["config"], config, *startup.service_user(options))
+        if problem:
+            startup.warn(problem)
+            reactor.callWhenRunning(lambda: log.error("{problem}", problem=problem))
     gateway = Gateway(config, reactor, worker=worker)
     tune_gc(reactor)
     lean_poll(reactor)

@@ -36,7 +36,7 @@ from mta.model.nexthop import Outcome, RecipientResult
 from mta.model.queue_entry import DELIVERED, FAILED, PENDING, QueueEntry, RecipientState
 from mta.smtp import replies as R
 from mta.smtp.reply import Reply
-from mta.spool.store import CORRUPT_REASON, MOVED_FROM, CorruptFile, ScanResult, file_fault
+from mta.spool.store import CORRUPT_REASON, MOVED_FROM, CorruptFile, ScanResult, SpoolError, file_fault
 from mta.queue.scheduler import Scheduler
 
 log = Logger(namespace="smtpgw.queue")
@@ -629,6 +629,8 @@ class QueueManager:
             self._drop_first_data(entry)
             try:
                 await self._spool.remove(entry.id)
+            except SpoolError as e:
+                log.error("queue {id}: could not remove from the spool: {e}", id=entry.id, e=e)
             except Exception:
                 log.failure("queue {id}: could not remove from the spool", id=entry.id)
             else:
@@ -636,6 +638,8 @@ class QueueManager:
         elif due or failures or delayed:
             try:
                 await self._spool.update(entry)
+            except SpoolError as e:
+                log.error("queue {id}: could not record recipient states: {e}", id=entry.id, e=e)
             except Exception:
                 log.failure("queue {id}: could not record recipient states", id=entry.id)
         mail_log, ended = maillog.of(self.gateway), self._now()

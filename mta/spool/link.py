@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import pwd
 import sys
 from typing import Any, Callable
 
@@ -22,12 +23,40 @@ log = Logger(namespace="smtpgw.spool")
 PIPE_SIZE = 1 << 20             # Linux's default pipe-max-size
 
 
-def _child_command() -> tuple[str, list[str], dict[str, str]]:
+STDERR_KEEP = 4096              # the end of what a failing writer said, for the one line logged
+
+
+def _root() -> str:
+    return os.path.dirname(os.path.dirname(os.path.abspath(mta.__file__)))     # the folder holding mta/
+
+
+def child_command() -> tuple[str, list[str], dict[str, str]]:
     """Run the same checkout's writer in the child, whatever the parent's sys.path was built from."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(mta.__file__)))     # the folder holding mta/
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([root, *filter(None, [env.get("PYTHONPATH")])])
+    env["PYTHONPATH"] = os.pathsep.join([_root(), *filter(None, [env.get("PYTHONPATH")])])
     return sys.executable, [sys.executable, "-m", "mta.spool.writer"], env
+
+
+def user_name(uid: int) -> str:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return f"uid {uid}"
+
+
+def what_to_do(uid: int) -> str:
+    """The writer runs as the gateway's user, from the gateway's Python and installation."""
+    return (f"the gateway runs as {user_name(uid)}, who must be able to run {sys.executable}, read {_root()} "
+            "and write the spool (twistd --uid/--gid), or run it as a user who can")
+
+
+def cannot_start(problem: str, uid: int | None = None) -> str:
+    """The one line for a writer that cannot start: the cause, then what to do."""
+    return f"the spool writer cannot start: {problem}; {what_to_do(os.geteuid() if uid is None else uid)}"
+
+
+def os_problem(e: OSError) -> str:
+    return f"{e.strerror or e}: {e.filename}" if e.filename else str(e.strerror or e)
 
 
 class WriterLink:
@@ -52,8 +81,10 @@ class WriterLink:
         if proto is None or proto.ended:
             try:
                 proto = self._spawn()
+            except OSError as e:
+                return defer.fail(self._error(cannot_start(os_problem(e))))
             except Exception as e:
-                return defer.fail(self._error(f"cannot start the spool writer: {e}"))
+                return defer.fail(self._error(cannot_start(str(e))))
         self._tag = tag = (self._tag + 1) & 0xFFFFFFFF
         d: defer.Deferred = defer.Deferred()
         proto.pending[tag] = d
@@ -72,10 +103,10 @@ class WriterLink:
         return None if proto is None or proto.ended else proto.transport.pid
 
     def _spawn(self) -> "_WriterProtocol":
-        exe, args, env = _child_command()
+        exe, args, env = child_command()
         proto = _WriterProtocol(self)
         transport = self._reactor.spawnProcess(proto, exe, [*args, self._queue_dir, str(os.getpid())],
-                                               env=env, childFDs={0: "w", 1: "r", 2: 2})
+                                               env=env, childFDs={0: "w", 1: "r", 2: "r"})
         try:    # room for a few big messages in the pipe: each written in one go, not in 64 KB turns
             fcntl.fcntl(transport.pipes[0].fileno(), fcntl.F_SETPIPE_SZ, PIPE_SIZE)
         except (OSError, AttributeError, KeyError):
@@ -110,21 +141,40 @@ class _WriterProtocol(protocol.ProcessProtocol):
         self.link = link
         self.pending: dict[int, defer.Deferred] = {}
         self.ended = False
+        self.answered = False
+        self._said = b""
         self._reader = ReplyReader()
         self._waiters: list[defer.Deferred] = []
 
     def childDataReceived(self, fd: int, data: bytes) -> None:
+        if fd == 2:                     # only a writer in trouble says anything: keep the end of it
+            self._said = (self._said + data)[-STDERR_KEEP:]
+            return
+        self.answered = True
         for kind, tag, text in self._reader.feed(data):
             self.link._answer(self, kind, tag, text)
+
+    def last_said(self) -> str:
+        """The writer's last line on stderr (a traceback's is the exception)."""
+        lines = [line.strip() for line in self._said.decode("utf-8", "replace").splitlines() if line.strip()]
+        return lines[-1] if lines else ""
 
     def processEnded(self, reason: Any) -> None:
         self.ended = True
         pending, self.pending = self.pending, {}
-        if pending:
-            log.error("spool writer exited with {n} writes unfinished: {why}", n=len(pending),
-                      why=reason.value)
+        said = self.last_said()
+        status = getattr(reason.value, "exitCode", None)
+        how = f"exit status {status}" if status is not None else str(reason.value)
+        if not self.answered and (pending or status):
+            # it never answered: it could not start (its Python, the installation, the queue folder);
+            # whoever asked for a write logs this line (a session's message: 451 4.3.0)
+            text = cannot_start(f"it ended at once ({how})" + (f": {said}" if said else ""))
+        else:
+            text = f"the spool writer exited before finishing ({how})" + (f": {said}" if said else "")
+            if pending:
+                log.error("{text}; {n} writes unfinished", text=text, n=len(pending))
         for d in pending.values():
-            d.errback(self.link._error(f"spool writer exited before finishing: {reason.value}"))
+            d.errback(self.link._error(text))
         waiters, self._waiters = self._waiters, []
         for w in waiters:
             w.callback(None)

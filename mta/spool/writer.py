@@ -76,7 +76,7 @@ class _Writer:
         self._out = out_fd
         self._out_lock = threading.Lock()
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
-        self._dir_fd = os.open(queue_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        self._dir_fd = _open_queue(queue_dir)
         self._syncer = spool_files.DirSyncer(self._dir_fd, self._synced)
         self._threads = [threading.Thread(target=self._work, daemon=True) for _ in range(THREADS)]
 
@@ -167,15 +167,31 @@ def _die_with_parent() -> None:
         pass
 
 
+def _open_queue(queue_dir: str) -> int:
+    return os.open(queue_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+
+
 def main(argv: list[str] | None = None) -> int:
+    """``QUEUE_DIR PARENT_PID``: serve the gateway; ``--check QUEUE_DIR``: start as the gateway's
+    writer would and stop (start-up's proof that the writer can run as the gateway's user). A problem
+    is one line on stderr, which the gateway logs."""
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 2:
-        sys.stderr.write("usage: python -m mta.spool.writer QUEUE_DIR PARENT_PID\n")
+        sys.stderr.write("usage: python -m mta.spool.writer QUEUE_DIR PARENT_PID | --check QUEUE_DIR\n")
         return 2
-    _die_with_parent()
-    if os.getppid() != int(argv[1]):      # the parent died before prctl took effect
+    try:
+        if argv[0] == "--check":
+            fd = _open_queue(argv[1])
+            os.close(fd)
+            return 0
+        _die_with_parent()
+        if os.getppid() != int(argv[1]):      # the parent died before prctl took effect
+            return 1
+        writer = _Writer(argv[0], 1)
+    except OSError as e:
+        sys.stderr.write(f"cannot open {e.filename or argv[-1]}: {e.strerror or e}\n")
         return 1
-    _Writer(argv[0], 1).run(0)
+    writer.run(0)
     return 0
 
 

@@ -51,6 +51,7 @@ from mta.smtp.server.client_limits import ClientLimits
 from mta.smtp.server.protocol_log import ProtocolLog, RejectedCommands, counted
 from mta.smtp.server import mail_lines
 from mta import maillog
+from mta.spool.store import SpoolError
 
 log = Logger(namespace="smtpgw.server")
 
@@ -1007,8 +1008,12 @@ class SMTPServerProtocol(Protocol):
         return R.queued(queue_id)
 
     def _queue_failed(self, envelope: Envelope, failure: Any) -> Reply:
-        log.failure("session {session}: queueing {envelope} failed", failure,
-                    session=self.session.id, envelope=envelope.id)
+        if failure.check(SpoolError):       # the spool said why (a writer that cannot start): one line
+            log.error("session {session}: queueing {envelope} failed: {why}", session=self.session.id,
+                      envelope=envelope.id, why=failure.getErrorMessage())
+        else:
+            log.failure("session {session}: queueing {envelope} failed", failure,
+                        session=self.session.id, envelope=envelope.id)
         return R.INTERNAL_ERROR
 
     def _received(self, envelope: Envelope) -> str:
