@@ -22,11 +22,13 @@ REFUSED = "451 4.3.0 try later"
 def nodes(tmp_path, redis_server):
     started: list[GatewayProcess] = []
 
-    def start(name: str, host: str, workers: int = 1) -> GatewayProcess:
+    def start(name: str, host: str, workers: int = 1, metrics: str | None = None) -> GatewayProcess:
         folder = tmp_path / name
         folder.mkdir(exist_ok=True)
         cfg = node_config(folder, host, name, redis_server.url)
         cfg["gateway"]["workers"] = workers
+        if metrics:
+            cfg["gateway"]["metrics"] = {"enabled": True, "listen": metrics}
         if workers > 1:             # ETRN keeps one process (for now): no remote-triggered connector
             cfg["connectors"] = cfg["connectors"][:1]
             cfg["plugins"]["enabled"].remove("etrn_dequeue")

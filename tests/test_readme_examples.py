@@ -54,3 +54,18 @@ def test_the_readme_local_hook_refuses_all_staff_to_anonymous_clients(readme_hoo
         code, text = client.rcpt("all-staff@example.test")
         assert (code, text) == (550, b"5.7.1 Only signed-in users may write to all-staff")
         assert client.rcpt("bob@example.test")[0] == 250
+
+
+def test_the_readme_cluster_example_is_a_valid_configuration(tmp_path):
+    """README "Running several gateways": the node's YAML, merged into a minimal configuration."""
+    example = yaml.safe_load(snippet("yaml", "gateway:\n  hostname: mx1.isp.example"))
+    cfg = base_config(tmp_path)
+    cfg["gateway"].update(hostname=example["gateway"]["hostname"], cluster=example["gateway"]["cluster"])
+    cfg["virtual_servers"] = example["virtual_servers"]
+    cfg["connectors"] = example["connectors"]
+    cfg["plugins"]["enabled"].append("etrn_dequeue")
+    gw = GatewayProcess(tmp_path, cfg)
+    gw.write_config()
+    checked = subprocess.run([*smtpgw_command(), "check-config", "-c", str(gw.config_path)],
+                             capture_output=True, text=True, timeout=60)
+    assert checked.returncode == 0, checked.stdout + checked.stderr

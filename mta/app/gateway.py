@@ -14,6 +14,7 @@ from typing import Any
 from twisted.internet import defer
 from twisted.logger import Logger
 
+from mta.cluster.handover import NodeHandOver
 from mta.cluster.leases import ConnectionLeases
 from mta.cluster.node import Cluster
 from mta.cluster.queue_index import QueueIndex
@@ -125,6 +126,7 @@ class Gateway:
             self.leases = ConnectionLeases(self.cluster, lambda: self.config)
             self.client.leases = self.leases
             self.queue_index = QueueIndex(self.cluster, self.queue, worker.index, worker.count)
+            self.triggers.handover = NodeHandOver(self.cluster, self.queue, worker.index)
             self.cluster.node_state = self.drain.state
             self.drain.changed = self.cluster.beat
         self.hooks.configure(config, self)

@@ -10,11 +10,12 @@ mailq/postqueue/postsuper.
     smtpgw queue requeue ID... | --domain D | --all   # attempt now, the retry schedule starts over
     smtpgw queue hold ID... | --domain D | --all      # no attempts until released
     smtpgw queue release ID... | --domain D | --all   # and attempt now
-    smtpgw queue delete [--dsn] ID...         # --dsn: tell the sender (a failure DSN, 5.3.0)
+    smtpgw queue delete [--dsn] ID... | --domain D | --all   # --dsn: tell the sender (a failure DSN, 5.3.0)
     ... --json                                # the same as JSON, for scripts
 
     smtpgw queue list --cluster               # every node's messages (gateway.cluster), with a NODE column
     smtpgw queue hold mx2:ID ...              # NODE:ID acts on that node's message, through Redis
+    smtpgw queue hold --domain D --cluster    # (or --all) on every node; a node that does not answer: exit 1
 
 An ID may be given by any unique prefix of it. Printed into a pipe, ``list`` cuts no column.
 
@@ -208,7 +209,8 @@ class SpoolQueue:
 
         entries = {e.id: e for e in self._entries()}
         results = []
-        for entry_id in request["ids"]:
+        ids = request.get("ids") or [i for i, e in entries.items() if selector(request)(e)]
+        for entry_id in ids:
             entry = entries.get(entry_id)
             if entry is None:
                 results.append({"id": entry_id, "result": NOT_FOUND, "dsn": None})
@@ -465,9 +467,12 @@ def _common(parser: argparse.ArgumentParser, top: bool) -> None:
 
 
 def _select_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("ids", metavar="ID", nargs="*", help="queue ids (from `smtpgw queue list`)")
+    parser.add_argument("ids", metavar="ID", nargs="*", help="queue ids (from `smtpgw queue list`); "
+                        "NODE:ID for another node's (gateway.cluster)")
     parser.add_argument("--domain", metavar="D", help="every message with a pending recipient in domain D")
     parser.add_argument("--all", action="store_true", help="every message in the queue")
+    parser.add_argument("--cluster", action="store_true",
+                        help="with --domain or --all: on every node of the cluster (gateway.cluster)")
 
 
 def _arguments(parser: argparse.ArgumentParser) -> None:
@@ -496,7 +501,7 @@ def _arguments(parser: argparse.ArgumentParser) -> None:
     _common(p, top=False)
     p.add_argument("--dsn", action="store_true",
                    help="send the sender a failure DSN (5.3.0, deleted by the administrator)")
-    p.add_argument("ids", metavar="ID", nargs="+")
+    _select_arguments(p)
 
 
 def _request(args: argparse.Namespace) -> dict[str, Any] | str:
@@ -505,16 +510,18 @@ def _request(args: argparse.Namespace) -> dict[str, Any] | str:
         return {"op": "list"}
     if args.action in ("show", "cat"):
         return {"op": args.action, "id": args.id}
-    if args.action == "delete":
-        return {"op": "delete", "ids": args.ids, "dsn": args.dsn}
     given = sum(bool(x) for x in (args.ids, args.domain, args.all))
     if given != 1:
         return f"{args.action}: name the messages with ID..., --domain D or --all (one of them)"
+    if args.cluster and args.ids:
+        return (f"{args.action}: --cluster goes with --domain D or --all; name another node's messages "
+                "as NODE:ID")
+    extra = {"dsn": args.dsn} if args.action == "delete" else {}
     if args.all:
-        return {"op": args.action, "all": True}
+        return {"op": args.action, "all": True, **extra}
     if args.domain:
-        return {"op": args.action, "domain": args.domain}
-    return {"op": args.action, "ids": args.ids}
+        return {"op": args.action, "domain": args.domain, **extra}
+    return {"op": args.action, "ids": args.ids, **extra}
 
 
 @command("queue", "list, show, retry, hold, release or delete queued messages", _arguments)
@@ -613,8 +620,10 @@ def _resolve_on(rows: list[dict[str, Any]], node: str, ids: list[str]) -> list[s
 
 
 def cluster_queue(args: argparse.Namespace, config: Config, request: dict[str, Any]) -> int:
-    """``queue list --cluster`` and ``NODE:ID``: through the running gateway's control socket, which
-    reads the cluster's index or sends the request to the node that holds the message."""
+    """``queue list --cluster``, ``--domain D --cluster``/``--all --cluster`` and ``NODE:ID``: through
+    the running gateway's control socket, which reads the cluster's index or sends the request to the
+    node that holds the message (every node, for a bulk action). This node's own messages are
+    worked on locally, so ``NODE:ID`` naming this node works while Redis is down."""
     if not config.gateway.cluster.redis:
         print("smtpgw queue: --cluster and NODE:ID need a cluster (gateway.cluster.redis is not set)", file=sys.stderr)
         return EXIT_USAGE
@@ -624,20 +633,34 @@ def cluster_queue(args: argparse.Namespace, config: Config, request: dict[str, A
         return EXIT_USAGE
     own = config.gateway.node_name
     try:
-        view = _ask_running(config, {"op": "cluster_list"})
-        if args.action == "list" or not view.get("ok"):
+        if args.action == "list":
+            view = _ask_running(config, {"op": "cluster_list"})
             return _print_reply(args, view, lambda r: format_cluster_table(r, time.time(), not sys.stdout.isatty()))
+        if "ids" not in request and "id" not in request:
+            return cluster_bulk(args, config, request)
         single = "id" in request
         groups = by_node([request["id"]] if single else request["ids"], own)
+        view: dict[str, Any] | None = None
         results: list[dict[str, Any]] = []
         for node, ids in groups.items():
-            full = _resolve_on(view["entries"], node, ids)
-            if isinstance(full, str):
-                print(f"smtpgw queue {args.action}: {full}", file=sys.stderr)
-                return EXIT_USAGE
-            inner = {**request, "id": full[0]} if single else {**request, "ids": full}
-            reply = _ask_running(config, {"op": "cluster_command", "node": node, "request": inner,
-                                          "timeout": NODE_TIMEOUT})
+            if node == own:
+                inner = resolve_ids(config, {**request, "id": ids[0]} if single else {**request, "ids": ids})
+                if isinstance(inner, str):
+                    print(f"smtpgw queue {args.action}: {inner}", file=sys.stderr)
+                    return EXIT_USAGE
+                reply = {**run_request(config, inner), "node": own}
+            else:
+                if view is None:
+                    view = _ask_running(config, {"op": "cluster_list"})
+                    if not view.get("ok"):
+                        return _print_reply(args, view, lambda r: [])
+                full = _resolve_on(view["entries"], node, ids)
+                if isinstance(full, str):
+                    print(f"smtpgw queue {args.action}: {full}", file=sys.stderr)
+                    return EXIT_USAGE
+                inner = {**request, "id": full[0]} if single else {**request, "ids": full}
+                reply = _ask_running(config, {"op": "cluster_command", "node": node, "request": inner,
+                                              "timeout": NODE_TIMEOUT})
             if not reply.get("ok") or single:
                 return _single(args, reply)
             results += [{**r, "id": f"{node}:{r['id']}"} for r in reply.get("results", [])]
@@ -648,6 +671,28 @@ def cluster_queue(args: argparse.Namespace, config: Config, request: dict[str, A
     code = _print_reply(args, reply, lambda r: format_results(args.action, r["results"], False))
     named_bad = [r for r in results if r["result"] in (NOT_FOUND, HELD_SKIPPED)]
     return EXIT_FAILURE if named_bad else code
+
+
+def cluster_bulk(args: argparse.Namespace, config: Config, request: dict[str, Any]) -> int:
+    """``--domain D --cluster`` or ``--all --cluster``: the request goes to every node (the control
+    op ``cluster_each``, the same path as ``NODE:ID``); each result is named ``NODE:ID``, and a node
+    that did not answer is named on stderr with exit 1 (the others have acted)."""
+    reply = _ask_running(config, {"op": "cluster_each", "request": request, "timeout": NODE_TIMEOUT})
+    if not reply.get("ok") and "nodes" not in reply:
+        return _print_reply(args, reply, lambda r: [])
+    results = [{**r, "id": f"{n['node']}:{r['id']}"} for n in reply["nodes"] for r in n.get("results", [])]
+    failed = [n for n in reply["nodes"] if not n.get("ok")]
+    if args.json:
+        print(json.dumps({**reply, "results": results}, indent=2, sort_keys=True))
+    else:
+        lines = format_results(args.action, results, False)
+        asked = [n["node"] for n in reply["nodes"] if n.get("ok")]
+        lines.append(f"(on {len(asked)} node{'s' if len(asked) != 1 else ''}: {', '.join(asked) or 'none'})")
+        print("\n".join(lines))
+        for n in failed:
+            print(f"smtpgw queue {args.action}: node {n['node']} did not act: {n.get('error', 'failed')}",
+                  file=sys.stderr)
+    return EXIT_FAILURE if failed else EXIT_OK
 
 
 def _single(args: argparse.Namespace, reply: dict[str, Any]) -> int:

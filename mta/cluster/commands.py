@@ -31,9 +31,10 @@ REPLY_TTL = 120
 POLL_SECONDS = 0.05
 DEFAULT_TIMEOUT = 15.0
 
-# what another node may ask of this one: the queue tools and drain, nothing that reaches further
+# what another node may ask of this one: the queue tools and drain, and ATRN's hand-over of held mail
+# (mta/cluster/handover.py), nothing that reaches further
 REMOTE_OPS = frozenset({"ping", "list", "show", "cat", "retry", "requeue", "hold", "release", "delete",
-                        "drain", "undrain", "drain_status"})
+                        "drain", "undrain", "drain_status", "hand_over", "take_in"})
 
 
 def command_channel(node: str) -> str:
@@ -78,7 +79,7 @@ class CommandServer:
         if op not in REMOTE_OPS:
             answer = {"ok": False, "error": f"node {self.cluster.name} does not take {op!r} from another node"}
         else:
-            if op not in ("ping", "list", "show", "cat", "drain_status"):
+            if op not in ("ping", "list", "show", "cat", "drain_status", "take_in"):
                 log.info("cluster: queue {op} asked by node {origin}", op=op, origin=origin)
             answer = await self.handle(request)
         answer = {**answer, "node": self.cluster.name}

@@ -75,6 +75,8 @@ class Cluster:
         self.subscription = Subscription(reactor, self.address, [TRIGGERS], self._message, self._resync)
         self.started = time.time()
         self.degraded = False
+        self.degraded_since: float | None = None      # when Redis stopped answering (for status and metrics)
+        self.outages = 0                               # how many times it did, since the node started
         self._heartbeat = task.LoopingCall(self._beat) if heartbeat else None
         self._handlers: list[Callable[[Trigger], Any]] = []
         self._applied: set[tuple[str, float]] = set()   # (node, at) applied already (pub/sub and marker both)
@@ -99,12 +101,15 @@ class Cluster:
     def _down(self, why: Any) -> None:
         if not self.degraded:
             self.degraded = True
+            self.degraded_since = time.time()
+            self.outages += 1
             log.warn("cluster: Redis at {address} unreachable ({why}); node {name} runs on its own, with "
                      "local limits (degraded)", address=str(self.address), why=why, name=self.name)
 
     def _up(self) -> None:
         if self.degraded:
             self.degraded = False
+            self.degraded_since = None
             log.info("cluster: Redis at {address} is back; node {name} registered again",
                      address=str(self.address), name=self.name)
 

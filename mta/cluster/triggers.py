@@ -17,6 +17,8 @@ mechanism, a message plus a durable marker:
 ATRN needs more than a release: the client's connection is the only way to the mail, so the worker
 that got ATRN asks the others to hand their entries over (``{"op": "hand_over"}``; the entries change
 owner through the spool, :meth:`mta.queue.manager.QueueManager.hand_over`) and takes them into its queue.
+With a cluster it asks the other nodes too, which hand theirs over through Redis
+(:mod:`mta.cluster.handover`).
 """
 from __future__ import annotations
 
@@ -29,7 +31,9 @@ from typing import Any, Awaitable, Callable
 from twisted.internet import defer, threads
 from twisted.logger import Logger
 
+from mta.cluster.handover import NodeHandOver
 from mta.cluster.node import TRIGGER_TTL, Cluster, Trigger
+from mta.cluster.redis import Unavailable
 from mta.workers.identity import SINGLE, WorkerInfo, owner_of
 
 log = Logger(namespace="smtpgw.cluster")
@@ -60,8 +64,10 @@ class TriggerBus:
         self._give: Callable[[dict[str, Any]], Awaitable[list[str]]] | None = None
         self._applied: set[tuple[Any, ...]] = set()
         self._waiting: list[Trigger] | None = []         # None once the queue is loaded
+        self.handover: NodeHandOver | None = None      # with a cluster: set by mta.app.gateway
         if cluster is not None:
             cluster.on_trigger(self._from_elsewhere)
+            cluster.on_resync(self._settle_soon)
 
     # -- handlers (the etrn_dequeue plugin) -----------------------------------------------------------
 
@@ -103,10 +109,44 @@ class TriggerBus:
 
     async def collect(self, request: dict[str, Any]) -> list[str]:
         """ATRN here: every other worker hands over what ``request`` names (``domains``: a list, or
-        None for every domain of the ``connectors``); returns the ids now owned by this worker."""
+        None for every domain of the ``connectors``); returns the ids now owned by this worker, for
+        it to adopt. The other nodes' entries (a cluster) are in this worker's queue already when
+        this returns (taken in as they came, within a bounded wait)."""
         doc = {**request, "to": self.worker.index}
-        answers = await self._ask_all({"op": "hand_over", "request": doc})
-        return [i for a in answers if a.get("ok") for i in a.get("ids", []) if isinstance(i, str)]
+        jobs = [defer.Deferred.fromCoroutine(self._ask_all({"op": "hand_over", "request": doc}))]
+        if self.handover is not None:
+            jobs.append(defer.Deferred.fromCoroutine(self.handover.collect(request)))
+        results = await defer.gatherResults(jobs, consumeErrors=True)
+        return [i for a in results[0] if a.get("ok") for i in a.get("ids", []) if isinstance(i, str)]
+
+    @property
+    def collects(self) -> bool:
+        """Whether an ATRN here has anyone to collect from (other workers, other nodes)."""
+        return bool(self.others) or self.handover is not None
+
+    def sender(self, request: dict[str, Any]) -> Any:
+        """For a hand-over ``request`` from another node (``to_node``): how to send an entry there;
+        None between the workers of this gateway (they share the spool)."""
+        to_node = request.get("to_node")
+        if not to_node or self.handover is None:
+            return None
+        return self.handover.sender(str(to_node), int(request.get("to", 0)))
+
+    async def take_in(self, transfer: Any) -> str:
+        """Another node hands this worker an entry (its control request ``take_in``)."""
+        if self.handover is None:
+            raise ValueError("this gateway is not in a cluster")
+        if not isinstance(transfer, str) or not transfer:
+            raise ValueError('"transfer" must name the transfer')
+        return await self.handover.take_in(transfer)
+
+    def _settle_soon(self) -> None:
+        """Hand-overs to other nodes cut short by a stop or by Redis: settled once the queue is
+        loaded and Redis answers (at start and whenever Redis is back)."""
+        if self.handover is None or self._waiting is not None:
+            return
+        d = defer.Deferred.fromCoroutine(self.handover.settle())
+        d.addErrback(lambda f: None if f.check(Unavailable) else log.failure("settling hand-overs", f))
 
     async def announce(self, entry_ids: list[str]) -> None:
         """Copies found at start-up that a hand-over interrupted by a crash had already written
@@ -186,6 +226,7 @@ class TriggerBus:
 
     def _ready(self, missed: list[Trigger]) -> None:
         waiting, self._waiting = self._waiting or [], None
+        self._settle_soon()
         for doc in missed:
             log.info("{verb} {node} was answered by worker {worker} while this one was away: releasing",
                      verb=doc.get("verb", "ETRN"), node=doc.get("node"), worker=doc.get("worker"))

@@ -13,13 +13,16 @@ Protocol: one JSON object per line in each direction, one reply per request, in 
                                                        trace of mta/ops/trace.py)
     {"op": "retry" | "hold" | "release", "ids": [ID, ...]} or {"domain": D} or {"all": true}
                                                     -> {"ok": true, "results": [{"id", "result"}, ...]}
-    {"op": "delete", "ids": [ID, ...], "dsn": bool} -> {"ok": true, "results": [{"id", "result", "dsn"}]}
+    {"op": "delete", "ids": [ID, ...] or "domain" or "all", "dsn": bool}
+                                                    -> {"ok": true, "results": [{"id", "result", "dsn"}]}
     {"op": "requeue", "ids": [ID, ...]} or {"all": true} -> like retry, and the retry schedule starts over
     {"op": "cat", "id": ID}                         -> {"ok": true, "message": BASE64}
     {"op": "pickup"}                                -> {"ok": true} (the maildrop is read now)
     {"op": "ping"}                                  -> {"ok": true, "hostname": ..., "pid": ...}
     {"op": "trigger", "trigger": {...}}             -> {"ok": true, "released": N}   (between workers:
     {"op": "hand_over", "request": {...}}           -> {"ok": true, "ids": [...]}     mta.cluster.triggers)
+    {"op": "take_in", "transfer": T, "worker": i}   -> {"ok": true, "id": ID}  (between nodes, for ATRN:
+                                                       mta.cluster.handover)
     {"op": "adopt", "ids": [ID, ...]}               -> {"ok": true, "ids": [...]}
     {"op": "metrics"}                               -> {"ok": true, "families": [...]} (this process's
                                                        Prometheus figures: worker 0 adds them up)
@@ -34,6 +37,10 @@ Protocol: one JSON object per line in each direction, one reply per request, in 
     {"op": "cluster_command", "node": N, "request": {...}, "timeout": s}
                                                     -> node N's answer to the request (one of the ops
                                                        above it takes from other nodes, through Redis)
+    {"op": "cluster_each", "request": {...}, "timeout": s}
+                                                    -> {"ok": every node answered, "nodes": [{"node",
+                                                       "ok", "results" | "error"}, ...]} (a bulk
+                                                       retry/requeue/hold/release/delete on every node)
 
 An error is ``{"ok": false, "error": TEXT}``, whatever the request was: bad JSON (also nested too deeply
 for the parser), a value of the wrong type, an unknown op. SUMMARY and DETAIL are built by :func:`summary` and
@@ -67,6 +74,9 @@ log = Logger(namespace="smtpgw.control")
 MAX_REQUEST = 64 * 1024
 ADMIN_HOLD = "held by the administrator"
 TLS_RPT_OFF = "TLS reporting is off: set gateway.tls_rpt.enabled: true"
+
+# what ``cluster_each`` takes to every node (``smtpgw queue ... --cluster``)
+BULK_OPS = frozenset({"retry", "requeue", "hold", "release", "delete"})
 
 # results per entry
 NOT_FOUND, DONE, UNCHANGED, HELD_SKIPPED = "not found", "done", "unchanged", "held (release it first)"
@@ -240,8 +250,13 @@ class QueueControl:
 
     @staticmethod
     def _redis_down(cluster: Any) -> dict[str, Any]:
-        return {"ok": False, "error": f"Redis at {cluster.address} does not answer; this node "
-                                      f"({cluster.name}) runs on its own until it does"}
+        """One line: what is wrong, what it means for mail, what to do."""
+        since = cluster.degraded_since
+        when = time.strftime(" since %H:%M:%S UTC", time.gmtime(since)) if since else ""
+        return {"ok": False, "degraded": True, "degraded_since": since,
+                "error": f"Redis at {cluster.address} does not answer{when}: node {cluster.name} runs on its "
+                         f"own with local limits (degraded; mail still flows, nothing is lost); check that Redis "
+                         f"runs and that this host reaches it: the node registers again by itself when it answers"}
 
     async def op_cluster(self, request: dict) -> dict[str, Any]:
         """``smtpgw cluster status``: every node, from Redis (mta.cluster.node)."""
@@ -303,6 +318,32 @@ class QueueControl:
         except Unavailable:
             return self._redis_down(cluster)
 
+    async def op_cluster_each(self, request: dict) -> dict[str, Any]:
+        """A bulk queue request (``--domain D`` or ``--all``) for every node that is up, asked at once,
+        each as :meth:`op_cluster_command` asks one; ``nodes`` has each node's answer (``ok`` false,
+        with the reason, for one that did not answer). A node gone from the cluster is asked only if
+        the queue view still lists messages of it (it then cannot answer, and says so)."""
+        cluster = self._cluster()
+        inner = request.get("request")
+        if not isinstance(inner, dict) or inner.get("op") not in BULK_OPS or inner.get("ids"):
+            raise ValueError(f'cluster_each needs a "request" whose op is one of {", ".join(sorted(BULK_OPS))}, '
+                             f'with "domain" or "all"')
+        selector(inner)                                     # a bad selection is an error before any node acts
+        try:
+            view = await cluster_queue(cluster)
+        except Unavailable:
+            return self._redis_down(cluster)
+        listed = {e["node"] for e in view["entries"]}
+        names = [n["node"] for n in view["nodes"] if n["state"] != "gone" or n["node"] in listed]
+        if cluster.name not in names:
+            names.append(cluster.name)
+        asks = [defer.Deferred.fromCoroutine(self.op_cluster_command(
+                {"node": n, "request": inner, "timeout": request.get("timeout", DEFAULT_TIMEOUT)}))
+                for n in sorted(names)]
+        answers = await defer.gatherResults(asks, consumeErrors=True)
+        nodes = [{**a, "node": n} for n, a in zip(sorted(names), answers)]
+        return {"ok": all(a.get("ok") for a in nodes), "node": cluster.name, "nodes": nodes}
+
     # -- drain (mta/ops/drain.py) --------------------------------------------------------------------
 
     async def _drain_answer(self, changed: bool) -> dict[str, Any]:
@@ -335,6 +376,10 @@ class QueueControl:
     async def op_hand_over(self, request: dict) -> dict[str, Any]:
         """Another worker got ATRN: hand it the entries it names (mta.cluster.triggers)."""
         return {"ok": True, "ids": await self.gateway.triggers.give(request.get("request"))}
+
+    async def op_take_in(self, request: dict) -> dict[str, Any]:
+        """Another node hands over an entry for an ATRN here (mta.cluster.handover)."""
+        return {"ok": True, "id": await self.gateway.triggers.take_in(request.get("transfer"))}
 
     async def op_adopt(self, request: dict) -> dict[str, Any]:
         """Another worker found copies it had handed over to this one before a crash: take them in."""
@@ -424,11 +469,10 @@ class QueueControl:
         return await self._each(request, self.queue.release)
 
     async def op_delete(self, request: dict) -> dict[str, Any]:
-        if not isinstance(request.get("ids"), list) or not request["ids"]:
-            raise ValueError('delete needs "ids": [...]')
+        entries, missing = self._selected(request)          # ids, a domain or all
         notify = bool(request.get("dsn"))
         results = []
-        for entry_id in request["ids"]:
+        for entry_id in missing + [e.id for e in entries]:
             try:
                 dsn_id = await self.queue.delete(entry_id, notify_sender=notify)
             except KeyError:

@@ -106,6 +106,14 @@ class FanOutControl(QueueControl):
             if answer.get("ok"):
                 answer["workers"] = self.count
             return answer
+        if op == "take_in":             # another node's entry for the worker holding an ATRN connection
+            worker = request.get("worker")
+            return await self._ask(worker if isinstance(worker, int) and 0 <= worker < self.count else 0, request)
+        inner = request.get("request")
+        if op == "hand_over" and isinstance(inner, dict) and inner.get("to_node"):
+            # ATRN at another node: every worker hands over what it holds
+            answers = await self._gather({i: request for i in range(self.count)})
+            return {"ok": True, "ids": [i for a in answers if a.get("ok") for i in a.get("ids", [])]}
         if op in ("show", "cat"):
             entry_id = request.get("id")
             owner = owner_of(entry_id, self.count) if isinstance(entry_id, str) else 0
@@ -129,7 +137,7 @@ class FanOutControl(QueueControl):
             for entry_id in ids:
                 by_owner.setdefault(owner_of(entry_id, self.count), []).append(entry_id)
             asks = {i: {**request, "ids": part} for i, part in by_owner.items()}
-        elif op in ("list", "retry", "hold", "release", "requeue"):
+        elif op in ("list", "retry", "hold", "release", "requeue", "delete"):
             asks = {i: request for i in range(self.count)}
         else:
             return await super().handle(request)

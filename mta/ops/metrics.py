@@ -63,7 +63,11 @@ from mta.plugin.hookspecs import hookimpl
 log = Logger(namespace="smtpgw.metrics")
 
 # Gauges whose gateway figure is the largest worker's, not the sum.
-MAX_GAUGES = frozenset({"smtpgw_queue_oldest_age_seconds", "smtpgw_shaping_paused"})
+MAX_GAUGES = frozenset({"smtpgw_queue_oldest_age_seconds", "smtpgw_shaping_paused",
+                        "smtpgw_cluster_redis_outages_total", "smtpgw_cluster_redis_outages"})
+# ... and those whose gateway figure is the lowest worker's: Redis is up for the node only if every
+# worker reaches it, and its queue index is whole only if every worker's share is.
+MIN_GAUGES = frozenset({"smtpgw_cluster_redis_up", "smtpgw_cluster_queue_index_synced"})
 ASK_TIMEOUT = 10.0      # a worker that does not answer a scrape within this is reported down
 
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600, 4 * 3600, 86400, 2 * 86400)
@@ -106,7 +110,7 @@ class GatewayMetrics:
 def merge(snapshots: dict[int, list[dict[str, Any]] | None]) -> list[Metric]:
     """The gateway's families from each worker's :meth:`GatewayMetrics.snapshot` (None: it did not
     answer): every sample summed over the workers (``_created`` the earliest, the gauges in
-    :data:`MAX_GAUGES` the largest), then each worker's own with a ``worker`` label."""
+    :data:`MAX_GAUGES` the largest, those in :data:`MIN_GAUGES` the lowest), then each worker's own with a ``worker`` label."""
     families: dict[str, Metric] = {}
     totals: dict[str, dict[tuple, list]] = {}
     own: dict[str, list[tuple[str, dict[str, str], float]]] = {}
@@ -125,6 +129,8 @@ def merge(snapshots: dict[int, list[dict[str, Any]] | None]) -> list[Metric]:
                     slot[2] = min(slot[2], value)
                 elif name in MAX_GAUGES or sample in MAX_GAUGES:
                     slot[2] = max(slot[2], value)
+                elif name in MIN_GAUGES:
+                    slot[2] = min(slot[2], value)
                 else:
                     slot[2] += value
                 own[name].append((sample, {**labels, "worker": str(index)}, value))
@@ -244,6 +250,7 @@ class _Gauges:
                 ("smtpgw_queue_oldest_age_seconds", "oldest_age", "Age of the oldest queued message")):
             yield GaugeMetricFamily(name, text, value=float(stats.get(key, 0)))
         yield from _shaping_families(self.m.gateway.deliverer.shaper.snapshot())
+        yield from _node_families(self.m.gateway)
         yield from _tls_policy_families(self.m.gateway.tls_reports)
         memory = self.m.gateway.message_memory     # mta.smtp.server.message_memory
         yield GaugeMetricFamily("smtpgw_message_memory_bytes", "Bytes of messages being received, "
@@ -252,6 +259,37 @@ class _Gauges:
                                 "messages being received (gateway.message_memory)", value=float(memory.limit))
         yield CounterMetricFamily("smtpgw_message_memory_refusals", "Messages refused 452 4.3.1 "
                                   "for want of message memory", value=float(memory.refusals))
+
+
+def _node_families(gateway: Any) -> Iterable[Any]:
+    """The node's drain state (worker 0, which keeps it) and, in a cluster, whether Redis answers,
+    whether this worker's share of the queue index is whole in Redis, and the leases held."""
+    drain = getattr(gateway, "drain", None)
+    if drain is not None and drain.writer:
+        state = GaugeMetricFamily("smtpgw_node_state", "1 for the node's state: up, draining (smtpgw "
+                                  "cluster drain: refusing connections) or drained (and its queue empty)",
+                                  labels=["state"])
+        for name in ("up", "draining", "drained"):
+            state.add_metric([name], 1.0 if drain.state() == name else 0.0)
+        yield state
+    cluster = getattr(gateway, "cluster", None)
+    if cluster is None:
+        return
+    yield GaugeMetricFamily("smtpgw_cluster_redis_up", "1 while the cluster's Redis answers, 0 while the "
+                            "node runs on its own with local limits (degraded)", value=0.0 if cluster.degraded else 1.0)
+    yield CounterMetricFamily("smtpgw_cluster_redis_outages", "Times Redis stopped answering since the node "
+                              "started", value=float(cluster.outages))
+    index = gateway.queue_index
+    if index is not None:
+        yield GaugeMetricFamily("smtpgw_cluster_queue_index_synced", "1 when the node's queue index in Redis "
+                                "is whole, 0 while it waits to be written again (Redis down or emptied)",
+                                value=1.0 if index.synced else 0.0)
+        yield GaugeMetricFamily("smtpgw_cluster_queue_index_pending", "Queue changes not yet written to the "
+                                "index in Redis", value=float(len(index.dirty)))
+    leases = gateway.leases
+    if leases is not None:
+        yield GaugeMetricFamily("smtpgw_cluster_leases_held", "Cluster-wide connection leases this node holds",
+                                value=float(len(leases.held)))
 
 
 def _shaping_families(rows: list[dict[str, Any]]) -> Iterable[Any]:

@@ -51,7 +51,13 @@ DSN_KIND = "dsn"                 # on a report we generated: "failed" or "delaye
 DOUBLE_BOUNCE = "double_bounce"  # on a postmaster copy: its own failure is only logged
 MAIL_PARAMS, RCPT_PARAMS = "mail_params", "rcpt_params"
 HELD = "held"                    # set by `smtpgw queue hold`: no attempt, expiry or notice until released
+HANDING = "handing_to"           # being handed over to another node (ATRN there): its name, until settled
+HANDED_FROM = "handed_from"      # on a copy taken in from another node: "<node>:<its id there>"
 CORRUPT = CORRUPT_REASON         # on an entry moved to the spool's corrupt/ area: why
+
+
+class NotHandedOver(Exception):
+    """A hand-over to another node did not happen, for sure: the entry stays here (mta/cluster/handover.py)."""
 
 
 class UnreadableMessage(Exception):
@@ -437,13 +443,18 @@ class QueueManager:
 
     # -- hand-over between workers (ATRN collecting what the other workers hold) -------------------
 
-    async def hand_over(self, pick: Callable[[QueueEntry], bool], to: int) -> list[str]:
+    async def hand_over(self, pick: Callable[[QueueEntry], bool], to: int,
+                        send: Callable[[QueueEntry, Data], Any] | None = None) -> list[str]:
         """Give worker ``to`` the entries ``pick`` chooses (ATRN received there: the client's
         connection is the only way to them). Each is copied, durably, under the id worker ``to``
         owns (:func:`mta.workers.identity.retag`, its ``extra`` naming the old id), and only then
         removed here; an attempt in flight ends first and nothing schedules it meanwhile, so no
         recipient is delivered by both workers. A crash between the copy and the removal leaves
-        both files: the scan keeps the copy (mta/spool/store.py). Returns the new ids."""
+        both files: the scan keeps the copy (mta/spool/store.py). Returns the new ids.
+
+        With ``send`` the entry goes to another node instead (ATRN at that node, mta/cluster/handover.py):
+        ``send(entry, data)`` returns the id the other node stored it under, and only then is it
+        removed here; see :meth:`_send_away`."""
         moved: list[str] = []
         for entry_id in [e.id for e in self._entries.values() if not is_held(e) and pick(e)]:
             while entry_id in self._active:
@@ -458,17 +469,77 @@ class QueueManager:
             self._unready(entry_id)
             self._not_before.pop(entry_id, None)
             try:
-                new_id = await self._copy_for(entry, to)
-            except Exception:
-                log.failure("queue {id}: cannot hand it over to worker {to}; it stays here", id=entry_id, to=to)
+                new_id = await (self._copy_for(entry, to) if send is None else self._send_away(entry, send))
+            except Exception as e:
+                if send is None:
+                    log.failure("queue {id}: cannot hand it over to worker {to}; it stays here", id=entry_id, to=to)
+                else:
+                    log.warn("queue {id}: not handed over to another node ({e}); it stays here", id=entry_id, e=e)
                 self._entries[entry_id] = entry
                 self._reschedule(entry)
                 continue
             self._drop_first_data(entry)
             self._touched(entry_id)
             moved.append(new_id)
-            log.info("queue {id}: handed over to worker {to} as {new}", id=entry_id, to=to, new=new_id)
+            log.info("queue {id}: handed over to {to} as {new}", id=entry_id,
+                     to=f"worker {to}" if send is None else "node", new=new_id)
         return moved
+
+    async def _send_away(self, entry: QueueEntry, send: Callable[[QueueEntry, Data], Any]) -> str:
+        """Copy then remove, between nodes: the entry is marked durably (:data:`HANDING`) before it
+        leaves, so that a crash after the other node stored it and before it is removed here is
+        settled at the next start (:meth:`settle_hand_over`) rather than delivered twice. ``send``
+        raises :class:`NotHandedOver` when the other node surely does not have it (the mark is
+        taken off); any other failure leaves the mark for the settling."""
+        data = await self._load(entry)
+        entry.extra[HANDING] = True
+        await self._spool.update(entry)
+        try:
+            new_id = await send(entry, data)
+        except NotHandedOver:
+            entry.extra.pop(HANDING, None)
+            await self._spool.update(entry)
+            raise
+        await self._spool.remove(entry.id)
+        return str(new_id)
+
+    def handing(self) -> list[QueueEntry]:
+        """Entries a hand-over to another node left unsettled (a crash, Redis gone in the middle)."""
+        return [e for e in self._entries.values() if e.extra.get(HANDING)]
+
+    async def settle_hand_over(self, entry_id: str, handed: bool) -> None:
+        """The other node has the entry (``handed``): forget it here, silently; or it has not: take
+        the mark off and keep it."""
+        entry = self._entries.get(entry_id)
+        if entry is None or not entry.extra.get(HANDING) or entry_id in self._active:
+            return
+        if handed:
+            del self._entries[entry_id]
+            self._scheduler.discard(entry_id)
+            self._unready(entry_id)
+            await self._spool.remove(entry_id)
+            self._drop_first_data(entry)
+            log.info("queue {id}: the other node had taken it over before a stop; removed here", id=entry_id)
+        else:
+            entry.extra.pop(HANDING, None)
+            await self._spool.update(entry)
+            self._reschedule(entry)
+        self._touched(entry_id)
+
+    async def take_in(self, entry: QueueEntry, data: bytes, origin: str) -> str:
+        """Queue an entry handed over by another node (``origin``: ``node:id``) under a new id of
+        this worker, durably, with its recipients' states as they were there."""
+        copy = QueueEntry.from_dict(entry.to_dict())
+        copy.id = workers.queue_id(self.gateway)
+        copy.extra.pop(HANDING, None)
+        copy.extra[HANDED_FROM] = origin
+        await self._spool.put(copy, [data])
+        self._entries[copy.id] = copy
+        self._touched(copy.id)
+        if self._running and not is_held(copy):
+            self._scheduler.schedule(copy.id, self._next_time(copy))
+        log.info("queue {id}: taken over from node {origin}", id=copy.id, origin=origin)
+        return copy.id
 
     async def _copy_for(self, entry: QueueEntry, to: int) -> str:
         data = await self._load(entry)
@@ -833,4 +904,5 @@ class QueueManager:
         log.failure("queue {id}: {what} failed", failure, id=entry_id, what=what)
 
 
-__all__ = ["QueueManager", "PENDING", "DELIVERED", "FAILED", "HELD", "CORRUPT", "is_held", "UnreadableMessage"]
+__all__ = ["QueueManager", "PENDING", "DELIVERED", "FAILED", "HELD", "HANDING", "HANDED_FROM", "CORRUPT", "is_held",
+           "NotHandedOver", "UnreadableMessage"]

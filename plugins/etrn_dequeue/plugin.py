@@ -15,7 +15,8 @@ recipient that is deferred is held again afterwards until the next request.
 
 Several workers, several nodes. A request answered here is passed on through ``services.triggers``
 (mta/cluster/triggers.py): the other workers and nodes release what they hold (:meth:`remote_trigger`),
-and for ATRN the other workers first hand their entries over to this one (:meth:`hand_over`). The rate
+and for ATRN the other workers and nodes first hand their entries over to this one (:meth:`hand_over`;
+between nodes through Redis, within a bounded wait, mta/cluster/handover.py). The rate
 limit counts a client's requests everywhere (``services.client_windows``, mta/cluster/windows.py).
 """
 from __future__ import annotations
@@ -199,8 +200,9 @@ class EtrnDequeue:
         wanted = (lambda d: True) if domains is None else set(domains).__contains__
         if not connectors:
             return []
+        send = self.services.triggers.sender(request)      # to another node (a cluster), else None
         return await self.services.queue.hand_over(lambda e: bool(self._held_for(e, wanted, connectors)),
-                                                   int(request["to"]))
+                                                   int(request["to"]), send)
 
     def _forget_stale(self, now: float) -> None:
         for key in [k for k, r in self.releases.items() if r.until < now]:
@@ -345,8 +347,8 @@ class EtrnDequeue:
                 return R.turn_refused(f"{verb} request refused for {', '.join(refused)}")
             wanted = set(domains)
         triggers = getattr(self.services, "triggers", None)
-        if triggers is not None and triggers.others:
-            # the other workers hold mail for these domains too: they hand it over first
+        if triggers is not None and triggers.collects:
+            # the other workers (and nodes) hold mail for these domains too: they hand it over first
             request = {"domains": None if wanted is None else sorted(wanted), "connectors": [c.name for c in mine]}
             d = defer.Deferred.fromCoroutine(triggers.collect(request))
             d.addCallback(lambda ids: defer.Deferred.fromCoroutine(self.services.queue.adopt(ids)))
