@@ -56,7 +56,14 @@ def cluster(tmp_path, redis_server):
         started.append(gw)
         return gw.start()
 
-    start.node = lambda name, host: start(name, lambda tmp: node_config(tmp, host, name, redis_server.url, ca))
+    def node(name: str, host: str, workers: int = 1) -> GatewayProcess:
+        def make(tmp: Path) -> dict:
+            cfg = node_config(tmp, host, name, redis_server.url, ca)
+            cfg["gateway"]["workers"] = workers
+            return cfg
+        return start(name, make)
+
+    start.node = node
     yield start
     for gw in started:
         gw.stop()
@@ -151,3 +158,36 @@ def test_a_hand_over_cut_short_by_a_stop_is_settled_at_the_next_start(cluster, r
     left = [p.name for p in queued_files(mx2) if "." not in p.name]
     assert left == [kept]                                               # removed here: mx1 has it
     assert wait_until(lambda: b"handing_to" not in (mx2.tmp / "spool" / "queue" / f"{kept}.st").read_bytes(), 10)
+
+
+def test_atrn_collects_from_every_worker_of_every_node(cluster, redis_server):
+    """Both nodes run two workers: mx2's workers each hand their share over (its worker 0 asks the
+    other), to whichever of mx1's workers holds the connection (mx1's worker 0 passes them on)."""
+    from mta.workers.identity import owner_of
+
+    mx1 = cluster.node("mx1", A, workers=2)
+    mx2 = cluster.node("mx2", B, workers=2)
+    assert wait_until(lambda: "control.sock.1" in mx1.log() and "control.sock.1" in mx2.log(), 30)
+    assert wait_until(lambda: redis_server.cli("SCARD", "smtpgw:nodes") == "2", 15)
+    sent: dict[str, str] = {}
+    for i in range(100):
+        with smtplib.SMTP(B, PORT, timeout=30) as s:            # one per connection: both workers get some
+            mid = f"<{uuid.uuid4().hex}@isp.test>"
+            s.ehlo("client.test")
+            s.mail("alice@isp.test")
+            s.rcpt("bob@site.test")
+            code, text = s.data(f"To: bob@site.test\r\nSubject: {i}\r\nMessage-ID: {mid}\r\n\r\nHi.\r\n")
+        assert code == 250
+        sent[text.decode().rsplit(" ", 1)[-1]] = mid
+        if len(sent) >= 3 and {owner_of(q, 2) for q in sent} == {0, 1}:
+            break
+    assert wait_until(lambda: mx2.log().count(HELD) >= len(sent), 20)
+
+    site = cluster("site", lambda tmp: site_config(tmp, {
+        "server": f"[{A}]:{ODMR}", "domains": ["site.test"], "command": "ATRN",
+        "auth": {"username": "site", "password": "s3cret"}, "tls": "required"}))
+    mail = site.tmp / "mail"
+    assert wait_until(lambda: len(maildir_messages(mail, "bob")) >= len(sent), 40)
+    got = sorted(email.message_from_bytes(m)["Message-ID"] for m in maildir_messages(mail, "bob"))
+    assert got == sorted(sent.values())                                       # each exactly once
+    assert wait_until(lambda: not [p for p in queued_files(mx2) if "." not in p.name], 20)
