@@ -5,6 +5,7 @@ the TLSA records or not. The gateway is the real twistd process."""
 from __future__ import annotations
 
 import hashlib
+import json
 import smtplib
 import socket
 import ssl
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import dns.flags
 import dns.message
+import dns.name
 import dns.rcode
 import dns.rrset
 import pytest
@@ -83,9 +85,17 @@ class ValidatingResolver:
             response.flags &= ~dns.flags.AD
             response.set_rcode(dns.rcode.SERVFAIL)
             return response
+        owner = question.name
+        for _ in range(8):                  # a CNAME chain, as a recursive resolver returns it
+            target = self.records.get((name, "CNAME"))
+            if rdtype == "CNAME" or not target or (name, rdtype) in self.records:
+                break
+            response.answer.append(dns.rrset.from_text_list(owner, 60, "IN", "CNAME", target))
+            owner = dns.name.from_text(target[0])
+            name = owner.to_text(omit_final_dot=True).lower()
         values = self.records.get((name, rdtype))
         if values:
-            response.answer.append(dns.rrset.from_text_list(question.name, 60, "IN", rdtype, values))
+            response.answer.append(dns.rrset.from_text_list(owner, 60, "IN", rdtype, values))
         elif not any(n == name for n, _ in self.records):
             response.set_rcode(dns.rcode.NXDOMAIN)
         return response
@@ -195,6 +205,17 @@ def test_records_match_per_rfc_7672():
     other = load(trustme.CA().issue_cert("mx1.dane.test").cert_chain_pems[0].bytes())
     why = check_chain(chain, [ee(1, 1, spki_sha256(other))], "mx1.dane.test")
     assert why.startswith("DANE: no TLSA record of mx1.dane.test (3 1 1) matches")
+    # DANE-TA 2 0 0: the anchor is in the record; the server need not send it (only the leaf here)
+    root_der = load(root.cert_pem.bytes()).public_bytes(Encoding.DER)
+    inter_der = ta.public_bytes(Encoding.DER)
+    assert check_chain(chain, [TLSA(2, 0, 0, root_der)], "mx1.dane.test") is None
+    assert check_chain([cert], [TLSA(2, 0, 0, inter_der)], "mx1.dane.test") is None
+    assert check_chain([cert], [TLSA(2, 0, 0, root_der)], "mx1.dane.test") is not None     # inter missing
+    assert "does not name mx2.dane.test" in check_chain([cert], [TLSA(2, 0, 0, inter_der)], "mx2.dane.test")
+    assert check_chain([cert], [TLSA(2, 0, 0, inter_der)], "mx2.dane.test", also=["mx1.dane.test"]) is None
+    other_root = load(trustme.CA().cert_pem.bytes()).public_bytes(Encoding.DER)
+    assert check_chain(chain, [TLSA(2, 0, 0, other_root)], "mx1.dane.test") is not None
+    assert check_chain(chain, [TLSA(2, 0, 0, b"not a certificate")], "mx1.dane.test") is not None
     # usable for SMTP: DANE-TA/EE with known parameters and digests of the right length only
     assert not TLSA(1, 1, 1, bytes(32)).usable and not TLSA(0, 0, 1, bytes(32)).usable
     assert not TLSA(3, 1, 1, bytes(31)).usable and not TLSA(3, 2, 1, bytes(32)).usable
@@ -252,17 +273,69 @@ def test_mismatching_certificate_keeps_the_mail_queued_with_dane_named(tmp_path,
     assert queued(tmp_path)
 
 
-@pytest.mark.parametrize("case", ["without-ad", "unusable-only"])
-def test_tlsa_without_the_ad_bit_or_with_unusable_records_only_is_ignored(tmp_path, gateway, peers, resolver, ca,
-                                                                          case):
-    if case == "without-ad":
-        resolver.secure = False
-        resolver.add("_25._tcp.mx1.dane.test", "TLSA", f"3 1 1 {'00' * 32}")     # would match nothing
-    else:                                       # PKIX-TA/EE are not for SMTP (RFC 7672 3.1.3)
-        resolver.add("_25._tcp.mx1.dane.test", "TLSA", f"1 1 1 {'00' * 32}", f"0 0 1 {'00' * 32}")
+def test_tlsa_without_the_ad_bit_is_ignored(tmp_path, gateway, peers, resolver, ca):
+    resolver.secure = False
+    resolver.add("_25._tcp.mx1.dane.test", "TLSA", f"3 1 1 {'00' * 32}")     # would match nothing
     mx1 = tls_peer(peers, MX1, ca.issue_cert("mx1.dane.test"))
     gw = gateway(config(tmp_path, resolver))
     assert "tls=opportunistic" in delivered(gw, mx1, "opportunistic")
+
+
+UNUSABLE_ONLY = (f"1 1 1 {'00' * 32}", f"0 0 1 {'00' * 32}", f"3 2 1 {'00' * 32}")   # PKIX, a bad selector
+
+
+@pytest.mark.parametrize("mx1_offers", ["starttls", "no-starttls"])
+def test_unusable_tlsa_records_make_tls_mandatory_without_authentication(tmp_path, gateway, peers, resolver, ca,
+                                                                         mx1_offers):
+    """RFC 7672 2.2/3.1: a validated TLSA RRset with no usable record still says the host does TLS:
+    any certificate is accepted, but no STARTTLS means no delivery (Postfix's "encrypt")."""
+    resolver.add("_25._tcp.mx1.dane.test", "TLSA", *UNUSABLE_ONLY)
+    resolver.add("_25._tcp.mx2.dane.test", "TLSA", *UNUSABLE_ONLY)
+    cfg = config(tmp_path, resolver)
+    cfg["gateway"]["tls_rpt"] = {"enabled": True}
+    if mx1_offers == "no-starttls":
+        mx1 = peers(MX1, extensions=DEFAULT_EXTENSIONS)
+        mx2 = peers(MX2, extensions=DEFAULT_EXTENSIONS)
+        gw = gateway(cfg)
+        send("must wait")
+        assert wait_until(lambda: deferred_lines(gw), 20), gw.log()
+        assert ("TLS is required by the DANE TLSA records of _25._tcp.mx1.dane.test (present, none usable) "
+                "(tls: required) but mx1.dane.test[127.0.0.71]:25 does not offer STARTTLS") in gw.log()
+        assert not mx1.messages and not mx2.messages and queued(tmp_path)
+        return
+    mx1 = tls_peer(peers, MX1, trustme.CA().issue_cert("someone-else.test"))     # nothing checks it
+    gw = gateway(cfg)
+    assert "tls=opportunistic" in delivered(gw, mx1, "encrypted")
+    assert mx1.messages[0].tls
+    assert "DANE: dane.test: mx1.dane.test: tlsa-invalid: no usable TLSA record at _25._tcp.mx1.dane.test" in gw.log()
+
+
+def test_a_cname_mx_host_uses_the_tlsa_records_of_the_expanded_name(tmp_path, gateway, peers, resolver, ca):
+    """RFC 7672 2.2.2: mx1.dane.test is an alias of mail.signed.test (validated chain): the TLSA base
+    domain is the expanded name, whose records win over any at the alias."""
+    right = ca.issue_cert("mail.signed.test")
+    key = spki_sha256(load(right.cert_chain_pems[0].bytes()))
+    resolver.records.pop(("mx1.dane.test", "A"))
+    resolver.add("mx1.dane.test", "CNAME", "mail.signed.test.").add("mail.signed.test", "A", MX1)
+    resolver.add("_25._tcp.mail.signed.test", "TLSA", f"3 1 1 {key}")
+    resolver.add("_25._tcp.mx1.dane.test", "TLSA", f"3 1 1 {'00' * 32}")        # at the alias: not used
+    mx1 = tls_peer(peers, MX1, right)
+    gw = gateway(config(tmp_path, resolver))
+    assert "relay=mx1.dane.test[127.0.0.71]:25, tls=dane, " in delivered(gw, mx1, "via an alias")
+
+
+def test_a_cname_mx_host_falls_back_to_the_alias_records(tmp_path, gateway, peers, resolver, ca):
+    """The expanded name has no TLSA records (a validated denial): those of the alias apply."""
+    right = ca.issue_cert("mx1.dane.test")
+    resolver.records.pop(("mx1.dane.test", "A"))
+    resolver.add("mx1.dane.test", "CNAME", "mail.signed.test.").add("mail.signed.test", "A", MX1)
+    resolver.add("_25._tcp.mx1.dane.test", "TLSA", f"3 1 1 {spki_sha256(load(right.cert_chain_pems[0].bytes()))}")
+    wrong = tls_peer(peers, MX1, ca.issue_cert("mx1.dane.test"))
+    gw = gateway(config(tmp_path, resolver))
+    send("alias records")
+    assert wait_until(lambda: deferred_lines(gw), 20), gw.log()
+    assert "DANE check with mx1.dane.test[127.0.0.71]:25 failed (DANE: no TLSA record of mx1.dane.test" in gw.log()
+    assert not wrong.messages
 
 
 def test_dane_ta_2_0_1_delivers(tmp_path, gateway, peers, resolver, ca):
@@ -273,6 +346,30 @@ def test_dane_ta_2_0_1_delivers(tmp_path, gateway, peers, resolver, ca):
     mx1 = tls_peer(peers, MX1, leaf)
     gw = gateway(config(tmp_path, resolver))
     assert "tls=dane" in delivered(gw, mx1, "trust anchor")
+
+
+def leaf_only_context(leaf: trustme.LeafCert, tmp_path: Path) -> ssl.SSLContext:
+    """A server that sends its own certificate and nothing above it."""
+    (tmp_path / "leaf.pem").write_bytes(leaf.cert_chain_pems[0].bytes())
+    (tmp_path / "leaf.key").write_bytes(leaf.private_key_pem.bytes())
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(str(tmp_path / "leaf.pem"), str(tmp_path / "leaf.key"))
+    return ctx
+
+
+def test_dane_ta_2_0_0_supplies_a_trust_anchor_the_server_does_not_send(tmp_path, gateway, peers, resolver, ca):
+    """RFC 7672 3.1.2: with a full-certificate DANE-TA record the server may leave the anchor out of
+    its chain; the anchor is the certificate in the record."""
+    leaf = ca.issue_cert("mx1.dane.test")
+    resolver.add("_25._tcp.mx1.dane.test", "TLSA", f"2 0 0 {der(ca).hex()}")
+    mx1 = peers(MX1, tls_context=leaf_only_context(leaf, tmp_path),
+                extensions=(*DEFAULT_EXTENSIONS, "STARTTLS"))
+    gw = gateway(config(tmp_path, resolver))
+    assert "tls=dane" in delivered(gw, mx1, "anchor from DNS")
+
+
+def der(ca: trustme.CA) -> bytes:
+    return load(ca.cert_pem.bytes()).public_bytes(Encoding.DER)
 
 
 def test_dane_takes_precedence_over_mta_sts(tmp_path, gateway, peers, resolver, ca):
@@ -346,7 +443,30 @@ def test_dns_check_shows_tlsa_records_and_what_is_required(tmp_path, resolver, c
     out = capsys.readouterr().out
     assert f"_25._tcp.mx1.dane.test TLSA 3 1 1 {digest} (DNSSEC-validated)" in out
     assert "mx1.dane.test: DANE: STARTTLS with a certificate matching a TLSA record (takes precedence over MTA-STS)" in out
-    assert "mx2.dane.test: opportunistic STARTTLS: no usable TLSA record (PKIX usages 0/1 are not used for SMTP)" in out
+    assert ("mx2.dane.test: mandatory STARTTLS, certificate not checked: TLSA records present but none usable "
+            "(PKIX usages 0/1 are not used for SMTP; RFC 7672 2.2)") in out
+
+
+def test_dns_check_shows_the_tls_rpt_record_the_mta_sts_id_and_cname_mx_hosts(tmp_path, resolver, capsys):
+    from mta.cli.main import main
+    resolver.add(f"_smtp._tls.{DOMAIN}", "TXT", '"v=TLSRPTv1; rua=mailto:tlsrpt@dane.test,https://r.dane.test/x"')
+    resolver.add(f"_mta-sts.{DOMAIN}", "TXT", '"v=STSv1; id=20261202"')
+    resolver.records.pop(("mx1.dane.test", "A"))
+    resolver.add("mx1.dane.test", "CNAME", "mail.signed.test.").add("mail.signed.test", "A", MX1)
+    resolver.add("_25._tcp.mail.signed.test", "TLSA", f"3 1 1 {'ab' * 32}")
+    host, port = resolver.address
+    main(["dns-check", "--server", f"{host}:{port}", DOMAIN])
+    out = capsys.readouterr().out
+    assert 'TLS-RPT: _smtp._tls.dane.test TXT "v=TLSRPTv1; rua=mailto:tlsrpt@dane.test,https://r.dane.test/x"' in out
+    assert "  reports go to mailto:tlsrpt@dane.test\n  reports go to https://r.dane.test/x" in out
+    assert '_mta-sts.dane.test TXT "v=STSv1; id=20261202" (id 20261202)' in out
+    assert "mx1.dane.test is a CNAME for mail.signed.test: TLSA base domain mail.signed.test" in out
+    assert f"_25._tcp.mail.signed.test TLSA 3 1 1 {'ab' * 32} (DNSSEC-validated)" in out
+    resolver.records[(f"_smtp._tls.{DOMAIN}", "TXT")] = ['"v=TLSRPTv1; rua=ftp://nowhere"']
+    main(["dns-check", "--server", f"{host}:{port}", "--json", DOMAIN])
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["tls_rpt"]["error"] == "no mailto: or https: address in rua" and doc["mta_sts"]["id"] == "20261202"
+    assert any("_smtp._tls.dane.test" in w["text"] for w in doc["warnings"])
 
 
 def test_dane_sessions_are_counted_for_tls_reporting(tmp_path, gateway, peers, resolver, ca):

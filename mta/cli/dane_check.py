@@ -3,19 +3,21 @@ were DNSSEC-validated (the AD bit from the DNS servers asked, which must validat
 gateway would require of each host (RFC 7672), under the same rules as delivery
 (:mod:`mta.delivery.dane`): the MX answer, the host's address answer and its TLSA answer must all be
 validated; usable records (DANE-TA 2, DANE-EE 3) make TLS mandatory and the certificate must match
-one; only unusable ones (PKIX 0/1) leave delivery opportunistic; a failed TLSA lookup keeps senders
-away from that host.
+one; records that are all unusable (PKIX 0/1, unknown parameters) still make TLS mandatory, without
+a certificate check (RFC 7672 2.2); a failed TLSA lookup keeps senders away from that host. An MX
+host that is a CNAME has its TLSA records looked up at the expanded name first, then at its own
+name (RFC 7672 2.2.2).
 
 Blocking queries: a command may block.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
 import dns.flags
 
-from mta.delivery.dane import DANE, FAILED, UNUSABLE, HostDane, classify, tlsa_name
+from mta.delivery.dane import DANE, FAILED, NONE, UNUSABLE, HostDane, classify, tlsa_name
 from mta.smtp import replies as R
 from mta.smtp.client.dane import TLSA
 
@@ -33,14 +35,14 @@ class DaneReport:
 
     def to_dict(self) -> dict[str, Any]:
         return {"mx_validated": self.mx_validated, "hosts": [
-            {"mx": h.name, "tlsa_name": h.qname, "state": h.state, "validated": h.secure,
+            {"mx": h.mx_host, "tlsa_name": h.qname, "state": h.state, "validated": h.secure,
              "records": [str(r) for r in h.records], "not_looked_up": why,
              "error": h.reason.text if h.reason is not None else "", "requires": requires}
             for h, why, requires in self.hosts]}
 
     @property
     def dane_hosts(self) -> set[str]:
-        return {h.name for h, _, _ in self.hosts if h.state == DANE}
+        return {h.mx_host for h, _, _ in self.hosts if h.state == DANE}
 
 
 def check_dane(domain: str, query: Query, mx_hosts: list[str], implicit: bool, port: int = 25) -> DaneReport:
@@ -64,16 +66,25 @@ def check_dane(domain: str, query: Query, mx_hosts: list[str], implicit: bool, p
             state = HostDane(host, port)
             report.hosts.append((state, "its address answer is not DNSSEC-validated", requirement(state)))
             continue
-        kind, answer = query(tlsa_name(host, port), "TLSA")
-        if kind == "error":
-            state = HostDane(host, port, FAILED, reason=R.tls_check_failed(answer))
-        elif kind == "ok":
-            state = classify(host, port, (TLSA(r.usage, r.selector, r.mtype, bytes(r.cert)) for r in answer),
-                             _validated(kind, answer))
-        else:
-            state = HostDane(host, port)
+        expanded = answer.canonical_name.to_text(omit_final_dot=True).lower()
+        cname = expanded != host.lower().rstrip(".")
+        state = _tlsa(query, expanded, port, host) if cname else None
+        if state is None or (state.state == NONE and not state.records):
+            state = _tlsa(query, host, port, expanded if cname else "")
+        if cname:
+            state = replace(state, mx=host)
         report.hosts.append((state, "", requirement(state)))
     return report
+
+
+def _tlsa(query: Query, name: str, port: int, also: str) -> HostDane:
+    kind, answer = query(tlsa_name(name, port), "TLSA")
+    if kind == "error":
+        return HostDane(name, port, FAILED, reason=R.tls_check_failed(answer), also=also)
+    if kind == "ok":
+        return classify(name, port, (TLSA(r.usage, r.selector, r.mtype, bytes(r.cert)) for r in answer),
+                        _validated(kind, answer), also)
+    return HostDane(name, port, also=also)
 
 
 def requirement(host: HostDane) -> str:
@@ -82,7 +93,8 @@ def requirement(host: HostDane) -> str:
     if host.state == FAILED:
         return "NOT USED: the TLSA lookup failed (a temporary failure until it answers)"
     if host.state == UNUSABLE:
-        return "opportunistic STARTTLS: no usable TLSA record (PKIX usages 0/1 are not used for SMTP)"
+        return ("mandatory STARTTLS, certificate not checked: TLSA records present but none usable "
+                "(PKIX usages 0/1 are not used for SMTP; RFC 7672 2.2)")
     if host.records:
         return "opportunistic STARTTLS: its TLSA records are not DNSSEC-validated"
     return "no DANE (no TLSA records)"
@@ -93,7 +105,10 @@ def format_dane(report: DaneReport) -> list[str]:
                                                     else "NOT DNSSEC-validated: TLSA records are not used")]
     for host, why, requires in report.hosts:
         if why:
-            lines.append(f"  {host.name}: no TLSA lookup: {why}")
+            lines.append(f"  {host.mx_host}: no TLSA lookup: {why}")
+        elif host.mx:
+            lines.append(f"  {host.mx} is a CNAME for {host.also if host.name == host.mx else host.name}: "
+                         f"TLSA base domain {host.name}")
         elif host.state == FAILED:
             lines.append(f"  {host.qname} TLSA: lookup failed: {host.reason.text}")
         elif not host.records:
@@ -102,7 +117,7 @@ def format_dane(report: DaneReport) -> list[str]:
             validated = "DNSSEC-validated" if host.secure else "NOT validated"
             usable = "" if record.usable else ", unusable"
             lines.append(f"  {host.qname} TLSA {record} ({validated}{usable})")
-        lines.append(f"  {host.name}: {requires}")
+        lines.append(f"  {host.mx_host}: {requires}")
     return lines
 
 

@@ -5,9 +5,11 @@ the DNS servers the gateway itself uses (``gateway.dns.nameservers``, else the s
     smtpgw dns-check --server 192.0.2.53 example.com --json
 
 It prints the MX records by preference, the A/AAAA addresses of each MX host and the reverse (PTR)
-name of each address, the MTA-STS policy (:mod:`mta.cli.sts_check`) and each MX host's TLSA records
-with whether they were DNSSEC-validated (:mod:`mta.cli.dane_check`), each with what the gateway would
-require of the host, then a WARN line for each problem found:
+name of each address, the MTA-STS policy (:mod:`mta.cli.sts_check`: the ``_mta-sts`` TXT record and
+its id, the policy fetched live) and each MX host's TLSA records with whether they were
+DNSSEC-validated (:mod:`mta.cli.dane_check`), each with what the gateway would require of the host,
+the ``_smtp._tls`` TLS-RPT record and where reports would go (:mod:`mta.cli.tlsrpt_check`), then a
+WARN line for each problem found:
 
 * breaking (mail to the domain cannot be delivered): the domain does not exist, no MX and no
   address, a null MX (RFC 7505), every MX host unusable (an IP address written as the MX name, or a
@@ -38,6 +40,7 @@ import dns.reversename
 from mta.cli.dane_check import DaneReport, check_dane, format_dane
 from mta.cli.dkim import check_published
 from mta.cli.sts_check import StsReport, check_mta_sts, format_sts
+from mta.cli.tlsrpt_check import check_tls_rpt, format_tls_rpt
 from mta.cli.main import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, add_config_option, command, load_config
 from mta.config.values import parse_domain, parse_hostport
 from mta.delivery.nexthops import dns_resolver
@@ -320,14 +323,19 @@ def dns_check(args: argparse.Namespace) -> int:
     for i, (host, what) in enumerate(sts.requirements):        # DANE takes precedence (RFC 8461 2)
         if host in dane.dane_hosts:
             sts.requirements[i] = (host, "DANE applies instead (TLSA records below)")
+    tls_rpt = check_tls_rpt(domain, lookup.query)
     _sts_warnings(report, sts, dane)
     _dane_warnings(report, dane)
+    if tls_rpt.error:
+        report.warn(f"{tls_rpt.name}: {tls_rpt.error}: senders send this domain no TLS reports")
     if args.json:
-        print(json.dumps({**report.to_dict(), "mta_sts": sts.to_dict(), "dane": dane.to_dict()}, indent=2))
+        print(json.dumps({**report.to_dict(), "mta_sts": sts.to_dict(), "dane": dane.to_dict(),
+                          "tls_rpt": tls_rpt.to_dict()}, indent=2))
     else:
         lines = format_report(report)
         at = next((i for i, line in enumerate(lines) if line.startswith(("WARN:", "RESULT:"))), len(lines))
-        print("\n".join(lines[:at] + format_sts(domain, sts) + format_dane(dane) + lines[at:]))
+        print("\n".join(lines[:at] + format_sts(domain, sts) + format_dane(dane) + format_tls_rpt(tls_rpt)
+                        + lines[at:]))
     if not report.deliverable or (args.strict and report.warnings):
         return EXIT_FAILURE
     return EXIT_OK
@@ -345,7 +353,7 @@ def _sts_warnings(report: Report, sts: StsReport, dane: DaneReport) -> None:
 
 
 def _dane_warnings(report: Report, dane: DaneReport) -> None:
-    failed = [h.name for h, _, _ in dane.hosts if h.state == "failed"]
+    failed = [h.mx_host for h, _, _ in dane.hosts if h.state == "failed"]
     if failed:
         report.warn(f"the TLSA lookup failed for {', '.join(failed)}: senders using DANE do not deliver to "
                     "it until the answer validates (check the zone's DNSSEC signatures)",

@@ -24,6 +24,7 @@ Query = Callable[[str, str], tuple[str, Any]]       # mta.cli.dns.Lookup.query
 @dataclass
 class StsReport:
     id: str | None = None           # the TXT record's id; None: no policy published
+    txt: list[str] = field(default_factory=list)    # the v=STSv1 TXT records as published
     policy: Policy | None = None
     error: str = ""                 # why there is no usable policy although a TXT record says there is
     requirements: list[tuple[str, str]] = field(default_factory=list)     # (MX host, what is required)
@@ -31,7 +32,7 @@ class StsReport:
     def to_dict(self) -> dict[str, Any]:
         policy = None if self.policy is None else {"mode": self.policy.mode, "max_age": self.policy.max_age,
                                                    "mx": list(self.policy.mx)}
-        return {"id": self.id, "policy": policy, "error": self.error,
+        return {"id": self.id, "txt": self.txt, "policy": policy, "error": self.error,
                 "requirements": [{"mx": h, "requires": r} for h, r in self.requirements]}
 
 
@@ -42,8 +43,10 @@ def check_mta_sts(domain: str, query: Query, mx_hosts: list[str], ca_file: str |
     if kind == "error":
         report.error = answer
     elif kind == "ok":
+        texts = [b"".join(r.strings).decode("utf-8", "replace") for r in answer]
+        report.txt = [t for t in texts if t.split(";", 1)[0].strip() == "v=STSv1"]
         try:
-            report.id = policy_id([b"".join(r.strings).decode("utf-8", "replace") for r in answer])
+            report.id = policy_id(texts)
         except PolicyError as e:
             report.error = f"_mta-sts.{domain} TXT: {e}"
     if report.id is not None:
@@ -114,6 +117,7 @@ def format_sts(domain: str, report: StsReport) -> list[str]:
     else:
         p = report.policy
         lines = [f"MTA-STS: id {p.id}, mode {p.mode}, max_age {p.max_age}s, mx {' '.join(p.mx) or '-'}"]
+    lines += [f"  _mta-sts.{domain} TXT \"{t}\"" + (f" (id {report.id})" if report.id else "") for t in report.txt]
     lines += [f"  {host}: {what}" for host, what in report.requirements]
     return lines
 

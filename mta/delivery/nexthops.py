@@ -94,6 +94,7 @@ class _Answer:
     values: tuple = ()
     ttl: float = 0.0
     secure: bool = False
+    canonical: str = ""         # the owner the answer's records have, when a CNAME chain led there
 
 
 def _authenticated(response: Any) -> bool:
@@ -246,7 +247,9 @@ class Resolver:
             values = tuple((r.usage, r.selector, r.mtype, bytes(r.cert)) for r in answer)
         else:
             values = tuple(r.address for r in answer)
-        return _Answer("ok", values, min(float(ttl), self.max_ttl), self.trust_ad and _authenticated(answer.response))
+        canonical = answer.canonical_name.to_text(omit_final_dot=True).lower()
+        return _Answer("ok", values, min(float(ttl), self.max_ttl), self.trust_ad and _authenticated(answer.response),
+                       canonical if canonical != name.lower().rstrip(".") else "")
 
     def _lookup(self, name: str, rdtype: str) -> defer.Deferred:
         """A cached, coalesced lookup; fires with an :class:`_Answer` or fails with TemporaryDNSError."""
@@ -303,7 +306,8 @@ class Resolver:
                 error = error or (result.value if isinstance(result.value, TemporaryDNSError)
                                   else _temporary(f"{host}: {result.value!r}"))
             elif result.kind == "ok":
-                hops += [Hop(ip, port, label, preference, secure and result.secure) for ip in result.values]
+                hops += [Hop(ip, port, label, preference, secure and result.secure, result.canonical)
+                         for ip in result.values]
         return hops, (None if hops else error)
 
     def address_hops(self, name: str, port: int = 25, preference: int = 0) -> defer.Deferred:

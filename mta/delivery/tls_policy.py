@@ -15,7 +15,10 @@ MTA-STS policy (:mod:`mta.delivery.mta_sts`) decides:
 DANE (RFC 7672, :mod:`mta.delivery.dane`) comes first for the hops it covers: a hop whose MX host
 has usable, DNSSEC-validated TLSA records is tried with TLS mandatory and its chain matched against
 them, whatever the MTA-STS policy says of that host (RFC 8461 2: DANE takes precedence), and never
-falls back in testing mode; a hop whose TLSA lookup failed is not tried (a temporary failure).
+falls back in testing mode; a hop whose TLSA lookup failed is not tried (a temporary failure). A
+hop whose validated TLSA records are all unusable gets mandatory TLS without authentication
+(RFC 7672 2.2, 3.1; ``tls: required``), unless an enforced MTA-STS policy or the connector's
+``tls: verify`` already asks more of it.
 
 Under ``enforce`` and ``testing`` every transaction is counted for TLS reporting (RFC 8460,
 :mod:`mta.delivery.tls_report`): a success, or the failure's result type, and an MX the policy leaves
@@ -66,7 +69,8 @@ class Route:
     sts: Policy | None = None
     skipped: list[Hop] = field(default_factory=list)
     requiretls: bool = False                        # the message asked for REQUIRETLS (RFC 8689)
-    dane: dict[Hop, HostDane] = field(default_factory=dict)     # hops DANE governs (usable or failed)
+    dane: dict[Hop, HostDane] = field(default_factory=dict)     # hops DANE governs (usable, failed,
+                                                                # or unusable records: encrypt)
     dane_policies: dict[Hop, OutboundPolicy] = field(default_factory=dict)
     record: Any = None                              # DaneLookup.record: where DANE outcomes go
     sessions: Any = None                            # a TlsReportCounter: TLS-RPT counts (mta.delivery.tls_report)
@@ -172,22 +176,32 @@ def plan(domain: str, hops: list[Hop], policy: OutboundPolicy, sts: Policy | Non
     route = _plan(domain, hops, policy, sts, ca_file, governed)
     route.requiretls = requiretls
     route.dane = {h: governed[h] for h in route.hops if h in governed}
-    route.dane_policies = {h: dane_.dane_policy(policy, d) for h, d in route.dane.items() if d.state == dane_.DANE}
+    if route.policy.tls != "verify" or route.fallback is not None:
+        # RFC 7672 2.2: records present but none usable still make TLS mandatory (unauthenticated)
+        route.dane.update(_unusable_hops(route.hops, dane or {}))
+    route.dane_policies = {h: dane_.dane_policy(policy, d) for h, d in route.dane.items()
+                           if d.state in (dane_.DANE, dane_.UNUSABLE)}
     if requiretls and route.refusal is None and route.policy.tls != "verify":
-        route.hops = [h for h in route.hops if h in route.dane]
+        route.hops = [h for h in route.hops if h in route.dane and route.dane[h].state != dane_.UNUSABLE]
         if not route.hops:
             route.refusal = requiretls_out.no_validated_tls(domain, policy.connector)
     return route
 
 
-def _dane_hops(hops: list[Hop], dane: dict[tuple[str, int], HostDane]) -> dict[Hop, HostDane]:
+def _dane_hops(hops: list[Hop], dane: dict[tuple[str, int], HostDane],
+               states: tuple[str, ...] = (dane_.DANE, dane_.FAILED)) -> dict[Hop, HostDane]:
     """The hops DANE governs: their MX host has usable TLSA records, or its TLSA lookup failed."""
     governed = {}
     for hop in hops:
         host = dane.get(((hop.name or hop.host).lower().rstrip("."), hop.port))
-        if host is not None and host.state in (dane_.DANE, dane_.FAILED):
+        if host is not None and host.state in states:
             governed[hop] = host
     return governed
+
+
+def _unusable_hops(hops: list[Hop], dane: dict[tuple[str, int], HostDane]) -> dict[Hop, HostDane]:
+    """The hops whose MX host has validated TLSA records, none of them usable."""
+    return _dane_hops(hops, dane, (dane_.UNUSABLE,))
 
 
 def _plan(domain: str, hops: list[Hop], policy: OutboundPolicy, sts: Policy | None,

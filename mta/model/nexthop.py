@@ -20,6 +20,9 @@ class Hop:
     # every DNS answer that led here (the MX, the host's address) came with the AD bit from a trusted
     # validating resolver: the hop's TLSA records may be looked up (DANE, RFC 7672 2.2); not compared
     dnssec: bool = field(default=False, compare=False)
+    # the name's CNAME expansion when ``name`` is an alias (the address answer named another owner):
+    # with ``dnssec``, the TLSA base domain tried first (RFC 7672 2.2.2); not compared
+    canonical: str = field(default="", compare=False)
 
     def __str__(self) -> str:
         label = self.name or self.host

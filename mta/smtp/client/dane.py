@@ -8,7 +8,10 @@ Which records count (RFC 7672 3.1, RFC 7671 5):
   DNSSEC-signed record is the trust.
 * DANE-TA (usage 2): a certificate in the chain the server presents (its issuer, or a CA above it)
   matches the record; the chain from the server's certificate up to it must verify (signatures and
-  validity dates), and the server's certificate must name the TLSA base domain (the MX host name).
+  validity dates), and the server's certificate must name the TLSA base domain (the MX host name,
+  or with a CNAME'd MX host the expanded name; either is accepted, RFC 7672 3.2.2). A ``2 0 0``
+  record holds the whole trust-anchor certificate: a server that does not send it (RFC 7672 3.1.2
+  lets it leave the anchor out) is checked against the certificate from the record.
 * PKIX-TA / PKIX-EE (usages 0 and 1) are unusable for SMTP (RFC 7672 3.1.3), as are unknown
   selectors and matching types and digests of the wrong length.
 
@@ -80,12 +83,15 @@ class DaneMismatch(Exception):
     """The chain the next hop presented matches none of its usable TLSA records."""
 
 
-def check_chain(chain: Sequence[x509.Certificate], records: Sequence[TLSA], name: str) -> str | None:
+def check_chain(chain: Sequence[x509.Certificate], records: Sequence[TLSA], name: str,
+                also: Sequence[str] = ()) -> str | None:
     """None when ``chain`` (the server's certificate first) satisfies one of ``records`` for the TLSA
-    base domain ``name``; otherwise why not, for the reply that defers the mail."""
+    base domain ``name`` (DANE-TA: the certificate may name ``name`` or one of ``also``); otherwise
+    why not, for the reply that defers the mail."""
     if not chain:
         return "the server presented no certificate"
     leaf = chain[0]
+    names = (name, *[n for n in also if n and n != name])
     tried: list[str] = []
     for record in records:
         if record.usage == DANE_EE and record.matches(leaf):
@@ -94,18 +100,38 @@ def check_chain(chain: Sequence[x509.Certificate], records: Sequence[TLSA], name
     if ta_records:
         for depth, cert in enumerate(chain[1:], 1):
             if any(r.matches(cert) for r in ta_records):
-                why = _verify_to_anchor(chain[:depth], cert, name)
+                why = _verify_to_anchor(chain[:depth], cert, names)
                 if why is None:
                     return None
                 tried.append(why)
+        for anchor in _anchors_in_records(ta_records):     # 2 0 0: the anchor need not be sent
+            if any(c.public_bytes(Encoding.DER) == anchor.public_bytes(Encoding.DER) for c in chain):
+                continue                                    # sent after all: checked above
+            why = _verify_to_anchor(chain, anchor, names)
+            if why is None:
+                return None
+            tried.append(why)
     kinds = sorted({f"{r.usage} {r.selector} {r.mtype}" for r in records})
     found = f" ({'; '.join(tried)})" if tried else ""
     return (f"DANE: no TLSA record of {name} ({', '.join(kinds)}) matches the certificate chain the server "
             f"presented{found}")
 
 
-def _verify_to_anchor(below: Sequence[x509.Certificate], anchor: x509.Certificate, name: str) -> str | None:
-    """DANE-TA: ``below`` (server certificate first) chains up to ``anchor`` and names ``name``."""
+def _anchors_in_records(records: Iterable[TLSA]) -> list[x509.Certificate]:
+    """The trust-anchor certificates that ``2 0 0`` records carry whole (unparseable data: none)."""
+    found = []
+    for record in records:
+        if record.usage == DANE_TA and record.selector == CERT and record.mtype == FULL:
+            try:
+                found.append(x509.load_der_x509_certificate(record.data))
+            except ValueError:
+                continue
+    return found
+
+
+def _verify_to_anchor(below: Sequence[x509.Certificate], anchor: x509.Certificate,
+                      names: Sequence[str]) -> str | None:
+    """DANE-TA: ``below`` (server certificate first) chains up to ``anchor`` and names one of ``names``."""
     store = crypto.X509Store()
     store.add_cert(crypto.X509.from_cryptography(anchor))
     store.set_flags(crypto.X509StoreFlags.PARTIAL_CHAIN)      # the anchor need not be self-signed
@@ -115,11 +141,14 @@ def _verify_to_anchor(below: Sequence[x509.Certificate], anchor: x509.Certificat
         context.verify_certificate()
     except crypto.X509StoreContextError as e:
         return f"the chain to the DANE-TA certificate does not verify: {e}"
-    try:
-        verify_certificate_hostname(below[0], name)
-    except (VerificationError, ValueError) as e:
-        return f"the certificate does not name {name}: {e}"
-    return None
+    problems = []
+    for name in names:
+        try:
+            verify_certificate_hostname(below[0], name)
+            return None
+        except (VerificationError, ValueError) as e:
+            problems.append(str(e))
+    return f"the certificate does not name {' or '.join(names)}: {problems[0]}"
 
 
 @implementer(IOpenSSLClientConnectionCreator)
@@ -131,9 +160,10 @@ class DaneOptions:
     The digests are of a few kilobytes of certificates: cheap enough for the reactor thread, as the
     handshake itself is."""
 
-    def __init__(self, records: Sequence[TLSA], name: str) -> None:
+    def __init__(self, records: Sequence[TLSA], name: str, also: Sequence[str] = ()) -> None:
         self.records = tuple(records)
         self.name = name
+        self.also = tuple(also)
         self._context = ssl.CertificateOptions().getContext()
         self._context.set_info_callback(self._info)
 
@@ -149,7 +179,7 @@ class DaneOptions:
             return
         try:
             chain = connection.get_peer_cert_chain(as_cryptography=True) or []
-            why = check_chain(chain, self.records, self.name)
+            why = check_chain(chain, self.records, self.name, self.also)
         except Exception as e:                  # a certificate we cannot parse matches nothing
             why = f"DANE: the server's certificate chain cannot be checked: {e}"
         if why is not None:

@@ -52,6 +52,8 @@ class OutboundPolicy:
     tlsa: tuple = ()                        # DANE (mta.smtp.client.dane): the hop's usable TLSA records;
                                             # when set, they decide instead of ca_file and the name check
     dane_name: str = ""                     # the TLSA base domain (the MX host name): SNI, DANE-TA names
+    dane_also: str = ""                     # a CNAME'd MX host: the name the base domain was not taken
+                                            # from, also accepted in a DANE-TA certificate (RFC 7672 3.2.2)
 
     def __post_init__(self) -> None:
         if self.tls not in TLS_MODES:

@@ -72,7 +72,7 @@ def _group_key(policy: OutboundPolicy) -> OutboundPolicy:
     """A connector's connections form one group whatever TLS each needs: a destination's MTA-STS
     policy raises the TLS mode of some of them (:mod:`mta.delivery.tls_policy`), not the total."""
     return replace(policy, tls="none", ca_file=None, required_by="", ca_with_system=False,
-                   validation="verified", tlsa=(), dane_name="")
+                   validation="verified", tlsa=(), dane_name="", dane_also="")
 
 
 def default_tls_options() -> Any:
@@ -100,7 +100,7 @@ class SMTPClientPool:
         self._groups: dict[OutboundPolicy, _Group] = {}     # _group_key(policy) -> its connections
         self._verifying: dict[tuple[str | None, bool, str], Any] = {}  # (ca_file, +system, name) -> options
         self._trust_roots: dict[tuple[str | None, bool], Any] = {}
-        self._dane: dict[tuple[tuple, str], DaneOptions] = {}         # (TLSA records, name) -> options
+        self._dane: dict[tuple[tuple, str, str], DaneOptions] = {}         # (TLSA records, name) -> options
         self._idle_timers: dict[SMTPClientProtocol, Any] = {}
         self._counted: set[SMTPClientProtocol] = set()
         self._closing = False
@@ -350,12 +350,13 @@ class SMTPClientPool:
 
     def _dane_options(self, policy: OutboundPolicy) -> Any:
         """Options matching the chain against the hop's TLSA records (one per record set and name)."""
-        key = (policy.tlsa, policy.dane_name)
+        key = (policy.tlsa, policy.dane_name, policy.dane_also)
         options = self._dane.get(key)
         if options is None:
             if len(self._dane) >= MAX_DANE_OPTIONS:
                 self._dane.pop(next(iter(self._dane)))
-            options = self._dane[key] = DaneOptions(policy.tlsa, policy.dane_name)
+            options = self._dane[key] = DaneOptions(policy.tlsa, policy.dane_name,
+                                                    (policy.dane_also,) if policy.dane_also else ())
         return options
 
     def _tls_options_for(self, slot: _HostSlot, hop: Hop | None = None,
