@@ -283,3 +283,71 @@ def test_two_workers_count_apart_and_worker_0_reports_for_both(tmp_path, gateway
     (item,) = json.loads(gzip.decompress(https.posts[0][3]))["policies"]
     assert item["summary"] == {"total-successful-session-count": len(ids), "total-failure-session-count": len(ids)}
     assert shown(gw) == []
+
+
+# -- policy fetch failures, report strings, a POST that fails ------------------------------------------
+
+def test_no_policy_found_leaves_out_the_policy_string_and_mx_host():
+    period = empty_period(0.0)
+    add_session(period, "sts.test", "no-policy-found", [], "", "sts-policy-fetch-error",
+                additional_information="HTTP 404")
+    (entry,) = period["policies"].values()
+    assert entry["policy"] == {"policy-type": "no-policy-found", "policy-domain": "sts.test"}
+    assert list(entry["failures"].values()) == [{"result-type": "sts-policy-fetch-error",
+                                                 "additional-information": "HTTP 404", "failed-session-count": 1}]
+
+
+@pytest.mark.parametrize("failure", ["sts-policy-fetch-error", "sts-policy-invalid", "sts-webpki-invalid"])
+def test_a_policy_that_cannot_be_fetched_is_counted_with_its_result_type(tmp_path, gateway, dns, https, mx, ca,
+                                                                         failure):
+    plain, secure, reports = mx
+    if failure == "sts-policy-fetch-error":
+        https.set_response("sts.test", 404, "text/plain", "not here\n")
+    elif failure == "sts-policy-invalid":
+        https.set_response("sts.test", 200, "text/html", "<html>not a policy</html>")
+    else:                                   # a certificate from a CA the gateway does not trust
+        https.stop()
+        https.context = server_context(trustme.CA(), "mta-sts.sts.test")
+        https.start()
+    gw = gateway(config(tmp_path, dns, ca))
+    send("no policy")
+    assert plain.wait_for(1, timeout=30), gw.log()          # no policy in force: mx1, as before MTA-STS
+
+    def counted() -> list:
+        return [(r["policy_type"], r["failed"], r["failures"]) for r in shown(gw)]
+
+    assert wait_until(lambda: counted() == [("no-policy-found", 1, {failure: 1})], 10), counted()
+    sent = tls_rpt(gw, "send", "--json")
+    assert sent.returncode == 0, sent.stderr
+    if failure == "sts-webpki-invalid":
+        return                              # the report host has the untrusted certificate too
+    (item,) = json.loads(gzip.decompress(https.posts[0][3]))["policies"]
+    assert item["policy"] == {"policy-type": "no-policy-found", "policy-domain": "sts.test"}
+    (detail,) = item["failure-details"]
+    assert detail["result-type"] == failure and "mta-sts.sts.test" in detail["additional-information"]
+
+
+def test_a_failed_post_is_sent_again_at_the_next_interval_with_its_counts(tmp_path, gateway, dns, https, mx, ca):
+    plain, secure, reports = mx
+    gw = gateway(config(tmp_path, dns, ca))
+    send("counted")
+    assert secure.wait_for(1, timeout=30), gw.log()
+    assert wait_until(lambda: one_failure_one_success(shown(gw)), 10), shown(gw)
+    https.post_status = 503
+    first = {r["rua"]: r for r in json.loads(tls_rpt(gw, "send", "--json").stdout)}
+    assert first["https://reports.test/tlsrpt"]["result"] == "failed: HTTP 503"
+    report_id = first["https://reports.test/tlsrpt"]["report_id"]
+    line = next(x for x in gw.log().splitlines() if "failed: HTTP 503" in x)
+    assert line.endswith(f"TLS-RPT: report {report_id} for sts.test (2 sessions) to https://reports.test/tlsrpt "
+                         "failed: HTTP 503; sent again at the next interval (attempt 1 of 5)")
+    assert list((tmp_path / "spool" / "tls-rpt").glob("retry-*.json"))
+    assert reports.wait_for(1, timeout=30), gw.log()         # the mailto: address got it the first time
+
+    https.post_status = 200
+    again = json.loads(tls_rpt(gw, "send", "--json").stdout)
+    assert [(r["rua"], r["report_id"], r["result"]) for r in again] == [
+        ("https://reports.test/tlsrpt", report_id, "posted")]
+    assert len(https.posts) == 2
+    assert_report(json.loads(gzip.decompress(https.posts[1][3])))       # the same counts, kept
+    assert not list((tmp_path / "spool" / "tls-rpt").glob("retry-*.json"))
+    assert len(reports.messages) == 1                                   # not mailed twice

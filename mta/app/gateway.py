@@ -104,6 +104,7 @@ class Gateway:
                                             tls_rpt.interval, worker.index)
         self.tls_reporter = TlsReporter(self) if tls_rpt.enabled and worker.index == 0 else None
         self.dane.observers.append(self.tls_reports.observe)      # DANE's sessions, for TLS-RPT
+        self.mta_sts.observers.append(self.tls_reports.observe_sts_fetch)    # failed policy fetches
         self.deliverer = Deliverer(self)
         self.queue = QueueManager(self)
         self.recipients = LocalRecipients(config, reactor)

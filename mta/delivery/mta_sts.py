@@ -12,7 +12,10 @@
 
 A failed fetch is not repeated for the same id for :data:`RETRY_FAILED` seconds, so a queue full of
 mail for a domain whose policy host is down does not fetch once per message. Lookups for one domain
-that overlap share one fetch.
+that overlap share one fetch. Each failed fetch is told to :attr:`MtaSts.observers` (TLS reporting
+counts it, RFC 8460 4.3.2.2: one failed session of type ``sts-policy-fetch-error``,
+``sts-policy-invalid`` or ``sts-webpki-invalid``, under the cached policy still in force, else as
+``no-policy-found``).
 
 Proactive refresh (RFC 8461 10.2): an attacker who blocks the TXT lookup or the fetch when a cached
 policy runs out strips the protection, and an unchanged id never makes a sender fetch again, so the
@@ -26,14 +29,14 @@ disk takes it instead of fetching.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 from twisted.internet import defer
 from twisted.logger import Logger
 
 from mta.delivery.nexthops import DNSError, Resolver
 from mta.delivery.sts_cache import CachedPolicy, PolicyCache
-from mta.delivery.sts_fetch import FetchError, PolicyFetcher, policy_url
+from mta.delivery.sts_fetch import POLICY_INVALID, FetchError, PolicyFetcher, policy_url
 from mta.delivery.sts_policy import Policy, PolicyError, parse_policy, policy_id
 
 log = Logger(namespace="smtpgw.mta-sts")
@@ -59,6 +62,9 @@ class MtaSts:
         self._mail_seen: dict[str, float] = {}                 # domain -> when a delivery last asked
         self._refresh_at: dict[str, Any] = {}                  # domain -> its refresh timer (IDelayedCall)
         self.refreshes = 0                                     # background refreshes done (tests, metrics)
+        # TLS reporting: called with (domain, RFC 8460 result type, why, the policy still in force or
+        # None) for every fetch that failed (RFC 8460 4.3.2.2: sts-policy-fetch-error, ...)
+        self.observers: list[Callable[[str, str, str, Policy | None], Any]] = []
 
     def reload(self, ca_file: str | None) -> None:
         """SIGHUP: ``gateway.mta_sts.ca_file`` (path or contents) is read again at the next fetch, and
@@ -134,6 +140,8 @@ class MtaSts:
         try:
             policy = parse_policy(await self.fetcher.fetch(domain), new_id)
         except (FetchError, PolicyError) as e:
+            for observer in self.observers:
+                observer(domain, e.kind if isinstance(e, FetchError) else POLICY_INVALID, str(e), in_force)
             self._failed[(domain, new_id)] = now + RETRY_FAILED
             if len(self._failed) > MAX_DOMAINS_IN_MEMORY:
                 self._failed = {k: t for k, t in self._failed.items() if t > now}

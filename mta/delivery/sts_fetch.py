@@ -9,12 +9,18 @@
 * only a ``200`` with ``text/plain`` is a policy: redirects are not followed (RFC 8461 3.3);
 * the body is cut at 64 KB, and the whole fetch (connect, handshake, headers, body) has a deadline.
 
-Every failure is a :class:`FetchError` whose text says what went wrong, for the log and ``dns-check``.
+Every failure is a :class:`FetchError` whose text says what went wrong, for the log and ``dns-check``,
+and whose ``kind`` is its RFC 8460 result type for TLS reporting: ``sts-webpki-invalid`` (the policy
+host's certificate did not verify), ``sts-policy-invalid`` (an answer that is no policy file: not
+``text/plain``, too big, not UTF-8) or ``sts-policy-fetch-error`` (anything else: no address, no
+connection, an HTTP error, a timeout).
 """
 from __future__ import annotations
 
 from typing import Any
 
+from OpenSSL import SSL
+from service_identity import VerificationError
 from twisted.internet import defer
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint, wrapClientTLS
 from twisted.internet.interfaces import IStreamClientEndpoint
@@ -34,8 +40,15 @@ CONNECT_TIMEOUT = 20.0
 USER_AGENT = b"smtpgw MTA-STS"
 
 
+FETCH_ERROR, POLICY_INVALID, WEBPKI_INVALID = "sts-policy-fetch-error", "sts-policy-invalid", "sts-webpki-invalid"
+
+
 class FetchError(Exception):
-    """The policy could not be fetched; the text is the reason."""
+    """The policy could not be fetched; the text is the reason, ``kind`` its RFC 8460 result type."""
+
+    def __init__(self, text: str, kind: str = FETCH_ERROR) -> None:
+        super().__init__(text)
+        self.kind = kind
 
 
 def policy_url(domain: str) -> str:
@@ -96,7 +109,7 @@ class _Body(Protocol):
             return
         self.data += data
         if len(self.data) > self.limit:
-            self.done.errback(FetchError(f"policy larger than {self.limit // 1024} KB"))
+            self.done.errback(FetchError(f"policy larger than {self.limit // 1024} KB", POLICY_INVALID))
             self.transport.stopProducing()
 
     def connectionLost(self, reason: Any) -> None:
@@ -162,7 +175,8 @@ class PolicyFetcher(VerifiedHttpsClient):
         except defer.CancelledError:
             raise
         except Exception as e:
-            raise FetchError(f"{url}: {agent_error(e)}") from None
+            raise FetchError(f"{url}: {agent_error(e)}", WEBPKI_INVALID if certificate_failure(e) else FETCH_ERROR) \
+                from None
         if response.code != 200:
             response.deliverBody(Discard())
             moved = " (redirects are not followed)" if 300 <= response.code < 400 else ""
@@ -170,22 +184,34 @@ class PolicyFetcher(VerifiedHttpsClient):
         kind = (response.headers.getRawHeaders(b"content-type") or [b""])[0]
         if kind.split(b";")[0].strip().lower() != b"text/plain":
             response.deliverBody(Discard())
-            raise FetchError(f"{url}: content type {kind.decode('latin-1')!r}, not text/plain")
+            raise FetchError(f"{url}: content type {kind.decode('latin-1')!r}, not text/plain", POLICY_INVALID)
         if isinstance(response.length, int) and response.length > MAX_POLICY_BYTES:
             response.deliverBody(Discard())
-            raise FetchError(f"{url}: policy larger than {MAX_POLICY_BYTES // 1024} KB")
+            raise FetchError(f"{url}: policy larger than {MAX_POLICY_BYTES // 1024} KB", POLICY_INVALID)
         done: defer.Deferred = defer.Deferred()
         response.deliverBody(_Body(done, MAX_POLICY_BYTES))
         body = await done
         try:
             return body.decode("utf-8")
         except UnicodeDecodeError:
-            raise FetchError(f"{url}: policy is not UTF-8") from None
+            raise FetchError(f"{url}: policy is not UTF-8", POLICY_INVALID) from None
 
 
 class Discard(Protocol):
     def dataReceived(self, data: bytes) -> None:
         self.transport.stopProducing()
+
+
+def certificate_failure(e: BaseException) -> bool:
+    """Whether an Agent failure was the server's certificate not verifying (OpenSSL's verify error,
+    or service-identity's name check), wrapped as deep as the Agent wraps it."""
+    reasons = getattr(e, "reasons", None)
+    if reasons:
+        return any(certificate_failure(r.value if hasattr(r, "value") else r) for r in reasons)
+    if isinstance(e, (SSL.Error, VerificationError)):
+        return True
+    text = str(e)
+    return "certificate verify failed" in text or "VerificationError" in text
 
 
 def agent_error(e: BaseException) -> str:
@@ -198,5 +224,5 @@ def agent_error(e: BaseException) -> str:
     return text.splitlines()[0][:200]
 
 
-__all__ = ["Discard", "FetchError", "MAX_POLICY_BYTES", "PolicyFetcher", "VerifiedHttpsClient", "agent_error",
+__all__ = ["Discard", "FETCH_ERROR", "FetchError", "POLICY_INVALID", "WEBPKI_INVALID", "certificate_failure", "MAX_POLICY_BYTES", "PolicyFetcher", "VerifiedHttpsClient", "agent_error",
            "policy_url"]

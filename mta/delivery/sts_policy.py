@@ -50,6 +50,11 @@ class Policy:
     id: str = ""                    # the TXT id it was fetched under
     text: str = ""
 
+    def report_strings(self) -> list[str]:
+        """RFC 8460 4.4's ``policy-string``: the policy's lines as published."""
+        return [line.strip() for line in self.text.splitlines() if line.strip()] or [
+            "version: STSv1", f"mode: {self.mode}", *[f"mx: {m}" for m in self.mx], f"max_age: {self.max_age}"]
+
     def matches(self, host: str) -> bool:
         """Whether an MX host name is allowed (RFC 8461 4.1: a wildcard stands for one label)."""
         return any(mx_matches(pattern, host) for pattern in self.mx)

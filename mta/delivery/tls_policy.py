@@ -144,8 +144,7 @@ class Route:
 
 def sts_policy_string(policy: Policy) -> list[str]:
     """RFC 8460's ``policy-string`` of an MTA-STS policy: its lines as published."""
-    return [line.strip() for line in policy.text.splitlines() if line.strip()] or [
-        "version: STSv1", f"mode: {policy.mode}", *[f"mx: {m}" for m in policy.mx], f"max_age: {policy.max_age}"]
+    return policy.report_strings()
 
 
 def subject_to_sts(connector: Connector | None) -> bool:

@@ -59,6 +59,19 @@ def policy_mx_hosts(policy_type: str, policy_string: Sequence[str], mx_host: str
     return [mx_host] if mx_host else []
 
 
+def policy_object(policy_domain: str, policy_type: str, policy_string: Sequence[str],
+                  mx_hosts: list[str]) -> dict[str, Any]:
+    """RFC 8460 4.4's ``policy``: ``no-policy-found`` has no policy string nor MX patterns, so those
+    fields are left out rather than sent empty."""
+    policy: dict[str, Any] = {"policy-type": policy_type}
+    if policy_string:
+        policy["policy-string"] = list(policy_string)
+    policy["policy-domain"] = policy_domain
+    if mx_hosts:
+        policy["mx-host"] = mx_hosts
+    return policy
+
+
 def add_session(period: dict[str, Any], policy_domain: str, policy_type: str, policy_string: Sequence[str],
                 mx_host: str, result: str, sending_ip: str | None = None, receiving_ip: str | None = None,
                 additional_information: str | None = None, count: int = 1) -> None:
@@ -66,10 +79,9 @@ def add_session(period: dict[str, Any], policy_domain: str, policy_type: str, po
     key = json.dumps([policy_domain, policy_type, list(policy_string), mx_hosts])
     entry = period["policies"].get(key)
     if entry is None:
-        entry = period["policies"][key] = {
-            "policy": {"policy-type": policy_type, "policy-string": list(policy_string),
-                       "policy-domain": policy_domain, "mx-host": mx_hosts},
-            "success": 0, "failure": 0, "failures": {}}
+        entry = period["policies"][key] = {"policy": policy_object(policy_domain, policy_type, policy_string,
+                                                                   mx_hosts),
+                                           "success": 0, "failure": 0, "failures": {}}
     if result == SUCCESS:
         entry["success"] += count
         return
@@ -149,7 +161,7 @@ def summary_rows(period: dict[str, Any]) -> list[dict[str, Any]]:
             failures[detail["result-type"]] = failures.get(detail["result-type"], 0) + detail["failed-session-count"]
         p = entry["policy"]
         rows.append({"policy_domain": p["policy-domain"], "policy_type": p["policy-type"],
-                     "mx_host": p["mx-host"], "successful": entry["success"], "failed": entry["failure"],
+                     "mx_host": p.get("mx-host", []), "successful": entry["success"], "failed": entry["failure"],
                      "failures": failures})
     rows.sort(key=lambda r: (r["policy_domain"], r["policy_type"], r["mx_host"]))
     return rows
@@ -189,6 +201,17 @@ def read_current(directory: str) -> list[dict[str, Any]]:
 def read_closed(directory: str) -> list[tuple[str, dict[str, Any] | None]]:
     """The closed periods waiting to be reported: (path, counts; None for an unreadable file)."""
     return [(path, read_period(path)) for path in sorted(glob.glob(os.path.join(directory, "closed-*.json")))]
+
+
+def retry_path(directory: str, domain: str, unique: str) -> str:
+    """Where a report some addresses did not get waits for the next interval."""
+    safe = "".join(c if c.isalnum() or c in ".-" else "_" for c in domain)[:200]
+    return os.path.join(directory, f"retry-{safe}-{unique}.json")
+
+
+def read_retries(directory: str) -> list[tuple[str, dict[str, Any] | None]]:
+    """The reports waiting to be sent again (:mod:`mta.delivery.tls_report_send`)."""
+    return [(path, read_period(path)) for path in sorted(glob.glob(os.path.join(directory, "retry-*.json")))]
 
 
 def remove_files(paths: Iterable[str]) -> None:
@@ -262,6 +285,16 @@ class TlsReportCounter:
         self.record(outcome.policy_domain, outcome.policy_type, list(outcome.policy_strings), outcome.mx_host,
                     SUCCESS if success else "failure", None if success else outcome.result,
                     additional_information=None if success else (outcome.detail or None))
+
+    def observe_sts_fetch(self, domain: str, result: str, detail: str, in_force: Any) -> None:
+        """A failed MTA-STS policy fetch (:attr:`mta.delivery.mta_sts.MtaSts.observers`): one failed
+        session of that result type, under the policy still in force (``in_force``, a
+        :class:`mta.delivery.sts_policy.Policy`) or as ``no-policy-found`` when none is."""
+        if in_force is not None:
+            self.record(domain, "sts", in_force.report_strings(), "", "failure", result,
+                        additional_information=detail)
+        else:
+            self.record(domain, "no-policy-found", [], "", "failure", result, additional_information=detail)
 
     def snapshot(self) -> dict[str, Any]:
         """The period under way (a copy, JSON-able)."""
@@ -376,4 +409,5 @@ class TlsReportCounter:
 
 
 __all__ = ["RESULT_TYPES", "POLICY_TYPES", "SUCCESS", "TlsReportCounter", "add_session", "build_report",
-           "by_domain", "merge_periods", "read_closed", "read_current", "remove_files", "rfc3339", "summary_rows"]
+           "by_domain", "merge_periods", "policy_object", "read_closed", "read_current", "read_retries", "remove_files",
+           "retry_path", "rfc3339", "summary_rows", "write_period"]

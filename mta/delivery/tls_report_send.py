@@ -14,8 +14,12 @@ looked up through the gateway's resolver. For each address:
   Twisted's Agent (never blocking), the host resolved through the gateway's resolver and its
   certificate checked against ``gateway.mta_sts.ca_file`` plus the system store. A 2xx is success.
 
-A domain without a usable record gets no report: its counts are dropped with one log line. A failed
-POST is logged and not repeated. Worker 0 sends, for the files of every worker.
+A domain without a usable record gets no report: its counts are dropped with one log line. An
+address the report could not reach (a POST answered with an error, no connection, a timeout; a
+mail that could not be queued) gets the same report again at the next interval: its counts are
+kept in ``<spool>/tls-rpt/retry-*.json`` with the report's id (the receiver can tell a repeat), one
+log line says so, and after :data:`MAX_ATTEMPTS` tries the report is given up, with one line too.
+Worker 0 sends, for the files of every worker.
 """
 from __future__ import annotations
 
@@ -39,7 +43,8 @@ from twisted.web.http_headers import Headers
 
 from mta.delivery.nexthops import DNSError
 from mta.delivery.sts_fetch import Discard, VerifiedHttpsClient, agent_error
-from mta.delivery.tls_report import (build_report, by_domain, merge_periods, read_closed, remove_files)
+from mta.delivery.tls_report import (build_report, by_domain, merge_periods, read_closed, read_retries, remove_files,
+                                     retry_path, write_period)
 
 log = Logger(namespace="smtpgw.tls-rpt")
 
@@ -48,6 +53,7 @@ POST_TIMEOUT = 60.0
 CONNECT_TIMEOUT = 20.0
 WORKERS_GRACE = 5.0         # seconds worker 0 waits after a period ends for the others to close theirs
 USER_AGENT = b"smtpgw TLS-RPT"
+MAX_ATTEMPTS = 5            # tries of one report at one address, one per interval
 
 
 class RecordError(ValueError):
@@ -183,38 +189,59 @@ class TlsReporter:
         return deferToThreadPool(self.reactor, self.reactor.getThreadPool(), f, *args)
 
     async def _send_closed(self) -> list[dict[str, Any]]:
+        results: list[dict[str, Any]] = []
+        for path, saved in await self._thread(read_retries, self.directory):     # last interval's failures
+            results += await self._send_again(path, saved)
         files = await self._thread(read_closed, self.directory)
         if not files:
-            return []
+            return results
         period = merge_periods(p for _, p in files if p is not None)
-        results: list[dict[str, Any]] = []
         for domain, entries in sorted(by_domain(period).items()):
             results += await self._send_domain(domain, entries, period["begin"], period["end"] or time.time())
         await self._thread(remove_files, [path for path, _ in files])
         return results
 
-    async def _send_domain(self, domain: str, entries: list[dict[str, Any]], begin: float,
-                           end: float) -> list[dict[str, Any]]:
-        sessions = sum(e["success"] + e["failure"] for e in entries)
+    async def _send_again(self, path: str, saved: dict[str, Any] | None) -> list[dict[str, Any]]:
+        """A report that some addresses did not get last time: to those, with its own id."""
+        retry = (saved or {}).get("retry") or {}
         try:
-            addresses = report_addresses(await self.gateway.resolver.txt(f"_smtp._tls.{domain}"))
-        except (DNSError, RecordError) as e:
-            why = e.reply.text if isinstance(e, DNSError) else str(e)
-            log.warn("TLS-RPT: _smtp._tls.{domain}: {why}; the report on {n} sessions is not sent",
-                     domain=domain, why=why, n=sessions)
-            return [{"domain": domain, "rua": None, "result": f"not sent: {why}"}]
-        if not addresses:
-            log.info("TLS-RPT: {domain} publishes no _smtp._tls record; the report on {n} sessions is not sent",
-                     domain=domain, n=sessions)
-            return [{"domain": domain, "rua": None, "result": "not sent: no _smtp._tls record"}]
-        unique = uuid.uuid4().hex[:12]
-        report_id = f"{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime(begin))}.{unique}@{self.submitter}"
+            domain, uris, report_id, unique = retry["domain"], list(retry["uris"]), retry["report_id"], retry["unique"]
+            attempts = int(retry["attempts"])
+            entries = list(saved["policies"].values())
+            begin, end = float(saved["begin"]), float(saved["end"])
+        except (KeyError, TypeError, ValueError, AttributeError):
+            log.warn("TLS-RPT: {path} is not a report to send again; removed", path=path)
+            await self._thread(remove_files, [path])
+            return []
+        return await self._send_domain(domain, entries, begin, end, (uris, report_id, unique, attempts, path))
+
+    async def _send_domain(self, domain: str, entries: list[dict[str, Any]], begin: float, end: float,
+                           again: tuple[list[str], str, str, int, str] | None = None) -> list[dict[str, Any]]:
+        sessions = sum(e["success"] + e["failure"] for e in entries)
+        if again is not None:
+            addresses, report_id, unique, attempts, retry_path = again
+        else:
+            try:
+                addresses = report_addresses(await self.gateway.resolver.txt(f"_smtp._tls.{domain}"))
+            except (DNSError, RecordError) as e:
+                why = e.reply.text if isinstance(e, DNSError) else str(e)
+                log.warn("TLS-RPT: _smtp._tls.{domain}: {why}; the report on {n} sessions is not sent",
+                         domain=domain, why=why, n=sessions)
+                return [{"domain": domain, "rua": None, "result": f"not sent: {why}"}]
+            if not addresses:
+                log.info("TLS-RPT: {domain} publishes no _smtp._tls record; the report on {n} sessions is not "
+                         "sent", domain=domain, n=sessions)
+                return [{"domain": domain, "rua": None, "result": "not sent: no _smtp._tls record"}]
+            unique = uuid.uuid4().hex[:12]
+            report_id = f"{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime(begin))}.{unique}@{self.submitter}"
+            attempts, retry_path = 0, None
         settings = self.settings
         report = build_report(entries, begin, end, settings.organization or self.submitter,
                               settings.contact or self.gateway.config.gateway.postmaster, report_id)
         gz = gzip.compress(json.dumps(report).encode("utf-8"), mtime=0)
         name = report_file_name(self.submitter, domain, begin, end, unique)
-        results = []
+        results, failed = [], []
+        attempts += 1
         for uri in addresses:
             try:
                 if uri.lower().startswith("mailto:"):
@@ -224,14 +251,34 @@ class TlsReporter:
                     await self.poster.post(uri, gz)
                     result = "posted"
             except Exception as e:
-                result = f"failed: {str(e) or type(e).__name__}"
-                log.warn("TLS-RPT: report {id} for {domain} to {uri} {result}", id=report_id, domain=domain,
-                         uri=uri, result=result)
+                why = " ".join((str(e) or type(e).__name__).split())       # one line, whatever it said
+                result = f"failed: {why}"
+                failed.append(uri)
+                then = (f"sent again at the next interval (attempt {attempts} of {MAX_ATTEMPTS})"
+                        if attempts < MAX_ATTEMPTS else f"given up after {attempts} attempts")
+                log.warn("TLS-RPT: report {id} for {domain} ({n} sessions) to {uri} failed: {why}; {then}",
+                         id=report_id, domain=domain, n=sessions, uri=uri, why=why, then=then)
             else:
                 log.info("TLS-RPT: report {id} for {domain} ({n} sessions) to {uri}: {result}", id=report_id,
                          domain=domain, n=sessions, uri=uri, result=result)
             results.append({"domain": domain, "rua": uri, "report_id": report_id, "result": result})
+        await self._keep_for_retry(domain, entries, begin, end, failed if attempts < MAX_ATTEMPTS else [],
+                                   report_id, unique, attempts, retry_path)
         return results
+
+    async def _keep_for_retry(self, domain: str, entries: list[dict[str, Any]], begin: float, end: float,
+                              uris: list[str], report_id: str, unique: str, attempts: int,
+                              old: str | None) -> None:
+        """Save the report's counts for the addresses it did not reach (written before the closed
+        files are removed: a crash in between sends a report twice, never loses it)."""
+        if uris:
+            saved = {"begin": begin, "end": end,
+                     "policies": {str(i): entry for i, entry in enumerate(entries)},
+                     "retry": {"domain": domain, "uris": uris, "report_id": report_id, "unique": unique,
+                               "attempts": attempts}}
+            await self._thread(write_period, retry_path(self.directory, domain, unique), saved)
+        elif old is not None:
+            await self._thread(remove_files, [old])
 
     async def _mail(self, report: dict[str, Any], gz: bytes, name: str, to: str) -> str:
         if "@" not in to or any(c in to for c in "\r\n<> "):
@@ -245,5 +292,5 @@ class TlsReporter:
         return await self.gateway.queue.inject("", [to], data)
 
 
-__all__ = ["MEDIA_TYPE", "RecordError", "ReportPoster", "TlsReporter", "mailto_address", "report_addresses",
+__all__ = ["MAX_ATTEMPTS", "MEDIA_TYPE", "RecordError", "ReportPoster", "TlsReporter", "mailto_address", "report_addresses",
            "report_file_name", "report_message"]
