@@ -12,7 +12,7 @@ import pytest
 
 from gwprocess import maildir_messages, wait_until
 from peers import DEFAULT_EXTENSIONS
-from test_mta_sts import GW_HOST, GW_PORT, MX1, ca, config, dns, https, start, tls_peer  # noqa: F401
+from test_mta_sts import GW_HOST, GW_PORT, MX1, MX2, ca, config, dns, https, start, tls_peer  # noqa: F401
 from httpsfixture import policy
 from mta.smtp.client.requiretls import waives_policy
 
@@ -90,9 +90,28 @@ def test_bounced_with_5_7_10_without_validated_tls_or_requiretls_at_the_hop(tmp_
         https.set_response("sts.test", 404, "text/plain", "")
     send_requiretls("must not leak")
     assert wait_until(lambda: bounces(tmp_path), 20), gw.log()
-    assert b"5.7.10" in bounces(tmp_path)[0] and b"REQUIRETLS" in bounces(tmp_path)[0]
+    bounce = bounces(tmp_path)[0]
+    assert b"5.7.10" in bounce and b"REQUIRETLS" in bounce
+    # RFC 8689 5: the report returns the headers, never the body the sender wanted protected
+    assert b"text/rfc822-headers" in bounce and b"Subject: must not leak" in bounce and b"Hello." not in bounce
+    assert b"sent with REQUIRETLS" in bounce
     assert not mx1.messages
     assert "dsn=5.7.10, status=bounced" in gw.log()
+
+
+def test_a_hop_without_requiretls_is_left_for_the_next_mx_host(tmp_path, gateway, peers, dns, https, ca):
+    """RFC 8689 4.2.1: mx1 validates but does not offer REQUIRETLS: it gets no MAIL, mx2 gets the message."""
+    mx1 = tls_peer(peers, MX1, ca, "mx1.sts.test")
+    mx2 = tls_peer(peers, MX2, ca, "mx2.sts.test")
+    mx2.extensions = (*mx2.extensions, "REQUIRETLS")
+    gw = start(tmp_path, gateway, dns, https, ca, policy("enforce", "mx1.sts.test", "mx2.sts.test"),
+               inbound_tls(config(tmp_path, dns, ca), ca, tmp_path))
+    send_requiretls("next hop")
+    assert mx2.wait_for(1, timeout=20), gw.log()
+    assert "REQUIRETLS" in mx2.messages[0].mail_params and mx2.messages[0].tls
+    assert mx1.connections >= 1 and not mx1.messages
+    assert "550 5.7.10 REQUIRETLS: mx1.sts.test[127.0.0.61]:25 does not offer REQUIRETLS" in gw.log()
+    assert not bounces(tmp_path)
 
 
 def test_tls_required_no_waives_the_destinations_policy(tmp_path, gateway, peers, dns, https, ca):

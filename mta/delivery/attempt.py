@@ -356,6 +356,8 @@ class Deliverer:
             send_options["requiretls"] = True
         last = R.no_hop_answered(name)
         last_hop = ""
+        unmet: tuple[Reply, str] | None = None      # a hop refused for REQUIRETLS's sake
+        only_unmet = True                           # ... and every other hop tried, too
         shaper = self.shaper
         paused_until: float | None = None
         for hop in route.hops:
@@ -374,10 +376,14 @@ class Deliverer:
             except HostUnusable as e:
                 self._event(entry, f"{domain}: {hop} unusable: {e.reply}", domain=domain,
                             connector=name, hop=str(hop))
-                if e.reply.is_permanent:
+                if e.reply.is_permanent and not requiretls.unmet(e.reply):
                     for i in todo:
                         results[i] = RecipientResult(recipients[i], e.reply, str(hop))
                     return e.reply, str(hop)
+                if requiretls.unmet(e.reply):       # RFC 8689 4.2.1: the next MX host may offer it
+                    unmet = unmet or (e.reply, str(hop))
+                else:
+                    only_unmet = False
                 last, last_hop = e.reply, str(hop)
                 continue
             except Exception as e:
@@ -385,6 +391,7 @@ class Deliverer:
                 last, last_hop = R.hop_error(str(hop), e), str(hop)
                 continue
             self._event(entry, f"{domain}: {hop} answered", domain=domain, connector=name, hop=str(hop))
+            only_unmet = False
             still = []
             for i, result in zip(todo, self._match(batch, answers, hop)):
                 if result.outcome is Outcome.DEFERRED:
@@ -394,6 +401,11 @@ class Deliverer:
                 else:
                     results[i] = result
             todo = still
+        if todo and unmet is not None and only_unmet and paused_until is None:
+            # no MX host gave REQUIRETLS what it needs: the message bounces (5.7.10) rather than wait
+            for i in todo:
+                results[i] = RecipientResult(recipients[i], unmet[0], unmet[1])
+            return unmet
         if todo and paused_until is not None and last_hop == "":
             # every hop was the paused destination's: hold the rest until the pause ends
             held = R.held(f"held: destination {domain} paused by traffic shaping")

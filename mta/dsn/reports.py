@@ -10,6 +10,9 @@ That third part follows the sender's RFC 3461 ``RET`` (kept in ``entry.extra["ma
   a delay notice (RFC 3461 lets a delay notice return headers whatever ``RET`` asked), headers only
   in a success report (``delivered``/``relayed``, sent only on ``NOTIFY=SUCCESS``).
 
+A message received with ``REQUIRETLS`` (RFC 8689 5) gets its headers back, never its body: the
+report is ordinary mail and may travel without the validated TLS the sender asked for.
+
 The whole message is returned only up to :data:`RETURN_LIMIT` bytes (Postfix's ``bounce_size_limit``)
 and only if the report then stays within every virtual server's and connector's message size limit
 (a report that no connector may carry would only come back as a double bounce); beyond that the
@@ -151,6 +154,9 @@ def header_block(original: bytes | None, limit: int = MAX_HEADERS) -> bytes:
     return block
 
 
+REQUIRETLS = "REQUIRETLS"          # RFC 8689's MAIL parameter, kept in mail_params
+
+
 def requested_return(entry: QueueEntry, action: str) -> str:
     """What the report should return: ``full`` or ``headers`` (RFC 3461 RET, else Postfix's default;
     a success report returns the whole message only when RET=FULL asked for it, and never for a
@@ -286,6 +292,10 @@ def _build(config: Any, entry: QueueEntry, results: list[tuple[RecipientState, R
     cap = size_cap(config)
     wanted = requested_return(entry, action)
     why = None
+    if wanted == FULL and REQUIRETLS in (entry.extra.get("mail_params") or {}):
+        # RFC 8689 5: the body the sender asked to travel only over validated TLS is not sent back in
+        # a report that may not (the report itself is ordinary mail)
+        wanted, why = HEADERS, "the message was sent with REQUIRETLS and this report may travel without validated TLS"
     if wanted == FULL:
         limit = return_limit if cap is None else min(return_limit, cap)
         if len(original) > limit:

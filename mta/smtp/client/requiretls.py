@@ -3,8 +3,11 @@
 The server keeps the parameter with the message (``mail_params``, as every MAIL parameter). Each hop
 it goes to must then be reached over TLS that was *validated* -- by the destination's MTA-STS policy
 in enforce mode, by DANE, or by the connector's own ``tls: verify`` -- and must itself offer
-REQUIRETLS, so the promise travels with the message to its last hop. Where either is missing the
-message is not sent in clear or to an unvalidated host: it is bounced with ``5.7.10`` (RFC 8689 5).
+REQUIRETLS, so the promise travels with the message to its last hop. A hop where either is missing
+is left before MAIL and the next MX host is tried (RFC 8689 4.2.1); when none will do, the message is
+not sent in clear or to an unvalidated host: it is bounced with ``5.7.10`` (RFC 8689 5), and the
+bounce returns its headers only (:mod:`mta.dsn.reports`). The keyword is sent on only after
+STARTTLS, and only with the certificate validated.
 
 The ``TLS-Required: No`` header field (RFC 8689 5) is the opposite request: the sender would rather
 have the message delivered than protected, so the destination's policies (MTA-STS) are not applied
@@ -51,6 +54,11 @@ def waives_policy(chunks: Iterable[bytes]) -> bool:
     return _WAIVER.search(header_section(chunks)) is not None
 
 
+def unmet(reply: Reply) -> bool:
+    """Whether ``reply`` is a hop refused because REQUIRETLS could not be met there (5.7.10)."""
+    return reply.status == "5.7.10" and reply.text.startswith("REQUIRETLS:")
+
+
 def no_validated_tls(domain: str, connector: str) -> Reply:
     return R.requiretls_unmet(f"no validated TLS to {domain}: it publishes no MTA-STS policy in enforce "
                               f"mode, no MX host has DNSSEC-validated TLSA records (DANE), and connector "
@@ -66,4 +74,4 @@ def not_offered(hop_label: str) -> Reply:
 
 
 __all__ = ["KEYWORD", "header_section", "no_validated_tls", "not_offered", "not_validated", "requested",
-           "waives_policy"]
+           "unmet", "waives_policy"]

@@ -407,11 +407,11 @@ class SMTPClientProtocol(Protocol):
                 mail += b" SMTPUTF8"
             elif utf8.needs(sender, recipients, chunks, smtputf8):     # RFC 6531 3.4: not here at all
                 return each(utf8.not_offered(hop_label))
-        if requiretls:
+        if requiretls:              # RFC 8689 4.2.1: not this hop (QUIT follows); the caller tries the next
             if not (self.tls and self.policy is not None and self.policy.tls == "verify"):
-                return each(requiretls_out.not_validated(hop_label))
+                raise HostUnusable(requiretls_out.not_validated(hop_label))
             if requiretls_out.KEYWORD not in self.extensions:
-                return each(requiretls_out.not_offered(hop_label))
+                raise HostUnusable(requiretls_out.not_offered(hop_label))
             mail += b" REQUIRETLS"
         dsn_hop = dsn is not None and self.esmtp and "DSN" in self.extensions
         if dsn_hop:
