@@ -135,7 +135,7 @@ class _SharedPort(tcp.Port):
     backlog is full) before the reactor looks at anything else, so a burst of connections went to
     whichever worker woke first: bench/latency.py's 20 sessions, opened together and then kept, sat
     mostly on one worker, whose 250s came 3-4x later than the other's. Here a worker takes one
-    connection per readiness, and a worker that holds more connections than another (the counts the
+    connection per readiness, and a worker that holds two connections more than another (the counts the
     workers share for ``max_connections``, :mod:`mta.workers.counts`) stops listening for
     :data:`YIELD_SECONDS` so that the others take it; after that pause it takes the next one
     whatever the counts say, so a stuck or restarting worker delays a connection by that much at most.
