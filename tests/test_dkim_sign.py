@@ -18,7 +18,7 @@ import dns.resolver
 import pytest
 
 from gwprocess import REPO, base_config, maildir_messages, wait_until
-from smtpgw_plugins.dkim_sign.plugin import header_and_body
+from smtpgw_plugins.dkim_sign.plugin import INLINE_SIZE, header_and_body
 
 GW, PEER, CLIENT, OUTSIDER = "127.0.0.120", "127.0.0.121", "127.0.0.122", "127.0.0.123"
 
@@ -129,6 +129,14 @@ def test_relayed_mail_carries_rsa_and_ed25519_signatures_that_verify(site):
     assert verified(data, dnsfunc) == [True, True]
     # a From added on the way breaks them (that is what oversigning From is for)
     assert verified(b"From: mallory@evil.test\r\n" + data, dnsfunc) == [False, False]
+    # a message too big to sign on the reactor thread is signed in a pool thread, just as well
+    big = "".join(f"line {i}:  some\ttext, spaces  at the end  \r\n" for i in range(2000))
+    send("alice@example.test", "bob@remote.test",
+         "From: Alice <alice@example.test>\r\nTo: bob@remote.test\r\nSubject: big\r\n", big)
+    assert wait_until(lambda: len(peer.messages) == 2), gw.log()
+    data = peer.messages[1].data
+    assert len(data) > 2 * INLINE_SIZE and len(signatures(data)) == 2
+    assert verified(data, dnsfunc) == [True, True]
 
 
 def test_local_mail_and_foreign_from_domains_are_not_signed(site):
@@ -217,6 +225,17 @@ def test_openssl_rsa_signs_exactly_as_dkimpy_would(made_keys):
     for data in (b"", b"hello", b"x" * 5000):
         digest = hashlib.sha256(data)
         assert openssl_rsa.sign(digest.copy(), parsed) == dkim.crypto.RSASSA_PKCS1_v1_5_sign(digest.copy(), parsed)
+
+
+def test_each_key_parsed_once_as_dkimpy_parses_it(made_keys):
+    """openssl_rsa.install() has dkimpy parse a PEM key once and reuse its own result."""
+    import dkim.crypto
+    from smtpgw_plugins.dkim_sign import openssl_rsa
+
+    pem = (made_keys[0] / "example.test.s2026.key").read_bytes()
+    first = openssl_rsa.parse_pem_private_key(pem)
+    assert first == dkim.crypto.parse_pem_private_key(pem)
+    assert openssl_rsa.parse_pem_private_key(pem) is first
 
 
 def test_message_cut_once_as_dkimpy_parses_it() -> None:
