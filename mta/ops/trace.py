@@ -24,7 +24,7 @@ the per-command ``maximum`` events, so it adds no protocol detail to a session's
 from __future__ import annotations
 
 import re
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from typing import Any, Callable, Iterable
 
 from twisted.internet import defer
@@ -70,7 +70,7 @@ class Traces:
         self.files = files
         self.lookup = lookup
         self.reactor = reactor
-        self._by_id: OrderedDict[str, deque[dict[str, Any]]] = OrderedDict()
+        self._by_id: OrderedDict[str, list[dict[str, Any] | _Pending]] = OrderedDict()
         self._kept: set[str] = set()                    # ids with a trace file
         self._unwritten: dict[str, list[dict[str, Any]]] = {}
         self._dirty: set[str] = set()
@@ -82,10 +82,12 @@ class Traces:
         if steps is None:
             if len(self._by_id) >= KEEP_MESSAGES:
                 self._by_id.popitem(last=False)
-            steps = self._by_id[queue_id] = deque(maxlen=KEEP_STEPS)
+            steps = self._by_id[queue_id] = []     # a list: a deque's first block alone is about 600 bytes
         else:
             self._by_id.move_to_end(queue_id)
         steps.append(step)
+        if len(steps) > KEEP_STEPS:
+            del steps[0]
         if self.files is not None:
             if queue_id in self._kept:
                 self._unwritten.setdefault(queue_id, []).append(_made(step))
