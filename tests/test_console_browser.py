@@ -111,10 +111,18 @@ def act_on_row(driver, domain: str, action: str) -> None:
     from selenium.webdriver.support import expected_conditions
     from selenium.webdriver.support.ui import Select, WebDriverWait
 
-    row = row_of(driver, domain)
-    old = driver.find_element(By.TAG_NAME, "html")
-    Select(row.find_element(By.CSS_SELECTOR, "select[name=op]")).select_by_value(action)
-    row.find_element(By.CSS_SELECTOR, "button[type=submit]").send_keys("\n")     # Enter, as from the keyboard
+    from selenium.common.exceptions import WebDriverException
+
+    for attempt in range(5):            # a row read while the page was being replaced is read again
+        row = row_of(driver, domain)
+        old = driver.find_element(By.TAG_NAME, "html")
+        try:
+            Select(row.find_element(By.CSS_SELECTOR, "select[name=op]")).select_by_value(action)
+            row.find_element(By.CSS_SELECTOR, "button[type=submit]").send_keys("\n")     # Enter, as from the keyboard
+            break
+        except WebDriverException:
+            if attempt == 4:
+                raise
     WebDriverWait(driver, 20).until(expected_conditions.staleness_of(old))
 
 

@@ -91,6 +91,8 @@ class Traces:
         if self.files is not None:
             if queue_id in self._kept:
                 self._unwritten.setdefault(queue_id, []).append(_made(step))
+            elif self.lookup is None or self.lookup(queue_id) is None:
+                return                          # not (or no longer) queued: nothing to keep
             self._dirty.add(queue_id)
             if self._flush_call is None:
                 self._flush_call = self.reactor.callLater(FLUSH_DELAY, self.flush)
@@ -218,7 +220,9 @@ def _event_step(event: tuple[str, str, dict[str, Any]], when: float) -> dict[str
 def attach(gateway: Any) -> Traces:
     """A record for ``gateway``: fed by its mail log and its diagnostic events; with a spool on disk,
     the steps of messages that stay queued kept in ``trace/`` beside them."""
-    files = TraceFiles(gateway.reactor, gateway.config.gateway.spool) if isinstance(gateway.spool, Spool) else None
+    real = hasattr(gateway.reactor, "callFromThread") and hasattr(gateway.reactor, "addSystemEventTrigger")
+    files = (TraceFiles(gateway.reactor, gateway.config.gateway.spool)
+             if isinstance(gateway.spool, Spool) and real else None)      # not on a test's Clock
     traces = Traces(gateway.reactor.seconds, files, gateway.queue.get, gateway.reactor)
     gateway.mail_log.observers.append(traces.mail_line)
     gateway.hooks.register(traces, name="queue-trace")
