@@ -16,6 +16,7 @@ import time
 from typing import Any, Callable
 
 from twisted.internet import defer, tcp
+from twisted.internet.posixbase import PosixReactorBase
 from twisted.logger import Logger
 
 from mta.workers.identity import SINGLE, WorkerInfo
@@ -112,11 +113,12 @@ class PreboundEndpoint:
                     raise ValueError(f"{self.key}: implicit TLS without a certificate")
                 from twisted.protocols.tls import TLSMemoryBIOFactory
                 factory = TLSMemoryBIOFactory(self.tls_context, False, factory)
-            port = self.reactor.adoptStreamPort(fd, self._family(), factory)
-            if self.worker.many:
-                share_accepts(port, factory)
+            if self.worker.many and isinstance(self.reactor, PosixReactorBase):   # not a test's fake
+                port = shared_port(self.reactor, fd, self._family(), factory)
+            else:
+                port = self.reactor.adoptStreamPort(fd, self._family(), factory)
             if self.worker.index != 0:
-                os.close(fd)                 # adoptStreamPort keeps its own duplicate
+                os.close(fd)                 # the port keeps its own duplicate
             elif not self.worker.many:
                 self.socket.close()          # nobody else needs it: stopListening really closes it
                 self.socket = None
@@ -166,17 +168,20 @@ class _SharedPort(tcp.Port):
             self.startReading()
 
 
-def share_accepts(port: Any, factory: Any) -> None:
-    """Make a port adopted from the socket the workers share spread its connections over them (see
-    :class:`_SharedPort`), using ``factory.shared.ahead(factory.active)`` when the virtual server's
-    factory has one; anything but a plain TCP port is left as it is."""
-    if type(port) is not tcp.Port:
-        return
-    port.__class__ = _SharedPort
+def shared_port(reactor: Any, fd: int, family: int, factory: Any) -> _SharedPort:
+    """Adopt the listening socket the workers share as a :class:`_SharedPort`, the way
+    ``reactor.adoptStreamPort`` adopts one as a plain port (a duplicate of ``fd``, started at once).
+
+    The port asks ``factory.shared.ahead(factory.active)`` when the virtual server's factory has one
+    (the metrics endpoint's has not: it is spread by readiness alone).
+    """
+    port = _SharedPort._fromListeningDescriptor(reactor, fd, family, factory)
     server = getattr(factory, "wrappedFactory", factory)       # implicit TLS wraps the server's factory
     shared = getattr(server, "shared", None)
     if shared is not None and hasattr(shared, "ahead"):
         port.ahead = lambda: shared.ahead(server.active)
+    port.startListening()
+    return port
 
 
 def _reason(error: OSError) -> str:
