@@ -10,10 +10,15 @@ through the one helper for its kind:
   or an exception, is logged and becomes ``451 4.3.0`` -- unless the exception carries a ``reply``
   (a DNS error, a refused host), which is then the answer. Returns the answer itself when every
   implementation answered at once (the common case, kept free of Deferreds), else a Deferred.
-* notification (``_notify``): every implementation is called; results are ignored, errors logged.
+* notification (``_notify``): every implementation is called; results are ignored, errors logged
+  (``event``, the diagnostic events, does the same inline: several of them come per message).
 * collect (``_collect``): every implementation is asked; all answers are returned.
 * edit (``_edit``): every implementation is called in call order, each Deferred or coroutine waited
   for before the next; results are ignored, errors logged and skipped.
+
+Each implementation is called through a caller made once per hook (``_callers``), and an answer
+of None or a plain value is taken without asking whether it is a coroutine or a Deferred: the hooks
+fire about twenty times per relayed message.
 
 After loading, a function named ``smtpgw_...`` that is no hook (a misspelt ``smtpgw_rcpt``) is a
 :class:`PluginError` naming the function and its file; ``check_plugins`` turns it into the
@@ -24,10 +29,11 @@ from __future__ import annotations
 import difflib
 import importlib.util
 import inspect
+import operator
 import sys
 from importlib.metadata import entry_points
 from pathlib import Path
-from types import ModuleType
+from types import CoroutineType, ModuleType
 from typing import TYPE_CHECKING, Any, Iterable, Mapping, Protocol, Sequence
 
 import pluggy
@@ -149,13 +155,18 @@ class Hooks:
         self.pm = _PluginManager("smtpgw")
         self.pm.add_hookspecs(hookspecs)
         self._order: dict[str, list[Any]] = {}      # hook name -> implementations, in call order
+        self._calls: dict[str, list[tuple[Any, Any]]] = {}  # hook name -> (implementation, caller)
         self._keys: dict[str, str] = {}             # plugin name -> the configuration key naming it
 
     # -- loading ---------------------------------------------------------------------------------
 
     def register(self, plugin: object, name: str | None = None) -> None:
         self.pm.register(plugin, name=name)
+        self._forget_order()
+
+    def _forget_order(self) -> None:
         self._order.clear()
+        self._calls.clear()
 
     def load(self, enabled: Iterable[str], local: Iterable[LocalHook | str] = ()) -> None:
         """Register the named built-in/third-party plugins, then the site's local hook files, and
@@ -181,7 +192,7 @@ class Hooks:
             except Exception as e:
                 raise PluginError(key, f"{path} does not import: {type(e).__name__}: {e}") from None
             self._register_checked(module, local_name(path), key)
-        self._order.clear()
+        self._forget_order()
         self.check()
 
     def _register_checked(self, plugin: object, name: str, key: str) -> None:
@@ -223,6 +234,16 @@ class Hooks:
             order = self._order[hook_name] = list(reversed(getattr(self.pm.hook, hook_name).get_hookimpls()))
         return order
 
+    def _callers(self, hook_name: str) -> list[tuple[Any, Any]]:
+        """``(implementation, caller)`` in call order, where ``caller(kwargs)`` calls the
+        implementation with the arguments it names: made once per hook (until the next
+        registration), so firing a hook is one call per implementation rather than three."""
+        calls = self._calls.get(hook_name)
+        if calls is None:
+            calls = self._calls[hook_name] = [(impl, _caller(impl.function, tuple(impl.argnames)))
+                                              for impl in self.implementations(hook_name)]
+        return calls
+
     @staticmethod
     def settings_for(plugin_name: str, config: Config) -> Mapping[str, Any]:
         """A plugin's own section: ``plugins.<name>``, or a local hook's ``settings``."""
@@ -241,10 +262,14 @@ class Hooks:
 
     def _verdict(self, hook_name: str, accepts: tuple[type, ...], **kwargs: Any) -> Any:
         """The first non-None answer, at once or as a Deferred; checked against ``accepts``."""
-        impls = self.implementations(hook_name)
-        if not impls:                   # only the core answers (most hooks, most of the time)
+        calls = self._calls.get(hook_name)
+        if calls is None:
+            calls = self._callers(hook_name)
+        if not calls:                   # only the core answers (most hooks, most of the time)
             return None
-        result = self._first_from(impls, 0, hook_name, kwargs)
+        result = self._first_from(calls, 0, hook_name, kwargs)
+        if result is None:
+            return None
         if isinstance(result, defer.Deferred):
             return result.addCallback(self._checked, hook_name, accepts)
         return self._checked(result, hook_name, accepts)
@@ -257,28 +282,29 @@ class Hooks:
                   answer=answer, types=" or ".join(t.__name__ for t in accepts))
         return PLUGIN_ERROR
 
-    def _first_from(self, impls: list[Any], index: int, hook_name: str, kwargs: dict[str, Any]) -> Any:
-        while index < len(impls):
-            impl = impls[index]
+    def _first_from(self, calls: list[tuple[Any, Any]], index: int, hook_name: str,
+                    kwargs: dict[str, Any]) -> Any:
+        for impl, call in calls[index:] if index else calls:
             index += 1
             try:
-                result = self._call_one(impl, kwargs)
+                result = call(kwargs)
             except Exception as e:
                 return self._error_reply(e, impl.plugin_name, hook_name)
-            if inspect.iscoroutine(result):
+            if result is None:
+                continue
+            if type(result) is CoroutineType:
                 result = defer.Deferred.fromCoroutine(result)
-            if isinstance(result, defer.Deferred):
-                def resume(value: Any, i: int = index) -> Any:
-                    if value is not None:
-                        return value
-                    return self._first_from(impls, i, hook_name, kwargs)
-
-                def failed(f: Any, name: str = impl.plugin_name) -> Reply:
-                    return self._error_reply(f.value, name, hook_name, f)
-
-                return result.addCallbacks(resume, failed)
-            if result is not None:
+            elif not isinstance(result, defer.Deferred):
                 return result
+            def resume(value: Any, i: int = index) -> Any:
+                if value is not None:
+                    return value
+                return self._first_from(calls, i, hook_name, kwargs)
+
+            def failed(f: Any, name: str = impl.plugin_name) -> Reply:
+                return self._error_reply(f.value, name, hook_name, f)
+
+            return result.addCallbacks(resume, failed)
         return None
 
     @staticmethod
@@ -293,49 +319,60 @@ class Hooks:
 
     def _notify(self, hook_name: str, **kwargs: Any) -> None:
         """Call every implementation; errors are logged, results and pending Deferreds ignored."""
-        for impl in self.implementations(hook_name):
+        calls = self._calls.get(hook_name)
+        if calls is None:
+            calls = self._callers(hook_name)
+        for impl, call in calls:
             try:
-                result = self._call_one(impl, kwargs)
-                if inspect.iscoroutine(result):
-                    result = defer.Deferred.fromCoroutine(result)
-                if isinstance(result, defer.Deferred):
-                    result.addErrback(lambda f, n=impl.plugin_name: log.failure(
-                        "plugin {plugin} failed in {hook}", f, plugin=n, hook=hook_name))
+                result = call(kwargs)
+                if result is not None:
+                    self._watch(result, impl.plugin_name, hook_name)
             except Exception:
                 log.failure("plugin {plugin} failed in {hook}", plugin=impl.plugin_name, hook=hook_name)
+
+    @staticmethod
+    def _watch(result: Any, plugin: str, hook_name: str) -> None:
+        """A notification's Deferred or coroutine: run on, its failure logged."""
+        if type(result) is CoroutineType:
+            result = defer.Deferred.fromCoroutine(result)
+        if isinstance(result, defer.Deferred):
+            result.addErrback(lambda f: log.failure("plugin {plugin} failed in {hook}", f, plugin=plugin,
+                                                    hook=hook_name))
 
     def _edit(self, hook_name: str, **kwargs: Any) -> Deferred[None] | None:
         """Call every implementation in order, waiting for each Deferred or coroutine before the next;
         an exception is logged and skipped. None when all finished at once, else a Deferred."""
-        return self._edit_from(self.implementations(hook_name), 0, hook_name, kwargs)
+        return self._edit_from(self._callers(hook_name), 0, hook_name, kwargs)
 
-    def _edit_from(self, impls: list[Any], index: int, hook_name: str,
+    def _edit_from(self, calls: list[tuple[Any, Any]], index: int, hook_name: str,
                    kwargs: dict[str, Any]) -> Deferred[None] | None:
-        while index < len(impls):
-            impl = impls[index]
+        while index < len(calls):
+            impl, call = calls[index]
             index += 1
             try:
-                result = self._call_one(impl, kwargs)
+                result = call(kwargs)
             except Exception:
                 log.failure("plugin {plugin} failed in {hook}", plugin=impl.plugin_name, hook=hook_name)
                 continue
-            if inspect.iscoroutine(result):
+            if result is None:
+                continue
+            if type(result) is CoroutineType:
                 result = defer.Deferred.fromCoroutine(result)
             if isinstance(result, defer.Deferred):
                 def failed(f: Any, name: str = impl.plugin_name) -> None:
                     log.failure("plugin {plugin} failed in {hook}", f, plugin=name, hook=hook_name)
 
                 result.addErrback(failed)
-                return result.addCallback(lambda _, i=index: self._edit_from(impls, i, hook_name, kwargs))
+                return result.addCallback(lambda _, i=index: self._edit_from(calls, i, hook_name, kwargs))
         return None
 
     def _collect(self, hook_name: str, **kwargs: Any) -> list[Any]:
         """Every implementation's answer other than None, in call order (answers must come at once);
         one that raises is logged and left out."""
         answers = []
-        for impl in self.implementations(hook_name):
+        for impl, call in self._callers(hook_name):
             try:
-                result = self._call_one(impl, kwargs)
+                result = call(kwargs)
             except Exception:
                 log.failure("plugin {plugin} failed in {hook}", plugin=impl.plugin_name, hook=hook_name)
                 continue
@@ -448,9 +485,33 @@ class Hooks:
         return False
 
     def event(self, category: str, level: str, message: str, **fields: Any) -> None:
-        """Emit a diagnostic event (cheap when no plugin listens)."""
-        if self.implementations("smtpgw_event"):
-            self._notify("smtpgw_event", category=category, level=level, message=message, fields=fields)
+        """Emit a diagnostic event (cheap when no plugin listens): each listener called directly,
+        as ``_notify`` would (a few events a message reach the queue trace at least)."""
+        calls = self._calls.get("smtpgw_event")
+        if calls is None:
+            calls = self._callers("smtpgw_event")
+        if not calls:
+            return
+        kwargs = {"category": category, "level": level, "message": message, "fields": fields}
+        for impl, call in calls:
+            try:
+                result = call(kwargs)
+                if result is not None:
+                    self._watch(result, impl.plugin_name, "smtpgw_event")
+            except Exception:
+                log.failure("plugin {plugin} failed in {hook}", plugin=impl.plugin_name, hook="smtpgw_event")
+
+
+def _caller(function: Any, names: tuple[str, ...]) -> Any:
+    """``caller(kwargs)``: ``function`` called with the hook arguments it names, in its order
+    (pluggy lets an implementation take any subset of the hook's arguments)."""
+    if not names:
+        return lambda kwargs: function()
+    if len(names) == 1:
+        name = names[0]
+        return lambda kwargs: function(kwargs[name])
+    pick = operator.itemgetter(*names)
+    return lambda kwargs: function(*pick(kwargs))
 
 
 def check_plugins(config: Config) -> None:
