@@ -189,7 +189,11 @@ class SMTPServerProtocol(Protocol):
         self.auth_failures = 0
         # Diagnostics listeners are looked up once per connection: events stay free when nobody listens.
         self._diagnostics = self.hooks.listening()
-        self._detail: bool | None = None    # does anyone write smtp_protocol/maximum? (asked once)
+        # does anyone write the per-command events (smtp_protocol/maximum)? A listener may say with a
+        # ``wants_event(category, level)`` method on its plugin object (diag_logging does); one without
+        # it gets everything. Asked once per connection (about twenty places a message would ask), so
+        # SIGHUP'd levels apply to new connections.
+        self._detail = self._diagnostics and self.hooks.wants_event("smtp_protocol", "maximum")
         # W3C protocol log (mta/smtp/server/protocol_log.py): the command waiting for the reply that settles it
         self._plog = factory.protocol_log
         self._plog_cmd: _LoggedCommand | None = None
@@ -382,7 +386,7 @@ class SMTPServerProtocol(Protocol):
         verb, _, argument = text.partition(" ")
         verb = verb.upper()
         self._stage = (verb, argument, self.envelope)
-        if self._diagnostics and self._protocol_detail():
+        if self._detail:
             self._event("smtp_protocol", "maximum", "command",
                         line=mask_auth_command(text) if verb == "AUTH" else text)
         if self._plog is not None:
@@ -447,7 +451,7 @@ class SMTPServerProtocol(Protocol):
         if self.state is not State.CLOSED:
             wire = _WIRE.get(id(reply)) or reply.to_bytes()
             send_now(self.transport, wire)
-            if self._diagnostics and self._protocol_detail():
+            if self._detail:
                 self._event("smtp_protocol", "maximum", "reply", reply=reply)
             if self._plog_cmd is not None:
                 self._plog_reply(reply, len(wire))
@@ -572,7 +576,7 @@ class SMTPServerProtocol(Protocol):
 
     def _enter(self, state: State, why: str) -> None:
         old, self.state = self.state, state
-        if self._diagnostics and self.session is not None and self._protocol_detail():
+        if self._detail and self.session is not None:
             self._event("smtp_protocol", "maximum", "state", old=old.value, new=state.value, why=why)
 
     def _reset_transaction(self) -> None:
@@ -594,15 +598,6 @@ class SMTPServerProtocol(Protocol):
 
     def _date(self) -> str:
         return rfc5322_date(self.reactor.seconds())
-
-    def _protocol_detail(self) -> bool:
-        """Whether any listener writes per-command events: a listener may say what it writes with a
-        ``wants_event(category, level)`` method on its plugin object (diag_logging does); one without
-        it gets everything. Asked once per connection, so SIGHUP'd levels apply to new connections."""
-        if self._detail is not None:
-            return self._detail
-        self._detail = self.hooks.wants_event("smtp_protocol", "maximum")
-        return self._detail
 
     def _event(self, category: str, level: str, message: str, **fields: Any) -> None:
         if self._diagnostics:
