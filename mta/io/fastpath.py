@@ -57,12 +57,12 @@ def write_pipe_now(writer: Any, chunks: list[bytes]) -> None:
         except OSError:
             sent = 0            # EAGAIN, or an error that the writer's own path will report
         if sent:
+            if sent == sum(map(len, chunks)):      # the whole request (nearly always): no walk
+                return
             i = 0
             while i < len(chunks) and sent >= len(chunks[i]):
                 sent -= len(chunks[i])
                 i += 1
-            if i == len(chunks):
-                return
             chunks = [chunks[i][sent:], *chunks[i + 1:]] if sent else chunks[i:]
     writer.writeSequence(chunks)
 
