@@ -197,6 +197,8 @@ class DaneLookup:
         whatever name the records were found at."""
         wanted = list(dict.fromkeys((h.name.lower().rstrip("."), h.canonical.lower().rstrip("."), h.port)
                                     for h in hops if h.dnssec and _named(h)))
+        if not wanted:      # nothing DNSSEC-secured to look up (a smart host, most MX hosts): no coroutine
+            return defer.succeed({})
         return defer.Deferred.fromCoroutine(self._hosts(wanted))
 
     async def _hosts(self, wanted: list[tuple[str, str, int]]) -> dict[tuple[str, int], HostDane]:
