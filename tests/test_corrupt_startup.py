@@ -166,6 +166,39 @@ def test_junk_in_every_spool_folder_is_one_line_each_and_no_crash(gateway, tmp_p
     assert_idle(gw)
 
 
+def test_a_write_torn_by_a_power_cut_is_set_aside_and_the_rest_delivered(gateway, tmp_path):
+    """On ext4, xfs and btrfs a new message is one commit: renamed into queue/, then fsync'd
+    (mta/spool/files.py). A power cut during that fsync can leave the name with a hole where data
+    never reached the disk; that message was never acknowledged. The restarted gateway moves it to
+    corrupt/ with one line and delivers the rest."""
+    from mta.model.queue_entry import QueueEntry, RecipientState
+    from mta.spool.files import checksum
+    from mta.spool.store import encode_message_header
+
+    queue = tmp_path / "spool" / "queue"
+    queue.mkdir(parents=True, mode=0o700)
+    for entry_id, to in (("0t0001", "bob"), ("0t0002", "carol"), ("0t0003", "dave")):
+        body = f"Subject: {entry_id}\r\n\r\n".encode() + b"line of text\r\n" * 400
+        entry = QueueEntry(id=entry_id, sender="alice@example.test", rcpts=[RecipientState(f"{to}@example.test")],
+                           received_at=time.time(), size=len(body), virtual_server="", peer_host="localhost")
+        (queue / entry_id).write_bytes(encode_message_header(entry, len(body), checksum([body])) + body)
+    with open(queue / "0t0002", "r+b") as f:            # the right length, a block never written
+        f.seek(-2048, os.SEEK_END)
+        f.write(b"\0" * 1024)
+    gw = gateway(config(tmp_path))
+
+    mail = gw.tmp / "mail"
+    assert wait_until(lambda: maildir_messages(mail, "bob") and maildir_messages(mail, "dave"), 20), gw.log()
+    line = "queue 0t0002: message file damaged: the message does not match its checksum"
+    assert wait_until(lambda: log_lines(gw, line), 15), gw.log()
+    assert len(log_lines(gw, "0t0002: message file")) == 1, log_lines(gw, "0t0002")
+    assert "moved to corrupt/" in log_lines(gw, line)[0]
+    assert "Traceback" not in gw.log()
+    assert maildir_messages(mail, "carol") == []
+    assert b"Subject: 0t0001" in maildir_messages(mail, "bob")[0]
+    assert sorted(p.name for p in (tmp_path / "spool" / "corrupt").iterdir()) == ["0t0002", "0t0002.st"]
+
+
 def test_files_the_service_user_cannot_read_are_named_and_set_aside(tmp_path):
     """twistd -u nobody: a message file root left behind with mode 0600 cannot be read; the queue
     says so once and moves it to corrupt/. A folder of root's it cannot even move stays, named once."""

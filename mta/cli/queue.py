@@ -228,12 +228,12 @@ class SpoolQueue:
         from mta.model.envelope import new_id
         from mta.model.queue_entry import QueueEntry, RecipientState
         from mta.spool.store import encode_message_header
-        from mta.spool.files import write_synced
+        from mta.spool.files import checksum, write_synced
 
         entry = QueueEntry(id=new_id(), sender="", rcpts=[RecipientState(to)], received_at=time.time(),
                            size=len(data), virtual_server="", peer_host="localhost", extra=extra)
         final = self.spool._path(entry.id)
-        write_synced(self._tmp(entry.id), final, [encode_message_header(entry, len(data)), data])
+        write_synced(self._tmp(entry.id), final, [encode_message_header(entry, len(data), checksum([data])), data])
         self._sync_dir()
         return entry.id
 

@@ -17,15 +17,18 @@ On-disk layout under the spool directory::
     trace/<id>    the "why" steps of a message that stays queued (mta/spool/traces.py; not fsync'd)
 
 Why this shape: the 250 after DATA waits for ``put()``, so put() is the hot path. One file per
-message costs one ``fdatasync``; the file only appears under ``queue/`` by ``rename`` after that sync,
-so a crash can never leave a half-written message that a restart would deliver. The rename itself
-is made durable by an fsync of ``queue/``, and those are group-committed: one directory fsync covers
-every rename that finished before it started, so many concurrent puts share it. Writes, syncs and
+message, written complete in ``tmp/`` and renamed into ``queue/``, so a gateway killed at any moment
+never leaves a half-written message there. On ext4, xfs and btrfs one ``fsync`` of the file after
+the rename makes data and name durable together (one commit a message); elsewhere the file is
+synced before the rename and the rename by an fsync of ``queue/``, group-committed: one directory
+fsync covers every rename that finished before it started. :mod:`mta.spool.files` gives the argument
+for each, and why a power cut during the one commit can leave a torn file that was never acknowledged:
+the header's length and CRC-32 (``crc``) let the scan below set such a file aside. Writes, syncs and
 unlinks run in the spool writer, a child process with threads of its own (:mod:`mta.spool.writer`,
 which says why not threads here), so that many fsyncs overlap (the journal batches them) and the
 reactor thread never blocks on the disk. Reads and scans are rare and use the reactor's threads.
 
-State updates are rare (only when an attempt leaves something pending) and use the same
+State updates are rare (only when an attempt leaves something pending) and always use the
 tmp -> fdatasync -> rename -> directory fsync sequence, so a retry never resends to a recipient that
 succeeded. ``remove()`` deliberately skips the directory fsync: a crash right after it can at worst
 bring a finished message back, which then delivers again (a duplicate, never a loss).
@@ -37,6 +40,7 @@ import json
 import os
 import re
 import time
+import zlib
 from typing import Any, Callable, Iterable, Iterator
 
 from twisted.internet import defer
@@ -44,8 +48,8 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 
 from mta.model.queue_entry import QueueEntry, RecipientState
-from mta.spool.files import (FINISHED_SUFFIX, STATE_SUFFIX, NotAFile, open_regular, unlink_message, unlink_quietly,
-                              write_synced)
+from mta.spool.files import (FINISHED_SUFFIX, STATE_SUFFIX, NotAFile, checksum, open_regular, unlink_message,
+                              unlink_quietly, write_synced)
 from mta.spool.writer import OP_NEW, OP_REPLACE, OP_UNLINK
 from mta.spool.link import WriterLink
 
@@ -191,8 +195,11 @@ def _entry_doc(entry: QueueEntry) -> dict[str, Any]:
     return doc
 
 
-def encode_message_header(entry: QueueEntry, length: int) -> bytes:
-    doc = {"len": length, "entry": _entry_doc(entry)}
+def encode_message_header(entry: QueueEntry, length: int, crc: int | None = None) -> bytes:
+    """The first line of ``queue/<id>``; ``crc`` is :func:`checksum` of the message (what finds a
+    file torn by a power cut, see :mod:`mta.spool.files`)."""
+    doc: dict[str, Any] = {"len": length} if crc is None else {"len": length, "crc": crc}
+    doc["entry"] = _entry_doc(entry)
     return MESSAGE_MAGIC + _ENCODER.encode(doc).encode("ascii") + b"\n"
 
 
@@ -338,9 +345,10 @@ class Spool:
         try:
             final = self._path(entry.id)
             length = sum(len(c) for c in chunks)
+            crc = checksum(chunks)
             if len(entry.rcpts) <= SLICE:
-                return self._write(OP_NEW, entry.id, final, [encode_message_header(entry, length), *chunks])
-            doc = {"len": length, "entry": _entry_doc(entry)}
+                return self._write(OP_NEW, entry.id, final, [encode_message_header(entry, length, crc), *chunks])
+            doc = {"len": length, "crc": crc, "entry": _entry_doc(entry)}
             doc["entry"]["rcpts"] = [dict(r) for r in doc["entry"]["rcpts"]]
         except Exception:
             return defer.fail()
@@ -432,12 +440,15 @@ class Spool:
         if not raw.startswith(MESSAGE_MAGIC) or nl < 0:
             raise CorruptFile(f"{path}: not a spool file")
         try:
-            length = json.loads(raw[len(MESSAGE_MAGIC):nl])["len"]
-        except (ValueError, KeyError, TypeError) as e:
+            doc = json.loads(raw[len(MESSAGE_MAGIC):nl])
+            length, crc = doc["len"], doc.get("crc")
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
             raise CorruptFile(f"{path}: bad header: {e}") from e
         body = raw[nl + 1:]
         if len(body) != length:
             raise CorruptFile(f"{path}: message is {len(body)} bytes, header says {length}")
+        if crc is not None and checksum([body]) != crc:
+            raise CorruptFile(f"{path}: {CRC_PROBLEM}")
         return body
 
     def _scan_collect(self, repair: bool = True) -> ScanResult:
@@ -550,15 +561,18 @@ class Spool:
 
     def _inspect_message(self, path: str, name: str) -> tuple[QueueEntry | None, str | None]:
         """``(envelope or None, what is wrong or None)`` of a message file: a truncated message still
-        gives its envelope."""
+        gives its envelope. A header with ``crc`` has its message read and checked (one sequential read
+        of the queue at start): only that finds a file of the right length torn by a power cut."""
         try:
-            entry, size, expected = self._read_header(path)
+            entry, size, expected, crc, start = self._read_header(path)
+            if entry.id != name:
+                return None, f"message file damaged: it holds queue id {entry.id!r}"
+            if size != expected:
+                return entry, f"message file damaged: {_size_problem(size, expected)}"
+            if crc is not None and _body_checksum(path, start) != crc:
+                return entry, f"message file damaged: {CRC_PROBLEM}"
         except (CorruptFile, OSError, UnicodeError) as e:
             return None, f"message file {file_fault(e)}"
-        if entry.id != name:
-            return None, f"message file damaged: it holds queue id {entry.id!r}"
-        if size != expected:
-            return entry, f"message file damaged: {_size_problem(size, expected)}"
         return entry, None
 
     def _set_aside(self, name: str, why: str, entry: QueueEntry | None) -> str:
@@ -576,14 +590,15 @@ class Spool:
 
     @classmethod
     def _load_header(cls, path: str) -> QueueEntry:
-        entry, size, expected = cls._read_header(path)
+        entry, size, expected, _, _ = cls._read_header(path)
         if size != expected:
             raise CorruptFile(_size_problem(size, expected))
         return entry
 
     @staticmethod
-    def _read_header(path: str) -> tuple[QueueEntry, int, int]:
-        """``(envelope, file size, size the header promises)`` of a queued message. Its header line is
+    def _read_header(path: str) -> tuple[QueueEntry, int, int, int | None, int]:
+        """``(envelope, file size, size the header promises, the message's CRC-32 or None, where the
+        message starts)`` of a queued message. Its header line is
         read whatever its length: no cap below what :meth:`put` writes (64,000 recipients with long ORCPTs make 90 MB), or a message
         told 250 would be moved to ``corrupt/`` at the next start; the magic is checked first, so
         a file that is not ours is never read whole."""
@@ -596,13 +611,15 @@ class Spool:
             raise CorruptFile("no spool header")
         try:
             doc = json.loads(line[len(MESSAGE_MAGIC):])
-            length = doc["len"]
+            length, crc = doc["len"], doc.get("crc")
             entry = decode_entry(doc["entry"])
-        except (ValueError, KeyError, TypeError) as e:
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
             raise CorruptFile(f"bad header: {e}") from e
         if not isinstance(length, int):
             raise CorruptFile("bad header: no message length")
-        return entry, size, len(line) + length
+        if crc is not None and not isinstance(crc, int):
+            raise CorruptFile("bad header: a checksum that is not a number")
+        return entry, size, len(line) + length, crc, len(line)
 
     @staticmethod
     def _load_state(path: str, entry_id: str) -> QueueEntry:
@@ -677,6 +694,20 @@ def _open(path: str) -> Any:
         return open_regular(path)
     except NotAFile as e:
         raise CorruptFile(f"{e}, not a spool file") from None
+
+
+CRC_PROBLEM = "the message does not match its checksum (a write cut short by a power cut?)"
+READ_BLOCK = 1 << 20
+
+
+def _body_checksum(path: str, start: int) -> int:
+    """:func:`checksum` of a message file from ``start`` on, a block at a time (any size of message)."""
+    crc = 0
+    with _open(path) as f:
+        f.seek(start)
+        while block := f.read(READ_BLOCK):
+            crc = zlib.crc32(block, crc)
+    return crc
 
 
 def _size_problem(size: int, expected: int) -> str:

@@ -17,6 +17,11 @@ Wire format, both directions over the child's stdin/stdout:
 and its state file). A reply of kind OK or BATCH means done and durable (ERROR carries the reason);
 BATCH also marks the first reply after a directory fsync, which is how the parent counts the group
 commits.
+
+A new message is one commit where the spool's filesystem allows it (:func:`spool_files.one_commit_fs`,
+decided once at start): the thread that wrote it answers as soon as its fsync returns. Elsewhere, and
+for every state file, the directory fsync is group-committed as before (:mod:`mta.spool.files` says
+why each is safe).
 """
 from __future__ import annotations
 
@@ -72,8 +77,9 @@ class ReplyReader:
 class _Writer:
     """The child's work: read requests, run them on threads, answer (in batches where it can)."""
 
-    def __init__(self, queue_dir: str, out_fd: int) -> None:
+    def __init__(self, queue_dir: str, out_fd: int, one_commit: bool | None = None) -> None:
         self._out = out_fd
+        self._one_commit = spool_files.one_commit_fs(queue_dir) if one_commit is None else one_commit
         self._out_lock = threading.Lock()
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
         self._dir_fd = _open_queue(queue_dir)
@@ -100,7 +106,10 @@ class _Writer:
                 return
             op, tag, tmp, final, data = job
             try:
-                if op == OP_NEW:
+                if op == OP_NEW and self._one_commit:
+                    spool_files.write_committed(tmp, final, [data])
+                    self._send(encode_reply(OK, tag))
+                elif op == OP_NEW:
                     self._syncer.submit(tag, spool_files.write_new(tmp, final, [data]))
                 elif op == OP_REPLACE:
                     spool_files.write_synced(tmp, final, [data])
