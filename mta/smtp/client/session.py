@@ -94,6 +94,28 @@ class _DataProducer:
                                            "lost"))
 
 
+class _Group:
+    """The waiter of a pipelined group of commands (``expect_group``): takes their replies as
+    ``callback`` calls in order and fires ``done`` with the list at the last; the first ``errback``
+    (the connection broke) fails ``done``, later ones are the same failure and are dropped."""
+
+    __slots__ = ("replies", "wanted", "done")
+
+    def __init__(self, wanted: int) -> None:
+        self.replies: list[Reply] = []
+        self.wanted = wanted
+        self.done: defer.Deferred = defer.Deferred()
+
+    def callback(self, reply: Reply) -> None:
+        self.replies.append(reply)
+        if len(self.replies) == self.wanted:
+            self.done.callback(self.replies)
+
+    def errback(self, failure: Any) -> None:
+        if not self.done.called:
+            self.done.errback(failure)
+
+
 class SMTPClientProtocol(Protocol):
     """An SMTP client connection. Created by :class:`mta.smtp.client.pool.SMTPClientPool`."""
 
@@ -122,7 +144,7 @@ class SMTPClientProtocol(Protocol):
         self.on_close: Callable[["SMTPClientProtocol"], None] | None = None
         self._buf = bytearray()
         self._parser = ReplyParser()
-        self._waiters: deque[tuple[defer.Deferred, str]] = deque()
+        self._waiters: deque[tuple[defer.Deferred | _Group, str]] = deque()
         self._timer: Any = None
         self._streaming = False
         self._close_waiters: list[defer.Deferred] = []
@@ -168,6 +190,22 @@ class SMTPClientProtocol(Protocol):
             self._plog.sent(label, line, size if size is not None else len(line) + 2 if line else 0)
         self._touch()
         return d
+
+    def expect_group(self, lines: list[bytes]) -> defer.Deferred:
+        """``expect`` for each line of a pipelined group (register before writing), as one Deferred
+        firing with their replies in order once the last has come, or failing as the first of them
+        fails (the connection broke: every later one fails with it). One Deferred a group rather than
+        one per command and the list gathering them."""
+        if self._failure is not None:
+            return defer.fail(self._failure)
+        group = _Group(len(lines))
+        for line in lines:
+            label = line.split(b" ", 1)[0].decode()
+            self._waiters.append((group, label))
+            if self._plog is not None:
+                self._plog.sent(label, line, len(line) + 2)
+        self._touch()
+        return group.done
 
     async def command(self, line: str, label: str | None = None) -> Reply:
         d = self.expect(label or line.split(" ", 1)[0], line)
@@ -365,13 +403,6 @@ class SMTPClientProtocol(Protocol):
         value = self.extensions.get("SIZE", "")
         return int(value) if value.isdigit() else 0
 
-    async def _gather(self, ds: list[defer.Deferred]) -> list[Reply]:
-        """Wait for every reply of a pipelined group, then re-raise the first failure, if any."""
-        results = await defer.DeferredList(ds, consumeErrors=True)
-        for ok, value in results:
-            if not ok:
-                value.raiseException()
-        return [value for _, value in results]
 
     async def deliver(self, sender: str, recipients: list[str], chunks: list[bytes],
                       hop_label: str, dsn: OutboundDSN | None = None,
@@ -433,9 +464,9 @@ class SMTPClientProtocol(Protocol):
         data_reply: Reply | None = None
         if pipelining:
             lines = ([b"RSET"] if self.needs_rset else []) + [mail] + rcpt_lines + [b"DATA"]
-            ds = [self.expect(line.split(b" ", 1)[0].decode(), line) for line in lines]
+            group = self.expect_group(lines)
             send_now(self.transport, b"".join(line + b"\r\n" for line in lines))
-            replies = await self._gather(ds)
+            replies = await group
             if self.needs_rset:
                 rset_reply, replies = replies[0], replies[1:]
             mail_reply, rcpt_replies, data_reply = replies[0], replies[1:-1], replies[-1]
