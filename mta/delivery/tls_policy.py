@@ -91,7 +91,7 @@ class Route:
         if host is not None:
             return await self._send_dane(client, hop, host, sender, recipients, data, **options)
         try:
-            answers = await client.send(hop, sender, recipients, data, policy=self.policy, **options)
+            answers = await _sender(client)(hop, sender, recipients, data, policy=self.policy, **options)
         except HostUnusable as e:
             if e.tls_failure:
                 self._count(hop, e.tls_failure, options.get("source_address"), e.reply.text)
@@ -102,7 +102,7 @@ class Route:
         else:
             self._count(hop, SUCCESS, options.get("source_address"))
             return answers
-        return await client.send(hop, sender, recipients, data, policy=self.fallback, **options)
+        return await _sender(client)(hop, sender, recipients, data, policy=self.fallback, **options)
 
     def _count(self, hop: Hop, result: str, source: str | None = None, why: str | None = None) -> None:
         """One session under the destination's MTA-STS policy, for TLS reporting (RFC 8460)."""
@@ -129,7 +129,7 @@ class Route:
             self._record(host, host.reason)
             raise HostUnusable(host.reason)
         try:
-            answers = await client.send(hop, sender, recipients, data, policy=self.dane_policies[hop], **options)
+            answers = await _sender(client)(hop, sender, recipients, data, policy=self.dane_policies[hop], **options)
         except HostUnusable as e:
             self._record(host, e.reply)
             raise
@@ -226,4 +226,11 @@ def _plan(domain: str, hops: list[Hop], policy: OutboundPolicy, sts: Policy | No
     return route
 
 
+def _sender(client: Any) -> Any:
+    """The client's ``send_async`` when it has one (the pool: a coroutine, awaited without a
+    Deferred), else its ``send`` (a Deferred; a test's stand-in)."""
+    return getattr(client, "send_async", None) or client.send
+
+
 __all__ = ["REQUIRED_BY", "Route", "plan", "sts_policy", "sts_policy_string", "subject_to_sts"]
+
