@@ -4,6 +4,7 @@ message (strace), and Python calls per message in each worker's reactor thread (
     sudo python bench/cpu_profile.py                    # /proc figures only: CPU per message per process
     sudo python bench/cpu_profile.py --profile          # and a cProfile of each worker (thread CPU clock)
     sudo python bench/cpu_profile.py --strace           # and system calls per message per process
+    sudo python bench/cpu_profile.py --dkim rsa-sha256  # with dkim_sign on (as bench/run.py --smtpgw-dkim)
 
 It starts the sink and smtpgw as bench/run.py does (same generated configuration), sends ``--warmup``
 messages with smtp-source (connections, caches and the delivery pool warm), then measures a window of
@@ -79,8 +80,10 @@ def stat(pid: int) -> dict[str, float]:
     return out
 
 
-def source(target, n: int, sessions: int, size: int) -> subprocess.Popen:
+def source(target, n: int, sessions: int, size: int, from_host: str = "") -> subprocess.Popen:
+    """smtp-source; ``from_host`` sets the From: header's domain (-M), the key's domain with --dkim."""
     return subprocess.Popen(["smtp-source", "-s", str(sessions), "-m", str(n), "-l", str(size),
+                             *(["-M", from_host] if from_host else []),
                              "-f", SENDER, "-t", RECIPIENT, f"{target.host}:{target.port}"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
@@ -105,6 +108,8 @@ def main() -> int:
     ap.add_argument("--sessions", type=int, default=20)
     ap.add_argument("--size", type=int, default=4096)
     ap.add_argument("--workers", default=targets_mod.DEFAULT_SMTPGW_WORKERS)
+    ap.add_argument("--dkim", default="", choices=["", "rsa-sha256", "ed25519-sha256"],
+                    help="dkim_sign signs every message with one fresh key of this kind (bench/run.py's --smtpgw-dkim)")
     ap.add_argument("--profile", action="store_true", help="cProfile each worker's reactor thread")
     ap.add_argument("--strace", action="store_true", help="count system calls per process")
     ap.add_argument("--top", type=int, default=30, help="functions shown per worker (by own CPU)")
@@ -123,11 +128,12 @@ def main() -> int:
     sink = Sink(*targets_mod.SINK, workdir)
     sink.start()
     on_exit(sink.stop)
-    target = targets_mod.make("smtpgw", smtpgw_workers=args.workers)
+    target = targets_mod.make("smtpgw", smtpgw_workers=args.workers, smtpgw_dkim=args.dkim)
+    from_host = targets_mod.DKIM_DOMAIN if args.dkim else ""
     target.start(workdir)
     try:
         target.wait_idle()
-        warm = source(target, args.warmup, args.sessions, args.size)
+        warm = source(target, args.warmup, args.sessions, args.size, from_host)
         warm.wait()
         if not sink.wait_for(args.warmup, 120):
             print("warm-up messages did not all arrive", file=sys.stderr)
@@ -154,7 +160,7 @@ def main() -> int:
             src = subprocess.Popen(["true"])
             lat = latency.measure(target.host, target.port, args.messages, args.sessions, args.size)
         else:
-            src = source(target, args.messages, args.sessions, args.size)
+            src = source(target, args.messages, args.sessions, args.size, from_host)
         ok = sink.wait_for(args.warmup + args.messages, 600, idle_limit=60)
         elapsed = time.monotonic() - t0
         after = {pid: stat(pid) for pid in pids}
@@ -171,7 +177,7 @@ def main() -> int:
             return 1
         n = args.messages
         print(f"{n} messages of {args.size} octets, {args.sessions} sessions, workers {args.workers}: "
-              f"{elapsed:.2f} s{' (profiled)' if args.profile else ''}{' (straced)' if args.strace else ''}")
+              f"{elapsed:.2f} s{f' (dkim {args.dkim})' if args.dkim else ''}{' (profiled)' if args.profile else ''}{' (straced)' if args.strace else ''}")
         if lat is not None:
             print(f"DATA-end to 250: p50 {lat['p50_ms']} ms, p99 {lat['p99_ms']} ms ({lat['ok']} ok, "
                   f"errors {lat['errors'] or 'none'})")

@@ -18,7 +18,8 @@ import dns.resolver
 import pytest
 
 from gwprocess import REPO, base_config, maildir_messages, wait_until
-from smtpgw_plugins.dkim_sign.plugin import INLINE_SIZE, header_and_body
+from smtpgw_plugins.dkim_sign import relaxed
+from smtpgw_plugins.dkim_sign.plugin import INLINE_SIZE, sign_message
 
 GW, PEER, CLIENT, OUTSIDER = "127.0.0.120", "127.0.0.121", "127.0.0.122", "127.0.0.123"
 
@@ -238,18 +239,120 @@ def test_each_key_parsed_once_as_dkimpy_parses_it(made_keys):
     assert openssl_rsa.parse_pem_private_key(pem) is first
 
 
-def test_message_cut_once_as_dkimpy_parses_it() -> None:
-    """sign_message hands dkimpy only the header section and the body it would have cut itself:
-    same header fields, same body bytes; and leaves anything else to dkimpy's own parser."""
-    fields = [b"From: a@example.test\r\n", b"Subject: x  y\r\n", b"\tfolded\r\n", b"To: c@example.org\r\n"]
-    lines = [b"line\r\n", b"\r\n", b"a  b \t\r\n", b".dot\r\n", b"x" * 90 + b"\r\n"]
-    for n in range(40):
+def dkimpy_body(body: bytes) -> bytes:
+    """dkimpy's own relaxed body canonicalization (its module functions: relaxed.install replaces
+    only the class's methods)."""
+    c = dkim.canonicalization
+    return c.correct_empty_body(c.strip_trailing_lines(c.compress_whitespace(c.strip_trailing_whitespace(body))))
+
+
+def dkimpy_headers(headers: list) -> list:
+    c = dkim.canonicalization
+    return [(x.lower().rstrip(), c.compress_whitespace(c.unfold_header_value(y)).strip() + b"\r\n")
+            for x, y in headers]
+
+
+ODD = [b"", b"\r\n", b"\r\n\r\n", b"a", b"a \r\n", b"a\t\r\n\r\n \r\n", b"  a  b\t\tc \t \r\n", b"x\n y\r\n",
+       b"bare\rCR\r\n", b"\r\r\n\n", b" \t", b"end  ", b"line\r\n\r\n\t\r\n", b"\x00 \x0b\x0c  \r\n", b"one two\r\n"]
+
+
+def test_relaxed_canonicalization_is_dkimpys_byte_for_byte() -> None:
+    """relaxed.install() replaces dkimpy's relaxed canonicalization (signing and verifying) with one
+    that skips substitutions that change nothing: the same bytes on any input, odd or not."""
+    texts = ODD + [a + b for a in ODD for b in ODD]
+    for text in texts:
+        assert relaxed.canonicalize_body(text) == dkimpy_body(text), text
+        headers = [(b"Subject ", text), (b"X-A", b" " + text + b"\r\n"), (b"From", b"\r\n\t" + text)]
+        assert relaxed.canonicalize_headers(headers) == dkimpy_headers(headers), text
+
+
+def test_message_split_and_canonicalized_from_its_chunks_as_dkimpy_would() -> None:
+    """sign_message hands dkimpy only the header section, and the body canonicalized from the
+    chunks without joining them: the same header fields dkimpy parses from the whole message, the
+    same canonical body, however the message is cut into chunks; anything else is left to dkimpy."""
+    fields = [b"From: a@example.test\r\n", b"Subject: x  y\r\n", b"\tfolded \r\n", b"To: c@example.org\r\n"]
+    lines = [b"line\r\n", b"\r\n", b"a  b \t\r\n", b".dot\r\n", b"x" * 90 + b"\r\n", b"\t \r\n"]
+    for n in range(60):
         head = b"".join(fields[(n + i) % 4] for i in range(1 + n % 5))
         head = b"X: 1\r\n" + head if head.startswith(b"\t") else head
-        data = head + b"\r\n" + b"".join(lines[(n * 7 + i) % 5] for i in range(n))
-        cut = header_and_body(data)
-        assert cut is not None
-        assert dkim.rfc822_parse(cut[0]) == (dkim.rfc822_parse(data)[0], b"")
-        assert cut[1] == dkim.rfc822_parse(data)[1]
+        data = head + b"\r\n" + b"".join(lines[(n * 7 + i) % 6] for i in range(n))
+        headers, body = dkim.rfc822_parse(data)
+        for step in (1, 2, 3, 5, 7, 64, len(data) or 1):
+            chunks = [data[i:i + step] for i in range(0, len(data), step)]
+            cut = relaxed.split_message(chunks)
+            if any(c.endswith(b"\r") for c in chunks[:-1]):
+                continue            # a CRLF cut in two: each chunk alone has a bare CR, left to dkimpy
+            assert cut is not None, (data, step)
+            assert dkim.rfc822_parse(cut[0]) == (headers, b""), (data, step)
+            assert cut[1] == dkimpy_body(body), (data, step)
     for odd in (b"From: a@b\r\n\r\nbare\nLF\r\n", b"\r\nno headers\r\n", b"From: a@b\r\nno body"):
-        assert header_and_body(odd) is None
+        assert relaxed.split_message([odd]) is None
+
+
+@pytest.mark.parametrize("algorithm", ["rsa-sha256", "ed25519-sha256"])
+def test_signatures_are_the_ones_dkimpy_makes_alone(made_keys, monkeypatch, algorithm) -> None:
+    """With OpenSSL's RSA, the relaxed canonicalization installed and the message split from its
+    chunks, sign_message returns exactly the fields dkimpy signing the joined message returns
+    (RSA PKCS#1 v1.5 and Ed25519 signatures are deterministic; the clock is fixed for t=)."""
+    import time
+
+    from smtpgw_plugins.dkim_sign import openssl_rsa
+    from smtpgw_plugins.dkim_sign.keys import read_keys
+
+    selector = "s2026" if algorithm == "rsa-sha256" else "e2026"
+    keys = read_keys([{"domain": "example.test", "selector": selector, "algorithm": algorithm,
+                       "key": str(made_keys[0] / f"example.test.{selector}.key")}], "keys")
+    monkeypatch.setattr(time, "time", lambda: 1_800_000_000.0)
+    messages = [b"From: A <a@example.test>\r\nSubject:  two  spaces \r\n\tfolded\r\nTo: b@example.org\r\n\r\n"
+                + b"".join(b"line %d \t with  runs\t\r\n" % i for i in range(300)) + b"\r\n\r\n",
+                b"From: a@example.test\r\n\r\n", b"From: a@example.test\r\n\r\nbare\nLF\r\n"]
+    wanted = ("from", "subject", "to")
+    expected = []
+    for data in messages:                   # dkimpy alone, the joined message
+        signer = dkim.DKIM(data, signature_algorithm=algorithm.encode(), linesep=b"\r\n")
+        signer.should_sign, signer.frozen_sign = {h.encode() for h in wanted}, {b"from"}
+        expected.append(signer.sign(selector.encode(), b"example.test", keys[0].private,
+                                    canonicalize=(b"relaxed", b"relaxed"), include_headers=signer.default_sign_headers()))
+    for module, name in ((dkim, "RSASSA_PKCS1_v1_5_sign"), (dkim, "parse_pem_private_key"),
+                         (dkim.canonicalization.Relaxed, "canonicalize_body"),
+                         (dkim.canonicalization.Relaxed, "canonicalize_headers")):
+        monkeypatch.setattr(module, name, vars(module)[name])      # put back after the test
+    openssl_rsa.install()
+    relaxed.install()
+    for data, field in zip(messages, expected):
+        chunks = [data[i:i + 1000] for i in range(0, len(data), 1000)]
+        assert sign_message(chunks, keys, wanted) == [field]
+
+
+def test_from_domain_read_off_plain_fields_as_the_email_parsers_read_it() -> None:
+    """author.from_domain reads a plain From field itself and leaves the rest to the email package's
+    parsers: the same answer as those parsers give, for plain fields, odd ones and odd headers."""
+    import email.utils
+    import itertools
+
+    from mta.model.message import MessageData
+    from smtpgw_plugins.dkim_sign import author
+
+    def parsers(message: MessageData) -> str | None:
+        values = message.headers.get_all("From") or []
+        addresses = [a for _, a in email.utils.getaddresses([str(v) for v in values]) if a]
+        if len(values) != 1 or len(addresses) != 1 or "@" not in addresses[0]:
+            return None
+        return addresses[0].rpartition("@")[2].strip().lower().rstrip(".") or None
+
+    froms = [b"a@b.test", b"<a@B.Test>", b"Alice <a@b.test>", b'"Alice, B" <a@b.test>', b"  Al  Smith\t<a@b.test.>  ",
+             b"a@b.test, c@d.test", b"Alice <a@b.test> (comment)", b"(c) a@b.test", b"<a@b.test", b"a@", b"@b", b"",
+             b"Al.ice <a.b@c-d.test>", b'"" <a@b.test>', b'"x <y@z>" <a@b.test>', b"a@b.test\r\n c@d.test",
+             b"Alice\r\n <a@b.test>", b"<a\r\n @b.test>", b"A <@route:a@b.test>", b"undisclosed-recipients:;",
+             b"group: a@b.test;", b"a.@b.test", b".a@b.test", b"a..b@c.test", b"\xc3\xa9 <a@b.test>",
+             b"=?utf-8?q?x?= <a@b.test>", b"a@[1.2.3.4]", b"<a@b.test> x", b"A B <a+tag@x.y.z>", b'"A\\"B" <a@b.test>',
+             b"a@b .test", b"a@b.test\nbare"]
+    others = [b"To: x@y\r\n", b"X-Long: a\r\n\tb\r\n", b"from: second@z.test\r\n", b"FROM : weird@z\r\n",
+              b"Bad line\r\n", b" leading\r\n", b"From x@y Sat\r\n"]
+    for value in (froms[0], froms[1], froms[2], froms[4], froms[12], froms[13]):     # plain: no parsers
+        assert author._read_off(b"To: x@y\r\nFrom: " + value + b"\r\nX-Long: a\r\n\tb\r\n") is not author._UNKNOWN
+    for value in froms:
+        for before, after in itertools.product([b""] + others, repeat=2):
+            block = before + b"From: " + value + b"\r\n" + after
+            for data in (block + b"\r\nbody\r\n", block):
+                assert author.from_domain(MessageData([data])) == parsers(MessageData([data])), data
