@@ -227,7 +227,10 @@ def attach(gateway: Any) -> Traces:
     gateway.mail_log.observers.append(traces.mail_line)
     gateway.hooks.register(traces, name="queue-trace")
     if files is not None:
-        gateway.reactor.addSystemEventTrigger("before", "shutdown", traces.flush)
+        # "during", not "before": the queue's stop (a "before" trigger, with the service) lets the
+        # attempts under way finish, and an attempt's mail log lines come after its state file is
+        # written; flushed alongside that stop, the last deferral of a message was lost from its trace
+        gateway.reactor.addSystemEventTrigger("during", "shutdown", traces.flush)
     return traces
 
 

@@ -139,7 +139,8 @@ class TraceFiles:
         if self._thread is None:
             self._thread = threading.Thread(target=self._work, name="smtpgw-trace", daemon=True)
             self._thread.start()
-            self.reactor.addSystemEventTrigger("during", "shutdown", self.stop)
+            # "after": the traces' last flush is a "during" trigger; its appends are done first
+            self.reactor.addSystemEventTrigger("after", "shutdown", self.stop)
         d: defer.Deferred = defer.Deferred()
         self._jobs.put((d, f, args))
         return d
@@ -171,7 +172,7 @@ class TraceFiles:
         return self._run(tidy, self.folder, keep, owns)
 
     def stop(self) -> None:
-        """Finish what was asked, then end the thread (at reactor shutdown: a few small appends)."""
+        """Finish what was asked, then end the thread (after reactor shutdown: a few small appends)."""
         thread, self._thread = self._thread, None
         if thread is not None:
             self._jobs.put(None)
