@@ -109,7 +109,22 @@ class MailLine:
     about_message: bool = True      # False: a line about a client, with no queue id (Postfix's warnings)
 
     def text(self) -> str:
-        body = self.separator.join(f"{k}={_text_value(v)}" for k, v in self.fields if v is not None)
+        # ``k=_text_value(v)`` per field, inlined: a few lines of about four fields each per message
+        pairs = []
+        for k, v in self.fields:
+            if v is None:
+                continue
+            if type(v) is str:
+                text = v
+            elif isinstance(v, Address):
+                pairs.append(f"{k}=<{v}>")
+                continue
+            else:
+                text = str(v)
+            if "\n" in text or "\r" in text:
+                text = text.replace("\r", "\\r").replace("\n", "\\n")
+            pairs.append(f"{k}={text}")
+        body = self.separator.join(pairs)
         parts = [f"{self.queue_id or NOQUEUE}:"] if self.about_message else []
         if self.head:
             parts.append(self.head)
