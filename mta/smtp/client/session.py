@@ -12,6 +12,7 @@ so a later feature adds a step rather than a branch.
 from __future__ import annotations
 
 import base64
+import re
 from collections import deque
 from typing import Any, Callable
 
@@ -49,8 +50,11 @@ class ConnectionBroken(HostUnusable):
         self.kind = kind
 
 
+_UNUSABLE = re.compile("[\r\n\0<> ]")      # characters an address on the wire may not hold
+
+
 def _address_ok(address: str) -> bool:
-    return not any(c in address for c in "\r\n\0<> ") and len(address) <= 512
+    return len(address) <= 512 and _UNUSABLE.search(address) is None
 
 
 def _b64(raw: bytes) -> str:
