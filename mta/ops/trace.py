@@ -91,6 +91,8 @@ class Traces:
         if self.files is not None:
             if queue_id in self._kept:
                 self._unwritten.setdefault(queue_id, []).append(_made(step))
+            elif queue_id in self._dirty:
+                return                          # queued at an earlier step: flush() looks again
             elif self.lookup is None or self.lookup(queue_id) is None:
                 return                          # not (or no longer) queued: nothing to keep
             self._dirty.add(queue_id)
