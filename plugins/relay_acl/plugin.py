@@ -36,14 +36,33 @@ def _forms(ip: IPAddress) -> tuple[IPAddress, ...]:
     return (ip,)
 
 
-def relay_reason(relay: RelayConfig, peer_host: str, authenticated_user: str | None) -> str | None:
-    """Why this client may relay, or None when it may not."""
+# peer address -> (the relay settings asked with, the reason it may relay by its address, or None):
+# asked at the connection and at each RCPT, and matching and formatting the address are about twenty
+# Python calls in ipaddress each time
+_by_address: dict[str, tuple[RelayConfig, str | None]] = {}
+MAX_REMEMBERED = 4096
+
+
+def _address_reason(relay: RelayConfig, peer_host: str) -> str | None:
+    known = _by_address.get(peer_host)
+    if known is not None and known[0] is relay:
+        return known[1]
+    reason = None
     ip = client_ip(peer_host)
     if ip is not None:
-        for net in relay.allow:
-            for form in _forms(ip):
-                if form.version == net.version and form in net:
-                    return f"client {ip} in relay.allow {net}"
+        reason = next((f"client {ip} in relay.allow {net}" for net in relay.allow for form in _forms(ip)
+                       if form.version == net.version and form in net), None)
+    if len(_by_address) >= MAX_REMEMBERED:
+        _by_address.clear()
+    _by_address[peer_host] = (relay, reason)
+    return reason
+
+
+def relay_reason(relay: RelayConfig, peer_host: str, authenticated_user: str | None) -> str | None:
+    """Why this client may relay, or None when it may not."""
+    reason = _address_reason(relay, peer_host)
+    if reason is not None:
+        return reason
     if authenticated_user and relay.allow_authenticated:
         return f"authenticated as {authenticated_user}"
     return None
