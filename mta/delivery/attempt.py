@@ -447,11 +447,16 @@ class Deliverer:
         route.count_refusal()
         return route
 
-    async def _send(self, destination: Any, route: tls_policy.Route, hop: Hop, sender: str, batch: list[str],
-                    data: Data, **options: Any) -> list[RecipientResult]:
-        """The client's send, its outcome told to the destination's shaping (entered by the caller)."""
+    def _send(self, destination: Any, route: tls_policy.Route, hop: Hop, sender: str, batch: list[str],
+              data: Data, **options: Any) -> Coroutine[Any, Any, list[RecipientResult]]:
+        """The client's send, its outcome told to the destination's shaping (entered by the caller).
+        Without shaping, the route's own coroutine: no layer of ours to resume at every reply."""
         if destination is None:
-            return await route.send(self.gateway.client, hop, sender, batch, data, **options)
+            return route.send(self.gateway.client, hop, sender, batch, data, **options)
+        return self._send_shaped(destination, route, hop, sender, batch, data, **options)
+
+    async def _send_shaped(self, destination: Any, route: tls_policy.Route, hop: Hop, sender: str,
+                           batch: list[str], data: Data, **options: Any) -> list[RecipientResult]:
         verdict, trouble = Verdict.NEUTRAL, None
         try:
             answers = await route.send(self.gateway.client, hop, sender, batch, data, **options)
