@@ -37,6 +37,7 @@ from util import on_exit, port_free, raise_nofile, settle_disk  # noqa: E402
 
 BENCH = os.path.dirname(os.path.abspath(__file__))
 SENDER = "source@bench-client.test"
+CHECK_IDS = True        # throughput runs: the sink keeps each message and checks its Message-Id (--no-check-ids)
 RECIPIENT = "user@remote.test"
 
 # name -> (sessions, size in bytes, which message count: "n" or "big")
@@ -96,7 +97,7 @@ def throughput(target: targets_mod.Target, load: str, sessions: int, size: int, 
     os.makedirs(rundir, exist_ok=True)
     res: dict = {"load": load, "target": target.name, "sessions": sessions, "size": size, "messages": n}
     res["settle_s"] = round(settle_disk(), 1)      # start on quiet disks, whatever ran before
-    sink = Sink(*targets_mod.SINK, rundir)
+    sink = Sink(*targets_mod.SINK, rundir, dump=CHECK_IDS)
     sink.start()
     forget = on_exit(sink.stop)
     try:
@@ -188,6 +189,13 @@ def throughput(target: targets_mod.Target, load: str, sessions: int, size: int, 
         })
         if target.name == "postfix" and isinstance(target, targets_mod.Postfix) and target.instance:
             res["postfix_queue_left"] = target.instance.queue_size()
+        if CHECK_IDS:       # after the timed window: each message exactly once, by its Message-Id
+            res["sink_final_count"] = sink.settled_count()
+            res["ids"] = sink.check_ids(n)
+            if not res["ids"]["ok"]:
+                res["complete"] = False
+                res.setdefault("error", "sink: {files} messages, {distinct} distinct Message-Ids, "
+                               "{duplicates} duplicate(s), {without_id} without an id".format(**res["ids"]))
         if res.get("error") or source_err.strip():
             res["target_log_tail"] = target.log_tail()[-2000:]
         log(f"{load} {target.name}: {delivered}/{n} in {elapsed:.2f} s = {res['msgs_per_s']} msg/s"
@@ -374,6 +382,8 @@ def print_table(results: dict) -> None:
             print(f"{'':<9} {'':<8} ! {e.splitlines()[0][:110]}")
     print("RSS: peak during the run, summed over the target's processes / largest process / processes. "
           "other CPU: share of the machine used by anything else during the run (noise).")
+    if CHECK_IDS:
+        print("complete: runs in which the sink got every message exactly once (N messages, N distinct Message-Ids).")
     if results["latency"]:
         print("\np50/p99: end of DATA ('.') -> 250, own client, 20 sessions x 4 KB, "
               f"{results['meta']['latency_messages']} messages per target (after the throughput runs)")
@@ -485,8 +495,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--workdir-base", default="/var/tmp",
                    help="where the temporary queue/spool directories go (same disk as a real spool)")
     p.add_argument("--keep", action="store_true", help="keep the temporary directory (logs, configs)")
+    p.add_argument("--no-check-ids", action="store_true",
+                   help="do not keep the sink's messages to check each arrived once (by Message-Id)")
     p.add_argument("--json", help="output file (default bench/results/<timestamp>.json)")
     a = p.parse_args(argv)
+    global CHECK_IDS
+    CHECK_IDS = not a.no_check_ids
     a.messages = a.messages or (1000 if a.quick else 20000)
     a.big_messages = a.big_messages or max(1, a.messages // 4 if not a.quick else 200)
     if a.latency_messages is None:
