@@ -115,9 +115,23 @@ def deletion_report(config: Any, entry: QueueEntry, original: bytes | None,
 class _Active:
     """Book-keeping for one entry being delivered."""
 
+    __slots__ = ("_done", "again")
+
     def __init__(self) -> None:
-        self.done: defer.Deferred = defer.Deferred()
+        self._done: defer.Deferred | None = None
         self.again = False            # wake() arrived meanwhile: run again right after
+
+    @property
+    def done(self) -> defer.Deferred:
+        """Fires when the attempt has ended. Made only when someone waits for it (a stop, a hold or
+        a delete during the attempt): nearly every attempt ends with nobody waiting."""
+        if self._done is None:
+            self._done = defer.Deferred()
+        return self._done
+
+    def finish(self) -> None:
+        if self._done is not None:
+            self._done.callback(None)
 
 
 def keep_schedule(due: list[RecipientState], early: dict[int, tuple[int, float]]) -> None:
@@ -644,7 +658,7 @@ class QueueManager:
             else:
                 self._scheduler.schedule(entry.id, self._next_time(entry))
         self._touched(entry.id)
-        active.done.callback(None)
+        active.finish()
         self._pump()
 
     # -- one attempt --------------------------------------------------------------------------------
