@@ -16,7 +16,7 @@ through the one helper for its kind:
 * edit (``_edit``): every implementation is called in call order, each Deferred or coroutine waited
   for before the next; results are ignored, errors logged and skipped.
 
-Each implementation is called through a caller made once per hook (``_callers``), and an answer
+Each implementation is called with the arguments it names, listed once per hook (``_callers``); an answer
 of None or a plain value is taken without asking whether it is a coroutine or a Deferred: the hooks
 fire about twenty times per relayed message.
 
@@ -29,7 +29,6 @@ from __future__ import annotations
 import difflib
 import importlib.util
 import inspect
-import operator
 import sys
 from importlib.metadata import entry_points
 from pathlib import Path
@@ -155,7 +154,7 @@ class Hooks:
         self.pm = _PluginManager("smtpgw")
         self.pm.add_hookspecs(hookspecs)
         self._order: dict[str, list[Any]] = {}      # hook name -> implementations, in call order
-        self._calls: dict[str, list[tuple[Any, Any]]] = {}  # hook name -> (implementation, caller)
+        self._calls: dict[str, list[tuple[Any, Any, tuple[str, ...]]]] = {}  # hook name -> _callers()
         self._keys: dict[str, str] = {}             # plugin name -> the configuration key naming it
 
     # -- loading ---------------------------------------------------------------------------------
@@ -234,13 +233,14 @@ class Hooks:
             order = self._order[hook_name] = list(reversed(getattr(self.pm.hook, hook_name).get_hookimpls()))
         return order
 
-    def _callers(self, hook_name: str) -> list[tuple[Any, Any]]:
-        """``(implementation, caller)`` in call order, where ``caller(kwargs)`` calls the
-        implementation with the arguments it names: made once per hook (until the next
-        registration), so firing a hook is one call per implementation rather than three."""
+    def _callers(self, hook_name: str) -> list[tuple[Any, Any, tuple[str, ...]]]:
+        """``(implementation, function, argument names)`` in call order, made once per hook (until
+        the next registration): an implementation is called as ``function(*map(kwargs.__getitem__,
+        names))`` (pluggy lets it take any subset of the hook's arguments), one Python call each
+        rather than three (``_call_one`` and its argument list)."""
         calls = self._calls.get(hook_name)
         if calls is None:
-            calls = self._calls[hook_name] = [(impl, _caller(impl.function, tuple(impl.argnames)))
+            calls = self._calls[hook_name] = [(impl, impl.function, tuple(impl.argnames))
                                               for impl in self.implementations(hook_name)]
         return calls
 
@@ -282,12 +282,12 @@ class Hooks:
                   answer=answer, types=" or ".join(t.__name__ for t in accepts))
         return PLUGIN_ERROR
 
-    def _first_from(self, calls: list[tuple[Any, Any]], index: int, hook_name: str,
+    def _first_from(self, calls: list[tuple[Any, Any, tuple[str, ...]]], index: int, hook_name: str,
                     kwargs: dict[str, Any]) -> Any:
-        for impl, call in calls[index:] if index else calls:
+        for impl, function, names in calls[index:] if index else calls:
             index += 1
             try:
-                result = call(kwargs)
+                result = function(*map(kwargs.__getitem__, names))
             except Exception as e:
                 return self._error_reply(e, impl.plugin_name, hook_name)
             if result is None:
@@ -296,6 +296,7 @@ class Hooks:
                 result = defer.Deferred.fromCoroutine(result)
             elif not isinstance(result, defer.Deferred):
                 return result
+
             def resume(value: Any, i: int = index) -> Any:
                 if value is not None:
                     return value
@@ -322,9 +323,9 @@ class Hooks:
         calls = self._calls.get(hook_name)
         if calls is None:
             calls = self._callers(hook_name)
-        for impl, call in calls:
+        for impl, function, names in calls:
             try:
-                result = call(kwargs)
+                result = function(*map(kwargs.__getitem__, names))
                 if result is not None:
                     self._watch(result, impl.plugin_name, hook_name)
             except Exception:
@@ -344,13 +345,13 @@ class Hooks:
         an exception is logged and skipped. None when all finished at once, else a Deferred."""
         return self._edit_from(self._callers(hook_name), 0, hook_name, kwargs)
 
-    def _edit_from(self, calls: list[tuple[Any, Any]], index: int, hook_name: str,
+    def _edit_from(self, calls: list[tuple[Any, Any, tuple[str, ...]]], index: int, hook_name: str,
                    kwargs: dict[str, Any]) -> Deferred[None] | None:
         while index < len(calls):
-            impl, call = calls[index]
+            impl, function, names = calls[index]
             index += 1
             try:
-                result = call(kwargs)
+                result = function(*map(kwargs.__getitem__, names))
             except Exception:
                 log.failure("plugin {plugin} failed in {hook}", plugin=impl.plugin_name, hook=hook_name)
                 continue
@@ -370,9 +371,9 @@ class Hooks:
         """Every implementation's answer other than None, in call order (answers must come at once);
         one that raises is logged and left out."""
         answers = []
-        for impl, call in self._callers(hook_name):
+        for impl, function, names in self._callers(hook_name):
             try:
-                result = call(kwargs)
+                result = function(*map(kwargs.__getitem__, names))
             except Exception:
                 log.failure("plugin {plugin} failed in {hook}", plugin=impl.plugin_name, hook=hook_name)
                 continue
@@ -493,25 +494,13 @@ class Hooks:
         if not calls:
             return
         kwargs = {"category": category, "level": level, "message": message, "fields": fields}
-        for impl, call in calls:
+        for impl, function, names in calls:
             try:
-                result = call(kwargs)
+                result = function(*map(kwargs.__getitem__, names))
                 if result is not None:
                     self._watch(result, impl.plugin_name, "smtpgw_event")
             except Exception:
                 log.failure("plugin {plugin} failed in {hook}", plugin=impl.plugin_name, hook="smtpgw_event")
-
-
-def _caller(function: Any, names: tuple[str, ...]) -> Any:
-    """``caller(kwargs)``: ``function`` called with the hook arguments it names, in its order
-    (pluggy lets an implementation take any subset of the hook's arguments)."""
-    if not names:
-        return lambda kwargs: function()
-    if len(names) == 1:
-        name = names[0]
-        return lambda kwargs: function(kwargs[name])
-    pick = operator.itemgetter(*names)
-    return lambda kwargs: function(*pick(kwargs))
 
 
 def check_plugins(config: Config) -> None:
