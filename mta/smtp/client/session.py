@@ -150,6 +150,7 @@ class SMTPClientProtocol(Protocol):
         self._parser = ReplyParser()
         self._waiters: deque[tuple[defer.Deferred | _Group, str]] = deque()
         self._timer: Any = None
+        self._since = 0.0                   # the reply timer runs from here (_touch)
         self._streaming = False
         self._close_waiters: list[defer.Deferred] = []
         self._failure: ConnectionBroken | None = None
@@ -217,21 +218,28 @@ class SMTPClientProtocol(Protocol):
         return await d
 
     def _touch(self) -> None:
-        """(Re)start the reply timer while something is outstanding; stop it otherwise."""
+        """The reply timer runs from now while something is outstanding. The deadline moves with an
+        attribute, not by rescheduling a DelayedCall at every command and reply (about ten reactor
+        heap operations a message): the timer, once armed, looks when it fires and sets itself again
+        for what is left, or stops when nothing is outstanding (an idle connection keeps none)."""
         if self.dead:
             return
         if self._waiters or self._streaming:
-            if self._timer is not None and self._timer.active():
-                self._timer.reset(self.command_timeout)
-            else:
-                self._timer = self.clock.callLater(self.command_timeout, self._timed_out)
-        elif self._timer is not None:
-            if self._timer.active():
-                self._timer.cancel()
-            self._timer = None
+            self._since = self.clock.seconds()
+            if self._timer is None:
+                self._timer = self.clock.callLater(self.command_timeout, self._timer_fired)
+
+    def _timer_fired(self) -> None:
+        self._timer = None
+        if self.dead or not (self._waiters or self._streaming):
+            return
+        left = self._since + self.command_timeout - self.clock.seconds()
+        if left > 0:
+            self._timer = self.clock.callLater(left, self._timer_fired)
+            return
+        self._timed_out()
 
     def _timed_out(self) -> None:
-        self._timer = None
         label = self._waiters[0][1] if self._waiters else "DATA content"
         self._break(R.link_failed(f"timeout waiting for {self.hop_label} ({label})"), "timeout")
 
