@@ -102,6 +102,7 @@ class SMTPClientPool:
         self._trust_roots: dict[tuple[str | None, bool], Any] = {}
         self._dane: dict[tuple[tuple, str, str], DaneOptions] = {}         # (TLSA records, name) -> options
         self._idle_timers: dict[SMTPClientProtocol, Any] = {}
+        self._idle_since: dict[SMTPClientProtocol, float] = {}     # when each idle one was last released
         self._counted: set[SMTPClientProtocol] = set()
         self._closing = False
         # connector name -> mta.smtp.client.protocol_log.OutboundProtocolLog (connectors[].protocol_log)
@@ -222,8 +223,7 @@ class SMTPClientPool:
                 raise HostUnusable(R.CLIENT_SHUTTING_DOWN)
             while slot.idle:
                 conn = slot.idle.pop()              # the most recently used is the least likely dead
-                self._cancel_idle_timer(conn)
-                if conn.usable:
+                if conn.usable:                     # its idle timer stays: it finds the connection busy
                     return conn, False if conn.transactions == 0 else True
                 self._forget(slot, conn)
             group = slot.group
@@ -283,7 +283,11 @@ class SMTPClientPool:
             s.waiters for s in group.slots if s is not slot)
         if conn.usable and not self._closing and not others_wait:
             slot.idle.append(conn)
-            self._idle_timers[conn] = self.clock.callLater(self.idle_timeout, self._idle_expired, slot, conn)
+            # idle from now: a timer still armed from an earlier idle spell looks again when it fires
+            # (one DelayedCall per idle_timeout, not one made and cancelled per message)
+            self._idle_since[conn] = self.clock.seconds()
+            if conn not in self._idle_timers:
+                self._idle_timers[conn] = self.clock.callLater(self.idle_timeout, self._idle_expired, slot, conn)
         else:
             if not conn.dead and conn.connected:
                 conn.quit()
@@ -313,17 +317,23 @@ class SMTPClientPool:
         self._cancel_idle_timer(conn)
 
     def _cancel_idle_timer(self, conn: SMTPClientProtocol) -> None:
+        self._idle_since.pop(conn, None)
         timer = self._idle_timers.pop(conn, None)
         if timer is not None and timer.active():
             timer.cancel()
 
     def _idle_expired(self, slot: _HostSlot, conn: SMTPClientProtocol) -> None:
         self._idle_timers.pop(conn, None)
-        if conn in slot.idle:
-            slot.idle.remove(conn)
-            conn.quit()
-            self._forget(slot, conn)
-            self._wake(slot)
+        if conn not in slot.idle:
+            return                      # busy: its release sets the timer again
+        left = self._idle_since.get(conn, 0.0) + self.idle_timeout - self.clock.seconds()
+        if left > 0:                    # used since the timer was set: idle for less than idle_timeout
+            self._idle_timers[conn] = self.clock.callLater(left, self._idle_expired, slot, conn)
+            return
+        slot.idle.remove(conn)
+        conn.quit()
+        self._forget(slot, conn)
+        self._wake(slot)
 
     # -- opening a connection ------------------------------------------------------------------------
 
