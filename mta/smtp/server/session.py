@@ -15,6 +15,10 @@ Backpressure: the protocol is its transport's streaming producer. When more than
 calls ``pauseProducing``: the session stops reading and stops answering buffered commands until the
 replies have drained (``resumeProducing``). So a session holds at most 64 KB of replies and one read of
 input, whatever the client sends or fails to read.
+
+Intake: while the process has :data:`mta.smtp.server.intake.LIMIT` transactions open, a session whose next
+command is MAIL stops reading and answering until one closes (or :data:`~mta.smtp.server.intake.MAX_WAIT`
+has passed), so a burst from thousands of connections is held in the kernel's buffers, not in envelopes.
 """
 from __future__ import annotations
 
@@ -34,7 +38,7 @@ from mta.smtp import address
 from mta.dsn import params as dsn_params
 from mta.workers import identity as workers
 from mta.smtp.server import bdat as server_bdat
-from mta.smtp.server import message_memory
+from mta.smtp.server import intake, message_memory
 from mta.smtp import replies as R
 from mta.smtp.address import AddressError
 from mta.config import VirtualServer
@@ -84,6 +88,12 @@ class State(enum.Enum):
     BDAT = "bdat"               # counting off the octets of one BDAT chunk (mta/smtp/server/bdat.py)
     CHUNKING = "chunking"       # BDAT chunks taken, waiting for the next BDAT
     CLOSED = "closed"
+
+
+# a session's place at the intake gate (mta/smtp/server/intake.py)
+GATE_FREE = "free"              # a MAIL goes in unless the gate is full
+GATE_WAITING = "waiting"        # waiting for room: not reading, the MAIL left in the buffer
+GATE_PASS = "pass"              # its turn came: the next MAIL goes in whatever the count
 
 
 @dataclass(frozen=True)
@@ -147,7 +157,8 @@ class SMTPServerProtocol(Protocol):
                  "_held", "_waiting", "_paused", "_unsent_full", "_producing", "_log_behind", "errors",
                  "_processing", "_after_send", "_timer", "_delegate", "client_bucket", "_last_input",
                  "_line_started", "_data_started", "_data_bytes", "sasl_continuation", "auth_failures",
-                 "_diagnostics", "_detail", "_plog", "_plog_cmd", "_plog_rejects", "_mail_log", "_stage")
+                 "_diagnostics", "_detail", "_plog", "_plog_cmd", "_plog_rejects", "_mail_log", "_stage",
+                 "_intake", "_gate", "_in_flight")
 
     def __init__(self, factory: SMTPServerFactory) -> None:
         self.transport: Any = None
@@ -201,6 +212,10 @@ class SMTPServerProtocol(Protocol):
         # the mail log (mta/smtp/server/mail_lines.py): the command being answered, for its reject: line
         self._mail_log = maillog.of(factory.gateway)
         self._stage: tuple[str, str, Envelope | None] | None = None
+        # open transactions of this process, and this session's place at its gate (mta/smtp/server/intake.py)
+        self._intake = factory.intake
+        self._gate = GATE_FREE
+        self._in_flight = False         # this session's transaction counts in self._intake.open
 
     # -- connection ------------------------------------------------------------------------------
 
@@ -228,6 +243,7 @@ class SMTPServerProtocol(Protocol):
             self._enter(State.CLOSED, "connection lost")
         self._buf, self._pos, self._reader = b"", 0, None
         self._release_held()            # a message cut off mid-DATA/BDAT gives its memory back
+        self._end_in_flight()
         if self._plog_rejects is not None:
             self._plog_left_out()
         self.factory.connection_closed(self)
@@ -282,7 +298,7 @@ class SMTPServerProtocol(Protocol):
         if self.state is State.CLOSED:
             return
         now = self.reactor.seconds()
-        if self._waiting or self._log_behind:       # we are the slow one
+        if self._waiting or self._log_behind or self._gate is GATE_WAITING:     # we are the slow one
             self._timer = self.factory.deadlines.add(now + self.vs.limits.timeout, self)
             return
         deadline, why = self._deadline()
@@ -324,6 +340,9 @@ class SMTPServerProtocol(Protocol):
         try:
             while (not (self._waiting or self._unsent_full or self._log_behind)
                    and self.state is not State.CLOSED and self._pos < len(self._buf)):
+                if (self.state is State.GREETED and (self._intake.full or self._gate is GATE_WAITING)
+                        and self._waits_for_intake()):
+                    break
                 try:
                     if not self._step():
                         break
@@ -556,7 +575,8 @@ class SMTPServerProtocol(Protocol):
         protocol log is behind. Over TLS, undrained replies do not stop reading: the TLS layer also
         pauses us while its handshake holds our writes, and the handshake needs to read. There the
         session only stops answering, and input beyond ``MAX_PENDING_INPUT`` ends the connection."""
-        stop = self._waiting or self._log_behind or (self._unsent_full and not self.session.tls)
+        stop = (self._waiting or self._log_behind or self._gate is GATE_WAITING
+                or (self._unsent_full and not self.session.tls))
         if stop != self._paused and self.state is not State.CLOSED:
             self._paused = stop
             if stop:
@@ -581,6 +601,7 @@ class SMTPServerProtocol(Protocol):
 
     def _reset_transaction(self) -> None:
         self.envelope = None
+        self._end_in_flight()
         self._data_started = None
         self._reader = None
         self._chunked = None
@@ -712,6 +733,10 @@ class SMTPServerProtocol(Protocol):
         if params.get("SIZE"):
             envelope.declared_size = int(params["SIZE"])
         self.envelope = envelope
+        if self.state is not State.CLOSED:
+            self._intake.begin()
+            self._in_flight = True
+            self._gate = GATE_FREE
         self._enter(State.MAIL, "sender accepted")
         return reply
 
@@ -900,30 +925,68 @@ class SMTPServerProtocol(Protocol):
         envelope = self.envelope
         self._stage = (mail_lines.END_OF_MESSAGE, "", envelope)
         held, self._held = self._held, 0    # the message's memory: given back once it is queued or refused
+        counted, self._in_flight = self._in_flight, False   # the transaction stays open until then too
         self._reset_transaction()
-        if reader.problem is not None:
-            self._memory.release(held)
-            self._event("smtp_protocol", "medium", "message refused", envelope=envelope.id,
-                        problem=reader.problem.value)
-            return R.DATA_PROBLEMS[reader.problem]
-        message = MessageData(reader.chunks, reader.size)
-        if message.header_count("Received") >= self.gateway.config.gateway.queue.max_hops:
-            self._memory.release(held)
-            return R.TOO_MANY_HOPS
-        message.prepend_header("Received", self._received(envelope))
-        envelope.size = message.size
-        result = self._ask(self.hooks.data(self.session, envelope, message),
-                           partial(self._data_answered, envelope, message))
-        if not held:
+        try:
+            if reader.problem is not None:
+                self._settled(held, counted)
+                self._event("smtp_protocol", "medium", "message refused", envelope=envelope.id,
+                            problem=reader.problem.value)
+                return R.DATA_PROBLEMS[reader.problem]
+            message = MessageData(reader.chunks, reader.size)
+            if message.header_count("Received") >= self.gateway.config.gateway.queue.max_hops:
+                self._settled(held, counted)
+                return R.TOO_MANY_HOPS
+            message.prepend_header("Received", self._received(envelope))
+            envelope.size = message.size
+            result = self._ask(self.hooks.data(self.session, envelope, message),
+                               partial(self._data_answered, envelope, message))
+        except BaseException:
+            self._settled(held, counted)
+            raise
+        if not (held or counted):
             return result
         if isinstance(result, defer.Deferred):
-            return result.addBoth(self._released, held)
-        self._memory.release(held)
+            return result.addBoth(self._released, held, counted)
+        self._settled(held, counted)
         return result
 
-    def _released(self, result: Any, held: int) -> Any:
-        self._memory.release(held)
+    def _released(self, result: Any, held: int, counted: bool) -> Any:
+        self._settled(held, counted)
         return result
+
+    def _settled(self, held: int, counted: bool) -> None:
+        """A message was queued or refused: its memory goes back, its transaction closes."""
+        if held:
+            self._memory.release(held)
+        if counted:
+            self._intake.end()
+
+    # -- the intake gate (mta/smtp/server/intake.py) ---------------------------------------------------
+
+    def _waits_for_intake(self) -> bool:
+        """Whether the next command, a MAIL, waits for room among the process's open transactions
+        (only called when the gate is full or this session already waits at it)."""
+        if self._gate is GATE_PASS or self._buf[self._pos:self._pos + 4].upper() != b"MAIL":
+            return False
+        if self._gate is GATE_FREE:
+            self._gate = GATE_WAITING
+            self._update_reading()
+            self._intake.wait(self._intake_room)
+        return True
+
+    def _intake_room(self) -> None:
+        """Our turn at the gate (or the longest wait is over): this session's next MAIL goes in."""
+        self._gate = GATE_PASS
+        if self.state is State.CLOSED:
+            return
+        self._update_reading()
+        self._process()
+
+    def _end_in_flight(self) -> None:
+        if self._in_flight:
+            self._in_flight = False
+            self._intake.end()
 
     # -- message memory (mta/smtp/server/message_memory.py) --------------------------------------------------
 
@@ -1063,6 +1126,7 @@ class SMTPServerFactory(ServerFactory):
         # map (gateway.worker is set before tap builds the factories); None: this process is all.
         self.shared = SharedConnectionLimit.for_factory(gateway, vs)
         self.memory = gateway.message_memory     # one per process, shared by the virtual servers
+        self.intake = intake.of(gateway)         # the open transactions, likewise
         self.client_limits = ClientLimits(gateway, vs)      # anvil-style, over every worker
         self.tls_context = None         # mta.smtp.server.tls.ServerTLS: re-read on SIGHUP
         if vs.tls.certificate and vs.tls.key:
