@@ -227,10 +227,11 @@ def _plan(domain: str, hops: list[Hop], policy: OutboundPolicy, sts: Policy | No
 
 
 def _sender(client: Any) -> Any:
-    """The client's ``send_async`` when it has one (the pool: a coroutine, awaited without a
-    Deferred), else its ``send`` (a Deferred; a test's stand-in)."""
-    return getattr(client, "send_async", None) or client.send
+    """The client's ``send_async`` when its class defines one (the pool: a coroutine, awaited
+    without a Deferred), else its ``send`` (a Deferred). Looked up on the class, not the instance:
+    a plugin's wrapper that overrides ``send`` and hands everything else to the pool through
+    ``__getattr__`` (etrn_dequeue's routing of ATRN hops) must get its own ``send`` called."""
+    return client.send_async if getattr(type(client), "send_async", None) is not None else client.send
 
 
 __all__ = ["REQUIRED_BY", "Route", "plan", "sts_policy", "sts_policy_string", "subject_to_sts"]
-

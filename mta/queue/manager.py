@@ -771,7 +771,8 @@ class QueueManager:
         deliverer = self.gateway.deliverer
         # the gateway's Deliverer offers its coroutine: awaited directly, without the Deferreds of
         # ``deliver`` and maybeDeferred (a test's stand-in may offer ``deliver`` alone)
-        direct = getattr(deliverer, "deliver_async", None)
+        # (on the class: a wrapper handing unknown names to the Deliverer through __getattr__ keeps its ``deliver``)
+        direct = deliverer.deliver_async if getattr(type(deliverer), "deliver_async", None) is not None else None
         try:
             if direct is not None:
                 results = await direct(entry, data, due)
