@@ -167,17 +167,16 @@ class AuthDialog(Dialog):
             gateway.hooks.register(h)
         factory = SMTPServerFactory(gateway, vs)
         factory.auth = ServerAuth.for_virtual_server(vs, gateway.reactor, run=run_now)
-        super().__init__(gateway, factory)
-        self.protocol.session.tls = tls
-        self.events: list = []
-        events = self.events
+        events: list = []
 
-        class Recorder:
+        class Recorder:         # listening before the session starts, as a plugin does
             @hookimpl
             def smtpgw_event(self, category, level, message, fields):
                 events.append((category, message, dict(fields)))
         gateway.hooks.register(Recorder())
-        self.protocol._diagnostics = True
+        super().__init__(gateway, factory)
+        self.protocol.session.tls = tls
+        self.events = events
 
     def one(self, data: bytes):
         [answer] = self.send(data)
