@@ -57,12 +57,15 @@ def _all(recipients: Sequence[str], reply: Reply, hop: str = "",
     return [RecipientResult(r, reply, hop, held_until) for r in recipients]
 
 
-async def _answer(result: Any) -> Any:
-    """A verdict hook's answer, waiting only when an implementation answers later (most answer at
-    once, and a Deferred per hook per message is measurable)."""
-    if isinstance(result, defer.Deferred):
-        result = await result
-    return result
+# What a routing hook's answer is when it came at once: ``type(x) in AT_ONCE`` spares the
+# isinstance check against Deferred (an ABC, whose negative answer is two more Python calls).
+AT_ONCE = frozenset({type(None), list, tuple, Reply, Hold})
+
+
+def _later(result: Any) -> bool:
+    """Whether a verdict hook's answer is still to come (a Deferred): most answer at once, and a
+    Deferred or a coroutine per hook per message is measurable."""
+    return type(result) not in AT_ONCE and isinstance(result, defer.Deferred)
 
 
 class Shared:
@@ -265,7 +268,9 @@ class Deliverer:
                               data: Data) -> list[RecipientResult]:
         hooks = self.gateway.hooks
         candidates = connectors_for(self.gateway.config, domain)
-        routed = await _answer(hooks.route(entry, recipients[0], candidates))
+        routed = hooks.route(entry, recipients[0], candidates)
+        if _later(routed):
+            routed = await routed
         if isinstance(routed, Reply):
             self._event(entry, f"{domain}: routing hook failed: {routed}", "minimum", domain=domain)
             return _all(recipients, routed)
@@ -321,7 +326,9 @@ class Deliverer:
         hooks = self.gateway.hooks
         name = connector.name
         todo = [i for i, r in enumerate(results) if r is None]
-        window = await _answer(hooks.delivery_window(connector, entry, domain))
+        window = hooks.delivery_window(connector, entry, domain)
+        if _later(window):
+            window = await window
         if isinstance(window, Reply):
             return window, ""
         if isinstance(window, Hold) and not window.is_over(self.gateway.reactor.seconds()):
@@ -332,7 +339,9 @@ class Deliverer:
                 results[i] = RecipientResult(recipients[i], held, "", window.until)
             return held, ""
 
-        hops = await _answer(hooks.next_hops(entry, domain, connector))    # a DNS error is its Reply
+        hops = hooks.next_hops(entry, domain, connector)    # a DNS error is its Reply
+        if _later(hops):
+            hops = await hops
         if isinstance(hops, Reply):
             if hops.is_permanent:
                 self._event(entry, f"{domain}: {hops}", "minimum", domain=domain, connector=name)
