@@ -144,3 +144,25 @@ def test_uid_nobody_who_cannot_run_the_interpreter_is_named_at_start_up(tmp_path
         if gw is not None:
             gw.stop()
         shutil.rmtree(home, ignore_errors=True)
+
+
+def test_writer_runs_this_checkout_whatever_the_working_directory(tmp_path):
+    """The writer command (``mta.spool.link.child_command``) run from a folder that holds another
+    ``mta`` package: this checkout's writer answers (its ``--check`` of a real queue folder succeeds),
+    the other one never runs (it would leave a marker file)."""
+    from mta.spool.link import child_command
+
+    other = tmp_path / "elsewhere"
+    (other / "mta" / "spool").mkdir(parents=True)
+    (other / "mta" / "__init__.py").write_text("")
+    (other / "mta" / "spool" / "__init__.py").write_text("")
+    marker = tmp_path / "wrong-writer-ran"
+    (other / "mta" / "spool" / "writer.py").write_text(
+        f"open({str(marker)!r}, 'w').close()\nraise SystemExit(7)\n")
+    queue_dir = tmp_path / "queue"
+    queue_dir.mkdir()
+    exe, args, env = child_command()
+    done = subprocess.run([*args, "--check", str(queue_dir)], cwd=other, env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert (done.returncode, done.stderr) == (0, "")
+    assert not marker.exists()

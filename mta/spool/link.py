@@ -31,10 +31,12 @@ def _root() -> str:
 
 
 def child_command() -> tuple[str, list[str], dict[str, str]]:
-    """Run the same checkout's writer in the child, whatever the parent's sys.path was built from."""
+    """Run the same checkout's writer in the child, whatever the parent's sys.path was built from.
+    ``-P``: ``python -m`` would otherwise put the working directory first on the child's path, so a
+    gateway started from a folder holding another checkout's ``mta`` ran that checkout's writer."""
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([_root(), *filter(None, [env.get("PYTHONPATH")])])
-    return sys.executable, [sys.executable, "-m", "mta.spool.writer"], env
+    return sys.executable, [sys.executable, "-P", "-m", "mta.spool.writer"], env
 
 
 def user_name(uid: int) -> str:
