@@ -325,7 +325,10 @@ def _median(values: list[float]) -> float | None:
 def summarize(results: dict) -> list[dict]:
     """One row per (load, target): medians over repetitions, ratio to Postfix's median."""
     rows = []
-    lat = {r["target"]: r for r in results["latency"]}
+    lat: dict[str, list[dict]] = {}
+    for r in results["latency"]:
+        if not r.get("error"):
+            lat.setdefault(r["target"], []).append(r)
     for load in results["meta"]["loads"]:
         per_target: dict[str, list[dict]] = {}
         for r in results["throughput"]:
@@ -349,8 +352,10 @@ def summarize(results: dict) -> list[dict]:
                 "errors": [r["error"] for r in runs if r.get("error")],
             }
             if load == "s20_4k" and name in lat:
-                summary[name]["p50_ms"] = lat[name].get("p50_ms")
-                summary[name]["p99_ms"] = lat[name].get("p99_ms")
+                for key in ("p50_ms", "p99_ms"):        # medians over the repetitions
+                    values = [r[key] for r in lat[name] if r.get(key) is not None]
+                    summary[name][key] = _median(values)
+                    summary[name][key.replace("_ms", "_runs")] = values
         pf = summary.get("postfix", {}).get("msgs_per_s")
         for row in summary.values():
             row["ratio_vs_postfix"] = round(row["msgs_per_s"] / pf, 3) if pf and row["msgs_per_s"] else None
@@ -386,7 +391,8 @@ def print_table(results: dict) -> None:
         print("complete: runs in which the sink got every message exactly once (N messages, N distinct Message-Ids).")
     if results["latency"]:
         print("\np50/p99: end of DATA ('.') -> 250, own client, 20 sessions x 4 KB, "
-              f"{results['meta']['latency_messages']} messages per target (after the throughput runs)")
+              f"{results['meta']['latency_messages']} messages per target and repetition (after that repetition's "
+              "throughput runs; medians over the repetitions)")
     if results["conns"]:
         print("\nConcurrent connections (idle after EHLO, then one message each, all at once)")
         head = (f"{'target':<8} {'conns':>6} {'ready':>6} {'250s':>6} {'at sink':>8} "
@@ -580,11 +586,12 @@ def main(argv: list[str] | None = None) -> int:
                                    from_host=targets_mod.DKIM_DOMAIN if a.smtpgw_dkim else "")
                     r["repetition"] = rep + 1
                     results["throughput"].append(r)
-        if a.latency_messages:
-            for name in a.targets:
-                results["latency"].append(latency_run(targets[name], a.latency_messages,
-                                                      rundir(f"latency-{name}"),
-                                                      a.timeout or 120 + a.latency_messages / 10))
+            # latency too is measured once per repetition, interleaved with the other targets
+            for name in a.targets if a.latency_messages else ():
+                r = latency_run(targets[name], a.latency_messages, rundir(f"latency-{name}"),
+                                a.timeout or 120 + a.latency_messages / 10)
+                r["repetition"] = rep + 1
+                results["latency"].append(r)
         for count in a.conns:
             for name in a.conns_targets:
                 results["conns"].append(conns_run(targets[name], count, rundir(f"conns{count}-{name}"),
