@@ -14,7 +14,11 @@ more copy of the message and write it at the reactor's next turn.
 
 ``lean_poll``: Twisted's epoll loop wraps every ready descriptor in a logging context
 (``callWithLogger``), four Python calls per event that only legacy ``log.msg`` prefixes use; we
-dispatch directly and keep the error handling.
+dispatch directly and keep the error handling. It also hands over first what ``dispatch_first``
+named: the spool writer's replies, each of which lets a 250 go. Measured inside the gateway under
+latency.py's 20 sessions, a turn held up to 18 ready descriptors, and a writer's reply that epoll
+listed after a dozen sessions' reads and delivery replies waited behind all their work (p99 9-19 ms
+between the poll's return and the reply's read).
 """
 from __future__ import annotations
 
@@ -76,6 +80,9 @@ def lean_poll(reactor: Any) -> bool:
     if not isinstance(reactor, EPollReactor):
         return False
 
+    first: set[int] = set()
+    reactor._smtpgw_first_fds = first
+
     def doPoll(timeout: float | None) -> None:
         try:
             events = reactor._poller.poll(-1 if timeout is None else timeout, len(reactor._selectables))
@@ -85,6 +92,10 @@ def lean_poll(reactor: Any) -> bool:
             raise
         selectables = reactor._selectables
         dispatch = reactor._doReadOrWrite
+        if first and len(events) > 1:
+            head = [e for e in events if e[0] in first]
+            if head:
+                events = head + [e for e in events if e[0] not in first]
         for fd, event in events:
             selectable = selectables.get(fd)
             if selectable is not None:
@@ -95,3 +106,14 @@ def lean_poll(reactor: Any) -> bool:
 
     reactor.doIteration = doPoll
     return True
+
+
+def dispatch_first(reactor: Any, fd: int, first: bool = True) -> None:
+    """Have ``lean_poll`` hand ``fd``'s readiness over before any other descriptor's in a turn (or no
+    longer, with ``first=False``). A reactor without ``lean_poll`` keeps epoll's order."""
+    fds = getattr(reactor, "_smtpgw_first_fds", None)
+    if fds is not None:
+        if first:
+            fds.add(fd)
+        else:
+            fds.discard(fd)

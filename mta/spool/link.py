@@ -15,7 +15,7 @@ from twisted.logger import Logger
 
 import mta
 
-from mta.io.fastpath import write_pipe_now
+from mta.io.fastpath import dispatch_first, write_pipe_now
 from mta.spool.writer import BATCH, OK, ReplyReader, encode_request
 
 log = Logger(namespace="smtpgw.spool")
@@ -113,6 +113,12 @@ class WriterLink:
             fcntl.fcntl(transport.pipes[0].fileno(), fcntl.F_SETPIPE_SZ, PIPE_SIZE)
         except (OSError, AttributeError, KeyError):
             pass
+        try:    # its replies are read before anything else ready in the same turn: each lets a 250 go
+            proto.first_fd = transport.pipes[1].fileno()
+        except (AttributeError, KeyError):
+            pass
+        else:
+            dispatch_first(self._reactor, proto.first_fd)
         if self._proto is not None:
             self.restarts += 1
         self._proto = proto
@@ -147,6 +153,7 @@ class _WriterProtocol(protocol.ProcessProtocol):
         self._said = b""
         self._reader = ReplyReader()
         self._waiters: list[defer.Deferred] = []
+        self.first_fd: int | None = None
 
     def childDataReceived(self, fd: int, data: bytes) -> None:
         if fd == 2:                     # only a writer in trouble says anything: keep the end of it
@@ -161,7 +168,13 @@ class _WriterProtocol(protocol.ProcessProtocol):
         lines = [line.strip() for line in self._said.decode("utf-8", "replace").splitlines() if line.strip()]
         return lines[-1] if lines else ""
 
+    def childConnectionLost(self, fd: int) -> None:
+        if fd == 1 and self.first_fd is not None:     # the number may now be given to anything else
+            dispatch_first(self.link._reactor, self.first_fd, False)
+            self.first_fd = None
+
     def processEnded(self, reason: Any) -> None:
+        self.childConnectionLost(1)
         self.ended = True
         pending, self.pending = self.pending, {}
         said = self.last_said()
