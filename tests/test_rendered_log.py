@@ -111,3 +111,36 @@ def test_the_shutdown_trigger_writes_what_waits():
     for trigger in reactor.triggers:
         trigger()
     assert out.getvalue().rstrip().endswith("status=sent (250 2.0.0 Ok {queued} as 42)")
+
+
+
+def test_the_file_observer_alone_gets_the_line_directly_with_the_same_bytes(monkeypatch):
+    reactor, out = _Reactor(), _CountingFile()
+    publisher = LogPublisher()
+    publisher.addObserver(textFileLogObserver(out))
+    rendered_log.install(publisher, reactor=reactor)
+    times = iter([1.7e9 + i * 0.6 for i in range(len(LINES) + 1)])
+    monkeypatch.setattr(rendered_log.time, "time", lambda: next(times))
+    seen: list[dict] = []
+    publisher.addObserver(seen.append)           # a second observer: the ordinary event again
+    log = Logger(namespace="smtpgw.mail", observer=publisher)
+    rendered_log.emit(log, LINES[0], batched=True, mail_event="delivery")
+    assert [e["mail_event"] for e in seen] == ["delivery"]
+    publisher.removeObserver(seen.append)        # the file observer alone: written directly
+    for text in LINES:
+        rendered_log.emit(log, text, batched=True, mail_event="delivery")
+    assert len(seen) == 1 and out.writes == 0
+    reactor.clock.advance(rendered_log.FLUSH_DELAY)
+    assert out.writes == 1
+    monkeypatch.undo()
+    # Twisted's own observer, given the ordinary events at the same times, writes the same bytes
+    plain = io.StringIO()
+    events: list[dict] = []
+    plain_log = Logger(namespace="smtpgw.mail", observer=events.append)
+    for i, text in enumerate([LINES[0], *LINES]):
+        rendered_log.emit(plain_log, text)
+        events[-1]["log_time"] = 1.7e9 + i * 0.6
+    observer = textFileLogObserver(plain)
+    for event in events:
+        observer(event)
+    assert out.getvalue() == plain.getvalue()
