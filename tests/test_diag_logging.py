@@ -151,6 +151,35 @@ def test_per_command_events_are_not_even_built_when_nobody_writes_them(tmp_path)
     assert not [e for e in seen if e[1] == "maximum"]
 
 
+def test_an_event_nobody_takes_reaches_nobody_and_one_without_takes_event_gets_all():
+    from mta.plugin.manager import Hooks
+    hooks, kept, seen = Hooks(), [], []
+
+    class Choosy:                       # like the queue traces: keeps one category
+        def takes_event(self, category, level):
+            return category == "queuing_engine"
+
+        @hookimpl
+        def smtpgw_event(self, category, level, message, fields):
+            kept.append(message)
+
+    hooks.register(Choosy())
+    hooks.event("smtp_protocol", "minimum", "relay decision", session="S1")
+    hooks.event("queuing_engine", "maximum", "queued", id="Q1")
+    assert kept == ["queued"]
+    assert not hooks.takes_event("smtp_protocol", "minimum")
+
+    class All:                          # says nothing: takes everything, as before
+        @hookimpl
+        def smtpgw_event(self, category, level, message, fields):
+            seen.append((category, message, dict(fields)))
+
+    hooks.register(All())
+    hooks.event("smtp_protocol", "minimum", "relay decision", session="S1")
+    assert seen == [("smtp_protocol", "relay decision", {"session": "S1"})]
+    assert kept == ["queued", "relay decision"]     # once one takes it, every listener gets it, as before
+
+
 def test_auth_arguments_never_reach_the_log(tmp_path):
     site = Site(diag_settings("maximum", tmp_path / "diag.log"))
     d = Dialog(site.gateway)

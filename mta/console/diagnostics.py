@@ -54,6 +54,8 @@ class Recorder:
         diag = self._diag()
         return diag is not None and diag.wants_event(category, level)
 
+    takes_event = wants_event       # ``smtpgw_event`` keeps exactly those
+
     @hookimpl
     def smtpgw_event(self, category: str, level: str, message: str, fields: Any) -> None:
         if self.wants_event(category, level):

@@ -179,6 +179,10 @@ class Traces:
     def wants_event(self, category: str, level: str) -> bool:
         return category in CATEGORIES and level != "maximum"
 
+    def takes_event(self, category: str, level: str) -> bool:
+        """What ``smtpgw_event`` keeps: the message categories, at every level."""
+        return category in CATEGORIES
+
     @hookimpl
     def smtpgw_event(self, category: str, level: str, message: str, fields: Any) -> None:
         queue_id = fields.get("id") if category in CATEGORIES else None

@@ -399,6 +399,9 @@ def smtpgw_event(category: str, level: str, message: str, fields: Mapping[str, A
 
     A listener may also define ``wants_event(category, level) -> bool`` on its plugin object: the server
     asks it once per connection and skips the per-command events (smtp_protocol/maximum) nobody writes.
+    And ``takes_event(category, level) -> bool``, False when its ``smtpgw_event`` would do nothing with
+    such an event: an event no listener takes is not sent at all (decided once per category and level
+    after configuration and each reload); a listener without it takes every event.
 
     Use in plugins: writing logs (diag_logging).
     The core answers: nothing; events are made by ``hooks.event``.

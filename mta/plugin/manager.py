@@ -156,6 +156,7 @@ class Hooks:
         self._order: dict[str, list[Any]] = {}      # hook name -> implementations, in call order
         self._calls: dict[str, list[tuple[Any, Any, tuple[str, ...]]]] = {}  # hook name -> _callers()
         self._keys: dict[str, str] = {}             # plugin name -> the configuration key naming it
+        self._takes: dict[tuple[str, str], bool] = {}   # (category, level) -> takes_event()
 
     # -- loading ---------------------------------------------------------------------------------
 
@@ -166,6 +167,7 @@ class Hooks:
     def _forget_order(self) -> None:
         self._order.clear()
         self._calls.clear()
+        self._takes.clear()
 
     def load(self, enabled: Iterable[str], local: Iterable[LocalHook | str] = ()) -> None:
         """Register the named built-in/third-party plugins, then the site's local hook files, and
@@ -389,6 +391,7 @@ class Hooks:
         for impl in self.implementations("smtpgw_configure"):
             self._call_one(impl, {"config": config, "services": services,
                                   "settings": self.settings_for(impl.plugin_name, config)})
+        self._takes.clear()             # the listeners' levels are set now
 
     def reload(self, config: Config) -> None:
         """``smtpgw_reload`` (SIGHUP), each plugin with its section of the new file."""
@@ -397,6 +400,7 @@ class Hooks:
                 self._call_one(impl, {"config": config, "settings": self.settings_for(impl.plugin_name, config)})
             except Exception:
                 log.failure("plugin {plugin} failed in {hook}", plugin=impl.plugin_name, hook="smtpgw_reload")
+        self._takes.clear()             # the listeners' levels may have changed
 
     # -- the SMTP session: verdicts (a Reply, None, or a Deferred of either) -----------------------------
 
@@ -485,9 +489,30 @@ class Hooks:
                 return True
         return False
 
+    def takes_event(self, category: str, level: str) -> bool:
+        """Whether any listener does something with an event of ``category`` at ``level``: a listener
+        may say with a ``takes_event(category, level)`` method on its plugin object (False: its
+        ``smtpgw_event`` would do nothing with it); one without it takes everything. Decided once per
+        (category, level) after each registration, configuration and reload."""
+        takes = self._takes.get((category, level))
+        if takes is None:
+            takes = False
+            for impl in self.implementations("smtpgw_event"):
+                says = getattr(impl.plugin, "takes_event", None)
+                if says is None or says(category, level):
+                    takes = True
+                    break
+            self._takes[(category, level)] = takes
+        return takes
+
     def event(self, category: str, level: str, message: str, **fields: Any) -> None:
         """Emit a diagnostic event (cheap when no plugin listens): each listener called directly,
-        as ``_notify`` would (a few events a message reach the queue trace at least)."""
+        as ``_notify`` would (a few events a message reach the queue trace at least). An event that
+        no listener takes (``takes_event``; the smtp_protocol events when only the queue traces
+        listen) goes nowhere: every listener would have done nothing with it."""
+        takes = self._takes.get((category, level))
+        if not takes and (takes is not None or not self.takes_event(category, level)):
+            return
         calls = self._calls.get("smtpgw_event")
         if calls is None:
             calls = self._callers("smtpgw_event")

@@ -61,6 +61,8 @@ class DiagLogging:
         """Asked by the server once per connection, so per-command events cost nothing when unwritten."""
         return LEVELS.get(level, 3) <= self.levels.get(category, DEFAULT_LEVEL)
 
+    takes_event = wants_event       # ``smtpgw_event`` writes exactly those (the hook runner asks after a reload)
+
     @hookimpl
     def smtpgw_event(self, category: str, level: str, message: str, fields: dict) -> None:
         if LEVELS.get(level, 3) <= self.levels.get(category, DEFAULT_LEVEL):
