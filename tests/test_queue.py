@@ -388,10 +388,37 @@ class QueueTests(unittest.TestCase):
         self.clock.advance(0)
         self.assertEqual([c[1] for c in self.gw.deliverer.calls], ids[:2])
         self.gw.deliverer.release(0)
+        self.clock.advance(0)           # two started in that turn: the next starts in the next one
         self.assertEqual([c[1] for c in self.gw.deliverer.calls], ids[:3])
         while self.gw.deliverer.waiting:
             self.gw.deliverer.release(0)
+            self.clock.advance(0)
         self.assertEqual([c[1] for c in self.gw.deliverer.calls], ids)
+        self.assertEqual(self.gw.spool.messages, {})
+
+    def test_attempts_start_a_few_per_turn(self):
+        """Ten messages ready at once: two attempts start, then the loop gets a turn (to write the
+        250s waiting) before the next two, and so on until all ten run."""
+        def one_turn():
+            """The calls due now, not those they add (as a real reactor's turn: those run after
+            its next poll); Clock.advance(0) would run them all at once."""
+            due = [c for c in self.clock.calls if c.getTime() <= self.clock.seconds()]
+            for call in due:
+                self.clock.calls.remove(call)
+                call.called = True
+                call.func(*call.args, **call.kw)
+
+        self.gw.deliverer.pending = True
+        ids = [submit(self.qm, envelope()) for _ in range(10)]
+        started = []
+        while len(self.gw.deliverer.calls) < len(ids) and len(started) < 20:
+            one_turn()
+            started.append(len(self.gw.deliverer.calls))
+        self.assertEqual(started[-5:], [2, 4, 6, 8, 10])
+        self.assertEqual([c[1] for c in self.gw.deliverer.calls], ids)
+        while self.gw.deliverer.waiting:
+            self.gw.deliverer.release(0)
+            self.clock.advance(0)
         self.assertEqual(self.gw.spool.messages, {})
 
     def test_never_the_same_entry_twice_at_once(self):
