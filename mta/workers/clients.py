@@ -161,13 +161,16 @@ class ClientCounts:
             words[mine + RATE] += 1
         return sum(words[r + bucket + RATE] for r in self._regions() if words[r + bucket + MINUTE] == minute)
 
+    # opened/closed run at every connection: the owner check is written out (no property call)
     def opened(self, bucket: int) -> None:
-        if self.owner:
-            self._words[self._mine + bucket + CONNECTIONS] += 1
+        words = self._words
+        if words[self._mine] == self.pid:
+            words[self._mine + bucket + CONNECTIONS] += 1
 
     def closed(self, bucket: int) -> None:
-        if self.owner and self._words[self._mine + bucket + CONNECTIONS] > 0:
-            self._words[self._mine + bucket + CONNECTIONS] -= 1
+        words, slot = self._words, self._mine + bucket + CONNECTIONS
+        if words[self._mine] == self.pid and words[slot] > 0:
+            words[slot] -= 1
 
     # -- counts in a window (AUTH failures, ETRN requests) ---------------------------------------
 

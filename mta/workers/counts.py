@@ -90,17 +90,27 @@ class WorkerCounts:
         return self._words[self.worker.index] == self.pid
 
     def store(self, counter: int, value: int) -> None:
-        """Publish this worker's value of ``counter``."""
-        if self.owner:
-            self._words[self._slot(counter, self.worker.index)] = value
+        """Publish this worker's value of ``counter``. (Done twice a connection: the owner check and
+        the slot are written out here rather than through ``owner`` and ``_slot``.)"""
+        words, i = self._words, self.worker.index
+        if words[i] == self.pid:
+            words[MAX_WORKERS * (1 + counter) + i] = value
 
     def value(self, counter: int, index: int) -> int:
         return self._words[self._slot(counter, index)]
 
     def total(self, counter: int) -> int:
         """The sum over workers ``0..N-1``."""
-        base = self._slot(counter, 0)
+        base = MAX_WORKERS * (1 + counter)
         return sum(self._words[base:base + self.worker.count])
+
+    def others_at_most(self, counter: int, floor: int) -> bool:
+        """Whether another worker's value of ``counter`` is ``floor`` or less (asked at every accept)."""
+        words, me, base = self._words, self.worker.index, MAX_WORKERS * (1 + counter)
+        for i in range(self.worker.count):
+            if i != me and words[base + i] <= floor:
+                return True
+        return False
 
     def close(self) -> None:
         self._words.release()
@@ -163,7 +173,7 @@ class SharedConnectionLimit:
     def total(self, mine: int) -> int:
         """The gateway's connections to this virtual server; ``mine`` is this process's own count
         (the factory's), which is all there is when the file could not be shared."""
-        counts = self.counts()
+        counts = self._counts if self._counts is not None else self.counts()
         return counts.total(self.counter) if counts is not None else mine
 
     def ahead(self, mine: int, margin: int = 2) -> bool:
@@ -171,15 +181,11 @@ class SharedConnectionLimit:
         (``mine``) than some other worker does: then the shared listener leaves the next one to the
         others. (A margin of one made a worker step back for about every other connection under a
         load of short sessions, each time two ``epoll_ctl`` calls and a turn of its loop more.)"""
-        counts = self.counts()
-        if counts is None:
-            return False
-        me = counts.worker.index
-        floor = mine - margin
-        return any(counts.value(self.counter, i) <= floor for i in range(counts.worker.count) if i != me)
+        counts = self._counts if self._counts is not None else self.counts()
+        return counts is not None and counts.others_at_most(self.counter, mine - margin)
 
     def publish(self, mine: int) -> None:
         """Tell the other workers this process's count."""
-        counts = self.counts()
+        counts = self._counts if self._counts is not None else self.counts()
         if counts is not None:
             counts.store(self.counter, mine)

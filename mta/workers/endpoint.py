@@ -146,13 +146,9 @@ class _SharedPort(tcp.Port):
     ahead: Callable[[], bool] = staticmethod(lambda: False)
     _grace = False
 
-    @property
-    def numberAccepts(self) -> int:
-        return 1
-
-    @numberAccepts.setter
-    def numberAccepts(self, value: int) -> None:
-        pass
+    # one accept per readiness: set back to 1 before each of Twisted's doRead (which raises it after a
+    # full batch); a plain attribute, not a property, since the loop reads it at every accept
+    numberAccepts = 1
 
     def doRead(self) -> None:
         if not self._grace and self.ahead():
@@ -161,6 +157,7 @@ class _SharedPort(tcp.Port):
             self.reactor.callLater(YIELD_SECONDS, self._listen_again)
             return
         self._grace = False
+        self.numberAccepts = 1
         super().doRead()
 
     def _listen_again(self) -> None:

@@ -38,7 +38,7 @@ class ClientLimits:
     def admit(self, host: str) -> tuple[int, Reply | None]:
         """``(bucket, None)`` for a connection admitted (and counted open), or ``(bucket, refusal)``.
         Every attempt counts towards the rate, refused ones too, as Postfix's anvil counts them."""
-        table = self.table
+        table = self._table if self._table is not None else self.table
         bucket = table.bucket(self.scope, host)
         limits = self.vs.limits
         if self.exempt(host):
@@ -59,7 +59,7 @@ class ClientLimits:
         return ip is not None and any(ip in net for net in self.vs.relay.allow)
 
     def closed(self, bucket: int) -> None:
-        self.table.closed(bucket)
+        (self._table if self._table is not None else self.table).closed(bucket)
 
     def auth_locked(self, host: str) -> bool | defer.Deferred:
         """Has ``host`` used up its failed AUTH attempts for the window? Over every worker, and with
