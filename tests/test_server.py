@@ -1,6 +1,7 @@
 """The ESMTP server (mta.smtp.server.session): fine-grained over an in-memory transport, then a few real sockets."""
 from __future__ import annotations
 
+import dataclasses
 import smtplib
 import socket
 import ssl
@@ -31,6 +32,24 @@ def test_banner_names_the_host_and_has_a_date():
     assert banner.code == Code.READY
     assert banner.text.startswith(f"{HOSTNAME} ESMTP smtpgw ready at ")
     assert banner.text.endswith("1970 00:00:00 +0000")
+
+
+def test_banner_and_helo_reply_made_once_follow_the_clock_and_the_hostname():
+    """The factory keeps the 220 for a second and HELO's 250 per hostname: later connections of
+    the same second read the same text, the next second's show its date, a new hostname its name."""
+    gateway = FakeGateway()
+    factory = SMTPServerFactory(gateway, gateway.config.virtual_servers[0])
+    first, second = Dialog(gateway, factory), Dialog(gateway, factory)
+    assert first.banner[0].text == second.banner[0].text
+    assert second.send(b"HELO client.example\r\n")[0].text == f"{HOSTNAME}"
+    gateway.reactor.advance(1)
+    later = Dialog(gateway, factory)
+    assert later.banner[0].text.endswith("1970 00:00:01 +0000")
+    gateway.config = dataclasses.replace(      # a reload's new configuration
+        gateway.config, gateway=dataclasses.replace(gateway.config.gateway, hostname="renamed.example"))
+    renamed = Dialog(gateway, factory)
+    assert renamed.banner[0].text.startswith("renamed.example ESMTP smtpgw ready at ")
+    assert renamed.send(b"HELO client.example\r\n")[0].text == "renamed.example"
 
 
 def test_connect_hook_can_replace_banner_or_refuse():

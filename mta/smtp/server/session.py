@@ -242,8 +242,10 @@ class SMTPServerProtocol(Protocol):
         if self.state is not State.CLOSED:
             self._enter(State.CLOSED, "connection lost")
         self._buf, self._pos, self._reader = b"", 0, None
-        self._release_held()            # a message cut off mid-DATA/BDAT gives its memory back
-        self._end_in_flight()
+        if self._held:                  # a message cut off mid-DATA/BDAT gives its memory back
+            self._release_held()
+        if self._in_flight:
+            self._end_in_flight()
         if self._plog_rejects is not None:
             self._plog_left_out()
         self.factory.connection_closed(self)
@@ -264,7 +266,7 @@ class SMTPServerProtocol(Protocol):
     def _greeting(self, verdict: Reply | None) -> Reply:
         if verdict is None or verdict.is_positive:
             self._enter(State.CONNECTED, "greeted client")
-            return verdict or R.banner(self.hostname, self._date())
+            return verdict or self.factory.banner(self.hostname, self.reactor.seconds())
         return replace(verdict, disconnect=True)
 
     def _deadline(self) -> tuple[float, str]:
@@ -602,11 +604,13 @@ class SMTPServerProtocol(Protocol):
 
     def _reset_transaction(self) -> None:
         self.envelope = None
-        self._end_in_flight()
+        if self._in_flight:             # (checked here: HELO/EHLO and RSET with nothing open are common)
+            self._end_in_flight()
         self._data_started = None
         self._reader = None
         self._chunked = None
-        self._release_held()
+        if self._held:
+            self._release_held()
         if self.state in (State.MAIL, State.RCPT, State.DATA, State.BDAT, State.CHUNKING):
             self._enter(State.GREETED, "transaction reset")
 
@@ -675,7 +679,7 @@ class SMTPServerProtocol(Protocol):
         if self.state is State.CONNECTED:
             self._enter(State.GREETED, "HELO/EHLO")
         if not esmtp:
-            return R.hello(self.hostname)
+            return self.factory.helo_reply(self.hostname)
         lines = [f"{self.hostname} Hello {name} [{self.session.peer_host}]", *self.extensions()]
         return R.hello("\n".join(lines))
 
@@ -1136,6 +1140,26 @@ class SMTPServerFactory(ServerFactory):
         self.protocol_log = None        # mta.smtp.server.protocol_log.ProtocolLog: flushed by tap's ProtocolLogService
         if vs.protocol_log.enabled:
             self.protocol_log = ProtocolLog.for_virtual_server(gateway, vs)
+        self._banner: tuple[int, str, Reply] | None = None     # (second, hostname, the 220)
+        self._helo: tuple[str, Reply] | None = None            # (hostname, HELO's 250)
+
+    def banner(self, hostname: str, now: float) -> Reply:
+        """The 220 greeting, the same for every connection within one second: made once a second
+        (and hostname: a reload may change it) rather than once a connection."""
+        second = int(now)
+        cached = self._banner
+        if cached is not None and cached[0] == second and cached[1] == hostname:
+            return cached[2]
+        reply = R.banner(hostname, rfc5322_date(now))
+        self._banner = (second, hostname, reply)
+        return reply
+
+    def helo_reply(self, hostname: str) -> Reply:
+        """HELO's 250, the same for every session of a hostname: made once, not once a session."""
+        cached = self._helo
+        if cached is None or cached[0] != hostname:
+            cached = self._helo = (hostname, R.hello(hostname))
+        return cached[1]
 
     def buildProtocol(self, addr: Any) -> Protocol:
         drain = getattr(self.gateway, "drain", None)        # smtpgw cluster drain (mta/ops/drain.py)
