@@ -108,7 +108,6 @@ def row_of(driver, domain: str):
 def act_on_row(driver, domain: str, action: str) -> None:
     """Choose ``action`` (the option's value) in the row's menu, apply it, and wait for the next page."""
     from selenium.webdriver.common.by import By
-    from selenium.webdriver.support import expected_conditions
     from selenium.webdriver.support.ui import Select, WebDriverWait
 
     from selenium.common.exceptions import WebDriverException
@@ -123,7 +122,17 @@ def act_on_row(driver, domain: str, action: str) -> None:
         except WebDriverException:
             if attempt == 4:
                 raise
-    WebDriverWait(driver, 20).until(expected_conditions.staleness_of(old))
+
+    def replaced(_driver) -> bool:
+        """The old page is gone: its element is stale, or (while Chromium swaps the page's context)
+        chromedriver answers "unhandled inspector error", which selenium's staleness_of lets through."""
+        try:
+            old.is_enabled()
+        except WebDriverException:
+            return True
+        return False
+
+    WebDriverWait(driver, 20).until(replaced)
 
 
 def test_login_hold_release_delete_with_ndr(gateway, peers, browser, tmp_path):
