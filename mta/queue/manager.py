@@ -44,7 +44,7 @@ log = Logger(namespace="smtpgw.queue")
 Data = bytes | list[bytes]       # what the deliverer takes: the spooled bytes, or the received chunks
 
 OUTCOMES_PER_TURN = 200         # recipients' outcomes told per reactor turn (a message may have 64,000)
-ATTEMPTS_PER_TURN = 2           # delivery attempts started per reactor turn (the rest in the next turns)
+ATTEMPTS_PER_TURN = 2           # delivery attempts started before the loop gets a turn (see _pump)
 MIN_INTERVAL = 1.0               # seconds; no configuration or hold answer may make an entry spin
 
 # entry.extra keys
@@ -791,8 +791,8 @@ class QueueManager:
                        due: list[RecipientState]) -> list[RecipientResult]:
         deliverer = self.gateway.deliverer
         # the gateway's Deliverer offers its coroutine: awaited directly, without the Deferreds of
-        # ``deliver`` and maybeDeferred (a test's stand-in may offer ``deliver`` alone)
-        # (on the class: a wrapper handing unknown names to the Deliverer through __getattr__ keeps its ``deliver``)
+        # ``deliver`` and maybeDeferred (a test's stand-in may offer ``deliver`` alone); looked up on
+        # the class, so a wrapper passing unknown names on through __getattr__ keeps its ``deliver``
         direct = deliverer.deliver_async if getattr(type(deliverer), "deliver_async", None) is not None else None
         try:
             if direct is not None:
